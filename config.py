@@ -1,0 +1,239 @@
+"""What the server serves and how: models declared as data, plus every run-time setting.
+
+Each setting has a default here, can be set with an environment variable
+(``SWARM_CHAT_<NAME>``), and can be overridden by a ``server.py`` flag; ``server.py --help``
+lists them all.
+"""
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parent
+ENV_PREFIX = "SWARM_CHAT_"
+PUBLIC_SWARM = "public"
+
+# The embedded default: a real chat model that ships inside a registry package (see swarm/default_model.py).
+DEFAULT_MODEL_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL_FOLDER = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """How the browser chat talks to a model: session size, turn separators, sampling defaults."""
+
+    max_session_length: int = 2048
+    sep_token: str = "\n"
+    stop_token: Optional[str] = None  # None: the tokenizer's end-of-sequence token
+    extra_stop_sequences: Tuple[str, ...] = ()
+    generation_params: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    """What the chat page shows about a model."""
+
+    name: str
+    model_card: str = ""
+    license: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model served by the swarm.
+
+    ``repository`` is the model's name on the hub; ``path`` is a local folder holding the same
+    weights (config, tokenizer, embeddings) when the hub cannot be reached. ``dht_prefix`` is
+    the swarm's name for the model's blocks (petals derives it from a hub name, not from a path).
+    With an ``adapter``, clients address the model by the adapter's repository.
+    """
+
+    repository: str
+    family: str
+    frontend: FrontendSettings
+    chat: ChatSettings = ChatSettings()
+    path: Optional[Path] = None
+    dht_prefix: Optional[str] = None
+    adapter: Optional[str] = None
+    aliases: Tuple[str, ...] = ()
+    public_api: bool = True
+
+    @property
+    def key(self) -> str:
+        """The string clients pass as ``model``."""
+        return self.adapter or self.repository
+
+    @property
+    def weights(self) -> str:
+        """Where the weights are loaded from: the local folder if any, else the hub."""
+        return str(self.path) if self.path is not None else self.repository
+
+    def names(self) -> Tuple[str, ...]:
+        """Every name that selects this model."""
+        return (self.key, *self.aliases)
+
+
+def default_model(models_dir: Path) -> ModelSpec:
+    """SmolLM2-135M-Instruct, converted once into ``models_dir`` from the package that ships it."""
+    return ModelSpec(
+        repository=DEFAULT_MODEL_REPOSITORY,
+        family="SmolLM2",
+        path=models_dir / DEFAULT_MODEL_FOLDER,
+        dht_prefix="SmolLM2-135M-Instruct",
+        aliases=("smollm2", "default"),
+        frontend=FrontendSettings(
+            name="SmolLM2 135M Instruct",
+            model_card="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
+            license="https://www.apache.org/licenses/LICENSE-2.0",
+        ),
+        chat=ChatSettings(
+            max_session_length=8192,
+            sep_token="<|im_end|>\n",
+            stop_token="<|im_end|>",
+            extra_stop_sequences=("<|endoftext|>",),
+            generation_params={"do_sample": 1, "temperature": 0.6, "top_p": 0.9},
+        ),
+    )
+
+
+def model_from_source(source: str) -> ModelSpec:
+    """A model named on the command line: a hub repository or a local folder."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return ModelSpec(
+            repository=path.name,
+            family=path.name,
+            path=path.resolve(),
+            dht_prefix=path.name,
+            frontend=FrontendSettings(name=path.name),
+        )
+    return ModelSpec(
+        repository=source,
+        family=source.split("/")[0],
+        frontend=FrontendSettings(name=source.split("/")[-1], model_card=f"https://huggingface.co/{source}"),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every run-time setting of the server."""
+
+    models: Tuple[ModelSpec, ...]
+    host: str = "0.0.0.0"
+    port: int = 5000
+    initial_peers: Tuple[str, ...] = ()  # empty: start an embedded swarm on 127.0.0.1
+    device: str = "auto"
+    torch_dtype: str = "auto"
+    step_timeout: float = 300.0
+    executor_workers: int = 8
+    models_dir: Path = REPO_ROOT / ".models"
+    swarm_threads: int = 0  # torch threads per embedded swarm node; 0: let the node decide
+    debug: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def embedded_swarm(self) -> bool:
+        """True when no swarm is named, so the server starts its own."""
+        return not self.initial_peers
+
+
+def choose_device(requested: str = "auto") -> str:
+    """The device for the client side: CUDA when present, else the CPU."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def choose_dtype(device: str, requested: str = "auto") -> str:
+    """Half precision on CUDA; bfloat16 on a CPU with AVX-512; float32 otherwise."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "float16"
+    try:
+        import cpufeature
+
+        if cpufeature.CPUFeature.get("AVX512f") and cpufeature.CPUFeature.get("OS_AVX512"):
+            return "bfloat16"
+    except Exception:  # cpufeature cannot read this CPU: stay on the safe choice
+        pass
+    return "float32"
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    """The command line of ``server.py``; each flag's default comes from its environment variable."""
+    defaults = Settings(models=())
+    parser = argparse.ArgumentParser(
+        prog="server.py",
+        description="Chat web app, HTTP API and WebSocket API over a Petals swarm.",
+        epilog=f"Every flag can also be set with an environment variable {ENV_PREFIX}<FLAG> "
+        f"(for example {ENV_PREFIX}PORT=8080); flags win.",
+    )
+
+    def add(flag, help_text, **kwargs):
+        env_value = environ.get(_env_name(flag))
+        if env_value is not None:
+            if kwargs.get("nargs") in ("*", "+") or kwargs.get("action") == "append":
+                env_value = env_value.split()
+            elif kwargs.get("action") == "store_true":
+                env_value = env_value.lower() in ("1", "true", "yes", "on")
+            kwargs["default"] = env_value
+        parser.add_argument(flag, help=f"{help_text} [env {_env_name(flag)}]", **kwargs)
+
+    add("--host", "address to listen on", default=defaults.host)
+    add("--port", "port to listen on", type=int, default=defaults.port)
+    add(
+        "--initial-peers",
+        f"multiaddrs of an existing swarm to join, or '{PUBLIC_SWARM}' for the public Petals swarm; "
+        "none (the default) starts an embedded swarm on 127.0.0.1",
+        nargs="*",
+        default=[],
+        metavar="ADDR",
+    )
+    add(
+        "--model",
+        "a model to serve instead of the configured ones: a hub repository or a local folder "
+        "(repeat for several)",
+        action="append",
+        default=None,
+        dest="models",
+        metavar="REPO_OR_PATH",
+    )
+    add("--device", "device for embeddings and the embedded swarm: auto, cpu, cuda, cuda:N", default=defaults.device)
+    add(
+        "--torch-dtype",
+        "dtype: auto (float16 on CUDA, bfloat16 on CPUs with AVX-512, else float32), float32, bfloat16, float16",
+        default=defaults.torch_dtype,
+    )
+    add("--step-timeout", "seconds a generation step may take, and an idle session may live", type=float,
+        default=defaults.step_timeout)
+    add("--executor-workers", "threads that run blocking Petals calls", type=int, default=defaults.executor_workers)
+    add("--models-dir", "where converted local models are cached", type=Path, default=defaults.models_dir)
+    add("--swarm-threads", "torch threads per embedded swarm node (0: automatic)", type=int,
+        default=defaults.swarm_threads)
+    add("--debug", "tracebacks in error replies, Tornado debug mode", action="store_true", default=defaults.debug)
+    add("--log-level", "DEBUG, INFO, WARNING or ERROR", default=defaults.log_level)
+    return parser
+
+
+def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Settings from defaults, environment variables and flags, in increasing precedence."""
+    args = build_parser(environ).parse_args(argv)
+    if args.models:
+        models = tuple(model_from_source(source) for source in args.models)
+    else:
+        models = (default_model(args.models_dir),)
+    if args.executor_workers < 1:
+        raise SystemExit("--executor-workers must be at least 1")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "models"}
+    values["initial_peers"] = tuple(args.initial_peers)
+    return Settings(models=models, **values)

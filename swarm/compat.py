@@ -1,0 +1,71 @@
+"""Makes petals 2.2.0.post1 run on hivemind 1.1.12.
+
+petals 2.2 was written against hivemind 1.1.10, whose top-level package re-exported
+most of ``hivemind.p2p``, ``hivemind.utils`` and ``hivemind.compression``; 1.1.12 dropped
+those re-exports, so ``from hivemind import PeerID`` (and many like it in petals) fails.
+Importing this module puts the names back and silences petals' start-up query of the
+package index for a newer release (it needs a network this server may not have).
+
+Import it before the first ``import petals`` in every process that uses petals.
+"""
+
+import importlib
+import logging
+import os
+
+import hivemind
+
+logger = logging.getLogger(__name__)
+
+# Modules whose public names hivemind 1.1.10 re-exported at the top level.
+REEXPORTED_MODULES = (
+    "hivemind.p2p",
+    "hivemind.utils",
+    "hivemind.utils.asyncio",
+    "hivemind.utils.logging",
+    "hivemind.utils.mpfuture",
+    "hivemind.utils.nested",
+    "hivemind.utils.networking",
+    "hivemind.utils.serializer",
+    "hivemind.utils.streaming",
+    "hivemind.utils.tensor_descr",
+    "hivemind.utils.timed_storage",
+    "hivemind.compression",
+)
+
+
+def _public_names(module):
+    names = getattr(module, "__all__", None)
+    if names is None:
+        names = [name for name in vars(module) if not name.startswith("_")]
+    return names
+
+
+def restore_hivemind_exports() -> int:
+    """Puts the names petals imports back on the ``hivemind`` package; returns how many."""
+    restored = 0
+    for module_name in REEXPORTED_MODULES:
+        module = importlib.import_module(module_name)
+        for name in _public_names(module):
+            value = getattr(module, name)
+            # Submodules and names hivemind still exports keep their current meaning.
+            if hasattr(hivemind, name) or getattr(value, "__name__", None) == f"{module_name}.{name}":
+                continue
+            setattr(hivemind, name, value)
+            restored += 1
+    return restored
+
+
+def silence_version_check() -> None:
+    """Replaces petals' network query for a newer release with a plain log line."""
+    import petals.utils.version
+
+    def log_version_only() -> None:
+        logger.info("Running petals %s", petals.__version__)
+
+    petals.utils.version.validate_version = log_version_only
+
+
+os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
+restore_hivemind_exports()
+silence_version_check()

@@ -1,0 +1,60 @@
+"""One Petals server node: ``python -m swarm serve MODEL [options]``.
+
+A thin front for petals' own ``run_server`` that runs through the compatibility layer,
+accepts ``--dash-style`` as well as petals' ``--underscore_style`` options, derives the DHT
+prefix of a local model folder from its name, and shuts down cleanly on SIGTERM as on Ctrl-C
+(so the node's own child processes, its DHT and p2p daemon, go with it).
+"""
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+logger = logging.getLogger(__name__)
+
+# Options of ours that petals' run_server does not have.
+OUR_OPTIONS = ("--threads",)
+
+
+def petals_argv(model: str, options: Sequence[str]) -> List[str]:
+    """Petals' run_server argv for ``model`` and pass-through ``options`` (dashes become underscores)."""
+    translated = []
+    for option in options:
+        if option.startswith("--"):
+            name, sep, value = option.partition("=")
+            option = "--" + name[2:].replace("-", "_") + sep + value
+        translated.append(option)
+    if Path(model).is_dir() and not any(opt.split("=")[0] == "--dht_prefix" for opt in translated):
+        translated += ["--dht_prefix", Path(model).resolve().name]
+    return [model, *translated]
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(argv: Sequence[str]) -> None:
+    """Runs a Petals server node until SIGINT or SIGTERM."""
+    parser = argparse.ArgumentParser(
+        prog="python -m swarm serve",
+        description="Run one Petals server node. Options after MODEL are petals' run_server options, "
+        "e.g. --initial-peers ADDR, --new-swarm, --num-blocks N, --block-indices 0:16, --port P, "
+        "--device cuda, --torch-dtype float16 (see: python -m petals.cli.run_server --help).",
+    )
+    parser.add_argument("model", help="hub repository or local folder of the model")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for this node (0: automatic)")
+    args, rest = parser.parse_known_args(argv)
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    import swarm.compat  # noqa: F401  (must precede petals)
+    import torch
+    from petals.cli import run_server
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    sys.argv = ["petals.cli.run_server", *petals_argv(args.model, rest)]
+    logger.info("Starting a Petals node: %s", " ".join(sys.argv[1:]))
+    run_server.main()
