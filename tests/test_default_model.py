@@ -5,16 +5,15 @@ converts it; the result is cached in $SWARM_CHAT_MODELS_DIR, or ``.models`` at t
 repository root, for later runs.
 """
 
-import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from swarm.convert_gguf import unpermute_qk
-from swarm.default_model import DEFAULT_CACHE_DIR, ensure_default_model
+from swarm.convert_gguf import convert_gguf, unpermute_qk
 
 ROUND_TRIP_TEXTS = [
     "12345 and 3.14159",
@@ -28,9 +27,8 @@ SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
-    cache_dir = os.environ.get("SWARM_CHAT_MODELS_DIR")
-    return ensure_default_model(Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+def model_dir(default_model_dir) -> Path:
+    return default_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +43,34 @@ def test_unpermute_qk_inverts_llama_cpp_permutation():
     permuted = weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
     assert not np.array_equal(permuted, weight)
     np.testing.assert_array_equal(unpermute_qk(permuted, n_heads), weight)
+
+
+def _write_tiny_gguf(path: Path, arch: str, tokenizer_model: str) -> None:
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(16)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_token_list(["a", "b", "c", "d"])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("arch", "tokenizer_model", "message"),
+    [("gptneox", "gpt2", "architecture 'gptneox'"), ("llama", "llama", "tokenizer model 'llama'")],
+)
+def test_convert_gguf_rejects_what_it_cannot_convert(tmp_path, arch, tokenizer_model, message):
+    _write_tiny_gguf(tmp_path / "tiny.gguf", arch, tokenizer_model)
+    with pytest.raises(ValueError, match=message):
+        convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)

@@ -1,0 +1,1 @@
+"""The HTTP and WebSocket side: handlers parse requests, call the session manager, and reply."""

@@ -1,0 +1,165 @@
+"""Builds the Tornado application and runs the server.
+
+With no ``--initial-peers`` the server first starts an embedded Petals swarm on 127.0.0.1
+that hosts every configured model, waits until all blocks are announced, then serves.
+SIGINT and SIGTERM stop the server, disconnect from the swarm and stop the embedded swarm.
+"""
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from config import REPO_ROOT, Settings, choose_device, choose_dtype, parse_settings
+from handlers.base import APIHandler
+from handlers.models import ModelsHandler
+from sessions.manager import SessionManager
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = REPO_ROOT / "static"
+LOG_DIR = REPO_ROOT / ".logs"
+WEBSOCKET_PING_INTERVAL = 25
+MAX_MESSAGE_SIZE = 1024 * 1024
+
+
+class NotFoundHandler(APIHandler):
+    """Answers unknown paths with a JSON 404."""
+
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404, "No such endpoint: %s", self.request.path)
+
+
+def make_app(config: Settings, manager: SessionManager) -> tornado.web.Application:
+    """The application: every route, with the session manager handed to each handler."""
+    collaborators = {"manager": manager}
+    return tornado.web.Application(
+        [
+            (r"/()", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR), "default_filename": "index.html"}),
+            (r"/api/v1/models", ModelsHandler, collaborators),
+            (r"/(.+\.(?:html|js|css|svg|png|ico|woff2))", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR)}),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=collaborators,
+        debug=config.debug,
+        serve_traceback=config.debug,
+        websocket_ping_interval=WEBSOCKET_PING_INTERVAL,
+        websocket_max_message_size=MAX_MESSAGE_SIZE,
+        config=config,
+    )
+
+
+def prepare_embedded_weights(config: Settings) -> None:
+    """Makes sure every model the embedded swarm hosts is on disk (converting the default once)."""
+    from config import DEFAULT_MODEL_FOLDER
+    from swarm.default_model import ensure_default_model
+
+    for spec in config.models:
+        if spec.path is None:
+            continue  # a hub model: petals downloads it
+        if spec.path == config.models_dir / DEFAULT_MODEL_FOLDER:
+            ensure_default_model(config.models_dir)
+        elif not Path(spec.path).is_dir():
+            raise SystemExit(f"model folder {spec.path} does not exist")
+
+
+def start_embedded_swarm(config: Settings, device: str, torch_dtype: str):
+    """Starts a local swarm hosting every configured model and waits until it is complete."""
+    from swarm.local import LocalSwarm, SwarmModel, count_blocks
+
+    swarm = LocalSwarm(LOG_DIR, device=device, torch_dtype=torch_dtype, threads=config.swarm_threads).start()
+    try:
+        models = []
+        for spec in config.models:
+            model = SwarmModel(path=spec.weights, dht_prefix=spec.dht_prefix or spec.repository.split("/")[-1],
+                               num_blocks=count_blocks(spec.weights))
+            logger.info("Loading %d blocks of %s into the embedded swarm", model.num_blocks, spec.key)
+            swarm.add_node(model)
+            models.append(model)
+
+        def report(model, announced):
+            logger.info("Blocks announced for %s: %d/%d", model.dht_prefix, announced, model.num_blocks)
+
+        swarm.wait_until_ready(models, on_progress=report)
+    except BaseException:
+        swarm.stop()
+        raise
+    return swarm
+
+
+def public_url(host: str, port: int) -> str:
+    """A URL a browser on this machine can open."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return f"http://{shown}:{port}/"
+
+
+async def serve(config: Settings, initial_peers: Sequence[str], device: str, torch_dtype: str) -> None:
+    """Connects to the swarm, serves until SIGINT or SIGTERM, then disconnects."""
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop_requested.set)
+    manager = SessionManager(config.models, initial_peers, device, torch_dtype,
+                             executor_workers=config.executor_workers, step_timeout=config.step_timeout)
+    try:
+        await manager.start()
+        sockets = tornado.netutil.bind_sockets(config.port, config.host)
+        http_server = tornado.httpserver.HTTPServer(make_app(config, manager))
+        http_server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        logger.info("ready: %s", public_url(config.host, port))
+        await stop_requested.wait()
+        logger.info("Shutting down")
+        http_server.stop()
+        await http_server.close_all_connections()
+    finally:
+        await manager.close()
+
+
+def configure_logging(level: str) -> None:
+    """Plain timestamped lines on stderr for our modules and petals alike."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the server; returns the exit status."""
+    config = parse_settings(argv)
+    configure_logging(config.log_level)
+    # Until the event loop takes over, SIGTERM stops start-up the way Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    device = choose_device(config.device)
+    torch_dtype = choose_dtype(device, config.torch_dtype)
+    started = time.monotonic()
+    swarm = None
+    try:
+        if config.embedded_swarm:
+            prepare_embedded_weights(config)
+            swarm = start_embedded_swarm(config, device, torch_dtype)
+            initial_peers = swarm.initial_peers
+        else:
+            initial_peers = list(config.initial_peers)
+        logger.info("Swarm ready after %.1f s; connecting the clients", time.monotonic() - started)
+        asyncio.run(serve(config, initial_peers, device, torch_dtype))
+    except KeyboardInterrupt:
+        logger.info("Interrupted")
+    finally:
+        if swarm is not None:
+            swarm.stop()
+    logger.info("Stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Loading a model's client side: its tokenizer and a Petals distributed model.
+
+The client keeps the embeddings and the language-model head on this machine; the
+transformer blocks are run by the swarm.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import swarm.compat  # noqa: F401  (must precede petals)
+import torch
+from petals import AutoDistributedModelForCausalLM
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from config import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A served model: its declaration, its tokenizer and its Petals client."""
+
+    spec: ModelSpec
+    tokenizer: PreTrainedTokenizerBase
+    client: Any  # a petals AutoDistributedModelForCausalLM
+    device: str
+
+    @property
+    def family(self) -> str:
+        """The model family shown by the chat page's picker."""
+        return self.spec.family
+
+    @property
+    def num_blocks(self) -> int:
+        """How many transformer blocks the swarm serves for this model."""
+        return len(self._remote_sequential())
+
+    def _remote_sequential(self):
+        return self.client.transformer.h
+
+    def close(self) -> None:
+        """Stops the client's background routing thread, its p2p replica and its DHT process."""
+        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+        manager = self._remote_sequential().sequence_manager
+        manager.shutdown()
+        if manager.state.p2p is not None:
+            RemoteExpertWorker.run_coroutine(manager.state.p2p.shutdown())
+            manager.state.p2p = None
+        manager.dht.shutdown()
+
+
+def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch_dtype: str) -> LoadedModel:
+    """Loads the tokenizer and connects the Petals client of ``spec`` (blocking: run it in the executor)."""
+    logger.info("Loading %s from %s (%s, %s)", spec.key, spec.weights, device, torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(spec.weights)
+    options = {"initial_peers": list(initial_peers), "torch_dtype": getattr(torch, torch_dtype)}
+    if spec.dht_prefix is not None:
+        options["dht_prefix"] = spec.dht_prefix
+    if spec.adapter is not None:
+        options["active_adapter"] = spec.adapter
+    client = AutoDistributedModelForCausalLM.from_pretrained(spec.weights, **options).to(device)
+    client.eval()
+    loaded = LoadedModel(spec=spec, tokenizer=tokenizer, client=client, device=device)
+    logger.info("Connected %s: %d blocks served by the swarm", spec.key, loaded.num_blocks)
+    return loaded

@@ -1,0 +1,114 @@
+"""Shared fixtures: one real local Petals swarm for the whole run, and a connected manager.
+
+The swarm runs on 127.0.0.1 and serves three models: two tiny random ones the suite builds
+(a Llama and a BLOOM) and the real default chat model, SmolLM2-135M-Instruct.
+"""
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import tornado.ioloop
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import swarm.compat  # noqa: E402,F401  (must precede petals)
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker  # noqa: E402
+from config import ChatSettings, FrontendSettings, ModelSpec, Settings, default_model  # noqa: E402
+from swarm.default_model import DEFAULT_CACHE_DIR, ensure_default_model  # noqa: E402
+from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
+from tests.tiny_models import make_tiny_bloom, make_tiny_llama  # noqa: E402
+
+SWARM_READY_TIMEOUT = 300
+
+
+@pytest.fixture
+def io_loop():
+    """A fresh event loop per test (replaces pytest-tornasync's, which uses deprecated calls)."""
+    # hivemind's client worker installs uvloop's policy, dropping the current loop, the first
+    # time it runs: let that happen before this test's loop is made current.
+    RemoteExpertWorker.run_coroutine(asyncio.sleep(0))
+    asyncio_loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(asyncio_loop)
+    loop = tornado.ioloop.IOLoop.current()
+    yield loop
+    loop.close(all_fds=True)
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """Where converted models are cached between runs."""
+    cache_dir = os.environ.get("SWARM_CHAT_MODELS_DIR")
+    return Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(models_dir) -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder (converted on the first run)."""
+    return ensure_default_model(models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_specs(tmp_path_factory, default_model_dir):
+    """The two tiny models as the server declares them."""
+    root = tmp_path_factory.mktemp("models")
+    llama = make_tiny_llama(root / "tiny-llama", default_model_dir)
+    bloom = make_tiny_bloom(root / "tiny-bloom", default_model_dir)
+    chat = ChatSettings(max_session_length=512, sep_token="\n", stop_token="<|im_end|>")
+    return (
+        ModelSpec(repository="tests/tiny-llama", family="Tiny", path=llama, dht_prefix="tiny-llama",
+                  aliases=("tl",), frontend=FrontendSettings(name="Tiny Llama"), chat=chat),
+        ModelSpec(repository="tests/tiny-bloom", family="Tiny", path=bloom, dht_prefix="tiny-bloom",
+                  frontend=FrontendSettings(name="Tiny BLOOM"), chat=chat, public_api=False),
+    )
+
+
+@pytest.fixture(scope="session")
+def model_specs(tiny_model_specs, models_dir, default_model_dir):
+    """Every model the test swarm serves."""
+    return (*tiny_model_specs, default_model(models_dir))
+
+
+@pytest.fixture(scope="session")
+def local_swarm(tmp_path_factory, model_specs):
+    """One real swarm on loopback for the whole run, one server process per model."""
+    swarm_models = [SwarmModel(str(spec.path), spec.dht_prefix, count_blocks(str(spec.path))) for spec in model_specs]
+    with LocalSwarm(tmp_path_factory.mktemp("swarm-logs"), threads=1) as swarm:
+        for model in swarm_models:
+            swarm.add_node(model)
+        swarm.wait_until_ready(swarm_models, timeout=SWARM_READY_TIMEOUT)
+        yield swarm
+
+
+@pytest.fixture(scope="session")
+def settings(model_specs, local_swarm) -> Settings:
+    """Server settings pointing at the test swarm."""
+    return Settings(models=model_specs, initial_peers=tuple(local_swarm.initial_peers), port=0,
+                    device="cpu", torch_dtype="float32", executor_workers=4, step_timeout=60)
+
+
+@pytest.fixture(scope="session")
+def manager(settings):
+    """A session manager connected to every model of the test swarm."""
+    from sessions.manager import SessionManager
+
+    manager = SessionManager(settings.models, settings.initial_peers, settings.device, settings.torch_dtype,
+                             executor_workers=settings.executor_workers, step_timeout=settings.step_timeout)
+    # A private loop: asyncio.run() would also unset the current loop of the tests.
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(manager.start())
+    yield manager
+    loop.run_until_complete(manager.close())
+    loop.close()
+
+
+@pytest.fixture
+def app(settings, manager):
+    """The application under test, built by the same factory as server.py's."""
+    from server import make_app
+
+    return make_app(settings, manager)

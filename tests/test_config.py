@@ -1,0 +1,56 @@
+"""Settings: defaults, environment variables, flags, device and dtype choice."""
+
+from pathlib import Path
+
+import pytest
+
+from config import DEFAULT_MODEL_REPOSITORY, choose_dtype, parse_settings
+
+
+def test_defaults_start_an_embedded_swarm_on_the_default_model():
+    settings = parse_settings([], environ={})
+    assert settings.embedded_swarm
+    assert [spec.key for spec in settings.models] == [DEFAULT_MODEL_REPOSITORY]
+    assert settings.port == 5000
+
+
+def test_environment_sets_and_flags_override():
+    environ = {"SWARM_CHAT_PORT": "6000", "SWARM_CHAT_INITIAL_PEERS": "/ip4/1.2.3.4/tcp/1/p2p/Qm /dns/x/tcp/2",
+               "SWARM_CHAT_DEBUG": "true"}
+    settings = parse_settings([], environ=environ)
+    assert settings.port == 6000
+    assert settings.initial_peers == ("/ip4/1.2.3.4/tcp/1/p2p/Qm", "/dns/x/tcp/2")
+    assert settings.debug is True
+    assert not settings.embedded_swarm
+    assert parse_settings(["--port", "7000"], environ=environ).port == 7000
+
+
+def test_model_flag_accepts_a_local_folder_and_a_repository(tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    settings = parse_settings(["--model", str(folder), "--model", "org/Big-Model"], environ={})
+    local, hub = settings.models
+    assert local.path == folder.resolve() and local.dht_prefix == "my-model"
+    assert hub.path is None and hub.key == "org/Big-Model" and hub.weights == "org/Big-Model"
+
+
+def test_models_dir_moves_the_default_model():
+    settings = parse_settings(["--models-dir", "/somewhere"], environ={})
+    assert settings.models[0].path == Path("/somewhere/SmolLM2-135M-Instruct")
+
+
+@pytest.mark.parametrize(
+    "device, avx512, expected",
+    [("cuda", True, "float16"), ("cuda:1", False, "float16"), ("cpu", True, "bfloat16"), ("cpu", False, "float32")],
+)
+def test_dtype_follows_device_and_cpu(monkeypatch, device, avx512, expected):
+    import cpufeature
+
+    monkeypatch.setattr(cpufeature, "CPUFeature", {"AVX512f": avx512, "OS_AVX512": avx512})
+    assert choose_dtype(device) == expected
+    assert choose_dtype(device, "float32") == "float32"
+
+
+def test_bad_executor_size_is_refused():
+    with pytest.raises(SystemExit):
+        parse_settings(["--executor-workers", "0"], environ={})
