@@ -1,0 +1,38 @@
+# `make run` and `make test` set up .venv/ on first use (later runs install nothing) and then
+# start the server or run the test suite.
+PYTHON ?= python3
+VENV := .venv
+VENV_PYTHON := $(VENV)/bin/python
+PIP := $(VENV_PYTHON) -m pip install --disable-pip-version-check -q
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP := $(VENV)/.test-installed
+
+.PHONY: run test bench setup clean-venv
+
+$(VENV_PYTHON):
+	$(PYTHON) -m venv $(VENV)
+
+# petals is installed without its dependencies: its metadata pins a hivemind release that
+# cannot be built offline; requirements.txt holds the set it really runs on (see swarm/compat.py).
+$(RUNTIME_STAMP): requirements.txt requirements-petals.txt constraints.txt | $(VENV_PYTHON)
+	$(PIP) -r requirements.txt -c constraints.txt
+	$(PIP) --no-deps -r requirements-petals.txt
+	touch $@
+
+$(TEST_STAMP): $(RUNTIME_STAMP) requirements-test.txt
+	$(PIP) -r requirements-test.txt -c constraints.txt
+	touch $@
+
+setup: $(RUNTIME_STAMP)
+
+run: $(RUNTIME_STAMP)
+	$(VENV_PYTHON) server.py $(ARGS)
+
+test: $(TEST_STAMP)
+	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: $(RUNTIME_STAMP)
+	$(VENV_PYTHON) bench/swarm_vs_local.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
