@@ -182,7 +182,7 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     def add(flag, help_text, **kwargs):
         env_value = environ.get(_env_name(flag))
         if env_value is not None:
-            if kwargs.get("nargs") in ("*", "+") or kwargs.get("action") == "append":
+            if kwargs.get("nargs") in ("*", "+"):
                 env_value = env_value.split()
             elif kwargs.get("action") == "store_true":
                 env_value = env_value.lower() in ("1", "true", "yes", "on")
@@ -201,9 +201,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     )
     add(
         "--model",
-        "a model to serve instead of the configured ones: a hub repository or a local folder "
-        "(repeat for several)",
-        action="append",
+        "models to serve instead of the configured ones: hub repositories or local folders",
+        nargs="+",
         default=None,
         dest="models",
         metavar="REPO_OR_PATH",

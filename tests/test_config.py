@@ -28,10 +28,16 @@ def test_environment_sets_and_flags_override():
 def test_model_flag_accepts_a_local_folder_and_a_repository(tmp_path):
     folder = tmp_path / "my-model"
     folder.mkdir()
-    settings = parse_settings(["--model", str(folder), "--model", "org/Big-Model"], environ={})
+    settings = parse_settings(["--model", str(folder), "org/Big-Model"], environ={})
     local, hub = settings.models
     assert local.path == folder.resolve() and local.dht_prefix == "my-model"
     assert hub.path is None and hub.key == "org/Big-Model" and hub.weights == "org/Big-Model"
+
+
+def test_models_from_the_environment_are_replaced_by_the_flag():
+    environ = {"SWARM_CHAT_MODEL": "org/A org/B"}
+    assert [spec.key for spec in parse_settings([], environ=environ).models] == ["org/A", "org/B"]
+    assert [spec.key for spec in parse_settings(["--model", "org/C"], environ=environ).models] == ["org/C"]
 
 
 def test_models_dir_moves_the_default_model():

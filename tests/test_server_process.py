@@ -1,0 +1,60 @@
+"""server.py as users run it: embedded swarm, "ready" with a URL, clean exit on a signal."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+READY_TIMEOUT = 180
+READY_LINE = re.compile(r"ready: (http://\S+)")
+
+
+def read_until_ready(process) -> tuple:
+    """The server's log up to its "ready" line, and the URL it names."""
+    lines = []
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = READY_LINE.search(line)
+        if match:
+            return match.group(1), lines
+    raise AssertionError("server never logged ready:\n" + "".join(lines[-40:]))
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_embedded_swarm_serves_and_stops_cleanly(tiny_model_specs, stop_signal):
+    tiny_llama = tiny_model_specs[0]
+    process = subprocess.Popen(
+        [sys.executable, "server.py", "--model", str(tiny_llama.path), "--port", "0", "--host", "127.0.0.1",
+         "--swarm-threads", "1"],
+        cwd=REPO_ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        url, log = read_until_ready(process)
+        assert any("Blocks announced for tiny-llama: 4/4" in line for line in log)
+        with urllib.request.urlopen(url + "api/v1/models", timeout=10) as response:
+            body = json.load(response)
+        assert [entry["model"] for entry in body["models"]] == ["tiny-llama"]
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert any("swarm" in " ".join(child.cmdline()) for child in children)
+
+        process.send_signal(stop_signal)
+        remaining_log, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, remaining_log[-3000:]
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert [child for child in alive if child.status() != psutil.STATUS_ZOMBIE] == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
