@@ -7,6 +7,7 @@ SIGINT and SIGTERM stop the server, disconnect from the swarm and stop the embed
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -70,11 +71,29 @@ def prepare_embedded_weights(config: Settings) -> None:
             raise SystemExit(f"model folder {spec.path} does not exist")
 
 
+def split_cpu_threads(requested_node_threads: int) -> tuple:
+    """(node, client) torch threads when the swarm shares this machine's CPU with the server.
+
+    Measured on 2 cores (bench/swarm_vs_local.py): one thread each beats both using two, since
+    a decoding step alternates between the node (blocks) and the client (output head).
+    """
+    cores = os.cpu_count() or 1
+    node_threads = requested_node_threads or max(1, cores // 2)
+    return node_threads, max(1, cores - node_threads)
+
+
 def start_embedded_swarm(config: Settings, device: str, torch_dtype: str):
     """Starts a local swarm hosting every configured model and waits until it is complete."""
     from swarm.local import LocalSwarm, SwarmModel, count_blocks
 
-    swarm = LocalSwarm(LOG_DIR, device=device, torch_dtype=torch_dtype, threads=config.swarm_threads).start()
+    node_threads = config.swarm_threads
+    if device == "cpu":
+        import torch
+
+        node_threads, client_threads = split_cpu_threads(config.swarm_threads)
+        torch.set_num_threads(client_threads)
+        logger.info("CPU threads: %d per swarm node, %d for the server", node_threads, client_threads)
+    swarm = LocalSwarm(LOG_DIR, device=device, torch_dtype=torch_dtype, threads=node_threads).start()
     try:
         models = []
         for spec in config.models:

@@ -1,14 +1,16 @@
 """Greedy decoding speed of the default model: through the embedded swarm vs plain transformers.
 
-Both run the same float32 weights on this machine, in one run, one after the other, through
-transformers' ``generate`` (the swarm's inside one Petals inference session, so each token is
-one step through the node). Prints tokens/s for each and their ratio.
+Both run the same float32 weights on this machine, in one run, one after the other, one
+forward pass per token: plain transformers with its KV cache, and the server's own
+``TokenStream`` (one Petals inference session, one step through the node per token).
+Prints tokens/s for each, their ratio, and whether both chose the same tokens.
 
-    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--node-threads N] [--client-threads N]
+    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--repeats 3] [--node-threads N] [--client-threads N]
 """
 
 import argparse
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -19,64 +21,87 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import swarm.compat  # noqa: E402,F401  (must precede petals)
 import torch  # noqa: E402
-from petals import AutoDistributedModelForCausalLM  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
-from sessions.models import LoadedModel  # noqa: E402
+from sessions.generation import TokenStream  # noqa: E402
+from sessions.models import load_model  # noqa: E402
+from server import split_cpu_threads  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 
 QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def timed_greedy(model, input_ids, new_tokens: int) -> tuple:
-    """Greedy generation of exactly ``new_tokens`` tokens; returns (ids, seconds)."""
+def greedy_local(model, prompt_ids, new_tokens: int) -> tuple:
+    """Plain transformers with its own KV cache, one forward pass per token; returns (ids, seconds)."""
     started = time.perf_counter()
     with torch.inference_mode():
-        output = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return output, time.perf_counter() - started
+        tokens, past, feed = [], None, torch.tensor([prompt_ids])
+        for _ in range(new_tokens):
+            output = model(feed, past_key_values=past, use_cache=True)
+            past = output.past_key_values
+            tokens.append(int(output.logits[0, -1].argmax()))
+            feed = torch.tensor([[tokens[-1]]])
+    return tokens, time.perf_counter() - started
+
+
+def greedy_swarm(loaded, prompt_ids, new_tokens: int) -> tuple:
+    """The server's own path: one TokenStream step per token through the swarm; returns (ids, seconds)."""
+    stream = TokenStream(loaded, max_length=len(prompt_ids) + new_tokens + 1)
+    started = time.perf_counter()
+    try:
+        tokens = [stream.step(prompt_ids)]
+        while len(tokens) < new_tokens:
+            tokens.append(stream.step())
+    finally:
+        stream.close()
+    return tokens, time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--node-threads", type=int, default=0, help="torch threads in the swarm node (0: auto)")
-    parser.add_argument("--client-threads", type=int, default=0, help="torch threads in this process (0: auto)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--node-threads", type=int, default=0, help="torch threads in the swarm node (0: as server.py)")
+    parser.add_argument("--client-threads", type=int, default=0, help="torch threads here (0: as server.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.client_threads:
-        torch.set_num_threads(args.client_threads)
+    node_threads, client_threads = split_cpu_threads(args.node_threads)
+    torch.set_num_threads(args.client_threads or client_threads)
 
     spec = default_model(CONFIG_ROOT / ".models")
     path = ensure_default_model(spec.path.parent)
     tokenizer = AutoTokenizer.from_pretrained(path)
     messages = [{"role": "user", "content": QUESTION}]
-    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     local = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-    timed_greedy(local, input_ids, 4)  # warm-up
-    local_ids, local_seconds = timed_greedy(local, input_ids, args.tokens)
-    del local
-
     model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
-    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=args.node_threads) as swarm:
+    local_seconds, swarm_seconds = [], []
+    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=node_threads) as swarm:
         swarm.add_node(model)
         swarm.wait_until_ready([model])
-        client = AutoDistributedModelForCausalLM.from_pretrained(
-            str(path), initial_peers=swarm.initial_peers, dht_prefix=spec.dht_prefix, torch_dtype=torch.float32)
-        client.eval()
-        timed_greedy(client, input_ids, 4)  # warm-up
-        swarm_ids, swarm_seconds = timed_greedy(client, input_ids, args.tokens)
-        LoadedModel(spec=spec, tokenizer=tokenizer, client=client, device="cpu").close()
+        loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
+        try:
+            greedy_local(local, prompt_ids, 4)  # warm-up
+            greedy_swarm(loaded, prompt_ids, 4)
+            # Alternate the two so that load changes on the machine hit both alike.
+            for _ in range(args.repeats):
+                local_ids, seconds = greedy_local(local, prompt_ids, args.tokens)
+                local_seconds.append(seconds)
+                swarm_ids, seconds = greedy_swarm(loaded, prompt_ids, args.tokens)
+                swarm_seconds.append(seconds)
+        finally:
+            loaded.close()
 
-    local_rate, swarm_rate = args.tokens / local_seconds, args.tokens / swarm_seconds
-    same = torch.equal(local_ids, swarm_ids)
+    local_rate = args.tokens / statistics.median(local_seconds)
+    swarm_rate = args.tokens / statistics.median(swarm_seconds)
     print(f"model: {spec.key} ({model.num_blocks} blocks, float32), {args.tokens} greedy tokens, "
-          f"torch threads: client {torch.get_num_threads()}, node {args.node_threads or 'auto'}")
+          f"median of {args.repeats} runs each, torch threads: client {torch.get_num_threads()}, node {node_threads}")
     print(f"plain transformers : {local_rate:6.2f} tokens/s")
     print(f"embedded swarm     : {swarm_rate:6.2f} tokens/s")
-    print(f"ratio swarm/local  : {swarm_rate / local_rate:6.2f}x   (same tokens: {same})")
+    print(f"ratio swarm/local  : {swarm_rate / local_rate:6.2f}x   (same tokens: {local_ids == swarm_ids})")
 
 
 if __name__ == "__main__":
