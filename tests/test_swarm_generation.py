@@ -33,3 +33,32 @@ def test_default_model_answers_paris_through_the_swarm(manager):
     output = loaded.client.generate(input_ids, max_new_tokens=20, do_sample=False)
     answer = loaded.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+@pytest.mark.parametrize("repository", ["tests/tiny-llama", "tests/tiny-bloom"])
+def test_token_stream_matches_local_transformers_across_turns(manager, repository):
+    from sessions.generation import TokenStream
+
+    loaded = manager.find_model(repository)
+    first_turn = loaded.tokenizer(PROMPT)["input_ids"]
+    second_turn = loaded.tokenizer(" and then")["input_ids"]
+    stream = TokenStream(loaded, max_length=128)
+    try:
+        streamed = [stream.step(first_turn)]
+        streamed += [stream.step() for _ in range(9)]
+        streamed.append(stream.step(second_turn))  # a new turn continues the same session
+        streamed += [stream.step() for _ in range(9)]
+        assert stream.position == len(first_turn) + 10 + len(second_turn) + 9
+    finally:
+        stream.close()
+
+    local = AutoModelForCausalLM.from_pretrained(loaded.spec.path, torch_dtype=torch.float32)
+    expected = []
+    with torch.inference_mode():
+        ids = torch.tensor([first_turn])
+        for step in range(20):
+            if step == 10:
+                ids = torch.cat([ids, torch.tensor([second_turn])], dim=1)
+            expected.append(int(local(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[expected[-1]]])], dim=1)
+    assert streamed == expected
