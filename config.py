@@ -130,7 +130,9 @@ class Settings:
     step_timeout: float = 300.0
     executor_workers: int = 8
     models_dir: Path = REPO_ROOT / ".models"
-    swarm_threads: int = 0  # torch threads per embedded swarm node; 0: let the node decide
+    swarm_threads: int = 0  # torch threads per embedded swarm node; 0: split the CPU with the server
+    allowed_origins: Tuple[str, ...] = ()  # pages allowed to use the WebSocket API; empty: any
+    max_message_bytes: int = 256 * 1024
     debug: bool = False
     log_level: str = "INFO"
 
@@ -219,6 +221,10 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     add("--models-dir", "where converted local models are cached", type=Path, default=defaults.models_dir)
     add("--swarm-threads", "torch threads per embedded swarm node (0: automatic)", type=int,
         default=defaults.swarm_threads)
+    add("--allowed-origins", "origins (e.g. https://chat.example.org) whose pages may use the WebSocket API; "
+        "none: any", nargs="*", default=[], metavar="ORIGIN")
+    add("--max-message-bytes", "largest WebSocket message answered (larger ones get an error reply)", type=int,
+        default=defaults.max_message_bytes)
     add("--debug", "tracebacks in error replies, Tornado debug mode", action="store_true", default=defaults.debug)
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default=defaults.log_level)
     return parser
@@ -235,4 +241,5 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
         raise SystemExit("--executor-workers must be at least 1")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "models"}
     values["initial_peers"] = tuple(args.initial_peers)
+    values["allowed_origins"] = tuple(args.allowed_origins)
     return Settings(models=models, **values)

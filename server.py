@@ -21,6 +21,7 @@ import tornado.web
 from config import REPO_ROOT, Settings, choose_device, choose_dtype, parse_settings
 from handlers.base import APIHandler
 from handlers.models import ModelsHandler
+from handlers.websocket import GenerateWebSocket
 from sessions.manager import SessionManager
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = REPO_ROOT / "static"
 LOG_DIR = REPO_ROOT / ".logs"
 WEBSOCKET_PING_INTERVAL = 25
-MAX_MESSAGE_SIZE = 1024 * 1024
+# Messages up to this many times --max-message-bytes get an error reply; larger ones close the socket.
+HARD_MESSAGE_SIZE_FACTOR = 4
 
 
 class NotFoundHandler(APIHandler):
@@ -45,6 +47,8 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
         [
             (r"/()", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR), "default_filename": "index.html"}),
             (r"/api/v1/models", ModelsHandler, collaborators),
+            (r"/api/v2/generate", GenerateWebSocket, dict(collaborators, allowed_origins=config.allowed_origins,
+                                                          max_message_bytes=config.max_message_bytes)),
             (r"/(.+\.(?:html|js|css|svg|png|ico|woff2))", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR)}),
         ],
         default_handler_class=NotFoundHandler,
@@ -52,7 +56,7 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
         debug=config.debug,
         serve_traceback=config.debug,
         websocket_ping_interval=WEBSOCKET_PING_INTERVAL,
-        websocket_max_message_size=MAX_MESSAGE_SIZE,
+        websocket_max_message_size=HARD_MESSAGE_SIZE_FACTOR * config.max_message_bytes,
         config=config,
     )
 

@@ -1,18 +1,42 @@
-"""The session manager: owns the bounded executor, the loaded models, and every task it starts."""
+"""The session manager: owns the bounded executor, the loaded models, every client session
+and every task it starts."""
 
 import asyncio
 import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set, TypeVar, Union
 
 from config import PUBLIC_SWARM, ModelSpec
-from sessions.errors import NotReady, UnknownModel
+from sessions.errors import (
+    InvalidRequest,
+    MaxLengthExceeded,
+    NotReady,
+    SessionError,
+    SessionStateError,
+    UnknownModel,
+)
 from sessions.models import LoadedModel, load_model
+from sessions.session import ChatSession, GenerationRequest, GenerationUpdate
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Reply = Union[GenerationUpdate, SessionError]
+SendReply = Callable[[Reply], Awaitable[None]]
+# Errors after which the session's state is intact and the client may go on using it.
+RECOVERABLE_ERRORS = (InvalidRequest, MaxLengthExceeded, SessionStateError)
+
+
+def connection_log(connection_id: str) -> logging.LoggerAdapter:
+    """A logger that puts the connection id on every line."""
+    return _ConnectionLogAdapter(logger, {"connection_id": connection_id})
+
+
+class _ConnectionLogAdapter(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"[{self.extra['connection_id']}] {msg}", kwargs
 
 
 def resolve_initial_peers(initial_peers: Sequence[str]) -> List[str]:
@@ -48,19 +72,123 @@ class SessionManager:
         self.executor = ThreadPoolExecutor(max_workers=executor_workers, thread_name_prefix="petals")
         self._models: Dict[str, LoadedModel] = {}
         self._by_name: Dict[str, LoadedModel] = {}
+        self._sessions: Dict[str, ChatSession] = {}
+        self._open_streams = 0
+        self._tasks: Set[asyncio.Task] = set()
 
     async def run_blocking(self, function: Callable[..., T], *args, **kwargs) -> T:
         """Runs a blocking call in the bounded executor and awaits its result."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(function, *args, **kwargs))
 
+    def _spawn(self, coroutine: Awaitable[None], name: str) -> asyncio.Task:
+        """Starts a task this manager owns: tracked until done, cancelled at shutdown."""
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("Task %s failed", task.get_name(), exc_info=task.exception())
+
     async def start(self) -> None:
-        """Connects the client of every declared model to the swarm."""
+        """Connects the client of every declared model to the swarm and starts the idle reaper."""
         for spec in self.specs:
             loaded = await self.run_blocking(load_model, spec, self.initial_peers, self.device, self.torch_dtype)
             self._models[spec.key] = loaded
             for name in spec.names():
                 self._by_name[name] = loaded
+        self._spawn(self._expire_idle_sessions(), "idle-reaper")
+
+    @property
+    def open_session_count(self) -> int:
+        """Inference sessions whose swarm resources are not yet released."""
+        return self._open_streams
+
+    async def open_session(self, connection_id: str, model_name: object, max_length: int) -> ChatSession:
+        """Opens the connection's inference session on the named model."""
+        log = connection_log(connection_id)
+        existing = self._sessions.get(connection_id)
+        if existing is not None and existing.closed_reason is None:
+            raise SessionStateError("An inference session is already open on this connection")
+        loaded = self.find_model(model_name)
+        limit = loaded.spec.chat.max_session_length
+        if max_length > limit:
+            raise InvalidRequest(f"max_length {max_length} exceeds this model's maximum session length {limit}")
+        session = ChatSession(connection_id, loaded, max_length, self.run_blocking, self.step_timeout, log)
+        self._sessions[connection_id] = session
+        self._open_streams += 1
+        log.info("Opened a session on %s, max_length %d", loaded.spec.key, max_length)
+        return session
+
+    def start_generation(self, connection_id: str, request: GenerationRequest, send: SendReply) -> None:
+        """Queues a generation on the connection's session; its replies go to ``send``."""
+        session = self._sessions.get(connection_id)
+        if session is None:
+            raise SessionStateError("Open an inference session first (type: open_inference_session)")
+        ticket = session.take_ticket()
+        self._spawn(self._run_generation(session, request, ticket, send), f"generate-{connection_id}-{ticket}")
+
+    async def _run_generation(self, session: ChatSession, request: GenerationRequest, ticket: int,
+                              send: SendReply) -> None:
+        started, tokens = time.monotonic(), 0
+        try:
+            async for update in session.generate(request, ticket):
+                tokens += update.token_count
+                await send(update)
+            session.log.info("Generated %d tokens in %.2f s", tokens, time.monotonic() - started)
+        except SessionError as error:
+            session.log.warning("Generation failed: %s", error)
+            if not isinstance(error, RECOVERABLE_ERRORS):
+                await self._release(session, f"failed: {error.code}")
+            await send(error)
+        except Exception as error:
+            session.log.exception("Generation failed unexpectedly")
+            await self._release(session, "failed: internal error")
+            await send(SessionError(f"Internal error: {type(error).__name__}"))
+
+    def stop_generation(self, connection_id: str) -> bool:
+        """Ends the connection's running and queued generations; False if none was running."""
+        session = self._sessions.get(connection_id)
+        if session is None or not session.busy:
+            return False
+        session.request_stop()
+        session.log.info("Stop requested")
+        return True
+
+    async def _release(self, session: ChatSession, reason: str) -> None:
+        """Closes the session and frees its attention caches in the swarm."""
+        stream = session.close(reason)
+        if stream is None:
+            return
+        await session.wait_idle()  # a step in flight finishes before its session goes
+        try:
+            await self.run_blocking(stream.close)
+        except Exception:
+            session.log.exception("Error while closing the inference session")
+        finally:
+            self._open_streams -= 1
+            session.log.info("Closed the session (%s)", reason)
+
+    def close_connection(self, connection_id: str, reason: str = "connection closed") -> None:
+        """Tears down the connection's session (in the background: a step may be running)."""
+        session = self._sessions.pop(connection_id, None)
+        if session is not None:
+            session.request_stop()
+            self._spawn(self._release(session, reason), f"close-{connection_id}")
+
+    async def _expire_idle_sessions(self) -> None:
+        period = max(0.5, min(5.0, self.step_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for session in list(self._sessions.values()):
+                idle = now - session.last_active
+                if session.closed_reason is None and not session.busy and idle > self.step_timeout:
+                    await self._release(session, f"idle for {idle:.0f} s")
 
     @property
     def models(self) -> List[LoadedModel]:
@@ -77,7 +205,13 @@ class SessionManager:
             raise UnknownModel(name, list(self._models)) from None
 
     async def close(self) -> None:
-        """Disconnects every model and stops the executor."""
+        """Closes every session, cancels every task, disconnects every model, stops the executor."""
+        for connection_id in list(self._sessions):
+            self.close_connection(connection_id, "server shutdown")
+        for task in list(self._tasks):
+            if not task.get_name().startswith("close-"):
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         models, self._models, self._by_name = list(self._models.values()), {}, {}
         for loaded in models:
             try:

@@ -25,9 +25,10 @@ from tests.tiny_models import make_tiny_bloom, make_tiny_llama  # noqa: E402
 SWARM_READY_TIMEOUT = 300
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def io_loop():
-    """A fresh event loop per test (replaces pytest-tornasync's, which uses deprecated calls)."""
+    """One event loop for the whole run, as the server has one (replaces pytest-tornasync's
+    per-test loop, which uses deprecated calls and could not share the session manager)."""
     # hivemind's client worker installs uvloop's policy, dropping the current loop, the first
     # time it runs: let that happen before this test's loop is made current.
     RemoteExpertWorker.run_coroutine(asyncio.sleep(0))
@@ -92,18 +93,15 @@ def settings(model_specs, local_swarm) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def manager(settings):
+def manager(settings, io_loop):
     """A session manager connected to every model of the test swarm."""
     from sessions.manager import SessionManager
 
     manager = SessionManager(settings.models, settings.initial_peers, settings.device, settings.torch_dtype,
                              executor_workers=settings.executor_workers, step_timeout=settings.step_timeout)
-    # A private loop: asyncio.run() would also unset the current loop of the tests.
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(manager.start())
+    io_loop.run_sync(manager.start)
     yield manager
-    loop.run_until_complete(manager.close())
-    loop.close()
+    io_loop.run_sync(manager.close)
 
 
 @pytest.fixture
@@ -112,3 +110,9 @@ def app(settings, manager):
     from server import make_app
 
     return make_app(settings, manager)
+
+
+@pytest.fixture
+def ws_port(http_server, http_server_port) -> int:
+    """The port of a running test server (for WebSocket clients)."""
+    return http_server_port[1]

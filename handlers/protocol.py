@@ -1,0 +1,169 @@
+"""The wire protocol's requests: JSON messages and form fields parsed into typed requests.
+
+Parsing checks every field's type and range and raises ``ProtocolError`` with a message that
+names the field; nothing here touches a model or a session.
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple, Union
+
+from sessions.generation import SamplingParams
+from sessions.session import GenerationRequest
+
+
+class ProtocolError(Exception):
+    """A malformed request: bad JSON, unknown type, missing or ill-typed field."""
+
+    code = "bad_request"
+    retryable = False
+
+
+@dataclass(frozen=True)
+class OpenSessionMessage:
+    """``{"type": "open_inference_session", "model": ..., "max_length": ...}``"""
+
+    model: Optional[str]
+    max_length: int
+
+
+@dataclass(frozen=True)
+class GenerateMessage:
+    """``{"type": "generate", ...}``"""
+
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class StopMessage:
+    """``{"type": "stop"}``: end the running generation now."""
+
+
+Message = Union[OpenSessionMessage, GenerateMessage, StopMessage]
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def optional_int(params: Mapping[str, Any], name: str, minimum: int = 1) -> Optional[int]:
+    """An integer field (JSON number or decimal string), at least ``minimum``, or None if absent."""
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ProtocolError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def optional_float(params: Mapping[str, Any], name: str, low: float, high: float = float("inf"),
+                   low_inclusive: bool = False) -> Optional[float]:
+    """A number field within (low, high] (or [low, high]), or None if absent."""
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ProtocolError(f"{name} must be a number, got {value!r}") from None
+    if not _is_number(value) or value != value:
+        raise ProtocolError(f"{name} must be a number, got {value!r}")
+    above_low = value >= low if low_inclusive else value > low
+    if not above_low or value > high:
+        bracket = "[" if low_inclusive else "("
+        raise ProtocolError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+    return float(value)
+
+
+def optional_bool(params: Mapping[str, Any], name: str) -> Optional[bool]:
+    """A flag given as true/false, 1/0, or their strings; None if absent."""
+    value = params.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise ProtocolError(f"{name} must be true/false or 1/0, got {value!r}")
+
+
+def optional_str(params: Mapping[str, Any], name: str, allow_empty: bool = True) -> Optional[str]:
+    """A string field, or None if absent."""
+    value = params.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(f"{name} must be a string, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise ProtocolError(f"{name} must not be empty")
+    return value
+
+
+def optional_str_list(params: Mapping[str, Any], name: str) -> Tuple[str, ...]:
+    """A list of non-empty strings (a single string counts as a list of one)."""
+    value = params.get(name)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ProtocolError(f"{name} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def generation_request(params: Mapping[str, Any], allow_stop_sequence: bool = True) -> GenerationRequest:
+    """The generation parameters shared by the WebSocket and HTTP APIs."""
+    max_length = optional_int(params, "max_length")
+    max_new_tokens = optional_int(params, "max_new_tokens")
+    if max_length is None and max_new_tokens is None:
+        raise ProtocolError("Either max_length or max_new_tokens is required")
+    sampling = SamplingParams(
+        do_sample=bool(optional_bool(params, "do_sample")),
+        temperature=optional_float(params, "temperature", 0.0) or 1.0,
+        top_k=optional_int(params, "top_k", minimum=0),
+        top_p=optional_float(params, "top_p", 0.0, 1.0),
+        repetition_penalty=optional_float(params, "repetition_penalty", 0.0),
+    )
+    stop_sequence = optional_str(params, "stop_sequence", allow_empty=False) if allow_stop_sequence else None
+    extra_stop_sequences = optional_str_list(params, "extra_stop_sequences") if allow_stop_sequence else ()
+    if extra_stop_sequences and stop_sequence is None:
+        raise ProtocolError("extra_stop_sequences need a stop_sequence")
+    return GenerationRequest(
+        inputs=optional_str(params, "inputs"),
+        max_length=max_length,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_sequence=stop_sequence,
+        extra_stop_sequences=extra_stop_sequences,
+    )
+
+
+def parse_message(raw: Union[str, bytes], max_bytes: int) -> Message:
+    """One WebSocket message as a typed request."""
+    if len(raw) > max_bytes:
+        raise ProtocolError(f"Message too large: {len(raw)} bytes, the limit is {max_bytes}")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ProtocolError(f"Message is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("Message must be a JSON object")
+    kind = data.get("type")
+    if kind == "open_inference_session":
+        max_length = optional_int(data, "max_length")
+        if max_length is None:
+            raise ProtocolError("max_length is required")
+        return OpenSessionMessage(model=optional_str(data, "model", allow_empty=False), max_length=max_length)
+    if kind == "generate":
+        return GenerateMessage(request=generation_request(data))
+    if kind == "stop":
+        return StopMessage()
+    raise ProtocolError(f"Unknown message type {kind!r}; expected open_inference_session, generate or stop")

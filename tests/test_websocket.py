@@ -1,0 +1,240 @@
+"""The WebSocket API against the real local swarm."""
+
+import asyncio
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.ws_client import WSClient
+
+DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY = "tests/tiny-llama"
+QUESTION = "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n"
+FOLLOW_UP = "\n<|im_start|>user\nAnd the capital of Germany? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def local_greedy_turns(path, tokenizer, turns, stop_text: str, limit: int = 60) -> list:
+    """Plain transformers' greedy replies to each turn in turn, each up to and including ``stop_text``.
+
+    Works on token ids, as the server does: each reply's own tokens stay in the context.
+    """
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    context, replies = [], []
+    with torch.inference_mode():
+        for turn in turns:
+            context += tokenizer(turn, add_special_tokens=False)["input_ids"]
+            reply_ids = []
+            while True:
+                token = int(model(torch.tensor([context])).logits[0, -1].argmax())
+                context.append(token)
+                reply_ids.append(token)
+                text = tokenizer.decode(reply_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                if stop_text in text or len(reply_ids) >= limit:
+                    break
+            replies.append(text)
+    return replies
+
+
+async def wait_for_no_sessions(manager, timeout: float = 10.0) -> float:
+    """Seconds until the manager has no open session; fails after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while manager.open_session_count:
+        assert loop.time() - started < timeout, f"{manager.open_session_count} sessions still open"
+        await asyncio.sleep(0.05)
+    return loop.time() - started
+
+
+async def test_spec_javascript_example(ws_port, manager):
+    client = await WSClient.connect(ws_port)
+    prompt, max_length = "A cat sat on", 30
+    assert await client.request({"type": "open_inference_session", "model": DEFAULT, "max_length": max_length}) == {
+        "ok": True}
+    reply = await client.request({"type": "generate", "inputs": prompt, "max_length": max_length, "do_sample": 1,
+                                  "temperature": 0.6, "top_p": 0.9})
+    assert reply["ok"] is True and reply["stop"] is True
+    assert isinstance(reply["outputs"], str) and reply["outputs"]
+    prompt_tokens = len(manager.find_model(DEFAULT).tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert 1 <= reply["token_count"] <= max_length - prompt_tokens
+    client.close()
+    await wait_for_no_sessions(manager)
+
+
+async def test_streams_one_token_per_message_and_continues_the_session(ws_port, manager):
+    loaded = manager.find_model(DEFAULT)
+    client = await WSClient.connect(ws_port)
+    assert (await client.request({"type": "open_inference_session", "model": "smollm2", "max_length": 512}))["ok"]
+    first = await client.stream({"type": "generate", "inputs": QUESTION, "max_new_tokens": 1,
+                                 "stop_sequence": "<|im_end|>"})
+    assert all(reply["ok"] and reply["token_count"] == 1 for reply in first)
+    assert [reply["stop"] for reply in first] == [False] * (len(first) - 1) + [True]
+    answer = "".join(reply["outputs"] for reply in first)
+    expected_answer, expected_follow_up = local_greedy_turns(loaded.spec.path, loaded.tokenizer,
+                                                             [QUESTION, FOLLOW_UP], "<|im_end|>")
+    assert answer == expected_answer
+    assert "Paris" in answer and len(first) > 5
+
+    second = await client.stream({"type": "generate", "inputs": FOLLOW_UP, "max_new_tokens": 1,
+                                  "stop_sequence": "<|im_end|>"})
+    follow_up = "".join(reply["outputs"] for reply in second)
+    assert follow_up == expected_follow_up
+    assert "Berlin" in follow_up
+    client.close()
+
+
+async def test_without_stop_sequence_one_reply(ws_port, manager):
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 64})
+    reply = await client.request({"type": "generate", "inputs": "A cat in French is \"", "max_new_tokens": 3})
+    assert reply["ok"] and reply["stop"] is True and reply["token_count"] == 3
+    client.close()
+
+
+async def test_multibyte_text_is_never_split(ws_port, manager):
+    """A random model emits byte-level pieces of characters: none may reach the client half-done."""
+    from sessions.generation import TokenStream
+
+    loaded = manager.find_model(TINY)
+    prompt = "日本語 🦀 café"
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 128})
+    replies = await client.stream({"type": "generate", "inputs": prompt, "max_new_tokens": 1,
+                                   "stop_sequence": "never-appears", "max_length": 80})
+    client.close()
+    assert all("\ufffd" not in reply["outputs"] for reply in replies)
+    stream = TokenStream(loaded, 128)
+    try:
+        prompt_ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = [stream.step(prompt_ids)] + [stream.step() for _ in range(sum(r["token_count"] for r in replies) - 1)]
+    finally:
+        stream.close()
+    expected = loaded.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert "".join(reply["outputs"] for reply in replies) == expected.rstrip("\ufffd")
+
+
+async def test_disconnect_mid_stream_closes_the_session(ws_port, manager):
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 512})
+    await client.send({"type": "generate", "inputs": "Once upon a time", "max_new_tokens": 1,
+                       "stop_sequence": "never-appears"})
+    for _ in range(3):
+        assert (await client.receive())["stop"] is False
+    assert manager.open_session_count == 1
+    client.close()
+    seconds = await wait_for_no_sessions(manager, timeout=10)
+    assert seconds < 10
+    assert not [task for task in manager._tasks if task.get_name().startswith("generate-")]
+
+
+async def test_stop_message_ends_the_stream_and_the_session_goes_on(ws_port, manager):
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 512})
+    await client.send({"type": "generate", "inputs": "Once upon a time", "max_new_tokens": 1,
+                       "stop_sequence": "never-appears"})
+    assert (await client.receive())["stop"] is False
+    await client.send({"type": "stop"})
+    replies = []
+    while not replies or not replies[-1]["stop"]:
+        replies.append(await client.receive())
+    assert len(replies) <= 3  # the stop lands before the next step or the one after
+    reply = await client.request({"type": "generate", "inputs": " and then", "max_new_tokens": 2})
+    assert reply["ok"] and reply["stop"] and reply["token_count"] == 2
+    assert (await client.request({"type": "stop"})) == {"ok": True, "outputs": "", "stop": True, "token_count": 0}
+    client.close()
+
+
+async def test_extra_stop_sequence_ends_the_turn(ws_port, manager):
+    loaded = manager.find_model(DEFAULT)
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": DEFAULT, "max_length": 512})
+    replies = await client.stream({"type": "generate", "inputs": QUESTION, "max_new_tokens": 1,
+                                   "stop_sequence": "<|im_end|>", "extra_stop_sequences": [" France"]})
+    text = "".join(reply["outputs"] for reply in replies)
+    assert replies[-1]["stop"] and " France" in text and "<|im_end|>" not in text
+    assert [text] == local_greedy_turns(loaded.spec.path, loaded.tokenizer, [QUESTION], " France")
+    client.close()
+
+
+async def test_maximum_length_exceeded_keeps_the_connection(ws_port, manager):
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 8})
+    reply = await client.request({"type": "generate", "inputs": "one two three four five six seven eight nine",
+                                  "max_new_tokens": 1})
+    assert reply["ok"] is False and "Maximum length exceeded" in reply["traceback"]
+    reply = await client.request({"type": "generate", "inputs": "one", "max_new_tokens": 1})
+    assert reply["ok"] is True
+    client.close()
+
+
+OPEN_TINY = {"type": "open_inference_session", "model": TINY, "max_length": 64}
+
+
+@pytest.mark.parametrize(
+    "before, message, expected",
+    [
+        ([], "{not json", "not valid JSON"),
+        ([], "[1, 2]", "JSON object"),
+        ([], {"type": "dance"}, "Unknown message type"),
+        ([], {"max_length": 5}, "Unknown message type"),
+        ([], {"type": "generate", "inputs": "hi", "max_new_tokens": 1}, "Open an inference session first"),
+        ([OPEN_TINY], OPEN_TINY, "already open"),
+        ([], {"type": "open_inference_session", "model": "no/such-model", "max_length": 64}, "Unknown model"),
+        ([], {"type": "open_inference_session", "model": TINY}, "max_length is required"),
+        ([], {"type": "open_inference_session", "model": TINY, "max_length": "lots"}, "max_length must be an integer"),
+        ([], {"type": "open_inference_session", "model": TINY, "max_length": 0}, "max_length must be at least 1"),
+        ([], {"type": "open_inference_session", "model": TINY, "max_length": -3}, "max_length must be at least 1"),
+        ([], {"type": "open_inference_session", "model": TINY, "max_length": 100000}, "maximum session length"),
+        ([], {"type": "open_inference_session", "model": 7, "max_length": 64}, "model must be a string"),
+        ([OPEN_TINY], {"type": "generate", "inputs": "hi"}, "max_length or max_new_tokens"),
+        ([OPEN_TINY], {"type": "generate", "inputs": "hi", "max_new_tokens": 0}, "at least 1"),
+        ([OPEN_TINY], {"type": "generate", "inputs": 5, "max_new_tokens": 1}, "inputs must be a string"),
+        ([OPEN_TINY], {"type": "generate", "inputs": "hi", "max_new_tokens": 1, "do_sample": "maybe"}, "do_sample"),
+        ([OPEN_TINY], {"type": "generate", "inputs": "hi", "max_new_tokens": 1, "temperature": -1}, "temperature"),
+        ([OPEN_TINY], {"type": "generate", "inputs": "hi", "max_new_tokens": 1, "top_p": 2}, "top_p"),
+        ([OPEN_TINY], {"type": "generate", "inputs": "hi", "max_new_tokens": 1, "stop_sequence": 3}, "stop_sequence"),
+        ([OPEN_TINY], {"type": "generate", "max_new_tokens": 1}, "inputs are required"),
+        ([OPEN_TINY], {"type": "generate", "inputs": "hi", "max_new_tokens": 1, "extra_stop_sequences": ["x"]},
+         "need a stop_sequence"),
+        ([OPEN_TINY], {"type": "generate", "inputs": "hi", "max_new_tokens": 1, "stop_sequence": "two words here",
+                       "extra_stop_sequences": ["x"]}, "exactly one token"),
+        ([], json.dumps({"type": "generate", "inputs": "x" * 300_000}), "Message too large"),
+    ],
+)
+async def test_protocol_errors_get_a_clear_reply(ws_port, manager, before, message, expected):
+    client = await WSClient.connect(ws_port)
+    for setup in before:
+        assert (await client.request(setup))["ok"]
+    reply = await client.request(message)
+    assert reply["ok"] is False
+    assert expected in reply["traceback"]
+    assert "File \"" not in reply["traceback"] and "/work" not in reply["traceback"]
+    assert isinstance(reply["code"], str) and isinstance(reply["retryable"], bool)
+    # The connection is still usable.
+    if before:
+        follow = await client.request({"type": "generate", "inputs": "hi", "max_new_tokens": 1})
+    else:
+        follow = await client.request(OPEN_TINY)
+    assert follow["ok"] is True
+    client.close()
+    await wait_for_no_sessions(manager)
+
+
+async def test_message_over_the_hard_limit_closes_the_socket(ws_port, settings):
+    client = await WSClient.connect(ws_port)
+    await client.send("x" * (settings.max_message_bytes * 5))
+    assert await client.receive() is None
+    assert client.connection.close_code == 1009
+
+
+async def test_private_model_is_served_to_its_own_page_only(ws_port, manager):
+    request = {"type": "open_inference_session", "model": "tests/tiny-bloom", "max_length": 32}
+    other_page = await WSClient.connect(ws_port, origin="https://elsewhere.example")
+    reply = await other_page.request(request)
+    assert reply["ok"] is False and "own chat page" in reply["traceback"]
+    other_page.close()
+    own_page = await WSClient.connect(ws_port, origin=f"http://127.0.0.1:{ws_port}")
+    assert (await own_page.request(request))["ok"] is True
+    own_page.close()
+    await wait_for_no_sessions(manager)
