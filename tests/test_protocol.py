@@ -1,0 +1,79 @@
+"""Parsing of WebSocket messages and generation parameters (pure logic)."""
+
+import json
+
+import pytest
+
+from handlers.protocol import (
+    GenerateMessage,
+    OpenSessionMessage,
+    ProtocolError,
+    StopMessage,
+    generation_request,
+    parse_message,
+)
+
+LIMIT = 10_000
+
+
+def test_open_message():
+    message = parse_message(json.dumps({"type": "open_inference_session", "max_length": 1024}), LIMIT)
+    assert message == OpenSessionMessage(model=None, max_length=1024)
+
+
+def test_generate_message_with_every_field():
+    raw = json.dumps({"type": "generate", "inputs": "A cat", "max_new_tokens": 3, "do_sample": 1,
+                      "temperature": 0.6, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1,
+                      "stop_sequence": "###", "extra_stop_sequences": ["</s>"]})
+    request = parse_message(raw, LIMIT).request
+    assert request.inputs == "A cat" and request.max_new_tokens == 3 and request.max_length is None
+    assert request.sampling.do_sample is True and request.sampling.temperature == 0.6
+    assert request.sampling.top_k == 40 and request.sampling.top_p == 0.9
+    assert request.sampling.repetition_penalty == 1.1
+    assert request.stop_sequence == "###" and request.extra_stop_sequences == ("</s>",)
+
+
+def test_stop_message():
+    assert parse_message('{"type": "stop"}', LIMIT) == StopMessage()
+
+
+@pytest.mark.parametrize("value, expected", [(0, False), (1, True), ("0", False), ("1", True), ("true", True),
+                                             ("False", False), (True, True), (None, False)])
+def test_do_sample_accepts_numbers_words_and_booleans(value, expected):
+    params = {"max_new_tokens": 1, "do_sample": value}
+    assert generation_request(params).sampling.do_sample is expected
+
+
+def test_form_strings_are_numbers():
+    request = generation_request({"max_new_tokens": "20", "temperature": "0.5", "top_k": "0"})
+    assert request.max_new_tokens == 20 and request.sampling.temperature == 0.5 and request.sampling.top_k == 0
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({}, "max_length or max_new_tokens"),
+        ({"max_new_tokens": True}, "must be an integer"),
+        ({"max_new_tokens": 1.5}, "must be an integer"),
+        ({"max_length": -1}, "at least 1"),
+        ({"max_new_tokens": 1, "temperature": 0}, "temperature"),
+        ({"max_new_tokens": 1, "temperature": "hot"}, "temperature must be a number"),
+        ({"max_new_tokens": 1, "top_p": 0}, "top_p"),
+        ({"max_new_tokens": 1, "top_k": -1}, "top_k"),
+        ({"max_new_tokens": 1, "repetition_penalty": float("nan")}, "repetition_penalty"),
+        ({"max_new_tokens": 1, "extra_stop_sequences": [""]}, "non-empty strings"),
+        ({"max_new_tokens": 1, "stop_sequence": ""}, "must not be empty"),
+    ],
+)
+def test_bad_parameters_name_the_field(params, expected):
+    with pytest.raises(ProtocolError, match=expected):
+        generation_request(params)
+
+
+def test_oversized_message_is_refused_before_parsing():
+    with pytest.raises(ProtocolError, match="too large"):
+        parse_message("{" + " " * LIMIT + "}", LIMIT)
+
+
+def test_generate_message_type():
+    assert isinstance(parse_message('{"type": "generate", "max_length": 4}', LIMIT), GenerateMessage)
