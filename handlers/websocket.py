@@ -50,6 +50,9 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
         return bool(origin) and urlparse(origin).netloc.lower() == self.request.host.lower()
 
     def open(self) -> None:
+        # Replies are small and streamed token by token: Nagle's algorithm would hold each
+        # one back until the previous is acknowledged (up to the peer's delayed-ACK time).
+        self.set_nodelay(True)
         self.log.info("Connected from %s (origin %s)", self.request.remote_ip, self.request.headers.get("Origin"))
 
     async def on_message(self, message: Union[str, bytes]) -> None:

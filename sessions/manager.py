@@ -76,10 +76,14 @@ class SessionManager:
         self._open_streams = 0
         self._tasks: Set[asyncio.Task] = set()
 
-    async def run_blocking(self, function: Callable[..., T], *args, **kwargs) -> T:
-        """Runs a blocking call in the bounded executor and awaits its result."""
+    def run_blocking(self, function: Callable[..., T], *args, **kwargs) -> "asyncio.Future[T]":
+        """Runs a blocking call in the bounded executor; await the returned future for its result.
+
+        A plain future, not a coroutine: a generation step awaits it with a timeout, and a
+        coroutine would cost a task per step.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(function, *args, **kwargs))
+        return loop.run_in_executor(self.executor, functools.partial(function, *args, **kwargs))
 
     def _spawn(self, coroutine: Awaitable[None], name: str) -> asyncio.Task:
         """Starts a task this manager owns: tracked until done, cancelled at shutdown."""

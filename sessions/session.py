@@ -4,7 +4,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Optional, Tuple, TypeVar
+from typing import AsyncIterator, Callable, Optional, Tuple, TypeVar
 
 from sessions.decoding import IncrementalDecoder
 from sessions.errors import InvalidRequest, MaxLengthExceeded, SessionExpired, StepTimeout, from_petals_error
@@ -12,7 +12,7 @@ from sessions.generation import SamplingParams, TokenStream
 from sessions.models import LoadedModel
 
 T = TypeVar("T")
-RunBlocking = Callable[..., Awaitable[T]]
+RunBlocking = Callable[..., "asyncio.Future[T]"]
 
 
 @dataclass(frozen=True)

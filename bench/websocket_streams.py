@@ -1,0 +1,243 @@
+"""Streaming over the WebSocket API next to the Petals client called directly, on one local swarm.
+
+For 1, 8 and 32 concurrent streams it measures the gap between consecutive tokens (p50, p99)
+and the total tokens/s, (a) with the petals client driven directly in this process (one thread
+per stream, one inference-session step per token) and (b) through ``/api/v2/generate`` of a
+server process (``max_new_tokens: 1`` with a ``stop_sequence``, one connection per stream),
+and prints the ratios. Then it opens idle sessions (connections that opened an inference
+session and wait) and checks that a fresh session still gets its first token within twice its
+time on an idle server.
+
+    .venv/bin/python bench/websocket_streams.py [--model tiny|default] [--tokens 30] [--repeats 5] [--streams 1 8 32]
+        [--idle 1000]
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import swarm.compat  # noqa: E402,F401  (must precede petals)
+import tornado.websocket  # noqa: E402
+
+from config import default_model, model_from_source  # noqa: E402
+from sessions.generation import TokenStream  # noqa: E402
+from sessions.models import load_model  # noqa: E402
+from swarm.default_model import ensure_default_model  # noqa: E402
+from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
+from tests.tiny_models import make_tiny_llama  # noqa: E402
+
+PROMPT = "Once upon a time, in a small village by the sea,"
+NEVER = "\u0000never\u0000"  # a stop sequence no model writes: streams run to max_length
+CONCURRENCY = (1, 8, 32)
+
+
+def percentile(values, fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def summarize(gaps, tokens: int, seconds: float) -> dict:
+    return {"gaps": gaps, "tokens_per_s": tokens / seconds}
+
+
+def pooled(runs) -> dict:
+    """Gap percentiles over every run's gaps, and the median run's tokens/s."""
+    gaps = [gap for run in runs for gap in run["gaps"]]
+    return {"p50_ms": 1000 * percentile(gaps, 0.5), "p99_ms": 1000 * percentile(gaps, 0.99),
+            "tokens_per_s": statistics.median(run["tokens_per_s"] for run in runs)}
+
+
+def direct_streams(loaded, streams: int, tokens: int) -> dict:
+    """Each stream: a thread stepping its own petals inference session token by token."""
+    prompt_ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    gaps, lock, barrier = [], threading.Lock(), threading.Barrier(streams)
+
+    def run():
+        stream = TokenStream(loaded, len(prompt_ids) + tokens + 1)
+        try:
+            barrier.wait()
+            stream.step(prompt_ids)
+            last, own = time.perf_counter(), []
+            for _ in range(tokens - 1):
+                stream.step()
+                now = time.perf_counter()
+                own.append(now - last)
+                last = now
+            with lock:
+                gaps.extend(own)
+        finally:
+            stream.close()
+
+    threads = [threading.Thread(target=run) for _ in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return summarize(gaps, streams * tokens, time.perf_counter() - started)
+
+
+async def connect(url: str):
+    return await tornado.websocket.websocket_connect(url, max_message_size=1 << 20)
+
+
+async def request(connection, message: dict) -> dict:
+    await connection.write_message(json.dumps(message))
+    reply = json.loads(await connection.read_message())
+    if not reply["ok"]:
+        raise RuntimeError(reply["traceback"])
+    return reply
+
+
+async def websocket_stream(url: str, model: str, prompt_tokens: int, tokens: int, gaps: list) -> int:
+    connection = await connect(url)
+    try:
+        await request(connection, {"type": "open_inference_session", "model": model,
+                                   "max_length": prompt_tokens + tokens + 1})
+        await connection.write_message(json.dumps({
+            "type": "generate", "inputs": PROMPT, "max_new_tokens": 1, "stop_sequence": NEVER,
+            "max_length": prompt_tokens + tokens}))
+        received, last = 0, None
+        while True:
+            reply = json.loads(await connection.read_message())
+            if not reply["ok"]:
+                raise RuntimeError(reply["traceback"])
+            now = time.perf_counter()
+            if last is not None and reply["token_count"]:
+                gaps.append(now - last)
+            last = now
+            received += reply["token_count"]
+            if reply["stop"]:
+                return received
+    finally:
+        connection.close()
+
+
+async def websocket_streams(url: str, model: str, prompt_tokens: int, streams: int, tokens: int) -> dict:
+    gaps = []
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(websocket_stream(url, model, prompt_tokens, tokens, gaps)
+                                    for _ in range(streams)))
+    return summarize(gaps, sum(counts), time.perf_counter() - started)
+
+
+async def first_token_seconds(url: str, model: str) -> float:
+    started = time.perf_counter()
+    connection = await connect(url)
+    try:
+        await request(connection, {"type": "open_inference_session", "model": model, "max_length": 64})
+        await request(connection, {"type": "generate", "inputs": PROMPT, "max_new_tokens": 1})
+    finally:
+        connection.close()
+    return time.perf_counter() - started
+
+
+async def idle_sessions(url: str, model: str, target: int) -> list:
+    """(idle sessions held, median first-token seconds of a fresh session) at growing counts."""
+    results, idle = [], []
+    samples = [await first_token_seconds(url, model) for _ in range(5)]
+    results.append((0, statistics.median(samples)))
+    for count in sorted({target // 4, target // 2, target}):
+        while len(idle) < count:
+            batch = await asyncio.gather(*(connect(url) for _ in range(min(100, count - len(idle)))))
+            await asyncio.gather(*(request(c, {"type": "open_inference_session", "model": model, "max_length": 64})
+                                   for c in batch))
+            idle.extend(batch)
+        samples = [await first_token_seconds(url, model) for _ in range(5)]
+        results.append((len(idle), statistics.median(samples)))
+    for connection in idle:
+        connection.close()
+    return results
+
+
+def start_server(model_source: str, peers, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "server.py", "--model", model_source, "--port", str(port), "--host", "127.0.0.1",
+         "--initial-peers", *peers, "--torch-dtype", "float32", "--device", "cpu"],
+        cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        if re.search(r"ready: http", line):
+            threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe drained
+            return process
+    process.kill()
+    raise RuntimeError("the server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "default"], default="tiny")
+    parser.add_argument("--tokens", type=int, default=30, help="tokens per stream")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs per concurrency")
+    parser.add_argument("--streams", type=int, nargs="+", default=list(CONCURRENCY), help="concurrent streams")
+    parser.add_argument("--idle", type=int, default=1000, help="idle sessions to hold (0: skip)")
+    parser.add_argument("--port", type=int, default=5123)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        models_dir = REPO_ROOT / ".models"
+        default_path = ensure_default_model(models_dir)
+        if args.model == "tiny":
+            path = make_tiny_llama(Path(workdir) / "tiny-llama", default_path)
+            spec = model_from_source(str(path))
+        else:
+            spec = default_model(models_dir)
+            path = spec.path
+        swarm_model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+        with LocalSwarm(Path(workdir) / "logs", threads=1) as swarm:
+            swarm.add_node(swarm_model)
+            swarm.wait_until_ready([swarm_model])
+            loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
+            prompt_tokens = len(loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+            server = start_server(str(path), swarm.initial_peers, args.port)
+            url = f"ws://127.0.0.1:{args.port}/api/v2/generate"
+            served_name = model_from_source(str(path)).key  # the name the server process gives it
+            try:
+                direct_streams(loaded, 1, 4)  # warm-up
+                asyncio.run(websocket_streams(url, served_name, prompt_tokens, 1, 4))
+                print(f"model: {spec.key} ({swarm_model.num_blocks} blocks), {args.tokens} tokens per stream, "
+                      f"{args.repeats} alternating runs each")
+                print(f"{'streams':>7} | {'direct p50/p99 ms':>18} {'tok/s':>7} | {'websocket p50/p99 ms':>21} "
+                      f"{'tok/s':>7} | {'p50 ratio':>9} {'p99 ratio':>9} {'tok/s ratio':>11}")
+                for streams in args.streams:
+                    direct_runs, ws_runs = [], []
+                    for _ in range(args.repeats):  # alternated, so drift in the machine's load hits both
+                        direct_runs.append(direct_streams(loaded, streams, args.tokens))
+                        ws_runs.append(asyncio.run(
+                            websocket_streams(url, served_name, prompt_tokens, streams, args.tokens)))
+                    direct, ws = pooled(direct_runs), pooled(ws_runs)
+                    print(f"{streams:>7} | {direct['p50_ms']:8.1f} /{direct['p99_ms']:8.1f} "
+                          f"{direct['tokens_per_s']:7.1f} | {ws['p50_ms']:10.1f} /{ws['p99_ms']:9.1f} "
+                          f"{ws['tokens_per_s']:7.1f} | {ws['p50_ms'] / direct['p50_ms']:9.2f} "
+                          f"{ws['p99_ms'] / direct['p99_ms']:9.2f} {ws['tokens_per_s'] / direct['tokens_per_s']:11.2f}")
+                results = asyncio.run(idle_sessions(url, served_name, args.idle)) if args.idle else []
+                if results:
+                    print("idle sessions held -> fresh session's first token (median of 5)")
+                for held, seconds in results:
+                    baseline = results[0][1]
+                    print(f"{held:>7} idle: {1000 * seconds:8.1f} ms ({seconds / baseline:4.2f}x)"
+                          f"{'  within 2x' if seconds <= 2 * baseline else '  OVER 2x'}")
+            finally:
+                server.terminate()
+                server.wait(60)
+                loaded.close()
+
+
+if __name__ == "__main__":
+    main()
