@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Set
 
 import tornado.httpserver
 import tornado.netutil
@@ -31,6 +31,7 @@ LOG_DIR = REPO_ROOT / ".logs"
 WEBSOCKET_PING_INTERVAL = 25
 # Messages up to this many times --max-message-bytes get an error reply; larger ones close the socket.
 HARD_MESSAGE_SIZE_FACTOR = 4
+SHUTDOWN_TIMEOUT = 10
 
 
 class NotFoundHandler(APIHandler):
@@ -41,14 +42,20 @@ class NotFoundHandler(APIHandler):
 
 
 def make_app(config: Settings, manager: SessionManager) -> tornado.web.Application:
-    """The application: every route, with the session manager handed to each handler."""
+    """The application: every route, with the session manager handed to each handler.
+
+    ``application.settings["websockets"]`` holds the open WebSocket connections, so that
+    shutdown can close them with a reason.
+    """
     collaborators = {"manager": manager}
+    websockets: Set[GenerateWebSocket] = set()
     return tornado.web.Application(
         [
             (r"/()", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR), "default_filename": "index.html"}),
             (r"/api/v1/models", ModelsHandler, collaborators),
             (r"/api/v2/generate", GenerateWebSocket, dict(collaborators, allowed_origins=config.allowed_origins,
-                                                          max_message_bytes=config.max_message_bytes)),
+                                                          max_message_bytes=config.max_message_bytes,
+                                                          open_connections=websockets)),
             (r"/(.+\.(?:html|js|css|svg|png|ico|woff2))", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR)}),
         ],
         default_handler_class=NotFoundHandler,
@@ -58,6 +65,7 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
         websocket_ping_interval=WEBSOCKET_PING_INTERVAL,
         websocket_max_message_size=HARD_MESSAGE_SIZE_FACTOR * config.max_message_bytes,
         config=config,
+        websockets=websockets,
     )
 
 
@@ -134,14 +142,19 @@ async def serve(config: Settings, initial_peers: Sequence[str], device: str, tor
     try:
         await manager.start()
         sockets = tornado.netutil.bind_sockets(config.port, config.host)
-        http_server = tornado.httpserver.HTTPServer(make_app(config, manager))
+        app = make_app(config, manager)
+        http_server = tornado.httpserver.HTTPServer(app)
         http_server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
         logger.info("ready: %s", public_url(config.host, port))
         await stop_requested.wait()
         logger.info("Shutting down")
         http_server.stop()
-        await http_server.close_all_connections()
+        for websocket in list(app.settings["websockets"]):
+            websocket.close(1001, "Server shutting down")
+        await asyncio.wait_for(http_server.close_all_connections(), SHUTDOWN_TIMEOUT)
+    except asyncio.TimeoutError:
+        logger.warning("Some connections did not close within %d s", SHUTDOWN_TIMEOUT)
     finally:
         await manager.close()
 

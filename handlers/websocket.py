@@ -8,7 +8,7 @@ flow. Closing the connection, cleanly or not, tears the session down.
 import json
 import traceback
 import uuid
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Set, Union
 from urllib.parse import urlparse
 
 import tornado.websocket
@@ -35,8 +35,10 @@ def update_reply(update: GenerationUpdate) -> Dict[str, Any]:
 class GenerateWebSocket(tornado.websocket.WebSocketHandler):
     """One client connection of the WebSocket API."""
 
-    def initialize(self, manager: SessionManager, allowed_origins: Sequence[str], max_message_bytes: int) -> None:
+    def initialize(self, manager: SessionManager, allowed_origins: Sequence[str], max_message_bytes: int,
+                   open_connections: Set["GenerateWebSocket"]) -> None:
         self.manager = manager
+        self.open_connections = open_connections
         self.allowed_origins = tuple(allowed_origins)
         self.max_message_bytes = max_message_bytes
         self.connection_id = uuid.uuid4().hex[:8]
@@ -53,6 +55,7 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
         # Replies are small and streamed token by token: Nagle's algorithm would hold each
         # one back until the previous is acknowledged (up to the peer's delayed-ACK time).
         self.set_nodelay(True)
+        self.open_connections.add(self)
         self.log.info("Connected from %s (origin %s)", self.request.remote_ip, self.request.headers.get("Origin"))
 
     async def on_message(self, message: Union[str, bytes]) -> None:
@@ -90,5 +93,6 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
             self.log.debug("Reply dropped: the connection is closed")
 
     def on_close(self) -> None:
+        self.open_connections.discard(self)
         self.log.info("Disconnected (code %s)", self.close_code)
         self.manager.close_connection(self.connection_id)

@@ -6,14 +6,21 @@ those re-exports, so ``from hivemind import PeerID`` (and many like it in petals
 Importing this module puts the names back and silences petals' start-up query of the
 package index for a newer release (it needs a network this server may not have).
 
+It also keeps a garbage-collected petals inference session from freezing the client: its
+finalizer closes the session through hivemind's worker event loop and waits for the result,
+which deadlocks when the collection happens on that loop's own thread.
+
 Import it before the first ``import petals`` in every process that uses petals.
 """
 
+import asyncio
 import importlib
 import logging
 import os
+import threading
 
 import hivemind
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,24 @@ def silence_version_check() -> None:
     petals.utils.version.validate_version = log_version_only
 
 
+def make_worker_reentrant() -> None:
+    """Lets code running on hivemind's worker loop thread call ``run_coroutine`` without deadlock.
+
+    From that thread the coroutine is scheduled on the loop instead of awaited; only a
+    finalizer does this (its result was never used), everyone else calls from other threads.
+    """
+    blocking_run = RemoteExpertWorker.run_coroutine.__func__
+
+    def run_coroutine(cls, coroutine, return_future: bool = False):
+        if threading.current_thread() is cls._event_thread and cls._pid == os.getpid():
+            task = asyncio.ensure_future(coroutine, loop=cls._event_loop_fut.result())
+            return task if return_future else None
+        return blocking_run(cls, coroutine, return_future)
+
+    RemoteExpertWorker.run_coroutine = classmethod(run_coroutine)
+
+
 os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
 restore_hivemind_exports()
 silence_version_check()
+make_worker_reentrant()

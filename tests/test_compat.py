@@ -59,3 +59,23 @@ def test_version_check_makes_no_network_call(monkeypatch):
 
     monkeypatch.setattr(requests, "get", no_network)
     petals.utils.version.validate_version()
+
+
+def test_worker_loop_can_run_coroutines_from_its_own_thread():
+    """A petals session finalized on hivemind's worker thread used to deadlock the client."""
+    import asyncio
+
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    ran = []
+
+    async def record():
+        ran.append(True)
+
+    async def call_from_worker_thread():
+        RemoteExpertWorker.run_coroutine(record())  # would block forever on its own loop
+        await asyncio.sleep(0.05)
+        return "done"
+
+    assert RemoteExpertWorker.run_coroutine(call_from_worker_thread(), return_future=True).result(timeout=5) == "done"
+    assert ran == [True]

@@ -1,5 +1,6 @@
 """server.py as users run it: embedded swarm, "ready" with a URL, clean exit on a signal."""
 
+import asyncio
 import json
 import re
 import signal
@@ -12,6 +13,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.ws_client import WSClient
 
 READY_TIMEOUT = 180
 READY_LINE = re.compile(r"ready: (http://\S+)")
@@ -32,6 +34,20 @@ def read_until_ready(process) -> tuple:
     raise AssertionError("server never logged ready:\n" + "".join(lines[-40:]))
 
 
+async def streaming_client(port: int) -> WSClient:
+    client = await WSClient.connect(port)
+    assert (await client.request({"type": "open_inference_session", "max_length": 1000}))["ok"]
+    await client.send({"type": "generate", "inputs": "Once", "max_new_tokens": 1, "stop_sequence": "never-appears"})
+    assert (await client.receive())["stop"] is False
+    return client
+
+
+async def read_until_closed(client: WSClient) -> tuple:
+    while await client.receive(timeout=30) is not None:
+        pass
+    return client.connection.close_code, client.connection.close_reason
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_embedded_swarm_serves_and_stops_cleanly(tiny_model_specs, stop_signal):
     tiny_llama = tiny_model_specs[0]
@@ -49,7 +65,15 @@ def test_embedded_swarm_serves_and_stops_cleanly(tiny_model_specs, stop_signal):
         children = psutil.Process(process.pid).children(recursive=True)
         assert any("swarm" in " ".join(child.cmdline()) for child in children)
 
+        # A client in the middle of a stream when the server is told to stop.
+        loop = asyncio.new_event_loop()
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        client = loop.run_until_complete(streaming_client(port))
         process.send_signal(stop_signal)
+        close_code, close_reason = loop.run_until_complete(read_until_closed(client))
+        loop.close()
+        assert (close_code, close_reason) == (1001, "Server shutting down")
+
         remaining_log, _ = process.communicate(timeout=60)
         assert process.returncode == 0, remaining_log[-3000:]
         _, alive = psutil.wait_procs(children, timeout=10)

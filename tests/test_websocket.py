@@ -238,3 +238,22 @@ async def test_private_model_is_served_to_its_own_page_only(ws_port, manager):
     assert (await own_page.request(request))["ok"] is True
     own_page.close()
     await wait_for_no_sessions(manager)
+
+
+async def test_a_long_stream_does_not_starve_a_short_one(ws_port, manager):
+    long_client = await WSClient.connect(ws_port)
+    short_client = await WSClient.connect(ws_port)
+    await long_client.request({"type": "open_inference_session", "model": TINY, "max_length": 512})
+    await short_client.request({"type": "open_inference_session", "model": TINY, "max_length": 64})
+    await long_client.send({"type": "generate", "inputs": "Once upon a time", "max_new_tokens": 1,
+                            "stop_sequence": "never-appears", "max_length": 400})
+    assert (await long_client.receive())["stop"] is False
+    short = await short_client.stream({"type": "generate", "inputs": "Hi", "max_new_tokens": 1,
+                                       "stop_sequence": "never-appears", "max_length": 12})
+    prompt_tokens = len(manager.find_model(TINY).tokenizer("Hi", add_special_tokens=False)["input_ids"])
+    assert short[-1]["stop"] and sum(reply["token_count"] for reply in short) == 12 - prompt_tokens
+    # The long stream is still going: the short one was served between its steps.
+    assert (await long_client.receive())["stop"] is False
+    long_client.close()
+    short_client.close()
+    await wait_for_no_sessions(manager)
