@@ -133,6 +133,7 @@ class Settings:
     swarm_threads: int = 0  # torch threads per embedded swarm node; 0: split the CPU with the server
     allowed_origins: Tuple[str, ...] = ()  # pages allowed to use the WebSocket API; empty: any
     max_message_bytes: int = 256 * 1024
+    api_key: Optional[str] = None  # when set, the OpenAI-compatible API requires "Authorization: Bearer KEY"
     debug: bool = False
     log_level: str = "INFO"
 
@@ -225,6 +226,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "none: any", nargs="*", default=[], metavar="ORIGIN")
     add("--max-message-bytes", "largest WebSocket message answered (larger ones get an error reply)", type=int,
         default=defaults.max_message_bytes)
+    add("--api-key", "require this key (Authorization: Bearer KEY) on the OpenAI-compatible /v1 API",
+        default=None)
     add("--debug", "tracebacks in error replies, Tornado debug mode", action="store_true", default=defaults.debug)
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default=defaults.log_level)
     return parser

@@ -20,7 +20,9 @@ import tornado.web
 
 from config import REPO_ROOT, Settings, choose_device, choose_dtype, parse_settings
 from handlers.base import APIHandler
+from handlers.http_generate import GenerateHandler
 from handlers.models import ModelsHandler
+from handlers.openai_api import ChatCompletionHandler, CompletionHandler, ModelListHandler
 from handlers.websocket import GenerateWebSocket
 from sessions.manager import SessionManager
 
@@ -48,11 +50,16 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
     shutdown can close them with a reason.
     """
     collaborators = {"manager": manager}
+    openai_collaborators = dict(collaborators, api_key=config.api_key)
     websockets: Set[GenerateWebSocket] = set()
     return tornado.web.Application(
         [
             (r"/()", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR), "default_filename": "index.html"}),
             (r"/api/v1/models", ModelsHandler, collaborators),
+            (r"/api/v1/generate", GenerateHandler, collaborators),
+            (r"/v1/models", ModelListHandler, openai_collaborators),
+            (r"/v1/completions", CompletionHandler, openai_collaborators),
+            (r"/v1/chat/completions", ChatCompletionHandler, openai_collaborators),
             (r"/api/v2/generate", GenerateWebSocket, dict(collaborators, allowed_origins=config.allowed_origins,
                                                           max_message_bytes=config.max_message_bytes,
                                                           open_connections=websockets)),

@@ -2,14 +2,30 @@
 
 import logging
 import traceback
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import tornado.web
 
+from handlers.protocol import ProtocolError
 from sessions.errors import SessionError
 from sessions.manager import SessionManager
 
 logger = logging.getLogger(__name__)
+
+# HTTP status for each error code; retryable swarm-side failures are 503 with Retry-After.
+STATUS_BY_CODE = {
+    "bad_request": 400,
+    "invalid_request": 400,
+    "max_length_exceeded": 400,
+    "unknown_model": 404,
+    "bad_state": 409,
+    "session_expired": 409,
+    "not_ready": 503,
+    "cache_full": 503,
+    "step_timeout": 503,
+    "swarm_error": 503,
+}
+RETRY_AFTER_SECONDS = 1
 
 
 class APIHandler(tornado.web.RequestHandler):
@@ -21,18 +37,38 @@ class APIHandler(tornado.web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
 
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, (ProtocolError, SessionError)):
+            logger.info("%s %s: %s", self.request.method, self.request.uri, value)  # the client's problem
+        else:
+            super().log_exception(typ, value, tb)
+
+    def error_status(self, error: Optional[BaseException], default: int) -> int:
+        """The HTTP status for ``error`` (Tornado's own errors keep theirs)."""
+        if isinstance(error, (ProtocolError, SessionError)):
+            return STATUS_BY_CODE.get(error.code, 500)
+        return default
+
+    def error_body(self, message: str, error: Optional[BaseException]) -> Dict[str, Any]:
+        """The JSON body of an error reply."""
+        body: Dict[str, Any] = {"ok": False, "traceback": message}
+        if isinstance(error, (ProtocolError, SessionError)):
+            body.update(code=error.code, retryable=error.retryable)
+        return body
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc_info = kwargs.get("exc_info")
         error: Optional[BaseException] = exc_info[1] if exc_info else None
+        status = self.error_status(error, status_code)
+        self.set_status(status)
+        if status == 503:
+            self.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
         if isinstance(error, tornado.web.HTTPError):
             message = error.log_message % error.args if error.log_message else self._reason
-        elif isinstance(error, SessionError):
+        elif isinstance(error, (ProtocolError, SessionError)):
             message = str(error)
         else:
             message = self._reason
-        body = {"ok": False, "traceback": message}
-        if error is not None and isinstance(error, SessionError):
-            body.update(code=error.code, retryable=error.retryable)
         if self.settings.get("serve_traceback") and exc_info:
-            body["traceback"] += "\n" + "".join(traceback.format_exception(*exc_info))
-        self.finish(body)
+            message += "\n" + "".join(traceback.format_exception(*exc_info))
+        self.finish(self.error_body(message, error))

@@ -6,7 +6,7 @@ import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set, TypeVar, Union
+from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence, Set, TypeVar, Union
 
 from config import PUBLIC_SWARM, ModelSpec
 from sessions.errors import (
@@ -75,6 +75,7 @@ class SessionManager:
         self._sessions: Dict[str, ChatSession] = {}
         self._open_streams = 0
         self._tasks: Set[asyncio.Task] = set()
+        self._reaper: Optional[asyncio.Task] = None
 
     def run_blocking(self, function: Callable[..., T], *args, **kwargs) -> "asyncio.Future[T]":
         """Runs a blocking call in the bounded executor; await the returned future for its result.
@@ -105,7 +106,7 @@ class SessionManager:
             self._models[spec.key] = loaded
             for name in spec.names():
                 self._by_name[name] = loaded
-        self._spawn(self._expire_idle_sessions(), "idle-reaper")
+        self._reaper = self._spawn(self._expire_idle_sessions(), "idle-reaper")
 
     @property
     def open_session_count(self) -> int:
@@ -153,6 +154,32 @@ class SessionManager:
             session.log.exception("Generation failed unexpectedly")
             await self._release(session, "failed: internal error")
             await send(SessionError(f"Internal error: {type(error).__name__}"))
+
+    async def one_shot(self, connection_id: str, model_name: object,
+                       request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
+        """A generation in a session of its own (the HTTP APIs): sized to fit, closed when done.
+
+        The session holds the prompt plus ``max_new_tokens`` unless ``max_length`` says more.
+        ``close_connection(connection_id)`` stops it early (the client went away).
+        """
+        loaded = self.find_model(model_name)
+        prompt_tokens = len(await self.run_blocking(loaded.encode, request.inputs or ""))
+        if not prompt_tokens:
+            raise InvalidRequest("inputs must not be empty")
+        max_length = request.max_length or prompt_tokens + request.max_new_tokens
+        session = await self.open_session(connection_id, model_name, max_length)
+        try:
+            async for update in session.generate(request, session.take_ticket()):
+                yield update
+        finally:
+            session = self._sessions.pop(connection_id, None)
+            if session is not None:  # not already torn down by a disconnect
+                await self._release(session, "request done")
+
+    async def count_tokens(self, model_name: object, text: str) -> int:
+        """How many tokens ``text`` is for the named model."""
+        loaded = self.find_model(model_name)
+        return len(await self.run_blocking(loaded.encode, text))
 
     def stop_generation(self, connection_id: str) -> bool:
         """Ends the connection's running and queued generations; False if none was running."""
@@ -208,14 +235,22 @@ class SessionManager:
         except (KeyError, TypeError):
             raise UnknownModel(name, list(self._models)) from None
 
-    async def close(self) -> None:
-        """Closes every session, cancels every task, disconnects every model, stops the executor."""
+    async def close(self, grace: float = 10.0) -> None:
+        """Closes every session, disconnects every model, stops the executor.
+
+        Generations are stopped, not cancelled: a step running in the executor cannot be
+        interrupted, and its session must outlive it. Tasks still running after ``grace``
+        seconds are cancelled.
+        """
+        if self._reaper is not None:
+            self._reaper.cancel()
         for connection_id in list(self._sessions):
             self.close_connection(connection_id, "server shutdown")
-        for task in list(self._tasks):
-            if not task.get_name().startswith("close-"):
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in late:
+                logger.warning("Task %s still running at shutdown, cancelling it", task.get_name())
                 task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         models, self._models, self._by_name = list(self._models.values()), {}, {}
         for loaded in models:
             try:

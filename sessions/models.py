@@ -6,7 +6,7 @@ transformer blocks are run by the swarm.
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, List, Sequence
 
 import swarm.compat  # noqa: F401  (must precede petals)
 import torch
@@ -16,6 +16,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from config import ModelSpec
 
 logger = logging.getLogger(__name__)
+
+# petals retries a failed step forever by default; a client would wait forever for a lost route.
+MAX_RETRIES = 3
 
 
 @dataclass
@@ -31,6 +34,10 @@ class LoadedModel:
     def family(self) -> str:
         """The model family shown by the chat page's picker."""
         return self.spec.family
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text``, without special tokens (a session's BOS is the caller's choice)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @property
     def num_blocks(self) -> int:
@@ -56,7 +63,8 @@ def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch
     """Loads the tokenizer and connects the Petals client of ``spec`` (blocking: run it in the executor)."""
     logger.info("Loading %s from %s (%s, %s)", spec.key, spec.weights, device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(spec.weights)
-    options = {"initial_peers": list(initial_peers), "torch_dtype": getattr(torch, torch_dtype)}
+    options = {"initial_peers": list(initial_peers), "torch_dtype": getattr(torch, torch_dtype),
+               "max_retries": MAX_RETRIES}
     if spec.dht_prefix is not None:
         options["dht_prefix"] = spec.dht_prefix
     if spec.adapter is not None:

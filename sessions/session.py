@@ -24,7 +24,13 @@ class GenerationRequest:
     max_new_tokens: Optional[int] = None  # tokens per reply
     sampling: SamplingParams = SamplingParams()
     stop_sequence: Optional[str] = None  # stream replies until the text contains it
-    extra_stop_sequences: Tuple[str, ...] = ()
+    extra_stop_sequences: Tuple[str, ...] = ()  # also end the stream (with a stop_sequence: as its token)
+    until_length: bool = False  # keep replying until a stop, EOS or max_length, even without stop_sequence
+
+    @property
+    def streaming(self) -> bool:
+        """Whether replies continue until a stop condition rather than after the first one."""
+        return self.stop_sequence is not None or self.until_length
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class GenerationUpdate:
     outputs: str
     stop: bool
     token_count: int
+    finish_reason: Optional[str] = None  # on the last reply: "stop" (stop text or EOS), "length", "cancelled"
 
 
 class ChatSession:
@@ -83,14 +90,11 @@ class ChatSession:
             raise SessionExpired(f"Session {self.session_id} expired ({self.closed_reason}); "
                                  "open a new inference session")
 
-    def _encode(self, text: str) -> list:
-        return self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _stop_token_id(self, request: GenerationRequest) -> Optional[int]:
         """The single token of ``stop_sequence``, required when extra stop sequences are given."""
-        if not request.extra_stop_sequences:
+        if not request.extra_stop_sequences or request.stop_sequence is None:
             return None
-        ids = self._encode(request.stop_sequence or "")
+        ids = self.loaded.encode(request.stop_sequence or "")
         if len(ids) != 1:
             raise InvalidRequest("extra_stop_sequences need a stop_sequence that is exactly one token "
                                  f"({request.stop_sequence!r} is {len(ids)} tokens)")
@@ -128,25 +132,26 @@ class ChatSession:
     async def _generate(self, request: GenerationRequest, ticket: int) -> AsyncIterator[GenerationUpdate]:
         self._check_open()
         if self._stopped(ticket):
-            yield GenerationUpdate(outputs="", stop=True, token_count=0)
+            yield GenerationUpdate(outputs="", stop=True, token_count=0, finish_reason="cancelled")
             return
         stop_token_id = self._stop_token_id(request)
-        input_ids = await self._run_blocking(self._encode, request.inputs) if request.inputs else []
+        input_ids = await self._run_blocking(self.loaded.encode, request.inputs) if request.inputs else []
         if not input_ids and self._stream.pending is None:
             raise InvalidRequest("inputs are required to start a session")
         total_limit = min(self.max_length, request.max_length or self.max_length)
-        stop_sequences = [request.stop_sequence, *request.extra_stop_sequences] if request.stop_sequence else []
+        stop_sequences = [*filter(None, [request.stop_sequence]), *request.extra_stop_sequences]
         eos_token_id = self.loaded.tokenizer.eos_token_id
         self._decoder.add_context(input_ids)
         text = ""
         while True:
-            chunk_tokens, chunk_text, finished = 0, "", False
+            chunk_tokens, chunk_text, finish_reason = 0, "", None
             while request.max_new_tokens is None or chunk_tokens < request.max_new_tokens:
                 if self._stopped(ticket):
-                    yield GenerationUpdate(outputs=chunk_text, stop=True, token_count=chunk_tokens)
+                    yield GenerationUpdate(outputs=chunk_text, stop=True, token_count=chunk_tokens,
+                                           finish_reason="cancelled")
                     return
                 if request.max_length is not None and self._total_length(input_ids) + 1 > total_limit:
-                    finished = True  # the client's max_length is reached
+                    finish_reason = "length"  # the client's max_length is reached
                     break
                 token = await self._step(input_ids, request.sampling)
                 input_ids = []
@@ -154,16 +159,20 @@ class ChatSession:
                 chunk_text += self._decoder.push([token])
                 self.log.debug("step %d: token %d", self._stream.position, token)
                 if token == eos_token_id:
-                    finished = True
+                    finish_reason = "stop"
                     break
             text += chunk_text
             matched = [sequence for sequence in stop_sequences if sequence in text]
             if matched and stop_token_id is not None and request.stop_sequence not in matched:
                 # The next turn must follow the stop token, as if the model had written it.
                 self._stream.replace_pending(stop_token_id)
-            done = finished or not stop_sequences or bool(matched)
-            yield GenerationUpdate(outputs=chunk_text, stop=done, token_count=chunk_tokens)
-            if done:
+            if matched:
+                finish_reason = "stop"
+            elif finish_reason is None and not request.streaming:
+                finish_reason = "length"  # the one reply has its max_new_tokens
+            yield GenerationUpdate(outputs=chunk_text, stop=finish_reason is not None, token_count=chunk_tokens,
+                                   finish_reason=finish_reason)
+            if finish_reason is not None:
                 return
 
     async def wait_idle(self) -> None:

@@ -1,0 +1,79 @@
+"""POST /api/v1/generate: forms, query strings, JSON bodies, and malformed requests."""
+
+import asyncio
+import json
+import urllib.parse
+
+import pytest
+import tornado.httpclient
+
+TINY = "tests/tiny-llama"
+
+
+async def post(client, body, content_type="application/x-www-form-urlencoded", query=""):
+    try:
+        response = await client.fetch("/api/v1/generate" + query, method="POST", body=body,
+                                      headers={"Content-Type": content_type}, raise_error=False)
+    except tornado.httpclient.HTTPClientError as error:
+        response = error.response
+    return response.code, json.loads(response.body)
+
+
+async def test_spec_curl_example_verbatim(ws_port, manager):
+    """The spec's curl command, pointed at this server."""
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-s", "-X", "POST", f"http://127.0.0.1:{ws_port}/api/v1/generate", "-d", "model=smollm2",
+        "-d", "inputs=Once upon a time,", "-d", "max_new_tokens=20", stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await asyncio.wait_for(curl.communicate(), 120)
+    reply = json.loads(stdout)
+    assert reply["ok"] is True and isinstance(reply["outputs"], str) and reply["outputs"]
+    assert not reply["outputs"].startswith("Once upon a time")  # only the new text
+    assert manager.open_session_count == 0
+
+
+async def test_form_body_greedy_matches_the_websocket_api(http_server_client, manager):
+    from sessions.generation import TokenStream
+
+    code, reply = await post(http_server_client, urllib.parse.urlencode(
+        {"model": TINY, "inputs": "A cat sat on", "max_new_tokens": "8", "do_sample": "0"}))
+    assert code == 200 and reply["ok"] is True
+    loaded = manager.find_model(TINY)
+    stream = TokenStream(loaded, 64)
+    try:
+        ids = [stream.step(loaded.encode("A cat sat on"))] + [stream.step() for _ in range(7)]
+    finally:
+        stream.close()
+    assert reply["outputs"] == loaded.tokenizer.decode(ids, skip_special_tokens=False,
+                                                       clean_up_tokenization_spaces=False).rstrip("\ufffd")
+
+
+async def test_json_body_and_query_string(http_server_client):
+    code, reply = await post(http_server_client, json.dumps({"model": TINY, "inputs": "Hello", "max_length": 6}),
+                             content_type="application/json")
+    assert code == 200 and reply["ok"]
+    code, reply = await post(http_server_client, b"", query="?model=tl&inputs=Hello&max_new_tokens=2&do_sample=true")
+    assert code == 200 and reply["ok"]
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status, expected",
+    [
+        ("model=tests/tiny-llama&inputs=Hi", "application/x-www-form-urlencoded", 400, "max_length or max_new_tokens"),
+        ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=many", "application/x-www-form-urlencoded", 400,
+         "must be an integer"),
+        ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=2&do_sample=perhaps", "application/x-www-form-urlencoded",
+         400, "do_sample"),
+        ("model=nope/nope&inputs=Hi&max_new_tokens=2", "application/x-www-form-urlencoded", 404, "Unknown model"),
+        ("model=tests/tiny-llama&max_new_tokens=2", "application/x-www-form-urlencoded", 400, "inputs"),
+        ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=99999", "application/x-www-form-urlencoded", 400,
+         "maximum session length"),
+        ("{broken", "application/json", 400, "not valid JSON"),
+        ("[1]", "application/json", 400, "must be an object"),
+    ],
+)
+async def test_malformed_requests(http_server_client, manager, body, content_type, status, expected):
+    code, reply = await post(http_server_client, body, content_type=content_type)
+    assert code == status
+    assert reply["ok"] is False and expected in reply["traceback"]
+    assert "File \"" not in reply["traceback"]
+    assert manager.open_session_count == 0

@@ -1,0 +1,116 @@
+"""The OpenAI-compatible API, driven by the official openai package."""
+
+import asyncio
+
+import openai
+import pytest
+
+from handlers.openai_api import StopStringFilter
+
+DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY = "tests/tiny-llama"
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture
+def client(ws_port):
+    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ws_port}/v1", api_key="unused", max_retries=0)
+
+
+async def test_list_models(client, model_specs):
+    models = await client.models.list()
+    assert [model.id for model in models.data] == [spec.key for spec in model_specs]
+
+
+async def test_chat_completion(client, manager):
+    reply = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=40)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert "<|im_end|>" not in choice.message.content
+    assert choice.finish_reason == "stop" and choice.message.role == "assistant"
+    assert reply.usage.completion_tokens > 3 and reply.usage.prompt_tokens > 10
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert manager.open_session_count == 0
+
+
+async def test_streamed_chat_completion_matches_the_plain_one(client):
+    plain = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=40)
+    stream = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=40,
+                                                  stream=True)
+    pieces, reasons = [], []
+    async for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content or "")
+        reasons.append(chunk.choices[0].finish_reason)
+    assert len(pieces) > 3  # token by token
+    assert "".join(pieces) == plain.choices[0].message.content
+    assert reasons[-1] == "stop" and set(reasons[:-1]) == {None}
+
+
+async def test_text_completion_length_limit(client):
+    reply = await client.completions.create(model=TINY, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+
+
+async def test_stop_string_spanning_tokens_is_cut_and_never_streamed(client):
+    plain = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=40)
+    answer = plain.choices[0].message.content
+    stop = "of Fr"  # inside the answer, spanning at least two tokens (" of", " France")
+    assert stop in answer
+    stopped = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=40,
+                                                   stop=[stop, "zzz"])
+    assert stopped.choices[0].message.content == answer[: answer.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    stream = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=40,
+                                                  stop=stop, stream=True)
+    streamed = [chunk.choices[0].delta.content or "" async for chunk in stream]
+    assert "".join(streamed) == answer[: answer.index(stop)]
+    assert not any("Fr" in piece for piece in streamed)
+
+
+async def test_unknown_model_and_bad_n(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.chat.completions.create(model="no/such-model", messages=QUESTION)
+    assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.completions.create(model=TINY, prompt="Hi", n=2)
+    assert caught.value.body["param"] == "n"
+
+
+@pytest.mark.parametrize("stops, pieces, expected", [
+    (["END"], ["Hello E", "N", "D more"], ["Hello ", "", ""]),
+    (["END"], ["Hello E", "xtra"], ["Hello ", "Extra"]),
+    (["ab", "b"], ["xab"], ["x"]),
+    ([], ["free", " text"], ["free", " text"]),
+])
+def test_stop_string_filter(stops, pieces, expected):
+    text_filter = StopStringFilter(stops)
+    assert [text_filter.push(piece) for piece in pieces] == expected
+
+
+def test_stop_string_filter_flushes_what_was_not_a_stop():
+    text_filter = StopStringFilter(["END"])
+    assert text_filter.push("almost EN") == "almost "
+    assert text_filter.flush() == "EN"
+
+
+async def test_api_key_is_required_when_configured(ws_port, settings, manager, io_loop):
+    import dataclasses
+
+    import tornado.httpserver
+    import tornado.testing
+
+    from server import make_app
+
+    sock, port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(make_app(dataclasses.replace(settings, api_key="s3cret"), manager))
+    server.add_socket(sock)
+    try:
+        wrong = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.models.list()
+        right = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret", max_retries=0)
+        assert len((await right.models.list()).data) == 3
+    finally:
+        server.stop()
+        await asyncio.sleep(0)
