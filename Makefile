@@ -31,7 +31,7 @@ run: $(RUNTIME_STAMP)
 test: $(TEST_STAMP)
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
-bench: $(RUNTIME_STAMP)
+bench: $(TEST_STAMP)
 	$(VENV_PYTHON) bench/swarm_vs_local.py $(ARGS)
 
 clean-venv:

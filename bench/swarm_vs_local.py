@@ -79,10 +79,11 @@ def main() -> None:
     local = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
     local_seconds, swarm_seconds = [], []
-    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=node_threads) as swarm:
-        swarm.add_node(model)
-        swarm.wait_until_ready([model])
-        loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
+    with tempfile.TemporaryDirectory() as log_dir, \
+            LocalSwarm(Path(log_dir), threads=node_threads) as running_swarm:
+        running_swarm.add_node(model)
+        running_swarm.wait_until_ready([model])
+        loaded = load_model(spec, running_swarm.initial_peers, device="cpu", torch_dtype="float32")
         try:
             greedy_local(local, prompt_ids, 4)  # warm-up
             greedy_swarm(loaded, prompt_ids, 4)

@@ -200,12 +200,12 @@ def main() -> None:
             spec = default_model(models_dir)
             path = spec.path
         swarm_model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
-        with LocalSwarm(Path(workdir) / "logs", threads=1) as swarm:
-            swarm.add_node(swarm_model)
-            swarm.wait_until_ready([swarm_model])
-            loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
+        with LocalSwarm(Path(workdir) / "logs", threads=1) as running_swarm:
+            running_swarm.add_node(swarm_model)
+            running_swarm.wait_until_ready([swarm_model])
+            loaded = load_model(spec, running_swarm.initial_peers, device="cpu", torch_dtype="float32")
             prompt_tokens = len(loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
-            server = start_server(str(path), swarm.initial_peers, args.port)
+            server = start_server(str(path), running_swarm.initial_peers, args.port)
             url = f"ws://127.0.0.1:{args.port}/api/v2/generate"
             served_name = model_from_source(str(path)).key  # the name the server process gives it
             try:
