@@ -1,7 +1,9 @@
 """The base of every JSON endpoint: collaborators from ``initialize``, errors as JSON."""
 
+import json
 import logging
 import traceback
+import uuid
 from typing import Any, Dict, Optional
 
 import tornado.web
@@ -36,6 +38,16 @@ class APIHandler(tornado.web.RequestHandler):
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+
+    def json_body(self) -> Dict[str, Any]:
+        """The request body as a JSON object."""
+        try:
+            body = json.loads(self.request.body or b"")
+        except ValueError as error:
+            raise ProtocolError(f"Body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise ProtocolError("Body must be a JSON object")
+        return body
 
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, (ProtocolError, SessionError)):
@@ -72,3 +84,16 @@ class APIHandler(tornado.web.RequestHandler):
         if self.settings.get("serve_traceback") and exc_info:
             message += "\n" + "".join(traceback.format_exception(*exc_info))
         self.finish(self.error_body(message, error))
+
+
+class GenerationHandler(APIHandler):
+    """A request that runs a generation in a session of its own, stopped if the client leaves."""
+
+    connection_prefix = "http-"
+
+    def prepare(self) -> None:
+        self.connection_id = self.connection_prefix + uuid.uuid4().hex[:8]
+
+    def on_connection_close(self) -> None:
+        # The client went away mid-request: stop generating for nobody.
+        self.manager.close_connection(self.connection_id, "client disconnected")

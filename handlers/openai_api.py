@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import tornado.iostream
 
-from handlers.base import APIHandler
+from handlers.base import GenerationHandler
 from handlers.protocol import ProtocolError, optional_bool, optional_float, optional_int
 from sessions.errors import SessionError
 from sessions.generation import SamplingParams
@@ -73,15 +73,17 @@ def _stop_strings(body: Dict[str, Any]) -> Tuple[str, ...]:
     return tuple(item for item in stop if item)
 
 
-class OpenAIHandler(APIHandler):
-    """Shared parts: API key, JSON body, OpenAI-shaped errors."""
+class OpenAIHandler(GenerationHandler):
+    """Shared parts: API key, OpenAI-shaped errors."""
+
+    connection_prefix = "openai-"
 
     def initialize(self, manager, api_key: Optional[str] = None) -> None:
         super().initialize(manager)
         self.api_key = api_key
 
     def prepare(self) -> None:
-        self.connection_id = "openai-" + uuid.uuid4().hex[:8]
+        super().prepare()
         if self.api_key and self.request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
             raise OpenAIError("Invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
                               status=401)
@@ -102,17 +104,6 @@ class OpenAIHandler(APIHandler):
                 details.update(param="model", code="model_not_found")
         return {"error": details}
 
-    def json_body(self) -> Dict[str, Any]:
-        try:
-            body = json.loads(self.request.body or b"")
-        except ValueError as error:
-            raise OpenAIError(f"Body is not valid JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise OpenAIError("Body must be a JSON object")
-        return body
-
-    def on_connection_close(self) -> None:
-        self.manager.close_connection(self.connection_id, "client disconnected")
 
 
 class ModelListHandler(OpenAIHandler):

@@ -68,7 +68,7 @@ async def test_json_body_and_query_string(http_server_client):
         ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=99999", "application/x-www-form-urlencoded", 400,
          "maximum session length"),
         ("{broken", "application/json", 400, "not valid JSON"),
-        ("[1]", "application/json", 400, "must be an object"),
+        ("[1]", "application/json", 400, "must be a JSON object"),
     ],
 )
 async def test_malformed_requests(http_server_client, manager, body, content_type, status, expected):
