@@ -162,11 +162,9 @@ class SessionManager:
         The session holds the prompt plus ``max_new_tokens`` unless ``max_length`` says more.
         ``close_connection(connection_id)`` stops it early (the client went away).
         """
-        loaded = self.find_model(model_name)
-        prompt_tokens = len(await self.run_blocking(loaded.encode, request.inputs or ""))
-        if not prompt_tokens:
+        if not request.inputs:
             raise InvalidRequest("inputs must not be empty")
-        max_length = request.max_length or prompt_tokens + request.max_new_tokens
+        max_length = request.max_length or await self.count_tokens(model_name, request.inputs) + request.max_new_tokens
         session = await self.open_session(connection_id, model_name, max_length)
         try:
             async for update in session.generate(request, session.take_ticket()):
