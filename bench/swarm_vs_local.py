@@ -1,11 +1,12 @@
 """Greedy decoding speed of the default model: through the embedded swarm vs plain transformers.
 
-Both run the same float32 weights on this machine, in one run, one after the other, one
+Both run the same weights (float32 unless --torch-dtype says otherwise) on this machine, in one run, one after the other, one
 forward pass per token: plain transformers with its KV cache, and the server's own
 ``TokenStream`` (one Petals inference session, one step through the node per token).
 Prints tokens/s for each, their ratio, and whether both chose the same tokens.
 
-    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--repeats 3] [--node-threads N] [--client-threads N]
+    .venv/bin/python bench/swarm_vs_local.py [--tokens 64] [--repeats 3] [--torch-dtype float32|bfloat16]
+        [--node-threads N] [--client-threads N]
 """
 
 import argparse
@@ -63,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads in the swarm node (0: as server.py)")
     parser.add_argument("--client-threads", type=int, default=0, help="torch threads here (0: as server.py)")
     args = parser.parse_args()
@@ -76,14 +78,14 @@ def main() -> None:
     messages = [{"role": "user", "content": QUESTION}]
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    local = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    local = AutoModelForCausalLM.from_pretrained(path, torch_dtype=getattr(torch, args.torch_dtype)).eval()
     model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
     local_seconds, swarm_seconds = [], []
     with tempfile.TemporaryDirectory() as log_dir, \
-            LocalSwarm(Path(log_dir), threads=node_threads) as running_swarm:
+            LocalSwarm(Path(log_dir), torch_dtype=args.torch_dtype, threads=node_threads) as running_swarm:
         running_swarm.add_node(model)
         running_swarm.wait_until_ready([model])
-        loaded = load_model(spec, running_swarm.initial_peers, device="cpu", torch_dtype="float32")
+        loaded = load_model(spec, running_swarm.initial_peers, device="cpu", torch_dtype=args.torch_dtype)
         try:
             greedy_local(local, prompt_ids, 4)  # warm-up
             greedy_swarm(loaded, prompt_ids, 4)
@@ -98,7 +100,7 @@ def main() -> None:
 
     local_rate = args.tokens / statistics.median(local_seconds)
     swarm_rate = args.tokens / statistics.median(swarm_seconds)
-    print(f"model: {spec.key} ({model.num_blocks} blocks, float32), {args.tokens} greedy tokens, "
+    print(f"model: {spec.key} ({model.num_blocks} blocks, {args.torch_dtype}), {args.tokens} greedy tokens, "
           f"median of {args.repeats} runs each, torch threads: client {torch.get_num_threads()}, node {node_threads}")
     print(f"plain transformers : {local_rate:6.2f} tokens/s")
     print(f"embedded swarm     : {swarm_rate:6.2f} tokens/s")
