@@ -77,3 +77,22 @@ async def test_malformed_requests(http_server_client, manager, body, content_typ
     assert reply["ok"] is False and expected in reply["traceback"]
     assert "File \"" not in reply["traceback"]
     assert manager.open_session_count == 0
+
+
+async def test_client_leaving_mid_request_frees_its_session(ws_port, manager):
+    from tests.test_websocket import wait_for_no_sessions
+
+    body = "model=smollm2&inputs=Once+upon+a+time&max_new_tokens=200"
+    reader, writer = await asyncio.open_connection("127.0.0.1", ws_port)
+    writer.write((f"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+    await writer.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while manager.open_session_count == 0:
+        assert loop.time() < deadline, "the request never opened a session"
+        await asyncio.sleep(0.01)
+    writer.close()
+    # The 200 tokens would take over 10 s (about 70 ms a step here); leaving must end it at once.
+    seconds = await wait_for_no_sessions(manager, timeout=10)
+    assert seconds < 3
