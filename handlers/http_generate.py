@@ -20,7 +20,7 @@ class GenerateHandler(GenerationHandler):
     async def post(self) -> None:
         params = self.request_params()
         request = generation_request(params, allow_stop_sequence=False)
-        model = optional_str(params, "model", allow_empty=False) or self.manager.specs[0].key
+        model = optional_str(params, "model", allow_empty=False)
         outputs = []
         async for update in self.manager.one_shot(self.connection_id, model, request):
             outputs.append(update.outputs)

@@ -11,7 +11,7 @@ def describe_model(loaded: LoadedModel) -> Dict[str, Any]:
     """A model as clients see it; ``model`` is what they pass to select it."""
     spec = loaded.spec
     chat = dataclasses.asdict(spec.chat)
-    chat["stop_token"] = spec.chat.stop_token or loaded.tokenizer.eos_token
+    chat["stop_token"] = loaded.stop_token
     chat["extra_stop_sequences"] = list(spec.chat.extra_stop_sequences)
     chat["generation_params"] = dict(spec.chat.generation_params)
     return {

@@ -239,7 +239,6 @@ class ChatCompletionHandler(CompletionHandler):
             raise OpenAIError("messages must be a non-empty list of {role, content} objects", param="messages")
         loaded = self.manager.find_model(model)
         chat = loaded.spec.chat
-        stop_token = chat.stop_token or loaded.tokenizer.eos_token
         if getattr(loaded.tokenizer, "chat_template", None):
             prompt = loaded.tokenizer.apply_chat_template(
                 [{"role": m["role"], "content": m["content"]} for m in messages],
@@ -247,7 +246,7 @@ class ChatCompletionHandler(CompletionHandler):
         else:
             turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
             prompt = chat.sep_token.join(turns) + chat.sep_token + "Assistant:"
-        return prompt, tuple(filter(None, (stop_token, *chat.extra_stop_sequences)))
+        return prompt, tuple(filter(None, (loaded.stop_token, *chat.extra_stop_sequences)))
 
     def choice(self, text: str, finish_reason: Optional[str]) -> Dict[str, Any]:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,

@@ -72,11 +72,10 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
             await self.send_reply(error)
 
     async def _open_session(self, message: OpenSessionMessage) -> None:
-        model_name = message.model or self.manager.specs[0].key
-        loaded = self.manager.find_model(model_name)
+        loaded = self.manager.find_model(message.model)
         if not loaded.spec.public_api and not self._same_origin(self.request.headers.get("Origin")):
-            raise ProtocolError(f"Model {model_name!r} is only served to this server's own chat page")
-        await self.manager.open_session(self.connection_id, model_name, message.max_length)
+            raise ProtocolError(f"Model {loaded.spec.key!r} is only served to this server's own chat page")
+        await self.manager.open_session(self.connection_id, loaded.spec.key, message.max_length)
         await self.send_reply(None)
 
     async def send_reply(self, reply: Union[None, GenerationUpdate, ProtocolError, SessionError]) -> None:

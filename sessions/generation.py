@@ -60,7 +60,6 @@ class TokenStream:
 
     def __init__(self, loaded: LoadedModel, max_length: int):
         self.loaded = loaded
-        self.max_length = max_length
         self._remote = loaded.client.transformer.h
         self._session = InferenceSession(self._remote.sequence_manager, max_length)
         self.token_ids = torch.empty((1, 0), dtype=torch.int64)  # every token, fed or pending

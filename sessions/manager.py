@@ -224,10 +224,12 @@ class SessionManager:
         """Connected models, in declaration order."""
         return list(self._models.values())
 
-    def find_model(self, name: Optional[str]) -> LoadedModel:
-        """The model a client named by repository, adapter or alias."""
+    def find_model(self, name: object) -> LoadedModel:
+        """The model a client named by repository, adapter or alias; None names the first model."""
         if not self._models:
             raise NotReady("The server is still connecting to the swarm; try again shortly")
+        if name is None:
+            return next(iter(self._models.values()))
         try:
             return self._by_name[name]
         except (KeyError, TypeError):

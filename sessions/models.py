@@ -28,12 +28,11 @@ class LoadedModel:
     spec: ModelSpec
     tokenizer: PreTrainedTokenizerBase
     client: Any  # a petals AutoDistributedModelForCausalLM
-    device: str
 
     @property
-    def family(self) -> str:
-        """The model family shown by the chat page's picker."""
-        return self.spec.family
+    def stop_token(self) -> str:
+        """The text that ends the model's turn in a chat: the configured one, else its EOS token."""
+        return self.spec.chat.stop_token or self.tokenizer.eos_token
 
     def encode(self, text: str) -> List[int]:
         """Token ids of ``text``, without special tokens (a session's BOS is the caller's choice)."""
@@ -71,6 +70,6 @@ def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch
         options["active_adapter"] = spec.adapter
     client = AutoDistributedModelForCausalLM.from_pretrained(spec.weights, **options).to(device)
     client.eval()
-    loaded = LoadedModel(spec=spec, tokenizer=tokenizer, client=client, device=device)
+    loaded = LoadedModel(spec=spec, tokenizer=tokenizer, client=client)
     logger.info("Connected %s: %d blocks served by the swarm", spec.key, loaded.num_blocks)
     return loaded

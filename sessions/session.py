@@ -68,11 +68,6 @@ class ChatSession:
         self.closed_reason: Optional[str] = None
         self.busy = False
 
-    @property
-    def position(self) -> int:
-        """Tokens the swarm holds for this session."""
-        return self._stream.position
-
     def take_ticket(self) -> int:
         """A place in the line of generations, taken when the request arrives."""
         self._tickets_issued += 1

@@ -51,6 +51,11 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def _restore_default_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _start_shutdown(signum, frame):
     # petals' shutdown can stall on its own threads: give it SHUTDOWN_GRACE seconds, then end it.
     watchdog = threading.Timer(SHUTDOWN_GRACE, _exit_now, args=(1,))
@@ -73,8 +78,8 @@ def serve(argv: Sequence[str]) -> None:
 
     signal.signal(signal.SIGTERM, _start_shutdown)
     signal.signal(signal.SIGINT, _start_shutdown)
-    # Forked helpers (the node's DHT process) keep the default: multiprocessing ends them with SIGTERM.
-    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    # Forked helpers (the node's DHT process) keep the defaults: multiprocessing ends them with SIGTERM.
+    os.register_at_fork(after_in_child=_restore_default_signals)
     import swarm.compat  # noqa: F401  (must precede petals)
     import torch
     from petals.cli import run_server
