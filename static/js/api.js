@@ -1,0 +1,108 @@
+// The server's APIs as the page uses them: the model list and the WebSocket generation API.
+
+/** An error reply, or a failure of the connection itself (code "connection_lost"). */
+export class ChatError extends Error {
+  constructor(message, code, retryable) {
+    super(message);
+    this.code = code;
+    this.retryable = retryable;
+  }
+}
+
+/** The served models, in the server's order. */
+export async function fetchModels() {
+  let body;
+  try {
+    const response = await fetch("api/v1/models", { cache: "no-store" });
+    body = await response.json();
+  } catch {
+    throw new ChatError("Cannot reach the server to list its models.", "connection_lost", true);
+  }
+  if (!body.ok) throw new ChatError(body.traceback, body.code, body.retryable);
+  return body.models;
+}
+
+function socketUrl() {
+  const url = new URL("api/v2/generate", window.location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
+}
+
+/** One WebSocket connection holding one inference session. */
+export class ChatSocket {
+  constructor(socket, maxLength) {
+    this.socket = socket;
+    this.maxLength = maxLength;
+    // The request in flight: onReply(reply) handles a reply and says whether it was the last.
+    this.waiting = null;
+    this.closed = false;
+    socket.onmessage = (event) => this._receive(JSON.parse(event.data));
+    socket.onclose = () => {
+      this.closed = true;
+      this._fail(new ChatError("Lost the connection to the server.", "connection_lost", true));
+    };
+  }
+
+  /** Connects and opens a session on `model` that may hold `maxLength` tokens. */
+  static open(model, maxLength) {
+    return new Promise((resolve, reject) => {
+      const socket = new WebSocket(socketUrl());
+      const chatSocket = new ChatSocket(socket, maxLength);
+      chatSocket.waiting = {
+        onReply: () => {
+          resolve(chatSocket);
+          return true;
+        },
+        reject,
+      };
+      socket.onopen = () => socket.send(JSON.stringify({ type: "open_inference_session", model, max_length: maxLength }));
+    });
+  }
+
+  /** Streams one reply: `onChunk(text, tokens)` per message; resolves once the reply ends. */
+  generate(request, onChunk) {
+    return new Promise((resolve, reject) => {
+      if (this.closed) {
+        reject(new ChatError("Lost the connection to the server.", "connection_lost", true));
+        return;
+      }
+      this.waiting = {
+        onReply: (reply) => {
+          onChunk(reply.outputs, reply.token_count);
+          if (reply.stop) resolve();
+          return reply.stop;
+        },
+        reject,
+      };
+      this.socket.send(JSON.stringify({ type: "generate", ...request }));
+    });
+  }
+
+  /** Asks the server to end the running generation now. */
+  stop() {
+    if (!this.closed) this.socket.send(JSON.stringify({ type: "stop" }));
+  }
+
+  close() {
+    this.closed = true;
+    this.waiting = null;
+    this.socket.onclose = null;
+    this.socket.close();
+  }
+
+  _receive(reply) {
+    const waiting = this.waiting;
+    if (!waiting) return;
+    if (!reply.ok) {
+      this._fail(new ChatError(reply.traceback, reply.code, reply.retryable));
+    } else if (waiting.onReply(reply)) {
+      this.waiting = null;
+    }
+  }
+
+  _fail(error) {
+    const waiting = this.waiting;
+    this.waiting = null;
+    if (waiting) waiting.reject(error);
+  }
+}

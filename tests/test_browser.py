@@ -1,0 +1,214 @@
+"""The chat page in a real headless Chromium against the real server on the local swarm."""
+
+import time
+
+import pytest
+from selenium.webdriver.common.by import By
+
+from tests.browser import MID_REPLY_SCREENSHOT, PHONE_SCREENSHOT, PHONE_SIZE, ChatPage, ChatServer, drive, \
+    start_chromium
+
+DEFAULT_NAME = "SmolLM2 135M Instruct"
+# With greedy decoding the default model answers this with an HTML code block holding a <script> tag.
+SCRIPT_QUESTION = "Write the HTML tag that loads the script file app.js. Reply with the tag only."
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the module's tests (each test gets a fresh origin and storage)."""
+    browser = start_chromium()
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture
+def chat_server(app, io_loop):
+    """The app on a loopback port of its own."""
+    server = ChatServer(app, io_loop)
+    server.start()
+    yield server
+    server.server.stop()
+    io_loop.run_sync(server.server.close_all_connections)
+
+
+@pytest.fixture
+def page(chromium, chat_server):
+    return ChatPage(chromium, chat_server.url)
+
+
+async def test_streams_a_reply_token_by_token_and_stops_at_once(page, tmp_path):
+    def steps():
+        page.open()
+        groups = page.chromium.execute_script(
+            "return [...document.querySelectorAll('#model optgroup')].map((group) =>"
+            " [group.label, [...group.children].map((option) => option.text)])")
+        assert groups == [["Tiny", ["Tiny Llama", "Tiny BLOOM"]], ["SmolLM2", [DEFAULT_NAME]]]
+        assert page.element("model-name").text == "Tiny Llama"
+        assert page.messages() == [{"role": "assistant", "text": "Hi! How can I help you today?"}]
+
+        page.send("first line", "second line")
+        page.wait_for_reply_updates(10)
+        assert "tokens/s" in page.element("speed").text
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        stopped_reply = page.last_reply()
+        time.sleep(0.5)
+        assert page.last_reply() == stopped_reply, "the reply grew after it was stopped"
+
+        lengths = [length for length in page.reply_lengths() if length]
+        assert lengths == sorted(lengths), "the reply must only grow while it streams"
+        assert len(set(lengths)) >= 10
+        user_messages = [message["text"] for message in page.messages() if message["role"] == "user"]
+        assert user_messages == ["first line\nsecond line"]
+        (opened,) = page.sent("open_inference_session")
+        assert opened == {"type": "open_inference_session", "model": "tests/tiny-llama", "max_length": 512}
+        (first,) = page.sent("generate")
+        assert first["max_new_tokens"] == 1 and first["stop_sequence"] == "<|im_end|>"
+        assert first["inputs"].endswith("<|im_start|>user\nfirst line\nsecond line\n<|im_start|>assistant\n")
+        assert page.sent("stop") == [{"type": "stop"}]
+        streamed = [reply for reply in page.received() if "outputs" in reply]
+        assert all(reply["token_count"] <= 1 for reply in streamed) and streamed[-1]["stop"] is True
+
+        # The next turn goes to the same session with only the new text.
+        page.send("next question")
+        page.wait_for_reply_updates(3)
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        assert len(page.sent("open_inference_session")) == 1
+        assert page.sent("generate")[-1]["inputs"] == "\n<|im_start|>user\nnext question\n<|im_start|>assistant\n"
+        assert page.chromium.find_elements(By.CSS_SELECTOR, ".message:last-child .regenerate")
+
+    await drive(page, tmp_path, steps)
+
+
+async def test_each_model_keeps_its_conversation_across_switches_and_reloads(page, tmp_path):
+    def chat_briefly(text):
+        page.send(text)
+        page.wait_for_reply_updates(3)
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+
+    def user_texts():
+        return [message["text"] for message in page.messages() if message["role"] == "user"]
+
+    def steps():
+        page.open()
+        chat_briefly("hello llama")
+        page.choose_model("Tiny BLOOM")
+        assert user_texts() == []
+        chat_briefly("hello bloom")
+        assert [message["model"] for message in page.sent("open_inference_session")] == [
+            "tests/tiny-llama", "tests/tiny-bloom"]
+        page.element("new-chat").click()
+        assert len(page.messages()) == 1
+
+        page.choose_model("Tiny Llama")
+        assert user_texts() == ["hello llama"]
+        page.reload()
+        assert page.element("model-name").text == "Tiny Llama"
+        assert user_texts() == ["hello llama"] and len(page.messages()) == 3
+
+        page.chromium.find_element(By.CSS_SELECTOR, ".settings summary").click()
+        page.element("clear-saved").click()
+        page.reload()
+        assert user_texts() == []
+
+    await drive(page, tmp_path, steps)
+
+
+async def test_model_output_with_a_script_tag_shows_as_text_in_a_code_block(page, tmp_path):
+    def steps():
+        page.open()
+        page.choose_model(DEFAULT_NAME)
+        assert page.element("model-card").get_attribute("href") == \
+            "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert page.element("model-license").get_attribute("href") == "https://www.apache.org/licenses/LICENSE-2.0"
+        page.set_temperature(0)
+        page.send(SCRIPT_QUESTION)
+        page.wait(lambda: len(page.last_reply()) > 30, message="no reply text")
+        page.screenshot(MID_REPLY_SCREENSHOT, tmp_path / "mid-reply.png")
+        assert page.generating(), "the mid-reply screenshot came too late"
+        page.wait_until_idle()
+
+        reply = page.last_reply()
+        assert "<script" in reply
+        code = page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child figure.code code")
+        assert code.text.startswith("<script")
+        assert code.value_of_css_property("font-family").startswith("ui-monospace")
+        assert page.chromium.execute_script("return document.querySelectorAll('#conversation script').length") == 0
+        (generate,) = page.sent("generate")
+        assert generate["do_sample"] == 0 and generate["extra_stop_sequences"] == ["<|endoftext|>"]
+
+        page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .copy").click()
+        page.wait(lambda: page.clipboard_text() == code.text, timeout=5, message="the code was not copied")
+
+        # Regenerating replays the conversation without the last reply in a new session.
+        page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .regenerate").click()
+        page.wait_until_idle()
+        assert [message["role"] for message in page.messages()] == ["assistant", "user", "assistant"]
+        assert page.last_reply() == reply
+        first, second = page.sent("generate")
+        assert second["inputs"] == first["inputs"] and len(page.sent("open_inference_session")) == 2
+
+        page.reload()
+        assert page.last_reply() == reply
+        page.chromium.set_window_size(*PHONE_SIZE)
+        page.screenshot(PHONE_SCREENSHOT, tmp_path / "phone.png")
+        assert page.chromium.execute_script(
+            "return document.documentElement.scrollWidth <= window.innerWidth"), "the page is wider than a phone"
+
+    await drive(page, tmp_path, steps)
+
+
+async def test_a_too_long_conversation_is_replayed_in_a_longer_session(page, tmp_path):
+    long_text = "Summarize this: " + "The quick brown fox jumps over the lazy dog. " * 70
+
+    def steps():
+        page.open()
+        page.choose_model(DEFAULT_NAME)
+        page.send(long_text)
+        page.wait_for_reply_updates(3)
+        page.element("stop").click()
+        page.wait_until_idle(timeout=10)
+        assert page.error_text() == ""
+        assert [message["max_length"] for message in page.sent("open_inference_session")] == [512, 2048]
+        first, replay = page.sent("generate")
+        assert first["inputs"] == replay["inputs"] and long_text in replay["inputs"]
+        assert any(reply.get("code") == "max_length_exceeded" for reply in page.received())
+
+    await drive(page, tmp_path, steps)
+
+
+async def test_lost_connections_are_retried_and_an_outage_shows_an_error_with_retry(page, chat_server, tmp_path):
+    def steps():
+        page.open()
+        page.send("hello")
+        page.wait_for_reply_updates(5)
+        # The server drops the connection mid-reply: the page reconnects once by itself.
+        chat_server.on_loop(chat_server.drop_websockets)
+        page.wait(lambda: len(page.sent("generate")) == 2, timeout=10, message="no automatic retry")
+        page.reset_reply_lengths()
+        page.wait_for_reply_updates(3)
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        assert page.error_text() == ""
+
+        chat_server.on_loop(chat_server.stop)
+        sockets_before = page.socket_count()
+        page.send("are you there?")
+        page.wait(lambda: page.error_text(), timeout=15, message="no error shown")
+        assert "Lost the connection" in page.error_text()
+        assert page.socket_count() == sockets_before + 2, "expected one attempt and one automatic retry"
+        assert page.element("retry").is_displayed()
+
+        chat_server.on_loop(chat_server.start)
+        page.reset_reply_lengths()
+        page.element("retry").click()
+        page.wait_for_reply_updates(3)
+        assert page.error_text() == ""
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        replay = page.sent("generate")[-1]["inputs"]
+        assert "user\nhello" in replay and replay.endswith("user\nare you there?\n<|im_start|>assistant\n")
+
+    await drive(page, tmp_path, steps)
