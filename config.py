@@ -60,6 +60,7 @@ class ModelSpec:
     adapter: Optional[str] = None
     aliases: Tuple[str, ...] = ()
     public_api: bool = True
+    max_new_tokens_limit: int = 2048  # the most tokens one request may ask for (chat.max_session_length caps max_length)
 
     @property
     def key(self) -> str:
@@ -118,6 +119,16 @@ def model_from_source(source: str) -> ModelSpec:
 
 
 @dataclass(frozen=True)
+class SessionLimits:
+    """How much the server takes on before it answers "busy" instead of queueing."""
+
+    max_sessions: int = 1000  # open inference sessions, all clients together
+    max_sessions_per_client: int = 32  # open inference sessions of one client address
+    idle_timeout: float = 300.0  # seconds before an unused session is closed
+    step_timeout: float = 300.0  # seconds one generation step may take
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every run-time setting of the server."""
 
@@ -128,6 +139,9 @@ class Settings:
     device: str = "auto"
     torch_dtype: str = "auto"
     step_timeout: float = 300.0
+    idle_timeout: float = 300.0
+    max_sessions: int = 1000
+    max_sessions_per_client: int = 32
     executor_workers: int = 8
     models_dir: Path = REPO_ROOT / ".models"
     swarm_threads: int = 0  # torch threads per embedded swarm node; 0: split the CPU with the server
@@ -136,6 +150,12 @@ class Settings:
     api_key: Optional[str] = None  # when set, the OpenAI-compatible API requires "Authorization: Bearer KEY"
     debug: bool = False
     log_level: str = "INFO"
+
+    @property
+    def limits(self) -> SessionLimits:
+        """The limits the session manager enforces."""
+        return SessionLimits(max_sessions=self.max_sessions, max_sessions_per_client=self.max_sessions_per_client,
+                             idle_timeout=self.idle_timeout, step_timeout=self.step_timeout)
 
     @property
     def embedded_swarm(self) -> bool:
@@ -216,8 +236,13 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "dtype: auto (float16 on CUDA, bfloat16 on CPUs with AVX-512, else float32), float32, bfloat16, float16",
         default=defaults.torch_dtype,
     )
-    add("--step-timeout", "seconds a generation step may take, and an idle session may live", type=float,
-        default=defaults.step_timeout)
+    add("--step-timeout", "seconds a generation step may take", type=float, default=defaults.step_timeout)
+    add("--idle-timeout", "seconds an unused inference session stays open", type=float,
+        default=defaults.idle_timeout)
+    add("--max-sessions", "open inference sessions, all clients together (more are refused with 503)", type=int,
+        default=defaults.max_sessions)
+    add("--max-sessions-per-client", "open inference sessions per client address (more are refused with 429)",
+        type=int, default=defaults.max_sessions_per_client)
     add("--executor-workers", "threads that run blocking Petals calls", type=int, default=defaults.executor_workers)
     add("--models-dir", "where converted local models are cached", type=Path, default=defaults.models_dir)
     add("--swarm-threads", "torch threads per embedded swarm node (0: automatic)", type=int,
@@ -240,8 +265,12 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
         models = tuple(model_from_source(source) for source in args.models)
     else:
         models = (default_model(args.models_dir),)
-    if args.executor_workers < 1:
-        raise SystemExit("--executor-workers must be at least 1")
+    for flag in ("executor_workers", "max_sessions", "max_sessions_per_client"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("step_timeout", "idle_timeout"):
+        if getattr(args, flag) <= 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "models"}
     values["initial_peers"] = tuple(args.initial_peers)
     values["allowed_origins"] = tuple(args.allowed_origins)

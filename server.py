@@ -20,9 +20,12 @@ import tornado.web
 
 from config import REPO_ROOT, Settings, choose_device, choose_dtype, parse_settings
 from handlers.base import APIHandler
+from handlers.health import HealthHandler, ReadyHandler
 from handlers.http_generate import GenerateHandler
+from handlers.metrics import MetricsHandler
 from handlers.models import ModelsHandler
 from handlers.openai_api import ChatCompletionHandler, CompletionHandler, ModelListHandler
+from handlers.swarm import SwarmHandler
 from handlers.websocket import GenerateWebSocket
 from sessions.manager import SessionManager
 
@@ -55,6 +58,11 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
     return tornado.web.Application(
         [
             (r"/()", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR), "default_filename": "index.html"}),
+            (r"/swarm", tornado.web.RedirectHandler, {"url": "/swarm.html"}),
+            (r"/health", HealthHandler, collaborators),
+            (r"/ready", ReadyHandler, collaborators),
+            (r"/metrics", MetricsHandler, collaborators),
+            (r"/api/v1/swarm", SwarmHandler, collaborators),
             (r"/api/v1/models", ModelsHandler, collaborators),
             (r"/api/v1/generate", GenerateHandler, collaborators),
             (r"/v1/models", ModelListHandler, openai_collaborators),
@@ -145,7 +153,7 @@ async def serve(config: Settings, initial_peers: Sequence[str], device: str, tor
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop_requested.set)
     manager = SessionManager(config.models, initial_peers, device, torch_dtype,
-                             executor_workers=config.executor_workers, step_timeout=config.step_timeout)
+                             executor_workers=config.executor_workers, limits=config.limits)
     try:
         await manager.start()
         sockets = tornado.netutil.bind_sockets(config.port, config.host)

@@ -14,7 +14,8 @@ from sessions.manager import SessionManager
 
 logger = logging.getLogger(__name__)
 
-# HTTP status for each error code; retryable swarm-side failures are 503 with Retry-After.
+# HTTP status for each error code: a client over its own limit gets 429, and retryable
+# failures of the server or the swarm get 503; both come with Retry-After.
 STATUS_BY_CODE = {
     "bad_request": 400,
     "invalid_request": 400,
@@ -22,9 +23,13 @@ STATUS_BY_CODE = {
     "unknown_model": 404,
     "bad_state": 409,
     "session_expired": 409,
+    "too_many_sessions": 429,
     "not_ready": 503,
+    "server_busy": 503,
     "cache_full": 503,
     "step_timeout": 503,
+    "missing_blocks": 503,
+    "peer_failure": 503,
     "swarm_error": 503,
 }
 RETRY_AFTER_SECONDS = 1
@@ -73,7 +78,9 @@ class APIHandler(tornado.web.RequestHandler):
         error: Optional[BaseException] = exc_info[1] if exc_info else None
         status = self.error_status(error, status_code)
         self.set_status(status)
-        if status == 503:
+        self.manager.metrics.count_error(error.code if isinstance(error, (ProtocolError, SessionError))
+                                         else f"http_{status}")
+        if status in (429, 503):
             self.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
         if isinstance(error, tornado.web.HTTPError):
             message = error.log_message % error.args if error.log_message else self._reason

@@ -22,6 +22,6 @@ class GenerateHandler(GenerationHandler):
         request = generation_request(params, allow_stop_sequence=False)
         model = optional_str(params, "model", allow_empty=False)
         outputs = []
-        async for update in self.manager.one_shot(self.connection_id, model, request):
+        async for update in self.manager.one_shot(self.connection_id, model, request, self.request.remote_ip):
             outputs.append(update.outputs)
         self.write({"ok": True, "outputs": "".join(outputs)})

@@ -173,7 +173,7 @@ class CompletionHandler(OpenAIHandler):
 
     async def complete(self, model: str, request: GenerationRequest, stops, prompt_tokens: int) -> None:
         text_filter, pieces, tokens, finish_reason = StopStringFilter(stops), [], 0, None
-        async for update in self.manager.one_shot(self.connection_id, model, request):
+        async for update in self.manager.one_shot(self.connection_id, model, request, self.request.remote_ip):
             pieces.append(text_filter.push(update.outputs))
             tokens += update.token_count
             finish_reason = update.finish_reason
@@ -194,7 +194,7 @@ class CompletionHandler(OpenAIHandler):
         self.set_header("Cache-Control", "no-cache")
         text_filter, tokens, first, finish_reason = StopStringFilter(stops), 0, True, None
         try:
-            async for update in self.manager.one_shot(self.connection_id, model, request):
+            async for update in self.manager.one_shot(self.connection_id, model, request, self.request.remote_ip):
                 tokens += update.token_count
                 finish_reason = update.finish_reason
                 text = text_filter.push(update.outputs)
@@ -213,6 +213,7 @@ class CompletionHandler(OpenAIHandler):
                 await self.send_event(usage)
         except (ProtocolError, SessionError) as error:
             # Headers are out: the error travels as an event, as OpenAI's own streams do.
+            self.manager.metrics.count_error(error.code)
             await self.send_event(self.error_body(str(error), error))
         except tornado.iostream.StreamClosedError:
             return

@@ -75,7 +75,8 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
         loaded = self.manager.find_model(message.model)
         if not loaded.spec.public_api and not self._same_origin(self.request.headers.get("Origin")):
             raise ProtocolError(f"Model {loaded.spec.key!r} is only served to this server's own chat page")
-        await self.manager.open_session(self.connection_id, loaded.spec.key, message.max_length)
+        await self.manager.open_session(self.connection_id, loaded.spec.key, message.max_length,
+                                        self.request.remote_ip)
         await self.send_reply(None)
 
     async def send_reply(self, reply: Union[None, GenerationUpdate, ProtocolError, SessionError]) -> None:
@@ -85,6 +86,7 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
         elif isinstance(reply, GenerationUpdate):
             body = update_reply(reply)
         else:
+            self.manager.metrics.count_error(reply.code)
             body = error_reply(reply, debug=self.settings.get("serve_traceback", False))
         try:
             await self.write_message(json.dumps(body))

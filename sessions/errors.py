@@ -4,7 +4,8 @@ Each has a stable ``code`` and a ``retryable`` flag. Messages keep the phrases e
 clients match on: "Maximum length exceeded", "Session ... expired", "attention cache is full".
 """
 
-from typing import Iterable
+import re
+from typing import Iterable, List, Sequence
 
 
 class SessionError(Exception):
@@ -70,19 +71,73 @@ class StepTimeout(SessionError):
 
 
 class SwarmError(SessionError):
-    """The swarm failed to run a step (no route, peer failure, ...)."""
+    """The swarm failed to run a step for a reason none of the errors below names."""
 
     code = "swarm_error"
     retryable = True
 
 
-def from_petals_error(error: BaseException) -> SessionError:
-    """The client-facing error for an exception raised by petals while running a step."""
-    text = str(error) or type(error).__name__
+class MissingBlocks(SwarmError):
+    """No server in the swarm holds some blocks of the model: there is no full route."""
+
+    code = "missing_blocks"
+
+    def __init__(self, blocks: Sequence[int], model: str):
+        self.blocks = sorted(blocks)
+        super().__init__(f"No server in the swarm holds blocks {describe_blocks(self.blocks)} of {model}; "
+                         "it cannot run until a server hosting them joins")
+
+
+class PeerFailure(SwarmError):
+    """A server of the route failed or stopped answering, and retrying did not find another."""
+
+    code = "peer_failure"
+
+
+class ServerBusy(SessionError):
+    """This server holds as many sessions as it is configured to."""
+
+    code = "server_busy"
+    retryable = True
+
+
+class ClientLimit(SessionError):
+    """This client holds as many sessions as one client may."""
+
+    code = "too_many_sessions"
+    retryable = True
+
+
+def describe_blocks(blocks: Sequence[int]) -> str:
+    """Block indices as ranges, e.g. ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    ranges: List[List[int]] = []
+    for block in sorted(blocks):
+        if ranges and block == ranges[-1][1] + 1:
+            ranges[-1][1] = block
+        else:
+            ranges.append([block, block])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in ranges)
+
+
+# petals' MissingBlocksError says "No servers holding blocks [2, 3] are online" (or "blocks 0").
+_MISSING_BLOCKS = re.compile(r"No servers holding blocks \[?([\d, ]+)\]? are online")
+# What a dead or unreachable peer looks like from hivemind's p2p layer.
+_PEER_FAILURE_MARKERS = ("P2PDaemonError", "P2PHandlerError", "Connection reset", "connection closed",
+                         "failed to connect", "Broken pipe", "stream reset", "TimeoutError")
+
+
+def from_petals_error(error: BaseException, model: str) -> SessionError:
+    """The client-facing error for an exception petals raised while running a step of ``model``."""
     if isinstance(error, SessionError):
         return error
+    text = f"{type(error).__name__}: {error}"
+    missing = _MISSING_BLOCKS.search(text)
+    if missing:
+        return MissingBlocks([int(block) for block in missing.group(1).replace(",", " ").split()], model)
     if "Maximum length exceeded" in text:
-        return MaxLengthExceeded(text)
+        return MaxLengthExceeded(str(error))
     if "AllocationFailed" in text or "Could not allocate" in text:
-        return CacheFull(f"The swarm's attention cache is full, try again later ({text})")
+        return CacheFull(f"The swarm's attention cache is full, try again later ({error})")
+    if any(marker.lower() in text.lower() for marker in _PEER_FAILURE_MARKERS):
+        return PeerFailure(f"A server of the swarm failed and no other could take over: {text}")
     return SwarmError(f"The swarm could not run the step: {text}")

@@ -41,16 +41,18 @@ class LoadedModel:
     @property
     def num_blocks(self) -> int:
         """How many transformer blocks the swarm serves for this model."""
-        return len(self._remote_sequential())
+        return len(self.client.transformer.h)
 
-    def _remote_sequential(self):
-        return self.client.transformer.h
+    @property
+    def sequence_manager(self) -> Any:
+        """The client's router: the model's block names, its DHT handle, its routing table."""
+        return self.client.transformer.h.sequence_manager
 
     def close(self) -> None:
         """Stops the client's background routing thread, its p2p replica and its DHT process."""
         from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
-        manager = self._remote_sequential().sequence_manager
+        manager = self.sequence_manager
         manager.shutdown()
         if manager.state.p2p is not None:
             RemoteExpertWorker.run_coroutine(manager.state.p2p.shutdown())

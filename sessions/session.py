@@ -9,6 +9,7 @@ from typing import AsyncIterator, Callable, Optional, Tuple, TypeVar
 from sessions.decoding import IncrementalDecoder
 from sessions.errors import InvalidRequest, MaxLengthExceeded, SessionExpired, StepTimeout, from_petals_error
 from sessions.generation import SamplingParams, TokenStream
+from sessions.metrics import SessionMetrics
 from sessions.models import LoadedModel
 
 T = TypeVar("T")
@@ -52,11 +53,13 @@ class ChatSession:
     """
 
     def __init__(self, session_id: str, loaded: LoadedModel, max_length: int, run_blocking: RunBlocking,
-                 step_timeout: float, log: logging.LoggerAdapter):
+                 step_timeout: float, metrics: SessionMetrics, log: logging.LoggerAdapter, client: str):
         self.session_id = session_id
+        self.client = client  # the address whose sessions count against its limit
         self.loaded = loaded
         self.max_length = max_length
         self.step_timeout = step_timeout
+        self.metrics = metrics
         self.log = log
         self._run_blocking = run_blocking
         self._stream = TokenStream(loaded, max_length)
@@ -105,13 +108,19 @@ class ChatSession:
             raise MaxLengthExceeded(
                 f"Maximum length exceeded: prefix {self._stream.position} + current {needed} exceeds "
                 f"pre-allocated maximum {self.max_length}")
+        model = self.loaded.spec.key
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(self._run_blocking(self._stream.step, new_input_ids, sampling),
-                                          self.step_timeout)
+            token = await asyncio.wait_for(self._run_blocking(self._stream.step, new_input_ids, sampling),
+                                           self.step_timeout)
         except asyncio.TimeoutError:
+            self.metrics.observe_failed_step(model)
             raise StepTimeout(f"A generation step took longer than {self.step_timeout:.0f} s") from None
         except Exception as error:
-            raise from_petals_error(error) from error
+            self.metrics.observe_failed_step(model)
+            raise from_petals_error(error, model) from error
+        self.metrics.observe_step(model, time.monotonic() - started, len(new_input_ids))
+        return token
 
     async def generate(self, request: GenerationRequest, ticket: int) -> AsyncIterator[GenerationUpdate]:
         """Runs one generation, yielding its replies; the last one has ``stop=True``."""

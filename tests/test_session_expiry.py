@@ -1,9 +1,10 @@
-"""Idle sessions expire after the step timeout; the connection can open a new one."""
+"""Idle sessions expire after the idle timeout; the connection can open a new one."""
 
 import asyncio
 
 import pytest
 
+from config import SessionLimits
 from sessions.errors import SessionExpired
 from sessions.manager import SessionManager
 from sessions.session import GenerationRequest
@@ -26,7 +27,7 @@ async def collect(manager, connection_id, request):
 @pytest.fixture
 def short_lived_manager(io_loop, tiny_model_specs, settings):
     manager = SessionManager(tiny_model_specs[:1], settings.initial_peers, "cpu", "float32",
-                             executor_workers=2, step_timeout=1.0)
+                             executor_workers=2, limits=SessionLimits(idle_timeout=1.0))
     io_loop.run_sync(manager.start)
     yield manager
     io_loop.run_sync(manager.close)
@@ -34,16 +35,16 @@ def short_lived_manager(io_loop, tiny_model_specs, settings):
 
 async def test_idle_session_expires_and_can_be_reopened(short_lived_manager):
     manager = short_lived_manager
-    await manager.open_session("c1", "tests/tiny-llama", 64)
+    await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
     first = await collect(manager, "c1", GenerationRequest(inputs="Hello", max_new_tokens=2))
     assert first[-1].stop and first[-1].token_count == 2
     assert manager.open_session_count == 1
-    await asyncio.sleep(2.0)  # longer than the step timeout: the reaper closes the session
+    await asyncio.sleep(2.0)  # longer than the idle timeout: the reaper closes the session
     assert manager.open_session_count == 0
     expired = await collect(manager, "c1", GenerationRequest(inputs="again", max_new_tokens=1))
     assert isinstance(expired[-1], SessionExpired)
     assert "Session c1 expired" in str(expired[-1])
-    await manager.open_session("c1", "tests/tiny-llama", 64)
+    await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
     again = await collect(manager, "c1", GenerationRequest(inputs="Hello", max_new_tokens=1))
     assert again[-1].stop and again[-1].token_count == 1
     manager.close_connection("c1")

@@ -1,0 +1,40 @@
+"""``GET /health`` (the process answers) and ``GET /ready`` (every model can run now)."""
+
+import time
+
+from handlers.base import APIHandler
+from sessions.errors import NotReady
+
+
+class HealthHandler(APIHandler):
+    """Liveness: answers as long as the event loop runs, whatever the swarm's state."""
+
+    def get(self) -> None:
+        self.write({"ok": True, "status": "alive", "open_sessions": self.manager.open_session_count})
+
+
+class ReadyHandler(APIHandler):
+    """Readiness: 200 when every model has a full route through the swarm, else 503 saying why."""
+
+    async def get(self) -> None:
+        started = time.monotonic()
+        try:
+            routes = await self.manager.swarm_state()
+        except NotReady as error:
+            self.set_status(503)
+            self.write({"ok": False, "ready": False, "traceback": str(error), "models": []})
+            return
+        models = [{
+            "model": route.model,
+            "ready": route.full_route,
+            "num_blocks": route.num_blocks,
+            "missing_blocks": list(route.missing_blocks),
+            "online_servers": sum(server.state == "online" for server in route.servers),
+            **({"error": route.error} if route.error else {}),
+        } for route in routes]
+        ready = all(route.full_route for route in routes)
+        if not ready:
+            self.set_status(503)
+            self.set_header("Retry-After", "5")
+        self.write({"ok": ready, "ready": ready, "models": models,
+                    "checked_in_ms": round(1000 * (time.monotonic() - started), 1)})

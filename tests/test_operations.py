@@ -1,0 +1,168 @@
+"""Operations: /health, /ready, /metrics, the swarm map, and the limits that refuse at once."""
+
+import asyncio
+import dataclasses
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import swarm.compat  # noqa: F401  (must precede petals)
+from hivemind import PeerID
+from swarm.local import NODE_THROUGHPUT
+from tests.ws_client import WSClient
+
+TINY = "tests/tiny-llama"
+
+
+async def get_json(client, path):
+    response = await client.fetch(path, raise_error=False)
+    return response.code, json.loads(response.body)
+
+
+async def scrape(client) -> dict:
+    """``/metrics`` as {(name, labels...): value}."""
+    response = await client.fetch("/metrics")
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, *sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+async def post_generate(client, body):
+    response = await client.fetch("/api/v1/generate", method="POST", body=json.dumps(body),
+                                  headers={"Content-Type": "application/json"}, raise_error=False)
+    return response, json.loads(response.body)
+
+
+@pytest.fixture
+def limits(manager, monkeypatch):
+    """Sets the manager's limits for one test."""
+
+    def set_limits(**values):
+        monkeypatch.setattr(manager, "limits", dataclasses.replace(manager.limits, **values))
+
+    return set_limits
+
+
+async def test_health_answers_alive(http_server_client):
+    code, body = await get_json(http_server_client, "/health")
+    assert code == 200 and body["ok"] is True and body["status"] == "alive"
+
+
+async def test_ready_when_every_model_has_a_full_route(http_server_client, manager):
+    code, body = await get_json(http_server_client, "/ready")
+    assert code == 200 and body["ready"] is True
+    assert [model["model"] for model in body["models"]] == [loaded.spec.key for loaded in manager.models]
+    for model, loaded in zip(body["models"], manager.models):
+        assert model["ready"] is True and model["missing_blocks"] == []
+        assert model["num_blocks"] == loaded.num_blocks and model["online_servers"] == 1
+
+
+async def test_swarm_map_names_the_peer_of_every_block(http_server_client, manager):
+    code, body = await get_json(http_server_client, "/api/v1/swarm")
+    assert code == 200 and body["ok"] is True
+    for model, loaded in zip(body["models"], manager.models):
+        assert model["full_route"] is True and model["missing_blocks"] == [] and model["error"] is None
+        [server] = model["servers"]  # the test swarm runs one node per model
+        assert (server["start"], server["end"], server["state"]) == (0, loaded.num_blocks, "online")
+        assert server["throughput"] == NODE_THROUGHPUT
+        assert PeerID.from_base58(server["peer_id"]).to_base58() == server["peer_id"]
+    peers = {model["servers"][0]["peer_id"] for model in body["models"]}
+    assert len(peers) == len(body["models"])
+
+
+async def test_swarm_page_is_served(http_server_client):
+    redirect = await http_server_client.fetch("/swarm", follow_redirects=False, raise_error=False)
+    assert redirect.code == 301 and redirect.headers["Location"] == "/swarm.html"
+    response = await http_server_client.fetch("/swarm.html")
+    assert response.code == 200 and b"Swarm map" in response.body and b"js/swarm.js" in response.body
+    script = await http_server_client.fetch("/js/swarm.js")
+    assert b"/api/v1/swarm" in script.body
+
+
+async def test_metrics_count_steps_tokens_sessions_and_errors(http_server_client, ws_port, manager):
+    before = await scrape(http_server_client)
+    model = ("model", TINY)
+    client = await WSClient.connect(ws_port)
+    try:
+        assert (await client.request({"type": "open_inference_session", "model": TINY, "max_length": 64}))["ok"]
+        during = await scrape(http_server_client)
+        assert during[("swarm_chat_open_sessions",)] == before[("swarm_chat_open_sessions",)] + 1
+        replies = await client.stream({"type": "generate", "inputs": "Hi there", "max_new_tokens": 5})
+        assert replies[-1]["ok"] and replies[-1]["token_count"] == 5
+        rejected = await client.request({"type": "generate", "inputs": 5})
+        assert rejected["ok"] is False and rejected["code"] == "bad_request"
+    finally:
+        client.close()
+    after = await scrape(http_server_client)
+
+    def grew(*key):
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("swarm_chat_generated_tokens_total", model) == 5
+    assert grew("swarm_chat_steps_total", model, ("outcome", "ok")) == 5
+    assert grew("swarm_chat_step_seconds_count", model) == 5
+    assert grew("swarm_chat_input_tokens_total", model) == len(manager.find_model(TINY).encode("Hi there"))
+    assert grew("swarm_chat_sessions_opened_total", model) == 1
+    assert grew("swarm_chat_errors_total", ("code", "bad_request")) == 1
+    assert ("swarm_chat_executor_queue_depth",) in after
+
+
+async def test_per_client_session_limit_refuses_at_once(http_server_client, ws_port, manager, limits):
+    limits(max_sessions_per_client=2)
+    clients = [await WSClient.connect(ws_port) for _ in range(3)]
+    try:
+        for client in clients[:2]:
+            assert (await client.request({"type": "open_inference_session", "model": TINY, "max_length": 32}))["ok"]
+        refused = await clients[2].request({"type": "open_inference_session", "model": TINY, "max_length": 32},
+                                           timeout=5)
+        assert refused["ok"] is False and refused["code"] == "too_many_sessions" and refused["retryable"] is True
+        response, body = await post_generate(http_server_client, {"model": TINY, "inputs": "Hi", "max_new_tokens": 1})
+        assert response.code == 429 and response.headers["Retry-After"] and body["code"] == "too_many_sessions"
+        clients[0].close()
+        for _ in range(100):  # the closed connection's session is released in the background
+            reply = await clients[2].request({"type": "open_inference_session", "model": TINY, "max_length": 32})
+            if reply["ok"]:
+                break
+            assert reply["code"] == "too_many_sessions"
+            await asyncio.sleep(0.1)
+        assert reply["ok"] is True
+        generated = await clients[2].stream({"type": "generate", "inputs": "Hi", "max_new_tokens": 2})
+        assert generated[-1]["ok"] and generated[-1]["token_count"] == 2
+    finally:
+        for client in clients:
+            client.close()
+
+
+async def test_server_session_limit_answers_busy(http_server_client, ws_port, manager, limits):
+    limits(max_sessions=manager.open_session_count + 1)
+    holder = await WSClient.connect(ws_port)
+    other = await WSClient.connect(ws_port)
+    try:
+        assert (await holder.request({"type": "open_inference_session", "model": TINY, "max_length": 32}))["ok"]
+        refused = await other.request({"type": "open_inference_session", "model": TINY, "max_length": 32}, timeout=5)
+        assert refused["ok"] is False and refused["code"] == "server_busy" and refused["retryable"] is True
+        response, body = await post_generate(http_server_client, {"model": TINY, "inputs": "Hi", "max_new_tokens": 1})
+        assert response.code == 503 and response.headers["Retry-After"] and body["code"] == "server_busy"
+    finally:
+        holder.close()
+        other.close()
+
+
+async def test_max_new_tokens_is_capped_per_model(http_server_client, ws_port, manager):
+    limit = manager.find_model(TINY).spec.max_new_tokens_limit
+    response, body = await post_generate(http_server_client,
+                                         {"model": TINY, "inputs": "Hi", "max_new_tokens": limit + 1})
+    assert response.code == 400 and body["code"] == "invalid_request" and str(limit) in body["traceback"]
+    client = await WSClient.connect(ws_port)
+    try:
+        assert (await client.request({"type": "open_inference_session", "model": TINY, "max_length": 64}))["ok"]
+        refused = await client.request({"type": "generate", "inputs": "Hi", "max_new_tokens": limit + 1})
+        assert refused["ok"] is False and refused["code"] == "invalid_request"
+        replies = await client.stream({"type": "generate", "inputs": "Hi", "max_new_tokens": 2})
+        assert replies[-1]["ok"] and replies[-1]["token_count"] == 2  # the session is still usable
+    finally:
+        client.close()
