@@ -131,7 +131,7 @@ class ChatPage:
     def reload(self) -> None:
         """Reloads the page and waits until it shows a model."""
         self.chromium.get(self.url)
-        self.wait(lambda: self.element("model").is_enabled() and self.element("model-name").text)
+        self.wait(lambda: self.element("model").is_enabled() and self.model_name())
         self.chromium.execute_script(REPLY_LENGTH_RECORDER)
 
     def element(self, element_id: str):
@@ -142,9 +142,12 @@ class ChatPage:
         return WebDriverWait(self.chromium, timeout, poll_frequency=POLL_SECONDS).until(
             lambda _: condition(), message or getattr(condition, "__name__", ""))
 
+    def model_name(self) -> str:
+        """The name of the model chosen in the picker."""
+        return Select(self.element("model")).first_selected_option.text
+
     def choose_model(self, name: str) -> None:
         Select(self.element("model")).select_by_visible_text(name)
-        self.wait(lambda: self.element("model-name").text == name)
 
     def set_temperature(self, value: float) -> None:
         self.chromium.find_element(By.CSS_SELECTOR, ".settings summary").click()

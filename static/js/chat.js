@@ -13,7 +13,6 @@ const RECONNECT_DELAY_MS = 1000;
 const $ = (id) => document.getElementById(id);
 const ui = {
   model: $("model"),
-  modelName: $("model-name"),
   modelCard: $("model-card"),
   modelLicense: $("model-license"),
   newChat: $("new-chat"),
@@ -181,20 +180,15 @@ async function streamReply(length) {
   let raw = "";
   let tokens = 0;
   let firstTokenAt = null;
-  try {
-    await socket.generate(generationRequest(inputs), (outputs, tokenCount) => {
-      raw += outputs;
-      tokens += tokenCount;
-      firstTokenAt ??= performance.now();
-      reply.text = visibleReply(state.format, raw, false).text;
-      renderText(body, reply.text);
-      showSpeed(tokens, firstTokenAt);
-      ui.conversation.scrollTop = ui.conversation.scrollHeight;
-    });
-  } catch (error) {
-    state.turns.pop();
-    throw error;
-  }
+  await socket.generate(generationRequest(inputs), (outputs, tokenCount) => {
+    raw += outputs;
+    tokens += tokenCount;
+    firstTokenAt ??= performance.now();
+    reply.text = visibleReply(state.format, raw, false).text;
+    renderText(body, reply.text);
+    showSpeed(tokens, firstTokenAt);
+    ui.conversation.scrollTop = ui.conversation.scrollHeight;
+  });
   const finished = visibleReply(state.format, raw, true);
   reply.text = finished.text;
   state.sentTurns = state.turns.length;
@@ -220,6 +214,8 @@ async function answer() {
       } catch (error) {
         if (!(error instanceof ChatError)) throw error;
         dropSession();
+        // The unfinished reply goes; a retry writes a new one.
+        const unfinished = state.turns.at(-1)?.role === "assistant" ? state.turns.pop() : null;
         if (state.stopRequested) return;
         if (error.code === "max_length_exceeded" && lengthIndex < lengths.length - 1) {
           lengthIndex += 1;
@@ -231,6 +227,8 @@ async function answer() {
           continue;
         }
         const tooLong = error.code === "max_length_exceeded";
+        // At the model's longest session the reply cannot get further: keep what it wrote.
+        if (tooLong && unfinished?.text) state.turns.push(unfinished);
         showError(errorMessage(error), { retry: tooLong ? null : answer, newChat: tooLong });
         return;
       }
@@ -269,13 +267,13 @@ function regenerate() {
 
 function showModelInfo(model) {
   const { name, model_card: card, license } = model.frontend;
-  ui.modelName.textContent = name;
-  for (const [link, href] of [[ui.modelCard, card], [ui.modelLicense, license]]) {
+  for (const [link, href, what] of [[ui.modelCard, card, "model card"], [ui.modelLicense, license, "license"]]) {
     link.hidden = !href;
     if (href) {
       link.href = href;
       link.target = "_blank";
       link.rel = "noopener noreferrer";
+      link.setAttribute("aria-label", `${name} ${what}`);
     }
   }
 }
