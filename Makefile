@@ -6,6 +6,9 @@ VENV_PYTHON := $(VENV)/bin/python
 PIP := $(VENV_PYTHON) -m pip install --disable-pip-version-check -q
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
+BROWSER_STAMP := $(VENV)/.browser-installed
+# Root installs system packages directly (as CI does); anyone else through sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test bench setup clean-venv
 
@@ -23,12 +26,20 @@ $(TEST_STAMP): $(RUNTIME_STAMP) requirements-test.txt
 	$(PIP) -r requirements-test.txt -c constraints.txt
 	touch $@
 
+# The browser tests drive Debian's Chromium and its driver; a browser downloaded by a Python
+# package at install time cannot be fetched here. Installed only when missing.
+$(BROWSER_STAMP): | $(VENV_PYTHON)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }
+	touch $@
+
 setup: $(RUNTIME_STAMP)
 
 run: $(RUNTIME_STAMP)
 	$(VENV_PYTHON) server.py $(ARGS)
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(BROWSER_STAMP)
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)
