@@ -50,7 +50,9 @@ window.replyLengths = [];
 const log = document.getElementById("conversation");
 new MutationObserver(() => {
   const last = log.lastElementChild;
-  if (last && last.matches(".message.assistant")) window.replyLengths.push(last.querySelector(".body").textContent.length);
+  if (last && last.matches(".message.assistant")) {
+    window.replyLengths.push(last.querySelector(".body").textContent.length);
+  }
 }).observe(log, {subtree: true, childList: true, characterData: true});
 """
 

@@ -5,6 +5,9 @@ import time
 import pytest
 from selenium.webdriver.common.by import By
 
+from config import SessionLimits
+from server import make_app
+from sessions.manager import SessionManager
 from tests.browser import MID_REPLY_SCREENSHOT, PHONE_SCREENSHOT, PHONE_SIZE, ChatPage, ChatServer, drive, \
     start_chromium
 
@@ -34,6 +37,20 @@ def chat_server(app, io_loop):
 @pytest.fixture
 def page(chromium, chat_server):
     return ChatPage(chromium, chat_server.url)
+
+
+@pytest.fixture
+def expiring_server(io_loop, tiny_model_specs, settings):
+    """The app serving Tiny Llama from a manager whose sessions expire after a second idle."""
+    manager = SessionManager(tiny_model_specs[:1], settings.initial_peers, settings.device, settings.torch_dtype,
+                             executor_workers=2, limits=SessionLimits(idle_timeout=1.0))
+    io_loop.run_sync(manager.start)
+    server = ChatServer(make_app(settings, manager), io_loop)
+    server.start()
+    yield server
+    server.server.stop()
+    io_loop.run_sync(server.server.close_all_connections)
+    io_loop.run_sync(manager.close)
 
 
 async def test_streams_a_reply_token_by_token_and_stops_at_once(page, tmp_path):
@@ -97,10 +114,12 @@ async def test_each_model_keeps_its_conversation_across_switches_and_reloads(pag
         page.choose_model("Tiny BLOOM")
         assert user_texts() == []
         page.set_temperature(1)  # greedy, this random model only writes newlines
-        chat_briefly("hello bloom")
+        page.send("hello bloom")
+        page.wait_for_reply_updates(3)
         assert [message["model"] for message in page.sent("open_inference_session")] == [
             "tests/tiny-llama", "tests/tiny-bloom"]
-        page.element("new-chat").click()
+        page.element("new-chat").click()  # in the middle of the reply
+        page.wait_until_idle(timeout=5)
         assert len(page.messages()) == 1
 
         page.choose_model("Tiny Llama")
@@ -211,5 +230,29 @@ async def test_lost_connections_are_retried_and_an_outage_shows_an_error_with_re
         page.wait_until_idle(timeout=5)
         replay = page.sent("generate")[-1]["inputs"]
         assert "user\nhello" in replay and replay.endswith("user\nare you there?\n<|im_start|>assistant\n")
+
+    await drive(page, tmp_path, steps)
+
+
+async def test_an_expired_session_is_reopened_and_the_conversation_replayed(chromium, expiring_server, tmp_path):
+    page = ChatPage(chromium, expiring_server.url)
+
+    def steps():
+        page.open()
+        page.send("hello")
+        page.wait_for_reply_updates(3)
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        time.sleep(2.5)  # idle past the timeout: the server closes the session
+
+        page.send("still there?")
+        page.wait(lambda: len(page.sent("open_inference_session")) == 2, timeout=10, message="no new session")
+        page.wait_for_reply_updates(3)
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        assert page.error_text() == ""
+        assert any(reply.get("code") == "session_expired" for reply in page.received())
+        replay = page.sent("generate")[-1]["inputs"]
+        assert "user\nhello" in replay and replay.endswith("user\nstill there?\n<|im_start|>assistant\n")
 
     await drive(page, tmp_path, steps)

@@ -53,9 +53,13 @@ export class ChatSocket {
           resolve(chatSocket);
           return true;
         },
-        reject,
+        reject: (error) => {
+          chatSocket.close();
+          reject(error);
+        },
       };
-      socket.onopen = () => socket.send(JSON.stringify({ type: "open_inference_session", model, max_length: maxLength }));
+      socket.onopen = () =>
+        socket.send(JSON.stringify({ type: "open_inference_session", model, max_length: maxLength }));
     });
   }
 
@@ -83,11 +87,12 @@ export class ChatSocket {
     if (!this.closed) this.socket.send(JSON.stringify({ type: "stop" }));
   }
 
+  /** Closes the connection (the server then frees the session); a request in flight fails. */
   close() {
     this.closed = true;
-    this.waiting = null;
     this.socket.onclose = null;
     this.socket.close();
+    this._fail(new ChatError("The conversation was closed.", "closed", false));
   }
 
   _receive(reply) {

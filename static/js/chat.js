@@ -36,6 +36,7 @@ const state = {
   format: null,
   turns: [], // [{role: "user" | "assistant", text}]
   socket: null, // the open ChatSocket, if any
+  sessionLength: 0, // the longest session this conversation has needed so far
   sentTurns: 0, // turns already held by the socket's session
   endsWithStop: false, // whether the session's last reply ended with the stop token
   generating: false,
@@ -204,7 +205,7 @@ async function answer() {
   setGenerating(true);
   state.stopRequested = false;
   const lengths = sessionLengths(state.model);
-  let lengthIndex = Math.max(0, lengths.findIndex((length) => length >= (state.socket?.maxLength ?? 0)));
+  let lengthIndex = Math.max(0, lengths.findIndex((length) => length >= state.sessionLength));
   let retriedOnce = false;
   try {
     for (;;) {
@@ -219,6 +220,7 @@ async function answer() {
         if (state.stopRequested) return;
         if (error.code === "max_length_exceeded" && lengthIndex < lengths.length - 1) {
           lengthIndex += 1;
+          state.sessionLength = lengths[lengthIndex];
           continue;
         }
         if ((error.code === "connection_lost" || error.code === "session_expired") && !retriedOnce) {
@@ -281,6 +283,7 @@ function showModelInfo(model) {
 function selectModel(key) {
   const model = state.models.find((entry) => entry.model === key) || state.models[0];
   dropSession();
+  state.sessionLength = 0;
   hideError();
   state.model = model;
   state.format = chatFormat(model.chat);
@@ -315,6 +318,7 @@ function fillModelPicker(models) {
 function newChat() {
   if (state.generating) stop();
   dropSession();
+  state.sessionLength = 0;
   hideError();
   state.turns = [];
   persist();

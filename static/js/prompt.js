@@ -38,8 +38,8 @@ export function newInputs(format, turns, sentTurns, endsWithStop) {
   parts.push(format.replyPrefix);
   const text = parts.join(format.sep);
   if (sentTurns === 0) return text;
-  const sepAfterStop = endsWithStop && format.sep.startsWith(format.stop) ? format.sep.slice(format.stop.length) : format.sep;
-  return sepAfterStop + text;
+  const stopInSep = endsWithStop && format.sep.startsWith(format.stop);
+  return (stopInSep ? format.sep.slice(format.stop.length) : format.sep) + text;
 }
 
 /**
