@@ -332,7 +332,7 @@ async function loadModels() {
   try {
     state.models = await fetchModels();
   } catch (error) {
-    showError(errorMessage(error), { retry: loadModels });
+    showError(error.message, { retry: loadModels });
     return;
   }
   if (!state.models.length) {
