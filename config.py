@@ -119,13 +119,16 @@ def model_from_source(source: str) -> ModelSpec:
 
 
 @dataclass(frozen=True)
-class SessionLimits:
-    """How much the server takes on before it answers "busy" instead of queueing."""
+class ManagerSettings:
+    """What the session manager enforces (at a limit it answers "busy" instead of queueing),
+    and how its Petals clients treat the swarm."""
 
     max_sessions: int = 1000  # open inference sessions, all clients together
     max_sessions_per_client: int = 32  # open inference sessions of one client address
     idle_timeout: float = 300.0  # seconds before an unused session is closed
-    step_timeout: float = 300.0  # seconds one generation step may take
+    step_timeout: float = 300.0  # seconds one generation step may take, retries included
+    request_timeout: float = 30.0  # seconds one server may stay silent before petals routes around it
+    routing_update_period: float = 60.0  # seconds between refreshes of a client's view of the swarm
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class Settings:
     device: str = "auto"
     torch_dtype: str = "auto"
     step_timeout: float = 300.0
+    request_timeout: float = 30.0
+    routing_update_period: float = 60.0
     idle_timeout: float = 300.0
     max_sessions: int = 1000
     max_sessions_per_client: int = 32
@@ -152,10 +157,11 @@ class Settings:
     log_level: str = "INFO"
 
     @property
-    def limits(self) -> SessionLimits:
+    def limits(self) -> ManagerSettings:
         """The limits the session manager enforces."""
-        return SessionLimits(max_sessions=self.max_sessions, max_sessions_per_client=self.max_sessions_per_client,
-                             idle_timeout=self.idle_timeout, step_timeout=self.step_timeout)
+        return ManagerSettings(max_sessions=self.max_sessions, max_sessions_per_client=self.max_sessions_per_client,
+                             idle_timeout=self.idle_timeout, step_timeout=self.step_timeout,
+                             request_timeout=self.request_timeout, routing_update_period=self.routing_update_period)
 
     @property
     def embedded_swarm(self) -> bool:
@@ -236,7 +242,12 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "dtype: auto (float16 on CUDA, bfloat16 on CPUs with AVX-512, else float32), float32, bfloat16, float16",
         default=defaults.torch_dtype,
     )
-    add("--step-timeout", "seconds a generation step may take", type=float, default=defaults.step_timeout)
+    add("--step-timeout", "seconds a generation step may take, retries through other servers included",
+        type=float, default=defaults.step_timeout)
+    add("--request-timeout", "seconds one swarm server may stay silent before it counts as failed and the "
+        "step is retried through another", type=float, default=defaults.request_timeout)
+    add("--routing-update-period", "seconds between refreshes of the clients' view of which servers hold which "
+        "blocks", type=float, default=defaults.routing_update_period)
     add("--idle-timeout", "seconds an unused inference session stays open", type=float,
         default=defaults.idle_timeout)
     add("--max-sessions", "open inference sessions, all clients together (more are refused with 503)", type=int,
@@ -268,7 +279,7 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
     for flag in ("executor_workers", "max_sessions", "max_sessions_per_client"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("step_timeout", "idle_timeout"):
+    for flag in ("step_timeout", "request_timeout", "routing_update_period", "idle_timeout"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "models"}

@@ -122,8 +122,9 @@ def describe_blocks(blocks: Sequence[int]) -> str:
 # petals' MissingBlocksError says "No servers holding blocks [2, 3] are online" (or "blocks 0").
 _MISSING_BLOCKS = re.compile(r"No servers holding blocks \[?([\d, ]+)\]? are online")
 # What a dead or unreachable peer looks like from hivemind's p2p layer.
-_PEER_FAILURE_MARKERS = ("P2PDaemonError", "P2PHandlerError", "Connection reset", "connection closed",
-                         "failed to connect", "Broken pipe", "stream reset", "TimeoutError")
+_PEER_FAILURE_MARKERS = ("P2PDaemonError", "P2PHandlerError", "ControlFailure", "failed to dial",
+                         "Connection reset", "Connection lost", "connection closed", "failed to connect",
+                         "Broken pipe", "stream reset", "TimeoutError")
 
 
 def from_petals_error(error: BaseException, model: str) -> SessionError:

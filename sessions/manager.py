@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence, Set, TypeVar, Union
 
-from config import PUBLIC_SWARM, ModelSpec, SessionLimits
+from config import PUBLIC_SWARM, ModelSpec, ManagerSettings
 from sessions.errors import (
     ClientLimit,
     InvalidRequest,
@@ -72,7 +72,7 @@ class SessionManager:
         device: str,
         torch_dtype: str,
         executor_workers: int = 8,
-        limits: SessionLimits = SessionLimits(),
+        limits: ManagerSettings = ManagerSettings(),
     ):
         self.specs = tuple(models)
         self.initial_peers = resolve_initial_peers(initial_peers)
@@ -127,7 +127,8 @@ class SessionManager:
     async def start(self) -> None:
         """Connects the client of every declared model to the swarm and starts the idle reaper."""
         for spec in self.specs:
-            loaded = await self.run_blocking(load_model, spec, self.initial_peers, self.device, self.torch_dtype)
+            loaded = await self.run_blocking(load_model, spec, self.initial_peers, self.device, self.torch_dtype,
+                                             self.limits)
             self._models[spec.key] = loaded
             for name in spec.names():
                 self._by_name[name] = loaded

@@ -13,7 +13,7 @@ import torch
 from petals import AutoDistributedModelForCausalLM
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from config import ModelSpec
+from config import ModelSpec, ManagerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,18 @@ class LoadedModel:
         manager.dht.shutdown()
 
 
-def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch_dtype: str) -> LoadedModel:
-    """Loads the tokenizer and connects the Petals client of ``spec`` (blocking: run it in the executor)."""
+def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch_dtype: str,
+               settings: ManagerSettings = ManagerSettings()) -> LoadedModel:
+    """Loads the tokenizer and connects the Petals client of ``spec`` (blocking: run it in the executor).
+
+    A server silent for ``settings.request_timeout`` seconds counts as failed, and petals routes
+    around it; the client refreshes its routing table every ``settings.routing_update_period``.
+    """
     logger.info("Loading %s from %s (%s, %s)", spec.key, spec.weights, device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(spec.weights)
     options = {"initial_peers": list(initial_peers), "torch_dtype": getattr(torch, torch_dtype),
-               "max_retries": MAX_RETRIES}
+               "max_retries": MAX_RETRIES, "request_timeout": settings.request_timeout,
+               "update_period": settings.routing_update_period}
     if spec.dht_prefix is not None:
         options["dht_prefix"] = spec.dht_prefix
     if spec.adapter is not None:

@@ -10,6 +10,10 @@ It also keeps a garbage-collected petals inference session from freezing the cli
 finalizer closes the session through hivemind's worker event loop and waits for the result,
 which deadlocks when the collection happens on that loop's own thread.
 
+And it fixes the take-over after a server fails mid-session (petals issue 587): the server
+session that replaces the failed one inherits the token history but starts at position 0,
+so its first step fails an assertion instead of replaying that history.
+
 Import it before the first ``import petals`` in every process that uses petals.
 """
 
@@ -90,7 +94,30 @@ def make_worker_reentrant() -> None:
     RemoteExpertWorker.run_coroutine = classmethod(run_coroutine)
 
 
+def replay_history_on_takeover() -> None:
+    """Makes a server session that takes over a failed one replay the whole inherited history.
+
+    The replacement has not stepped yet but holds the failed session's history, which already
+    ends with this step's inputs: it sends all of it (rebuilding the attention caches on the
+    new server) and returns only the outputs of this step's tokens, as the caller expects.
+    """
+    from petals.client.inference_session import _ServerInferenceSession
+
+    original_step = _ServerInferenceSession.step
+
+    def step(self, inputs, prompts, hypo_ids, *, step_id):
+        new_tokens = inputs.shape[1]
+        inherited = self.history
+        if self.stepped or inherited is None or inherited.shape[1] == self._position + new_tokens:
+            return original_step(self, inputs, prompts, hypo_ids, step_id=step_id)
+        self.history = None
+        return original_step(self, inherited, prompts, hypo_ids, step_id=step_id)[:, -new_tokens:]
+
+    _ServerInferenceSession.step = step
+
+
 os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
 restore_hivemind_exports()
 silence_version_check()
 make_worker_reentrant()
+replay_history_on_takeover()

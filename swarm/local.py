@@ -105,8 +105,12 @@ class LocalSwarm:
         logger.info("Local swarm bootstrap peer: %s", " ".join(self.initial_peers))
         return self
 
-    def add_node(self, model: SwarmModel, block_indices: Optional[str] = None) -> SwarmNode:
-        """Starts a server process for ``model`` (all its blocks, or ``block_indices`` like "0:4")."""
+    def add_node(self, model: SwarmModel, block_indices: Optional[str] = None,
+                 extra_options: Sequence[str] = ()) -> SwarmNode:
+        """Starts a server process for ``model`` (all its blocks, or ``block_indices`` like "0:4").
+
+        ``extra_options`` go to petals' server as they are (e.g. ``--update-period 2``).
+        """
         index = len(self.nodes)
         log_path = self.log_dir / f"node-{index}-{model.dht_prefix}.log"
         command = [
@@ -125,6 +129,7 @@ class LocalSwarm:
             command += ["--block-indices", block_indices]
         else:
             command += ["--num-blocks", str(model.num_blocks)]
+        command += list(extra_options)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
@@ -173,9 +178,13 @@ class LocalSwarm:
                 raise SwarmStartError(f"blocks not announced after {timeout:.0f} s ({missing})")
             time.sleep(0.5)
 
-    def stop_node(self, node: SwarmNode, timeout: float = 15.0) -> None:
-        """Stops one node: SIGTERM, then SIGKILL to its whole process group after ``timeout``."""
-        if node.process.poll() is None:
+    def stop_node(self, node: SwarmNode, timeout: float = 15.0, crash: bool = False) -> None:
+        """Stops one node: SIGTERM, then SIGKILL to its whole process group after ``timeout``.
+
+        With ``crash`` the node gets SIGKILL at once, as if its machine died: it announces
+        nothing, and its DHT records stay until they expire.
+        """
+        if node.process.poll() is None and not crash:
             node.process.send_signal(signal.SIGTERM)
             try:
                 node.process.wait(timeout)

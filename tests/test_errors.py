@@ -3,7 +3,7 @@
 import pytest
 
 import swarm.compat  # noqa: F401  (must precede petals)
-from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
 from petals.client.routing.sequence_manager import MissingBlocksError
 
 from sessions.errors import (
@@ -39,6 +39,8 @@ def test_missing_blocks_survive_wrapping():
     (P2PDaemonError("failed to connect to peer"), PeerFailure, "peer_failure"),
     (P2PHandlerError("stream reset"), PeerFailure, "peer_failure"),
     (TimeoutError(), PeerFailure, "peer_failure"),
+    (ConnectionResetError("Connection lost"), PeerFailure, "peer_failure"),
+    (ControlFailure("Connect failed. msg=failed to dial: all dials failed"), PeerFailure, "peer_failure"),
     (RuntimeError("Could not allocate 4096 tokens (AllocationFailed)"), CacheFull, "cache_full"),
     (ValueError("Maximum length exceeded: prefix 10 + current 5 exceeds pre-allocated maximum 12"),
      MaxLengthExceeded, "max_length_exceeded"),

@@ -66,6 +66,8 @@ async def test_json_body_and_query_string(http_server_client):
         ("model=nope/nope&inputs=Hi&max_new_tokens=2", "application/x-www-form-urlencoded", 404, "Unknown model"),
         ("model=tests/tiny-llama&max_new_tokens=2", "application/x-www-form-urlencoded", 400, "inputs"),
         ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=99999", "application/x-www-form-urlencoded", 400,
+         "exceeds this model's limit of 2048"),
+        ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=2000", "application/x-www-form-urlencoded", 400,
          "maximum session length"),
         ("{broken", "application/json", 400, "not valid JSON"),
         ("[1]", "application/json", 400, "must be a JSON object"),

@@ -1,0 +1,187 @@
+"""Faults in a swarm of several server processes: a peer dies mid-stream, the only holder of
+some blocks dies, and it comes back, all while the backend keeps running.
+
+The swarm here is separate from the suite's: a tiny Llama served twice whole ("pair"), and
+split in halves across two processes ("split"). Its nodes re-announce every 2 s, with records
+that expire after 5 s, so a crashed node drops out of the DHT within seconds, not minutes.
+"""
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import pytest
+import tornado.httpclient
+import tornado.httpserver
+import tornado.testing
+
+from config import FrontendSettings, ModelSpec, ManagerSettings, Settings
+from sessions.manager import SessionManager
+from swarm.local import LocalSwarm, SwarmModel, count_blocks
+from tests.ws_client import WSClient
+
+PAIR, SPLIT = "tests/fault-pair", "tests/fault-split"
+NODE_OPTIONS = ("--update-period", "2", "--expiration", "5")
+# A crashed server's connections are not always reset: a silent one counts as failed after this.
+REQUEST_TIMEOUT = 5
+# The backend's clients re-read the DHT this often, so they see a server leave or come back.
+ROUTING_UPDATE_PERIOD = 2
+READY_TIMEOUT = 180
+ROUTE_CHANGE_TIMEOUT = 30
+
+
+@dataclasses.dataclass
+class FaultSwarm:
+    """The fault-test swarm, its models and the nodes the tests stop and start."""
+
+    swarm: LocalSwarm
+    pair: SwarmModel
+    split: SwarmModel
+    pair_node: object  # the pair model's first server
+    split_tail: object  # the only node holding the split model's second half
+
+    def restart_split_tail(self) -> None:
+        half = self.split.num_blocks // 2
+        self.split_tail = self.swarm.add_node(self.split, f"{half}:{self.split.num_blocks}", NODE_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def fault_swarm(tmp_path_factory, tiny_model_specs):
+    llama_path = str(tiny_model_specs[0].path)
+    blocks = count_blocks(llama_path)
+    pair = SwarmModel(llama_path, "fault-pair", blocks)
+    split = SwarmModel(llama_path, "fault-split", blocks)
+    with LocalSwarm(tmp_path_factory.mktemp("fault-swarm-logs"), threads=1) as swarm:
+        pair_node = swarm.add_node(pair, extra_options=NODE_OPTIONS)
+        swarm.add_node(split, f"0:{blocks // 2}", NODE_OPTIONS)
+        tail = swarm.add_node(split, f"{blocks // 2}:{blocks}", NODE_OPTIONS)
+        swarm.wait_until_ready([pair, split], timeout=READY_TIMEOUT)
+        yield FaultSwarm(swarm, pair, split, pair_node, tail)
+
+
+@pytest.fixture(scope="module")
+def fault_server(io_loop, fault_swarm, tiny_model_specs):
+    """A backend connected to the fault swarm, served on a port of its own."""
+    from server import make_app
+
+    base = tiny_model_specs[0]
+    specs = tuple(ModelSpec(repository=name, family="Fault", path=base.path, dht_prefix=prefix, chat=base.chat,
+                            frontend=FrontendSettings(name=prefix))
+                  for name, prefix in ((PAIR, "fault-pair"), (SPLIT, "fault-split")))
+    settings = Settings(models=specs, initial_peers=tuple(fault_swarm.swarm.initial_peers), port=0, device="cpu",
+                        torch_dtype="float32", executor_workers=4, step_timeout=60)
+    manager = SessionManager(specs, settings.initial_peers, "cpu", "float32", executor_workers=4,
+                             limits=ManagerSettings(step_timeout=60, request_timeout=REQUEST_TIMEOUT,
+                                                     routing_update_period=ROUTING_UPDATE_PERIOD))
+    io_loop.run_sync(manager.start)
+    sock, port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(make_app(settings, manager))
+    server.add_sockets([sock])
+    yield manager, port
+    server.stop()
+    io_loop.run_sync(manager.close)
+
+
+async def get_ready(port):
+    response = await tornado.httpclient.AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/ready", raise_error=False)
+    body = json.loads(response.body)
+    return response.code, {model["model"]: model for model in body["models"]}
+
+
+async def wait_for_ready(port, condition, timeout=ROUTE_CHANGE_TIMEOUT):
+    """Polls /ready until ``condition(code, models)`` holds; returns the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, models = await get_ready(port)
+        if condition(code, models) or time.monotonic() > deadline:
+            return code, models
+        await asyncio.sleep(0.5)
+
+
+async def generate_once(port, model, inputs="Hello there", max_new_tokens=4):
+    """A fresh session on ``model`` and one generation in it: the last reply."""
+    client = await WSClient.connect(port)
+    try:
+        opened = await client.request({"type": "open_inference_session", "model": model, "max_length": 64})
+        if not opened["ok"]:
+            return opened
+        replies = await client.stream({"type": "generate", "inputs": inputs, "max_new_tokens": max_new_tokens})
+        return replies[-1]
+    finally:
+        client.close()
+
+
+async def test_a_peer_dies_mid_stream_and_the_stream_survives_or_ends_clearly(fault_server, fault_swarm):
+    manager, port = fault_server
+    client = await WSClient.connect(port)
+    try:
+        assert (await client.request({"type": "open_inference_session", "model": PAIR, "max_length": 200}))["ok"]
+        # The session's route is fixed at its first step: through the only server there is.
+        prompt = "Once upon a time"
+        first = await client.stream({"type": "generate", "inputs": prompt, "max_new_tokens": 3})
+        assert first[-1]["ok"] and first[-1]["token_count"] == 3
+        fault_swarm.swarm.add_node(fault_swarm.pair, extra_options=NODE_OPTIONS)
+        code, models = await wait_for_ready(port, lambda code, models: models[PAIR]["online_servers"] == 2,
+                                            timeout=READY_TIMEOUT)
+        assert models[PAIR]["online_servers"] == 2, models
+        await client.send({"type": "generate", "max_new_tokens": 1, "max_length": 200,
+                           "stop_sequence": "never-appears"})
+        replies = [await client.receive() for _ in range(10)]
+        assert all(reply["ok"] and not reply["stop"] for reply in replies)
+        fault_swarm.swarm.stop_node(fault_swarm.pair_node, crash=True)  # the server on the session's route
+        while True:
+            reply = await client.receive()
+            replies.append(reply)
+            if not reply["ok"] or reply["stop"]:
+                break
+        last = replies[-1]
+        if last["ok"]:  # petals re-routed to the other server and replayed the session's history
+            assert last["stop"] is True
+            # The session ends one token short of max_length: that token is chosen but never fed.
+            generated = sum(reply["token_count"] for reply in replies)
+            assert 3 + generated == 200 - len(manager.find_model(PAIR).encode(prompt))
+        else:
+            assert last["retryable"] is True and last["code"] in ("peer_failure", "missing_blocks", "swarm_error")
+            assert last["traceback"]
+    finally:
+        client.close()
+    reply = await generate_once(port, PAIR)
+    assert reply["ok"] and reply["token_count"] == 4, reply
+
+
+async def test_only_holder_of_blocks_dies_then_returns(fault_server, fault_swarm):
+    manager, port = fault_server
+    assert (await generate_once(port, SPLIT))["ok"]
+    client = await WSClient.connect(port)
+    try:
+        assert (await client.request({"type": "open_inference_session", "model": SPLIT, "max_length": 64}))["ok"]
+        assert (await client.stream({"type": "generate", "inputs": "Hi", "max_new_tokens": 2}))[-1]["ok"]
+        fault_swarm.swarm.stop_node(fault_swarm.split_tail, crash=True)
+        failed = (await client.stream({"type": "generate", "inputs": " again", "max_new_tokens": 2}))[-1]
+    finally:
+        client.close()
+    assert failed["ok"] is False and failed["retryable"] is True
+    assert failed["code"] in ("peer_failure", "missing_blocks"), failed
+
+    half, blocks = fault_swarm.split.num_blocks // 2, fault_swarm.split.num_blocks
+    code, models = await wait_for_ready(port, lambda code, models: not models[SPLIT]["ready"])
+    assert code == 503 and models[SPLIT]["ready"] is False, models
+    assert models[SPLIT]["missing_blocks"] == list(range(half, blocks))
+    assert models[PAIR]["ready"] is True  # the other model is untouched
+
+    missing = await generate_once(port, SPLIT)
+    assert missing["ok"] is False and missing["code"] == "missing_blocks"
+    assert f"blocks {half}-{blocks - 1} of {SPLIT}" in missing["traceback"]
+    assert (await generate_once(port, PAIR))["ok"]  # the backend keeps serving everything else
+    for _ in range(100):  # closed connections release their sessions in the background
+        if manager.open_session_count == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert manager.open_session_count == 0  # the failed sessions were released too
+
+    fault_swarm.restart_split_tail()
+    code, models = await wait_for_ready(port, lambda code, models: code == 200, timeout=READY_TIMEOUT)
+    assert code == 200 and models[SPLIT]["ready"], models
+    back = await generate_once(port, SPLIT)
+    assert back["ok"] and back["token_count"] == 4, back
