@@ -230,7 +230,7 @@ class SessionManager:
     def stop_generation(self, connection_id: str) -> bool:
         """Ends the connection's running and queued generations; False if none was running."""
         session = self._sessions.get(connection_id)
-        if session is None or not session.busy:
+        if session is None or not session.has_generations:
             return False
         session.request_stop()
         session.log.info("Stop requested")

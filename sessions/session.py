@@ -66,6 +66,7 @@ class ChatSession:
         self._decoder = IncrementalDecoder(loaded.tokenizer)
         self._turn = asyncio.Lock()
         self._tickets_issued = 0
+        self._tickets_finished = 0
         self._stopped_through = 0  # generations with a ticket up to this one stop
         self.last_active = time.monotonic()
         self.closed_reason: Optional[str] = None
@@ -75,6 +76,11 @@ class ChatSession:
         """A place in the line of generations, taken when the request arrives."""
         self._tickets_issued += 1
         return self._tickets_issued
+
+    @property
+    def has_generations(self) -> bool:
+        """Whether a generation is running or waiting for its turn."""
+        return self._tickets_finished < self._tickets_issued
 
     def request_stop(self) -> None:
         """Ends every generation requested so far, before its next step."""
@@ -131,6 +137,7 @@ class ChatSession:
                     yield update
             finally:
                 self.busy = False
+                self._tickets_finished += 1
                 self.last_active = time.monotonic()
 
     async def _generate(self, request: GenerationRequest, ticket: int) -> AsyncIterator[GenerationUpdate]:
