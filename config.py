@@ -60,7 +60,7 @@ class ModelSpec:
     adapter: Optional[str] = None
     aliases: Tuple[str, ...] = ()
     public_api: bool = True
-    max_new_tokens_limit: int = 2048  # the most tokens one request may ask for (chat.max_session_length caps max_length)
+    max_new_tokens_limit: int = 2048  # most tokens one request may ask for; chat.max_session_length caps max_length
 
     @property
     def key(self) -> str:

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence, Set, TypeVar, Union
 
-from config import PUBLIC_SWARM, ModelSpec, ManagerSettings
+from config import PUBLIC_SWARM, ManagerSettings, ModelSpec
 from sessions.errors import (
     ClientLimit,
     InvalidRequest,
@@ -85,7 +85,7 @@ class SessionManager:
         self._by_name: Dict[str, LoadedModel] = {}
         self._sessions: Dict[str, ChatSession] = {}
         self._open_streams = 0
-        self._streams_by_client: Dict[str, int] = collections.Counter()
+        self._streams_by_client: Dict[str, int] = collections.Counter()  # open sessions per client address
         self._queued_calls = 0
         self._queued_calls_lock = threading.Lock()
         self._swarm_state: Optional["asyncio.Future[List[ModelRoute]]"] = None
@@ -228,7 +228,7 @@ class SessionManager:
         return len(await self.run_blocking(loaded.encode, text))
 
     def stop_generation(self, connection_id: str) -> bool:
-        """Ends the connection's running and queued generations; False if none was running."""
+        """Ends the connection's running and queued generations; False if there was none."""
         session = self._sessions.get(connection_id)
         if session is None or not session.has_generations:
             return False
@@ -267,7 +267,7 @@ class SessionManager:
             now = time.monotonic()
             for session in list(self._sessions.values()):
                 idle = now - session.last_active
-                if session.closed_reason is None and not session.busy and idle > self.limits.idle_timeout:
+                if session.closed_reason is None and not session.has_generations and idle > self.limits.idle_timeout:
                     await self._release(session, f"idle for {idle:.0f} s")
 
     async def swarm_state(self) -> List[ModelRoute]:

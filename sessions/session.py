@@ -70,7 +70,6 @@ class ChatSession:
         self._stopped_through = 0  # generations with a ticket up to this one stop
         self.last_active = time.monotonic()
         self.closed_reason: Optional[str] = None
-        self.busy = False
 
     def take_ticket(self) -> int:
         """A place in the line of generations, taken when the request arrives."""
@@ -131,12 +130,10 @@ class ChatSession:
     async def generate(self, request: GenerationRequest, ticket: int) -> AsyncIterator[GenerationUpdate]:
         """Runs one generation, yielding its replies; the last one has ``stop=True``."""
         async with self._turn:
-            self.busy = True
             try:
                 async for update in self._generate(request, ticket):
                     yield update
             finally:
-                self.busy = False
                 self._tickets_finished += 1
                 self.last_active = time.monotonic()
 
