@@ -256,3 +256,25 @@ async def test_an_expired_session_is_reopened_and_the_conversation_replayed(chro
         assert "user\nhello" in replay and replay.endswith("user\nstill there?\n<|im_start|>assistant\n")
 
     await drive(page, tmp_path, steps)
+
+
+async def test_swarm_map_page_shows_every_model_with_a_full_route(chromium, chat_server, manager, tmp_path):
+    page = ChatPage(chromium, chat_server.url)
+
+    def steps():
+        chromium.get(chat_server.url + "swarm")
+        assert chromium.current_url.endswith("/swarm.html")
+        page.wait(lambda: len(chromium.find_elements(By.CSS_SELECTOR, "section.model")) == len(manager.models),
+                  message="the swarm map lists every model")
+        sections = chromium.find_elements(By.CSS_SELECTOR, "section.model")
+        for section, loaded in zip(sections, manager.models):
+            assert section.find_element(By.CSS_SELECTOR, ".name").text == loaded.spec.key
+            assert section.find_element(By.CSS_SELECTOR, ".badge").text == "full route"
+            cells = section.find_elements(By.CSS_SELECTOR, ".block")
+            assert [cell.get_attribute("data-servers") for cell in cells] == ["1"] * loaded.num_blocks
+            [row] = section.find_elements(By.CSS_SELECTOR, "tbody tr")
+            assert row.find_elements(By.TAG_NAME, "td")[1].text == f"0–{loaded.num_blocks - 1}"
+        assert "Every model can run." in page.element("status").text
+        page.screenshot(tmp_path / "swarm-map.png")
+
+    await drive(page, tmp_path, steps)
