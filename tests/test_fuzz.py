@@ -7,19 +7,19 @@ the open-session gauge is back to zero.
 
 import asyncio
 import json
-import time
 import urllib.parse
 
 import tornado.httpclient
 import tornado.websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.load_clients import scrape_open_sessions, wait_for_no_open_sessions
 from tests.ws_client import WSClient
 
 TINY = "tests/tiny-llama"
 REPLY_TIMEOUT = 30
+RELEASE_TIMEOUT = 30
 FUZZ_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -103,22 +103,10 @@ async def exchange(port: int, frames) -> None:
         client.close()
 
 
-async def open_sessions_gauge(port: int) -> float:
-    response = await tornado.httpclient.AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/metrics")
-    for family in text_string_to_metric_families(response.body.decode()):
-        if family.name == "swarm_chat_open_sessions":
-            return family.samples[0].value
-    raise AssertionError("no open-session gauge in /metrics")
-
-
-async def wait_for_no_sessions(port: int, timeout: float = 30) -> float:
-    """The open-session gauge once it reads zero, or its last reading after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await open_sessions_gauge(port)
-        if value == 0 or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.2)
+async def open_sessions_once_released(port: int) -> int:
+    """The open-session gauge of ``/metrics`` once it reads zero, or after ``RELEASE_TIMEOUT``."""
+    return await wait_for_no_open_sessions(lambda: scrape_open_sessions(f"http://127.0.0.1:{port}"),
+                                           RELEASE_TIMEOUT)
 
 
 def test_random_websocket_messages(io_loop, ws_port, manager):
@@ -130,7 +118,7 @@ def test_random_websocket_messages(io_loop, ws_port, manager):
         io_loop.run_sync(lambda: exchange(ws_port, frames), timeout=120)
 
     check()
-    assert io_loop.run_sync(lambda: wait_for_no_sessions(ws_port)) == 0
+    assert io_loop.run_sync(lambda: open_sessions_once_released(ws_port)) == 0
     # The server still works after all that.
     io_loop.run_sync(lambda: exchange(ws_port, [json.dumps({"type": "open_inference_session", "model": TINY,
                                                              "max_length": 16})]))
@@ -180,4 +168,4 @@ def test_random_http_bodies(io_loop, ws_port, manager):
         io_loop.run_sync(lambda: post_and_check(ws_port, path, *content_type_and_body), timeout=120)
 
     check()
-    assert io_loop.run_sync(lambda: wait_for_no_sessions(ws_port)) == 0
+    assert io_loop.run_sync(lambda: open_sessions_once_released(ws_port)) == 0
