@@ -1,9 +1,11 @@
 """Faults in a swarm of several server processes: a peer dies mid-stream, the only holder of
-some blocks dies, and it comes back, all while the backend keeps running.
+some blocks dies, and it comes back, all while the backend keeps running; and a server whose
+attention cache is too small for a session.
 
-The swarm here is separate from the suite's: a tiny Llama served twice whole ("pair"), and
-split in halves across two processes ("split"). Its nodes re-announce every 2 s, with records
-that expire after 5 s, so a crashed node drops out of the DHT within seconds, not minutes.
+The swarm here is separate from the suite's: a tiny Llama served twice whole ("pair"), split
+in halves across two processes ("split"), and on a server with a tiny attention cache
+("small-cache"). Its nodes re-announce every 2 s, with records that expire after 5 s, so a
+crashed node drops out of the DHT within seconds, not minutes.
 """
 
 import asyncio
@@ -21,7 +23,9 @@ from sessions.manager import SessionManager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 from tests.ws_client import WSClient
 
-PAIR, SPLIT = "tests/fault-pair", "tests/fault-split"
+PAIR, SPLIT, SMALL_CACHE = "tests/fault-pair", "tests/fault-split", "tests/fault-small-cache"
+# Attention cache of the small-cache server, in tokens: enough for a short session only.
+SMALL_CACHE_TOKENS = 64
 NODE_OPTIONS = ("--update-period", "2", "--expiration", "5")
 # A crashed server's connections are not always reset: a silent one counts as failed after this.
 REQUEST_TIMEOUT = 5
@@ -52,11 +56,13 @@ def fault_swarm(tmp_path_factory, tiny_model_specs):
     blocks = count_blocks(llama_path)
     pair = SwarmModel(llama_path, "fault-pair", blocks)
     split = SwarmModel(llama_path, "fault-split", blocks)
+    small_cache = SwarmModel(llama_path, "fault-small-cache", blocks)
     with LocalSwarm(tmp_path_factory.mktemp("fault-swarm-logs"), threads=1) as swarm:
         pair_node = swarm.add_node(pair, extra_options=NODE_OPTIONS)
         swarm.add_node(split, f"0:{blocks // 2}", NODE_OPTIONS)
         tail = swarm.add_node(split, f"{blocks // 2}:{blocks}", NODE_OPTIONS)
-        swarm.wait_until_ready([pair, split], timeout=READY_TIMEOUT)
+        swarm.add_node(small_cache, extra_options=(*NODE_OPTIONS, "--attn-cache-tokens", str(SMALL_CACHE_TOKENS)))
+        swarm.wait_until_ready([pair, split, small_cache], timeout=READY_TIMEOUT)
         yield FaultSwarm(swarm, pair, split, pair_node, tail)
 
 
@@ -68,7 +74,8 @@ def fault_server(io_loop, fault_swarm, tiny_model_specs):
     base = tiny_model_specs[0]
     specs = tuple(ModelSpec(repository=name, family="Fault", path=base.path, dht_prefix=prefix, chat=base.chat,
                             frontend=FrontendSettings(name=prefix))
-                  for name, prefix in ((PAIR, "fault-pair"), (SPLIT, "fault-split")))
+                  for name, prefix in ((PAIR, "fault-pair"), (SPLIT, "fault-split"),
+                                       (SMALL_CACHE, "fault-small-cache")))
     settings = Settings(models=specs, initial_peers=tuple(fault_swarm.swarm.initial_peers), port=0, device="cpu",
                         torch_dtype="float32", executor_workers=4, step_timeout=60)
     manager = SessionManager(specs, settings.initial_peers, "cpu", "float32", executor_workers=4,
@@ -99,11 +106,12 @@ async def wait_for_ready(port, condition, timeout=ROUTE_CHANGE_TIMEOUT):
         await asyncio.sleep(0.5)
 
 
-async def generate_once(port, model, inputs="Hello there", max_new_tokens=4):
+async def generate_once(port, model, inputs="Hello there", max_new_tokens=4, max_length=64):
     """A fresh session on ``model`` and one generation in it: the last reply."""
     client = await WSClient.connect(port)
     try:
-        opened = await client.request({"type": "open_inference_session", "model": model, "max_length": 64})
+        opened = await client.request({"type": "open_inference_session", "model": model,
+                                       "max_length": max_length})
         if not opened["ok"]:
             return opened
         replies = await client.stream({"type": "generate", "inputs": inputs, "max_new_tokens": max_new_tokens})
@@ -185,3 +193,12 @@ async def test_only_holder_of_blocks_dies_then_returns(fault_server, fault_swarm
     assert code == 200 and models[SPLIT]["ready"], models
     back = await generate_once(port, SPLIT)
     assert back["ok"] and back["token_count"] == 4, back
+
+
+async def test_a_session_larger_than_the_attention_cache_is_out_of_capacity(fault_server):
+    manager, port = fault_server
+    full = await generate_once(port, SMALL_CACHE, max_length=8 * SMALL_CACHE_TOKENS)
+    assert full["ok"] is False and full["code"] == "cache_full" and full["retryable"] is True, full
+    assert "attention cache is full" in full["traceback"]
+    fits = await generate_once(port, SMALL_CACHE, max_length=SMALL_CACHE_TOKENS // 4)
+    assert fits["ok"] and fits["token_count"] == 4, fits
