@@ -21,6 +21,7 @@ import tornado.testing
 from config import FrontendSettings, ModelSpec, ManagerSettings, Settings
 from sessions.manager import SessionManager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
+from tests.browser import ChatPage, drive, start_chromium
 from tests.ws_client import WSClient
 
 PAIR, SPLIT, SMALL_CACHE = "tests/fault-pair", "tests/fault-split", "tests/fault-small-cache"
@@ -202,3 +203,22 @@ async def test_a_session_larger_than_the_attention_cache_is_out_of_capacity(faul
     assert "attention cache is full" in full["traceback"]
     fits = await generate_once(port, SMALL_CACHE, max_length=SMALL_CACHE_TOKENS // 4)
     assert fits["ok"] and fits["token_count"] == 4, fits
+
+
+async def test_chat_page_says_out_of_capacity(fault_server, tmp_path):
+    manager, port = fault_server
+    chromium = start_chromium()
+    page = ChatPage(chromium, f"http://127.0.0.1:{port}/")
+
+    def steps():
+        page.open()
+        page.choose_model("fault-small-cache")  # the page opens sessions of 512 tokens or more
+        page.send("Hello")
+        page.wait(page.error_text, message="the error box appears")
+        assert "out of capacity" in page.error_text()
+        page.screenshot(tmp_path / "out-of-capacity.png")
+
+    try:
+        await drive(page, tmp_path, steps)
+    finally:
+        chromium.quit()
