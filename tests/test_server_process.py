@@ -74,8 +74,10 @@ def test_embedded_swarm_serves_and_stops_cleanly(tiny_model_specs, stop_signal):
         loop.close()
         assert (close_code, close_reason) == (1001, "Server shutting down")
 
-        remaining_log, _ = process.communicate(timeout=60)
+        _, remaining_log = process.communicate(timeout=60)
         assert process.returncode == 0, remaining_log[-3000:]
+        assert "Closed the session" in remaining_log  # the stream's swarm session was released
+        assert "Local swarm stopped" in remaining_log
         _, alive = psutil.wait_procs(children, timeout=10)
         assert [child for child in alive if child.status() != psutil.STATUS_ZOMBIE] == []
     finally:
