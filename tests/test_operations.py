@@ -37,9 +37,19 @@ async def post_generate(client, body):
     return response, json.loads(response.body)
 
 
+async def sessions_released(manager, timeout: float = 30) -> int:
+    """The open-session count once it is zero (closes are released in the background), or after ``timeout``."""
+    for _ in range(int(timeout * 10)):
+        if manager.open_session_count == 0:
+            break
+        await asyncio.sleep(0.1)
+    return manager.open_session_count
+
+
 @pytest.fixture
-def limits(manager, monkeypatch):
-    """Sets the manager's limits for one test."""
+def limits(io_loop, manager, monkeypatch):
+    """Sets the manager's limits for one test, once earlier tests' sessions are released."""
+    assert io_loop.run_sync(lambda: sessions_released(manager)) == 0
 
     def set_limits(**values):
         monkeypatch.setattr(manager, "limits", dataclasses.replace(manager.limits, **values))
@@ -84,6 +94,7 @@ async def test_swarm_page_is_served(http_server_client):
 
 
 async def test_metrics_count_steps_tokens_sessions_and_errors(http_server_client, ws_port, manager):
+    assert await sessions_released(manager) == 0  # so that the gauge moves for this test alone
     before = await scrape(http_server_client)
     model = ("model", TINY)
     client = await WSClient.connect(ws_port)
@@ -138,7 +149,7 @@ async def test_per_client_session_limit_refuses_at_once(http_server_client, ws_p
 
 
 async def test_server_session_limit_answers_busy(http_server_client, ws_port, manager, limits):
-    limits(max_sessions=manager.open_session_count + 1)
+    limits(max_sessions=1)
     holder = await WSClient.connect(ws_port)
     other = await WSClient.connect(ws_port)
     try:
