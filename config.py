@@ -157,11 +157,12 @@ class Settings:
     log_level: str = "INFO"
 
     @property
-    def limits(self) -> ManagerSettings:
-        """The limits the session manager enforces."""
+    def manager_settings(self) -> ManagerSettings:
+        """What the session manager enforces and how its clients treat the swarm."""
         return ManagerSettings(max_sessions=self.max_sessions, max_sessions_per_client=self.max_sessions_per_client,
-                             idle_timeout=self.idle_timeout, step_timeout=self.step_timeout,
-                             request_timeout=self.request_timeout, routing_update_period=self.routing_update_period)
+                               idle_timeout=self.idle_timeout, step_timeout=self.step_timeout,
+                               request_timeout=self.request_timeout,
+                               routing_update_period=self.routing_update_period)
 
     @property
     def embedded_swarm(self) -> bool:

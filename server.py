@@ -153,7 +153,7 @@ async def serve(config: Settings, initial_peers: Sequence[str], device: str, tor
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop_requested.set)
     manager = SessionManager(config.models, initial_peers, device, torch_dtype,
-                             executor_workers=config.executor_workers, limits=config.limits)
+                             executor_workers=config.executor_workers, settings=config.manager_settings)
     try:
         await manager.start()
         sockets = tornado.netutil.bind_sockets(config.port, config.host)

@@ -29,7 +29,7 @@ class ReadyHandler(APIHandler):
             "ready": route.full_route,
             "num_blocks": route.num_blocks,
             "missing_blocks": list(route.missing_blocks),
-            "online_servers": sum(server.state == "online" for server in route.servers),
+            "online_servers": route.online_servers,
             **({"error": route.error} if route.error else {}),
         } for route in routes]
         ready = all(route.full_route for route in routes)

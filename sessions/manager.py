@@ -62,7 +62,7 @@ class SessionManager:
     Blocking Petals calls run in one bounded thread pool (``run_blocking``), never on the
     event loop; swarm lookups for health checks run in a one-thread pool of their own, so a
     busy server still answers ``/ready``. ``start`` connects every model; ``close`` tears
-    everything down. At a limit of ``limits`` a request is refused at once, never queued.
+    everything down. At a limit of ``settings`` a request is refused at once, never queued.
     """
 
     def __init__(
@@ -72,13 +72,13 @@ class SessionManager:
         device: str,
         torch_dtype: str,
         executor_workers: int = 8,
-        limits: ManagerSettings = ManagerSettings(),
+        settings: ManagerSettings = ManagerSettings(),
     ):
         self.specs = tuple(models)
         self.initial_peers = resolve_initial_peers(initial_peers)
         self.device = device
         self.torch_dtype = torch_dtype
-        self.limits = limits
+        self.settings = settings
         self.executor = ThreadPoolExecutor(max_workers=executor_workers, thread_name_prefix="petals")
         self._probe_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-probe")
         self._models: Dict[str, LoadedModel] = {}
@@ -128,7 +128,7 @@ class SessionManager:
         """Connects the client of every declared model to the swarm and starts the idle reaper."""
         for spec in self.specs:
             loaded = await self.run_blocking(load_model, spec, self.initial_peers, self.device, self.torch_dtype,
-                                             self.limits)
+                                             self.settings)
             self._models[spec.key] = loaded
             for name in spec.names():
                 self._by_name[name] = loaded
@@ -151,7 +151,7 @@ class SessionManager:
         if max_length > limit:
             raise InvalidRequest(f"max_length {max_length} exceeds this model's maximum session length {limit}")
         self._check_capacity(client)
-        session = ChatSession(connection_id, loaded, max_length, self.run_blocking, self.limits.step_timeout,
+        session = ChatSession(connection_id, loaded, max_length, self.run_blocking, self.settings.step_timeout,
                               self.metrics, log, client)
         self._sessions[connection_id] = session
         self._open_streams += 1
@@ -161,11 +161,11 @@ class SessionManager:
         return session
 
     def _check_capacity(self, client: str) -> None:
-        if self._open_streams >= self.limits.max_sessions:
-            raise ServerBusy(f"This server holds its maximum of {self.limits.max_sessions} sessions; "
+        if self._open_streams >= self.settings.max_sessions:
+            raise ServerBusy(f"This server holds its maximum of {self.settings.max_sessions} sessions; "
                              "try again shortly")
-        if self._streams_by_client[client] >= self.limits.max_sessions_per_client:
-            raise ClientLimit(f"This client already holds {self.limits.max_sessions_per_client} sessions, "
+        if self._streams_by_client[client] >= self.settings.max_sessions_per_client:
+            raise ClientLimit(f"This client already holds {self.settings.max_sessions_per_client} sessions, "
                               "the most one client may; close one first")
 
     @staticmethod
@@ -261,13 +261,13 @@ class SessionManager:
             self._spawn(self._release(session, reason), f"close-{connection_id}")
 
     async def _expire_idle_sessions(self) -> None:
-        period = max(0.5, min(5.0, self.limits.idle_timeout / 4))
+        period = max(0.5, min(5.0, self.settings.idle_timeout / 4))
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for session in list(self._sessions.values()):
                 idle = now - session.last_active
-                if session.closed_reason is None and not session.has_generations and idle > self.limits.idle_timeout:
+                if session.closed_reason is None and not session.has_generations and idle > self.settings.idle_timeout:
                     await self._release(session, f"idle for {idle:.0f} s")
 
     async def swarm_state(self) -> List[ModelRoute]:

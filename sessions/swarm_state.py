@@ -41,6 +41,11 @@ class ModelRoute:
     error: Optional[str] = None  # the DHT lookup failed
 
     @property
+    def online_servers(self) -> int:
+        """How many servers of the model are online."""
+        return sum(server.state == "online" for server in self.servers)
+
+    @property
     def full_route(self) -> bool:
         """Whether every block has an online server, so a generation can run."""
         return self.error is None and not self.missing_blocks

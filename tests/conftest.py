@@ -98,7 +98,7 @@ def manager(settings, io_loop):
     from sessions.manager import SessionManager
 
     manager = SessionManager(settings.models, settings.initial_peers, settings.device, settings.torch_dtype,
-                             executor_workers=settings.executor_workers, limits=settings.limits)
+                             executor_workers=settings.executor_workers, settings=settings.manager_settings)
     io_loop.run_sync(manager.start)
     yield manager
     io_loop.run_sync(manager.close)

@@ -43,7 +43,7 @@ def page(chromium, chat_server):
 def expiring_server(io_loop, tiny_model_specs, settings):
     """The app serving Tiny Llama from a manager whose sessions expire after a second idle."""
     manager = SessionManager(tiny_model_specs[:1], settings.initial_peers, settings.device, settings.torch_dtype,
-                             executor_workers=2, limits=ManagerSettings(idle_timeout=1.0))
+                             executor_workers=2, settings=ManagerSettings(idle_timeout=1.0))
     io_loop.run_sync(manager.start)
     server = ChatServer(make_app(settings, manager), io_loop)
     server.start()

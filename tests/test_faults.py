@@ -22,6 +22,7 @@ from config import FrontendSettings, ModelSpec, ManagerSettings, Settings
 from sessions.manager import SessionManager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 from tests.browser import ChatPage, drive, start_chromium
+from tests.test_websocket import wait_for_no_sessions
 from tests.ws_client import WSClient
 
 PAIR, SPLIT, SMALL_CACHE = "tests/fault-pair", "tests/fault-split", "tests/fault-small-cache"
@@ -80,7 +81,7 @@ def fault_server(io_loop, fault_swarm, tiny_model_specs):
     settings = Settings(models=specs, initial_peers=tuple(fault_swarm.swarm.initial_peers), port=0, device="cpu",
                         torch_dtype="float32", executor_workers=4, step_timeout=60)
     manager = SessionManager(specs, settings.initial_peers, "cpu", "float32", executor_workers=4,
-                             limits=ManagerSettings(step_timeout=60, request_timeout=REQUEST_TIMEOUT,
+                             settings=ManagerSettings(step_timeout=60, request_timeout=REQUEST_TIMEOUT,
                                                      routing_update_period=ROUTING_UPDATE_PERIOD))
     io_loop.run_sync(manager.start)
     sock, port = tornado.testing.bind_unused_port()
@@ -183,11 +184,7 @@ async def test_only_holder_of_blocks_dies_then_returns(fault_server, fault_swarm
     assert missing["ok"] is False and missing["code"] == "missing_blocks"
     assert f"blocks {half}-{blocks - 1} of {SPLIT}" in missing["traceback"]
     assert (await generate_once(port, PAIR))["ok"]  # the backend keeps serving everything else
-    for _ in range(100):  # closed connections release their sessions in the background
-        if manager.open_session_count == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert manager.open_session_count == 0  # the failed sessions were released too
+    await wait_for_no_sessions(manager)  # the failed sessions were released too
 
     fault_swarm.restart_split_tail()
     code, models = await wait_for_ready(port, lambda code, models: code == 200, timeout=READY_TIMEOUT)

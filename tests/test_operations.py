@@ -10,9 +10,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import swarm.compat  # noqa: F401  (must precede petals)
 from hivemind import PeerID
 from swarm.local import NODE_THROUGHPUT
+from tests.test_websocket import wait_for_no_sessions
 from tests.ws_client import WSClient
 
 TINY = "tests/tiny-llama"
+RELEASE_TIMEOUT = 30  # earlier tests' sessions are released in the background
 
 
 async def get_json(client, path):
@@ -37,22 +39,13 @@ async def post_generate(client, body):
     return response, json.loads(response.body)
 
 
-async def sessions_released(manager, timeout: float = 30) -> int:
-    """The open-session count once it is zero (closes are released in the background), or after ``timeout``."""
-    for _ in range(int(timeout * 10)):
-        if manager.open_session_count == 0:
-            break
-        await asyncio.sleep(0.1)
-    return manager.open_session_count
-
-
 @pytest.fixture
 def limits(io_loop, manager, monkeypatch):
     """Sets the manager's limits for one test, once earlier tests' sessions are released."""
-    assert io_loop.run_sync(lambda: sessions_released(manager)) == 0
+    io_loop.run_sync(lambda: wait_for_no_sessions(manager, RELEASE_TIMEOUT))
 
     def set_limits(**values):
-        monkeypatch.setattr(manager, "limits", dataclasses.replace(manager.limits, **values))
+        monkeypatch.setattr(manager, "settings", dataclasses.replace(manager.settings, **values))
 
     return set_limits
 
@@ -94,7 +87,7 @@ async def test_swarm_page_is_served(http_server_client):
 
 
 async def test_metrics_count_steps_tokens_sessions_and_errors(http_server_client, ws_port, manager):
-    assert await sessions_released(manager) == 0  # so that the gauge moves for this test alone
+    await wait_for_no_sessions(manager, RELEASE_TIMEOUT)  # so that the gauge moves for this test alone
     before = await scrape(http_server_client)
     model = ("model", TINY)
     client = await WSClient.connect(ws_port)

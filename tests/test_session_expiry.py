@@ -27,7 +27,7 @@ async def collect(manager, connection_id, request):
 @pytest.fixture
 def short_lived_manager(io_loop, tiny_model_specs, settings):
     manager = SessionManager(tiny_model_specs[:1], settings.initial_peers, "cpu", "float32",
-                             executor_workers=2, limits=ManagerSettings(idle_timeout=1.0))
+                             executor_workers=2, settings=ManagerSettings(idle_timeout=1.0))
     io_loop.run_sync(manager.start)
     yield manager
     io_loop.run_sync(manager.close)
