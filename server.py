@@ -27,7 +27,7 @@ from handlers.models import ModelsHandler
 from handlers.openai_api import ChatCompletionHandler, CompletionHandler, ModelListHandler
 from handlers.swarm import SwarmHandler
 from handlers.websocket import GenerateWebSocket
-from sessions.manager import SessionManager
+from sessions.manager import SessionManager, build_manager
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ async def serve(config: Settings, initial_peers: Sequence[str], device: str, tor
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop_requested.set)
-    manager = SessionManager(config.models, initial_peers, device, torch_dtype,
-                             executor_workers=config.executor_workers, settings=config.manager_settings)
+    manager = build_manager(config.models, initial_peers, device, torch_dtype,
+                            executor_workers=config.executor_workers, settings=config.manager_settings)
     try:
         await manager.start()
         sockets = tornado.netutil.bind_sockets(config.port, config.host)

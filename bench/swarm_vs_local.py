@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
-from sessions.generation import TokenStream  # noqa: E402
+from sessions.token_stream import TokenStream  # noqa: E402
 from sessions.models import load_model  # noqa: E402
 from server import split_cpu_threads  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402

@@ -19,19 +19,12 @@ class ReadyHandler(APIHandler):
     async def get(self) -> None:
         started = time.monotonic()
         try:
-            routes = await self.manager.swarm_state()
+            routes = await self.manager.monitor.routes()
         except NotReady as error:
             self.set_status(503)
             self.write({"ok": False, "ready": False, "traceback": str(error), "models": []})
             return
-        models = [{
-            "model": route.model,
-            "ready": route.full_route,
-            "num_blocks": route.num_blocks,
-            "missing_blocks": list(route.missing_blocks),
-            "online_servers": route.online_servers,
-            **({"error": route.error} if route.error else {}),
-        } for route in routes]
+        models = [route.describe(with_servers=False) for route in routes]
         ready = all(route.full_route for route in routes)
         if not ready:
             self.set_status(503)

@@ -1,5 +1,6 @@
 """``POST /api/v1/generate``: one generation per request, from a form, a query string or JSON."""
 
+from contextlib import aclosing
 from typing import Any, Dict
 
 from handlers.base import GenerationHandler
@@ -22,6 +23,7 @@ class GenerateHandler(GenerationHandler):
         request = generation_request(params, allow_stop_sequence=False)
         model = optional_str(params, "model", allow_empty=False)
         outputs = []
-        async for update in self.manager.one_shot(self.connection_id, model, request, self.request.remote_ip):
-            outputs.append(update.outputs)
+        async with aclosing(self.generate(model, request)) as updates:
+            async for update in updates:
+                outputs.append(update.outputs)
         self.write({"ok": True, "outputs": "".join(outputs)})

@@ -14,6 +14,7 @@ def describe_model(loaded: LoadedModel) -> Dict[str, Any]:
     chat["stop_token"] = loaded.stop_token
     chat["extra_stop_sequences"] = list(spec.chat.extra_stop_sequences)
     chat["generation_params"] = dict(spec.chat.generation_params)
+    chat["format"] = loaded.chat_format.describe()
     return {
         "model": spec.key,
         "repository": spec.repository,
@@ -31,4 +32,4 @@ class ModelsHandler(APIHandler):
     """Lists every connected model, in declaration order."""
 
     def get(self) -> None:
-        self.write({"ok": True, "models": [describe_model(loaded) for loaded in self.manager.models]})
+        self.write({"ok": True, "models": [describe_model(loaded) for loaded in self.manager.registry.models]})

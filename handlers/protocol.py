@@ -1,23 +1,15 @@
 """The wire protocol's requests: JSON messages and form fields parsed into typed requests.
 
-Parsing checks every field's type and range and raises ``ProtocolError`` with a message that
-names the field; nothing here touches a model or a session.
+Parsing checks every field's type and range and raises ``BadRequest`` with a message that
+names the field; nothing here touches a model or a session (nor imports torch or petals).
 """
 
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
-from sessions.generation import SamplingParams
-from sessions.session import GenerationRequest
-
-
-class ProtocolError(Exception):
-    """A malformed request: bad JSON, unknown type, missing or ill-typed field."""
-
-    code = "bad_request"
-    retryable = False
-
+from sessions.errors import BadRequest
+from sessions.requests import GenerationRequest, SamplingParams
 
 @dataclass(frozen=True)
 class OpenSessionMessage:
@@ -57,9 +49,9 @@ def optional_int(params: Mapping[str, Any], name: str, minimum: int = 1) -> Opti
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError(f"{name} must be an integer, got {value!r}")
+        raise BadRequest(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise ProtocolError(f"{name} must be at least {minimum}, got {value}")
+        raise BadRequest(f"{name} must be at least {minimum}, got {value}")
     return value
 
 
@@ -73,13 +65,13 @@ def optional_float(params: Mapping[str, Any], name: str, low: float, high: float
         try:
             value = float(value)
         except ValueError:
-            raise ProtocolError(f"{name} must be a number, got {value!r}") from None
+            raise BadRequest(f"{name} must be a number, got {value!r}") from None
     if not _is_number(value) or value != value:
-        raise ProtocolError(f"{name} must be a number, got {value!r}")
+        raise BadRequest(f"{name} must be a number, got {value!r}")
     above_low = value >= low if low_inclusive else value > low
     if not above_low or value > high:
         bracket = "[" if low_inclusive else "("
-        raise ProtocolError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+        raise BadRequest(f"{name} must be in {bracket}{low}, {high}], got {value}")
     return float(value)
 
 
@@ -92,7 +84,7 @@ def optional_bool(params: Mapping[str, Any], name: str) -> Optional[bool]:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
         return value.strip().lower() in TRUE_WORDS
-    raise ProtocolError(f"{name} must be true/false or 1/0, got {value!r}")
+    raise BadRequest(f"{name} must be true/false or 1/0, got {value!r}")
 
 
 def optional_str(params: Mapping[str, Any], name: str, allow_empty: bool = True) -> Optional[str]:
@@ -101,9 +93,9 @@ def optional_str(params: Mapping[str, Any], name: str, allow_empty: bool = True)
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ProtocolError(f"{name} must be a string, got {type(value).__name__}")
+        raise BadRequest(f"{name} must be a string, got {type(value).__name__}")
     if not value and not allow_empty:
-        raise ProtocolError(f"{name} must not be empty")
+        raise BadRequest(f"{name} must not be empty")
     return value
 
 
@@ -115,7 +107,7 @@ def optional_str_list(params: Mapping[str, Any], name: str) -> Tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
-        raise ProtocolError(f"{name} must be a list of non-empty strings")
+        raise BadRequest(f"{name} must be a list of non-empty strings")
     return tuple(value)
 
 
@@ -124,7 +116,7 @@ def generation_request(params: Mapping[str, Any], allow_stop_sequence: bool = Tr
     max_length = optional_int(params, "max_length")
     max_new_tokens = optional_int(params, "max_new_tokens")
     if max_length is None and max_new_tokens is None:
-        raise ProtocolError("Either max_length or max_new_tokens is required")
+        raise BadRequest("Either max_length or max_new_tokens is required")
     sampling = SamplingParams(
         do_sample=bool(optional_bool(params, "do_sample")),
         temperature=optional_float(params, "temperature", 0.0) or 1.0,
@@ -135,9 +127,10 @@ def generation_request(params: Mapping[str, Any], allow_stop_sequence: bool = Tr
     stop_sequence = optional_str(params, "stop_sequence", allow_empty=False) if allow_stop_sequence else None
     extra_stop_sequences = optional_str_list(params, "extra_stop_sequences") if allow_stop_sequence else ()
     if extra_stop_sequences and stop_sequence is None:
-        raise ProtocolError("extra_stop_sequences need a stop_sequence")
+        raise BadRequest("extra_stop_sequences need a stop_sequence")
     return GenerationRequest(
         inputs=optional_str(params, "inputs"),
+        visible_text=bool(optional_bool(params, "visible_text")) if allow_stop_sequence else False,
         max_length=max_length,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
@@ -149,21 +142,21 @@ def generation_request(params: Mapping[str, Any], allow_stop_sequence: bool = Tr
 def parse_message(raw: Union[str, bytes], max_bytes: int) -> Message:
     """One WebSocket message as a typed request."""
     if len(raw) > max_bytes:
-        raise ProtocolError(f"Message too large: {len(raw)} bytes, the limit is {max_bytes}")
+        raise BadRequest(f"Message too large: {len(raw)} bytes, the limit is {max_bytes}")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
-        raise ProtocolError(f"Message is not valid JSON: {error}") from None
+        raise BadRequest(f"Message is not valid JSON: {error}") from None
     if not isinstance(data, dict):
-        raise ProtocolError("Message must be a JSON object")
+        raise BadRequest("Message must be a JSON object")
     kind = data.get("type")
     if kind == "open_inference_session":
         max_length = optional_int(data, "max_length")
         if max_length is None:
-            raise ProtocolError("max_length is required")
+            raise BadRequest("max_length is required")
         return OpenSessionMessage(model=optional_str(data, "model", allow_empty=False), max_length=max_length)
     if kind == "generate":
         return GenerateMessage(request=generation_request(data))
     if kind == "stop":
         return StopMessage()
-    raise ProtocolError(f"Unknown message type {kind!r}; expected open_inference_session, generate or stop")
+    raise BadRequest(f"Unknown message type {kind!r}; expected open_inference_session, generate or stop")

@@ -1,86 +1,168 @@
-"""Errors the session side reports to clients; handlers map them to replies.
+"""Every error a client can be answered with, and the one mapping from an exception to a reply.
 
-Each has a stable ``code`` and a ``retryable`` flag. Messages keep the phrases existing
-clients match on: "Maximum length exceeded", "Session ... expired", "attention cache is full".
+Each error class declares, once, everything about its code: the HTTP status, whether a retry
+may help, whether the client's session survives it, the OpenAI error type and the log level.
+``ERROR_CLASSES`` is the table of them all (the README's error table is tested against it).
+``classify`` turns any exception into one of these errors, and ``error_payload`` turns that
+into the wire body of the WebSocket, JSON or OpenAI API. Nothing here imports Tornado.
 """
 
+import logging
 import re
-from typing import Iterable, List, Sequence
+import traceback
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 
-class SessionError(Exception):
-    """Base of every error the session manager reports to a client."""
+class ServiceError(Exception):
+    """Base of every error reported to a client; unexpected exceptions become ``InternalError``."""
 
     code = "internal_error"
-    retryable = False
+    status = 500  # HTTP status of a JSON or OpenAI reply
+    retryable = False  # whether the same request may succeed later
+    session_survives = False  # whether the client's inference session is still usable afterwards
+    openai_type = "server_error"
+    log_level = logging.ERROR
+    meaning = "an unexpected failure inside this server"
+    param: Optional[str] = None  # the request field at fault, when there is one (OpenAI's ``param``)
+    openai_code: Optional[str] = None  # OpenAI's ``code``; the error's own code when None
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        if param is not None:
+            self.param = param
 
 
-class InvalidRequest(SessionError):
+class InternalError(ServiceError):
+    """A bug or an unforeseen failure in this server; the message names only the exception type."""
+
+
+class ClientError(ServiceError):
+    """The request cannot be served as sent; the session (if any) is untouched."""
+
+    status = 400
+    session_survives = True
+    openai_type = "invalid_request_error"
+    log_level = logging.INFO
+
+
+class BadRequest(ClientError):
+    """A malformed request: bad JSON, unknown type, missing or ill-typed field."""
+
+    code = "bad_request"
+    meaning = "malformed message: bad JSON, unknown type, a field of the wrong type or range"
+
+
+class InvalidRequest(ClientError):
     """The request is well-formed but asks for something this server cannot do."""
 
     code = "invalid_request"
+    meaning = "well-formed but not possible, e.g. `max_new_tokens` over the model's limit"
 
 
-class UnknownModel(SessionError):
+class MaxLengthExceeded(ClientError):
+    """The session has no room for more tokens; the client may reopen with a longer one."""
+
+    code = "max_length_exceeded"
+    meaning = "the session is full; reopen with a larger `max_length`"
+
+
+class Unauthorized(ClientError):
+    """The API key is missing or wrong."""
+
+    code = "unauthorized"
+    status = 401
+    openai_type = "authentication_error"
+    openai_code = "invalid_api_key"
+    meaning = "`--api-key` is set and the request did not bring it"
+
+
+class ModelNotPublic(ClientError):
+    """The model is declared ``public_api: false``: only the server's own chat page may use it."""
+
+    code = "model_not_public"
+    status = 403
+    openai_type = "permission_error"
+    meaning = "the model is served to this server's own chat page only"
+
+
+class UnknownModel(ClientError):
     """The client named a model this server does not serve."""
 
     code = "unknown_model"
+    status = 404
+    param = "model"
+    openai_code = "model_not_found"
+    meaning = "no such model; the message lists the served ones"
 
     def __init__(self, name: object, known: Iterable[str]):
         super().__init__(f"Unknown model {name!r}; this server serves: {', '.join(known)}")
 
 
-class NotReady(SessionError):
-    """The server is still connecting to the swarm or loading models."""
-
-    code = "not_ready"
-    retryable = True
-
-
-class SessionStateError(SessionError):
+class SessionStateError(ClientError):
     """The request does not fit the connection's state (no session yet, or one already open)."""
 
     code = "bad_state"
+    status = 409
+    meaning = "e.g. `generate` before `open_inference_session`"
 
 
-class MaxLengthExceeded(SessionError):
-    """The session has no room for more tokens; the client may reopen with a longer one."""
-
-    code = "max_length_exceeded"
-
-
-class SessionExpired(SessionError):
+class SessionExpired(ClientError):
     """The session was closed (idle too long, or broken by an error); open a new one."""
 
     code = "session_expired"
+    status = 409
     retryable = True
+    session_survives = False
+    meaning = "the session was closed (idle, or broken by an error); open a new one"
 
 
-class CacheFull(SessionError):
-    """The swarm has no room for this session's attention caches."""
+class ClientLimit(ClientError):
+    """This client holds as many sessions as one client may."""
 
-    code = "cache_full"
+    code = "too_many_sessions"
+    status = 429
     retryable = True
+    openai_type = "rate_limit_error"
+    meaning = "this client address holds its maximum of sessions"
 
 
-class StepTimeout(SessionError):
-    """A generation step took longer than the configured step timeout."""
+class Unavailable(ServiceError):
+    """The server or the swarm cannot serve the request now; a later try may work."""
 
-    code = "step_timeout"
+    status = 503
     retryable = True
+    log_level = logging.WARNING
 
 
-class SwarmError(SessionError):
-    """The swarm failed to run a step for a reason none of the errors below names."""
+class ServerBusy(Unavailable):
+    """This server holds as many sessions as it is configured to."""
+
+    code = "server_busy"
+    session_survives = True
+    log_level = logging.INFO
+    meaning = "the server holds its maximum of sessions"
+
+
+class NotReady(Unavailable):
+    """The server is still connecting to the swarm or loading models."""
+
+    code = "not_ready"
+    session_survives = True
+    meaning = "still connecting to the swarm"
+
+
+class SwarmError(Unavailable):
+    """The swarm failed to run a step for a reason none of its subclasses names."""
 
     code = "swarm_error"
-    retryable = True
+    meaning = "any other failure inside the swarm"
 
 
 class MissingBlocks(SwarmError):
     """No server in the swarm holds some blocks of the model: there is no full route."""
 
     code = "missing_blocks"
+    meaning = "no online server holds some blocks; the message names them, e.g. `blocks 2-3 of org/model`"
 
     def __init__(self, blocks: Sequence[int], model: str):
         self.blocks = sorted(blocks)
@@ -92,20 +174,84 @@ class PeerFailure(SwarmError):
     """A server of the route failed or stopped answering, and retrying did not find another."""
 
     code = "peer_failure"
+    meaning = "a server on the route failed and no other could take over"
 
 
-class ServerBusy(SessionError):
-    """This server holds as many sessions as it is configured to."""
+class CacheFull(SwarmError):
+    """The swarm has no room for this session's attention caches."""
 
-    code = "server_busy"
-    retryable = True
+    code = "cache_full"
+    meaning = "the swarm has no room for this session's attention caches (out of capacity)"
 
 
-class ClientLimit(SessionError):
-    """This client holds as many sessions as one client may."""
+class StepTimeout(SwarmError):
+    """A generation step took longer than the configured step timeout."""
 
-    code = "too_many_sessions"
-    retryable = True
+    code = "step_timeout"
+    meaning = "a step took longer than `--step-timeout`"
+
+
+class HTTPStatusError(ServiceError):
+    """An HTTP-level refusal by the web framework (no such endpoint, method not allowed)."""
+
+    openai_type = "invalid_request_error"
+    log_level = logging.INFO
+    session_survives = True
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = f"http_{status}"
+        if status >= 500:
+            self.openai_type, self.log_level = "server_error", logging.ERROR
+
+
+def _concrete(base: Type[ServiceError]) -> List[Type[ServiceError]]:
+    found = []
+    for subclass in base.__subclasses__():
+        if subclass is not HTTPStatusError:
+            if "code" in vars(subclass):
+                found.append(subclass)
+            found.extend(_concrete(subclass))
+    return found
+
+
+# Every error code a client can receive, with its status and flags: the one table.
+ERROR_CLASSES: Tuple[Type[ServiceError], ...] = tuple(_concrete(ServiceError))
+
+
+def classify(error: BaseException) -> ServiceError:
+    """The client-facing error for any exception; unexpected ones hide their details."""
+    if isinstance(error, ServiceError):
+        return error
+    internal = InternalError(f"Internal error: {type(error).__name__}")
+    internal.__cause__ = error
+    return internal
+
+
+def log_error(logger: logging.Logger, context: str, error: BaseException) -> ServiceError:
+    """Logs ``error`` at its class's level (a traceback for internal errors); returns it classified."""
+    classified = classify(error)
+    exc_info = error if isinstance(classified, InternalError) else None
+    logger.log(classified.log_level, "%s: %s", context, error, exc_info=exc_info)
+    return classified
+
+
+def error_payload(error: BaseException, api: str = "native", debug: bool = False) -> Dict[str, Any]:
+    """The wire body of an error: ``api`` "native" (WebSocket and JSON) or "openai" (JSON and SSE).
+
+    With ``debug`` the message carries the traceback (of the original exception for internal errors).
+    """
+    classified = classify(error)
+    message = str(classified)
+    if debug:
+        original = classified.__cause__ if isinstance(classified, InternalError) else classified
+        if original is not None and original.__traceback__ is not None:
+            message += "\n" + "".join(traceback.format_exception(original))
+    if api == "openai":
+        return {"error": {"message": message, "type": classified.openai_type, "param": classified.param,
+                          "code": classified.openai_code or classified.code}}
+    return {"ok": False, "traceback": message, "code": classified.code, "retryable": classified.retryable}
 
 
 def describe_blocks(blocks: Sequence[int]) -> str:
@@ -127,9 +273,9 @@ _PEER_FAILURE_MARKERS = ("P2PDaemonError", "P2PHandlerError", "ControlFailure", 
                          "Broken pipe", "stream reset", "TimeoutError")
 
 
-def from_petals_error(error: BaseException, model: str) -> SessionError:
+def from_petals_error(error: BaseException, model: str) -> ServiceError:
     """The client-facing error for an exception petals raised while running a step of ``model``."""
-    if isinstance(error, SessionError):
+    if isinstance(error, ServiceError):
         return error
     text = f"{type(error).__name__}: {error}"
     missing = _MISSING_BLOCKS.search(text)

@@ -1,100 +1,74 @@
-"""Token-by-token generation over one Petals inference session.
+"""The generation loop: one ``generate`` request run step by step in a chat session.
 
-``TokenStream`` feeds tokens through the swarm one step at a time and picks the next token
-on this machine (embeddings and the output head are local). Its methods block: the session
-manager runs them in its executor.
+It feeds the new input, steps the session's token stream one token at a time, turns tokens
+into text, watches for stop sequences, end of sequence and length limits, and yields the
+replies the request asked for (one per ``max_new_tokens`` tokens, or one per chunk until a
+stop when streaming).
 """
 
-import logging
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Optional
 
-import torch
-from transformers import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from sessions.errors import InvalidRequest
+from sessions.requests import GenerationRequest, GenerationUpdate
+from sessions.stops import StopStringFilter
 
-import swarm.compat  # noqa: F401  (must precede petals)
-from petals.client.inference_session import InferenceSession
-
-from sessions.models import LoadedModel
-
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from sessions.session import ChatSession
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen: greedy by default, or sampled with the usual warpers."""
+async def run_generation(session: "ChatSession", request: GenerationRequest,
+                         ticket: int) -> AsyncIterator[GenerationUpdate]:
+    """Runs one generation in ``session`` (whose turn it is); the last reply has ``stop=True``."""
+    if session.stopped(ticket):
+        yield GenerationUpdate(outputs="", stop=True, token_count=0, finish_reason="cancelled")
+        return
+    stop_token_id = await _stop_token_id(session, request)
+    input_ids = await session.encode(request.inputs) if request.inputs else []
+    if not input_ids and session.stream.pending is None:
+        raise InvalidRequest("inputs are required to start a session")
+    total_limit = min(session.max_length, request.max_length or session.max_length)
+    stops = StopStringFilter(request.stop_sequences)
+    eos_token_id = session.model.eos_token_id
+    session.decoder.add_context(input_ids)
+    while True:
+        chunk_tokens, chunk_text, finish_reason = 0, "", None
+        while request.max_new_tokens is None or chunk_tokens < request.max_new_tokens:
+            if session.stopped(ticket):
+                finish_reason = "cancelled"
+                break
+            if request.max_length is not None and session.length_with(input_ids) + 1 > total_limit:
+                finish_reason = "length"  # the client's max_length is reached
+                break
+            token = await session.step(input_ids, request.sampling)
+            input_ids = []
+            chunk_tokens += 1
+            chunk_text += session.decoder.push([token])
+            if token == eos_token_id:
+                finish_reason = "stop"
+                break
+        visible = stops.push(chunk_text)
+        if stops.matched:
+            if stop_token_id is not None and stops.matched_stop != request.stop_sequence:
+                # The next turn must follow the stop token, as if the model had written it.
+                session.stream.replace_pending(stop_token_id)
+            if finish_reason != "cancelled":
+                finish_reason = "stop"
+        elif finish_reason is None and not request.streaming:
+            finish_reason = "length"  # the one reply has its max_new_tokens
+        if finish_reason is not None:
+            visible += stops.flush()
+        yield GenerationUpdate(outputs=chunk_text, stop=finish_reason is not None, token_count=chunk_tokens,
+                               finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched)
+        if finish_reason is not None:
+            return
 
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
 
-    def processors(self) -> LogitsProcessorList:
-        """The transformers logits processors these parameters call for."""
-        processors = LogitsProcessorList()
-        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
-        if self.do_sample:
-            if self.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k:
-                processors.append(TopKLogitsWarper(self.top_k))
-            if self.top_p is not None and self.top_p < 1.0:
-                processors.append(TopPLogitsWarper(self.top_p))
-        return processors
-
-
-class TokenStream:
-    """One inference session on the swarm and the tokens that went through it.
-
-    The last chosen token is not fed through the swarm until the next ``step``, which sends
-    it together with any new input; so one step costs one round trip through the swarm.
-    """
-
-    def __init__(self, loaded: LoadedModel, max_length: int):
-        self.loaded = loaded
-        self._remote = loaded.client.transformer.h
-        self._session = InferenceSession(self._remote.sequence_manager, max_length)
-        self.token_ids = torch.empty((1, 0), dtype=torch.int64)  # every token, fed or pending
-        self.pending: Optional[int] = None  # chosen but not yet fed through the swarm
-
-    @property
-    def position(self) -> int:
-        """How many tokens the swarm holds attention caches for."""
-        return self._session.position
-
-    def step(self, new_input_ids: Sequence[int] = (), sampling: SamplingParams = SamplingParams()) -> int:
-        """Feeds the pending token and ``new_input_ids`` through the swarm; returns the next token."""
-        feed = ([self.pending] if self.pending is not None else []) + list(new_input_ids)
-        if not feed:
-            raise ValueError("nothing to feed: give input ids to start a session")
-        input_ids = torch.tensor([feed], dtype=torch.int64)
-        client = self.loaded.client
-        with torch.inference_mode(), self._remote.use_session(self._session):
-            hidden = client.transformer(input_ids=input_ids).last_hidden_state[:, -1:]
-            logits = client.lm_head(hidden)[:, -1].float()
-        self.token_ids = torch.cat([self.token_ids, torch.tensor([list(new_input_ids)], dtype=torch.int64)], dim=1)
-        scores = sampling.processors()(self.token_ids, logits)
-        if sampling.do_sample:
-            next_token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0])
-        else:
-            next_token = int(scores.argmax(dim=-1)[0])
-        self.pending = next_token
-        self.token_ids = torch.cat([self.token_ids, torch.tensor([[next_token]])], dim=1)
-        return next_token
-
-    def replace_pending(self, token_id: int) -> None:
-        """Feeds ``token_id`` instead of the pending token at the next step (e.g. a stop token)."""
-        self.pending = token_id
-        self.token_ids[0, -1] = token_id
-
-    def close(self) -> None:
-        """Releases the attention caches the swarm holds for this session."""
-        self._session.close()
+async def _stop_token_id(session: "ChatSession", request: GenerationRequest) -> Optional[int]:
+    """The single token of ``stop_sequence``, required when extra stop sequences are given."""
+    if not request.extra_stop_sequences or request.stop_sequence is None:
+        return None
+    ids = await session.encode(request.stop_sequence)
+    if len(ids) != 1:
+        raise InvalidRequest("extra_stop_sequences need a stop_sequence that is exactly one token "
+                             f"({request.stop_sequence!r} is {len(ids)} tokens)")
+    return ids[0]

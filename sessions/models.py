@@ -4,16 +4,16 @@ The client keeps the embeddings and the language-model head on this machine; the
 transformer blocks are run by the swarm.
 """
 
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
-import swarm.compat  # noqa: F401  (must precede petals)
 import torch
-from petals import AutoDistributedModelForCausalLM
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from config import ModelSpec, ManagerSettings
+from config import ManagerSettings, ModelSpec
+from swarm.petals_api import AutoDistributedModelForCausalLM, RemoteExpertWorker
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,18 @@ class LoadedModel:
         """The text that ends the model's turn in a chat: the configured one, else its EOS token."""
         return self.spec.chat.stop_token or self.tokenizer.eos_token
 
+    @functools.cached_property
+    def chat_format(self) -> "ChatFormat":  # noqa: F821
+        """How a conversation is written for this model (role markers, stop sequences)."""
+        from sessions.chat_format import ChatFormat
+
+        return ChatFormat.for_model(self.tokenizer, self.spec.chat, self.stop_token)
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        """The token that ends a generation."""
+        return self.tokenizer.eos_token_id
+
     def encode(self, text: str) -> List[int]:
         """Token ids of ``text``, without special tokens (a session's BOS is the caller's choice)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -50,8 +62,6 @@ class LoadedModel:
 
     def close(self) -> None:
         """Stops the client's background routing thread, its p2p replica and its DHT process."""
-        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-
         manager = self.sequence_manager
         manager.shutdown()
         if manager.state.p2p is not None:

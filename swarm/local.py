@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-import swarm.compat  # noqa: F401  (must precede petals)
-import hivemind
-from petals.data_structures import ServerState
-from petals.utils.dht import get_remote_module_infos
+from swarm.blocks import lookup_blocks
+from swarm.petals_api import DHT
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ class LocalSwarm:
         self.torch_dtype = torch_dtype
         self.threads = threads
         self.nodes: List[SwarmNode] = []
-        self.dht: Optional[hivemind.DHT] = None
+        self.dht: Optional[DHT] = None
 
     @property
     def initial_peers(self) -> List[str]:
@@ -101,7 +99,7 @@ class LocalSwarm:
     def start(self) -> "LocalSwarm":
         """Starts the bootstrap DHT node."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.dht = hivemind.DHT(host_maddrs=[LOOPBACK_MADDR], start=True)
+        self.dht = DHT(host_maddrs=[LOOPBACK_MADDR], start=True)
         logger.info("Local swarm bootstrap peer: %s", " ".join(self.initial_peers))
         return self
 
@@ -144,11 +142,7 @@ class LocalSwarm:
     def announced_blocks(self, model: SwarmModel) -> int:
         """How many of the model's blocks at least one online server announces."""
         uids = [f"{model.dht_prefix}.{index}" for index in range(model.num_blocks)]
-        infos = get_remote_module_infos(self.dht, uids, latest=True)
-        return sum(
-            1 for info in infos
-            if info is not None and any(server.state == ServerState.ONLINE for server in info.servers.values())
-        )
+        return sum(block.online for block in lookup_blocks(self.dht, uids))
 
     def wait_until_ready(
         self,

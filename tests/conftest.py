@@ -15,8 +15,7 @@ import tornado.ioloop
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import swarm.compat  # noqa: E402,F401  (must precede petals)
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker  # noqa: E402
+from swarm.petals_api import RemoteExpertWorker  # noqa: E402
 from config import ChatSettings, FrontendSettings, ModelSpec, Settings, default_model  # noqa: E402
 from swarm.default_model import DEFAULT_CACHE_DIR, ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
@@ -95,10 +94,10 @@ def settings(model_specs, local_swarm) -> Settings:
 @pytest.fixture(scope="session")
 def manager(settings, io_loop):
     """A session manager connected to every model of the test swarm."""
-    from sessions.manager import SessionManager
+    from sessions.manager import build_manager
 
-    manager = SessionManager(settings.models, settings.initial_peers, settings.device, settings.torch_dtype,
-                             executor_workers=settings.executor_workers, settings=settings.manager_settings)
+    manager = build_manager(settings.models, settings.initial_peers, settings.device, settings.torch_dtype,
+                            executor_workers=settings.executor_workers, settings=settings.manager_settings)
     io_loop.run_sync(manager.start)
     yield manager
     io_loop.run_sync(manager.close)

@@ -52,6 +52,6 @@ async def test_wrong_method_answers_json_405(http_server_client):
 def test_find_model_by_alias_and_unknown(manager):
     from sessions.errors import UnknownModel
 
-    assert manager.find_model("tl").spec.key == "tests/tiny-llama"
+    assert manager.registry.find("tl").spec.key == "tests/tiny-llama"
     with pytest.raises(UnknownModel, match="nope"):
-        manager.find_model("nope")
+        manager.registry.find("nope")

@@ -7,7 +7,7 @@ from selenium.webdriver.common.by import By
 
 from config import ManagerSettings
 from server import make_app
-from sessions.manager import SessionManager
+from sessions.manager import build_manager
 from tests.browser import MID_REPLY_SCREENSHOT, PHONE_SCREENSHOT, PHONE_SIZE, ChatPage, ChatServer, drive, \
     start_chromium
 
@@ -42,8 +42,8 @@ def page(chromium, chat_server):
 @pytest.fixture
 def expiring_server(io_loop, tiny_model_specs, settings):
     """The app serving Tiny Llama from a manager whose sessions expire after a second idle."""
-    manager = SessionManager(tiny_model_specs[:1], settings.initial_peers, settings.device, settings.torch_dtype,
-                             executor_workers=2, settings=ManagerSettings(idle_timeout=1.0))
+    manager = build_manager(tiny_model_specs[:1], settings.initial_peers, settings.device, settings.torch_dtype,
+                            executor_workers=2, settings=ManagerSettings(idle_timeout=1.0))
     io_loop.run_sync(manager.start)
     server = ChatServer(make_app(settings, manager), io_loop)
     server.start()

@@ -2,7 +2,7 @@
 
 import pytest
 
-import swarm.compat  # noqa: F401  (must precede petals)
+import swarm.petals_api  # noqa: F401  (the compatibility patch, before petals)
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
 from petals.client.routing.sequence_manager import MissingBlocksError
 

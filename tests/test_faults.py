@@ -19,7 +19,7 @@ import tornado.httpserver
 import tornado.testing
 
 from config import FrontendSettings, ModelSpec, ManagerSettings, Settings
-from sessions.manager import SessionManager
+from sessions.manager import build_manager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 from tests.browser import ChatPage, drive, start_chromium
 from tests.test_websocket import wait_for_no_sessions
@@ -80,8 +80,8 @@ def fault_server(io_loop, fault_swarm, tiny_model_specs):
                                        (SMALL_CACHE, "fault-small-cache")))
     settings = Settings(models=specs, initial_peers=tuple(fault_swarm.swarm.initial_peers), port=0, device="cpu",
                         torch_dtype="float32", executor_workers=4, step_timeout=60)
-    manager = SessionManager(specs, settings.initial_peers, "cpu", "float32", executor_workers=4,
-                             settings=ManagerSettings(step_timeout=60, request_timeout=REQUEST_TIMEOUT,
+    manager = build_manager(specs, settings.initial_peers, "cpu", "float32", executor_workers=4,
+                            settings=ManagerSettings(step_timeout=60, request_timeout=REQUEST_TIMEOUT,
                                                      routing_update_period=ROUTING_UPDATE_PERIOD))
     io_loop.run_sync(manager.start)
     sock, port = tornado.testing.bind_unused_port()
@@ -150,7 +150,7 @@ async def test_a_peer_dies_mid_stream_and_the_stream_survives_or_ends_clearly(fa
             assert last["stop"] is True
             # The session ends one token short of max_length: that token is chosen but never fed.
             generated = sum(reply["token_count"] for reply in replies)
-            assert 3 + generated == 200 - len(manager.find_model(PAIR).encode(prompt))
+            assert 3 + generated == 200 - len(manager.registry.find(PAIR).encode(prompt))
         else:
             assert last["retryable"] is True and last["code"] in ("peer_failure", "missing_blocks", "swarm_error")
             assert last["traceback"]

@@ -32,12 +32,12 @@ async def test_spec_curl_example_verbatim(ws_port, manager):
 
 
 async def test_form_body_greedy_matches_the_websocket_api(http_server_client, manager):
-    from sessions.generation import TokenStream
+    from sessions.token_stream import TokenStream
 
     code, reply = await post(http_server_client, urllib.parse.urlencode(
         {"model": TINY, "inputs": "A cat sat on", "max_new_tokens": "8", "do_sample": "0"}))
     assert code == 200 and reply["ok"] is True
-    loaded = manager.find_model(TINY)
+    loaded = manager.registry.find(TINY)
     stream = TokenStream(loaded, 64)
     try:
         ids = [stream.step(loaded.encode("A cat sat on"))] + [stream.step() for _ in range(7)]

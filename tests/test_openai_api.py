@@ -5,7 +5,7 @@ import asyncio
 import openai
 import pytest
 
-from handlers.openai_api import StopStringFilter
+from sessions.stops import StopStringFilter
 
 DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY = "tests/tiny-llama"
@@ -19,7 +19,7 @@ def client(ws_port):
 
 async def test_list_models(client, model_specs):
     models = await client.models.list()
-    assert [model.id for model in models.data] == [spec.key for spec in model_specs]
+    assert [model.id for model in models.data] == [spec.key for spec in model_specs if spec.public_api]
 
 
 async def test_chat_completion(client, manager):
@@ -110,7 +110,8 @@ async def test_api_key_is_required_when_configured(ws_port, settings, manager, i
         with pytest.raises(openai.AuthenticationError):
             await wrong.models.list()
         right = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret", max_retries=0)
-        assert len((await right.models.list()).data) == 3
+        listed = [model.id for model in (await right.models.list()).data]
+        assert listed == [spec.key for spec in settings.models if spec.public_api]
     finally:
         server.stop()
         await asyncio.sleep(0)

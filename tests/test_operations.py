@@ -7,7 +7,7 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import swarm.compat  # noqa: F401  (must precede petals)
+import swarm.petals_api  # noqa: F401  (the compatibility patch, before petals)
 from hivemind import PeerID
 from swarm.local import NODE_THROUGHPUT
 from tests.test_websocket import wait_for_no_sessions
@@ -45,7 +45,7 @@ def limits(io_loop, manager, monkeypatch):
     io_loop.run_sync(lambda: wait_for_no_sessions(manager, RELEASE_TIMEOUT))
 
     def set_limits(**values):
-        monkeypatch.setattr(manager, "settings", dataclasses.replace(manager.settings, **values))
+        monkeypatch.setattr(manager.admission, "settings", dataclasses.replace(manager.admission.settings, **values))
 
     return set_limits
 
@@ -109,7 +109,7 @@ async def test_metrics_count_steps_tokens_sessions_and_errors(http_server_client
     assert grew("swarm_chat_generated_tokens_total", model) == 5
     assert grew("swarm_chat_steps_total", model, ("outcome", "ok")) == 5
     assert grew("swarm_chat_step_seconds_count", model) == 5
-    assert grew("swarm_chat_input_tokens_total", model) == len(manager.find_model(TINY).encode("Hi there"))
+    assert grew("swarm_chat_input_tokens_total", model) == len(manager.registry.find(TINY).encode("Hi there"))
     assert grew("swarm_chat_sessions_opened_total", model) == 1
     assert grew("swarm_chat_errors_total", ("code", "bad_request")) == 1
     assert ("swarm_chat_executor_queue_depth",) in after
@@ -157,7 +157,7 @@ async def test_server_session_limit_answers_busy(http_server_client, ws_port, ma
 
 
 async def test_max_new_tokens_is_capped_per_model(http_server_client, ws_port, manager):
-    limit = manager.find_model(TINY).spec.max_new_tokens_limit
+    limit = manager.registry.find(TINY).spec.max_new_tokens_limit
     response, body = await post_generate(http_server_client,
                                          {"model": TINY, "inputs": "Hi", "max_new_tokens": limit + 1})
     assert response.code == 400 and body["code"] == "invalid_request" and str(limit) in body["traceback"]

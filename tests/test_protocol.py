@@ -7,11 +7,11 @@ import pytest
 from handlers.protocol import (
     GenerateMessage,
     OpenSessionMessage,
-    ProtocolError,
     StopMessage,
     generation_request,
     parse_message,
 )
+from sessions.errors import BadRequest
 
 LIMIT = 10_000
 
@@ -66,12 +66,12 @@ def test_form_strings_are_numbers():
     ],
 )
 def test_bad_parameters_name_the_field(params, expected):
-    with pytest.raises(ProtocolError, match=expected):
+    with pytest.raises(BadRequest, match=expected):
         generation_request(params)
 
 
 def test_oversized_message_is_refused_before_parsing():
-    with pytest.raises(ProtocolError, match="too large"):
+    with pytest.raises(BadRequest, match="too large"):
         parse_message("{" + " " * LIMIT + "}", LIMIT)
 
 

@@ -6,28 +6,18 @@ import pytest
 
 from config import ManagerSettings
 from sessions.errors import SessionExpired
-from sessions.manager import SessionManager
-from sessions.session import GenerationRequest
+from sessions.manager import build_manager
+from sessions.requests import GenerationRequest
 
 
-async def collect(manager, connection_id, request):
-    replies = []
-    done = asyncio.Event()
-
-    async def send(reply):
-        replies.append(reply)
-        if not hasattr(reply, "stop") or reply.stop:
-            done.set()
-
-    manager.start_generation(connection_id, request, send)
-    await asyncio.wait_for(done.wait(), 30)
-    return replies
+async def collect(session, request):
+    return [update async for update in session.generate(request)]
 
 
 @pytest.fixture
 def short_lived_manager(io_loop, tiny_model_specs, settings):
-    manager = SessionManager(tiny_model_specs[:1], settings.initial_peers, "cpu", "float32",
-                             executor_workers=2, settings=ManagerSettings(idle_timeout=1.0))
+    manager = build_manager(tiny_model_specs[:1], settings.initial_peers, "cpu", "float32",
+                            executor_workers=2, settings=ManagerSettings(idle_timeout=1.0))
     io_loop.run_sync(manager.start)
     yield manager
     io_loop.run_sync(manager.close)
@@ -35,16 +25,15 @@ def short_lived_manager(io_loop, tiny_model_specs, settings):
 
 async def test_idle_session_expires_and_can_be_reopened(short_lived_manager):
     manager = short_lived_manager
-    await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
-    first = await collect(manager, "c1", GenerationRequest(inputs="Hello", max_new_tokens=2))
+    session = await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
+    first = await collect(session, GenerationRequest(inputs="Hello", max_new_tokens=2))
     assert first[-1].stop and first[-1].token_count == 2
     assert manager.open_session_count == 1
     await asyncio.sleep(2.0)  # longer than the idle timeout: the reaper closes the session
     assert manager.open_session_count == 0
-    expired = await collect(manager, "c1", GenerationRequest(inputs="again", max_new_tokens=1))
-    assert isinstance(expired[-1], SessionExpired)
-    assert "Session c1 expired" in str(expired[-1])
-    await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
-    again = await collect(manager, "c1", GenerationRequest(inputs="Hello", max_new_tokens=1))
+    with pytest.raises(SessionExpired, match="Session c1 expired"):
+        await collect(session, GenerationRequest(inputs="again", max_new_tokens=1))
+    session = await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
+    again = await collect(session, GenerationRequest(inputs="Hello", max_new_tokens=1))
     assert again[-1].stop and again[-1].token_count == 1
-    manager.close_connection("c1")
+    await session.aclose("test done")

@@ -10,7 +10,7 @@ PROMPT = "A cat sat on the mat and then, café 日本語 1234"
 
 @pytest.mark.parametrize("repository", ["tests/tiny-llama", "tests/tiny-bloom"])
 def test_greedy_tokens_match_local_transformers(manager, repository):
-    loaded = manager.find_model(repository)
+    loaded = manager.registry.find(repository)
     input_ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     through_swarm = loaded.client.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
 
@@ -27,7 +27,7 @@ def test_greedy_tokens_match_local_transformers(manager, repository):
 
 
 def test_default_model_answers_paris_through_the_swarm(manager):
-    loaded = manager.find_model("default")
+    loaded = manager.registry.find("default")
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     input_ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     output = loaded.client.generate(input_ids, max_new_tokens=20, do_sample=False)
@@ -37,9 +37,9 @@ def test_default_model_answers_paris_through_the_swarm(manager):
 
 @pytest.mark.parametrize("repository", ["tests/tiny-llama", "tests/tiny-bloom"])
 def test_token_stream_matches_local_transformers_across_turns(manager, repository):
-    from sessions.generation import TokenStream
+    from sessions.token_stream import TokenStream
 
-    loaded = manager.find_model(repository)
+    loaded = manager.registry.find(repository)
     first_turn = loaded.tokenizer(PROMPT)["input_ids"]
     second_turn = loaded.tokenizer(" and then")["input_ids"]
     stream = TokenStream(loaded, max_length=128)

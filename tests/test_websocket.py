@@ -56,14 +56,14 @@ async def test_spec_javascript_example(ws_port, manager):
                                   "temperature": 0.6, "top_p": 0.9})
     assert reply["ok"] is True and reply["stop"] is True
     assert isinstance(reply["outputs"], str) and reply["outputs"]
-    prompt_tokens = len(manager.find_model(DEFAULT).tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    prompt_tokens = len(manager.registry.find(DEFAULT).tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert 1 <= reply["token_count"] <= max_length - prompt_tokens
     client.close()
     await wait_for_no_sessions(manager)
 
 
 async def test_streams_one_token_per_message_and_continues_the_session(ws_port, manager):
-    loaded = manager.find_model(DEFAULT)
+    loaded = manager.registry.find(DEFAULT)
     client = await WSClient.connect(ws_port)
     assert (await client.request({"type": "open_inference_session", "model": "smollm2", "max_length": 512}))["ok"]
     first = await client.stream({"type": "generate", "inputs": QUESTION, "max_new_tokens": 1,
@@ -94,9 +94,9 @@ async def test_without_stop_sequence_one_reply(ws_port, manager):
 
 async def test_multibyte_text_is_never_split(ws_port, manager):
     """A random model emits byte-level pieces of characters: none may reach the client half-done."""
-    from sessions.generation import TokenStream
+    from sessions.token_stream import TokenStream
 
-    loaded = manager.find_model(TINY)
+    loaded = manager.registry.find(TINY)
     prompt = "日本語 🦀 café"
     client = await WSClient.connect(ws_port)
     await client.request({"type": "open_inference_session", "model": TINY, "max_length": 128})
@@ -125,7 +125,7 @@ async def test_disconnect_mid_stream_closes_the_session(ws_port, manager):
     client.close()
     seconds = await wait_for_no_sessions(manager, timeout=10)
     assert seconds < 10
-    assert not [task for task in manager._tasks if task.get_name().startswith("generate-")]
+    assert not [task for task in manager.task_names if task.startswith("generate-")]
 
 
 async def test_stop_message_ends_the_stream_and_the_session_goes_on(ws_port, manager):
@@ -146,7 +146,7 @@ async def test_stop_message_ends_the_stream_and_the_session_goes_on(ws_port, man
 
 
 async def test_extra_stop_sequence_ends_the_turn(ws_port, manager):
-    loaded = manager.find_model(DEFAULT)
+    loaded = manager.registry.find(DEFAULT)
     client = await WSClient.connect(ws_port)
     await client.request({"type": "open_inference_session", "model": DEFAULT, "max_length": 512})
     replies = await client.stream({"type": "generate", "inputs": QUESTION, "max_new_tokens": 1,
@@ -250,7 +250,7 @@ async def test_a_long_stream_does_not_starve_a_short_one(ws_port, manager):
     assert (await long_client.receive())["stop"] is False
     short = await short_client.stream({"type": "generate", "inputs": "Hi", "max_new_tokens": 1,
                                        "stop_sequence": "never-appears", "max_length": 12})
-    prompt_tokens = len(manager.find_model(TINY).tokenizer("Hi", add_special_tokens=False)["input_ids"])
+    prompt_tokens = len(manager.registry.find(TINY).tokenizer("Hi", add_special_tokens=False)["input_ids"])
     assert short[-1]["stop"] and sum(reply["token_count"] for reply in short) == 12 - prompt_tokens
     # The long stream is still going: the short one was served between its steps.
     assert (await long_client.receive())["stop"] is False

@@ -1,0 +1,109 @@
+"""One WebSocket client of ``/api/v2/generate``: its session, its generation tasks, its replies.
+
+The Tornado handler only accepts the socket and forwards frames here. Each ``generate`` runs
+as a task of its own (so a ``stop`` or a disconnect is read while tokens flow); the session
+runs them one at a time in the order they came. Every error becomes an error reply.
+"""
+
+import json
+import logging
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Union
+
+from handlers.protocol import GenerateMessage, OpenSessionMessage, StopMessage, parse_message
+from sessions.errors import SessionStateError, error_payload, log_error
+from sessions.logs import ConnectionLog
+from sessions.manager import SessionManager
+from sessions.requests import GenerationRequest, GenerationUpdate
+from sessions.session import ChatSession
+
+logger = logging.getLogger(__name__)
+
+OK_REPLY = json.dumps({"ok": True})
+
+
+def update_reply(update: GenerationUpdate, visible_text: bool = False) -> str:
+    """One generation reply as the wire has it (``text`` only when the client asked for it)."""
+    body: Dict[str, Any] = {"ok": True, "outputs": update.outputs, "stop": update.stop,
+                            "token_count": update.token_count}
+    if visible_text:
+        body["text"] = update.text
+    return json.dumps(body)
+
+
+class GenerateConnection:
+    """The state of one WebSocket connection; ``send`` writes a text frame (and drops it once closed).
+
+    ``trusted`` says whether the peer is this server's own chat page (which may use models
+    that are not public).
+    """
+
+    def __init__(self, connection_id: str, manager: SessionManager, send: Callable[[str], Awaitable[None]],
+                 client: str, trusted: bool, max_message_bytes: int, debug: bool = False):
+        self.connection_id = connection_id
+        self.manager = manager
+        self.client = client
+        self.trusted = trusted
+        self.max_message_bytes = max_message_bytes
+        self.debug = debug
+        self.log = ConnectionLog(logger, connection_id)
+        self.session: Optional[ChatSession] = None
+        self.closed = False
+        self._send = send
+
+    async def on_message(self, raw: Union[str, bytes]) -> None:
+        """Handles one frame; answers errors with an error reply."""
+        try:
+            message = parse_message(raw, self.max_message_bytes)
+            if isinstance(message, OpenSessionMessage):
+                await self._open_session(message)
+            elif isinstance(message, GenerateMessage):
+                self._start_generation(message.request)
+            elif isinstance(message, StopMessage):
+                await self._stop()
+        except Exception as error:
+            await self.send_error(log_error(self.log, "Rejected a message", error))
+
+    async def _open_session(self, message: OpenSessionMessage) -> None:
+        if self.session is not None and not self.session.released:
+            raise SessionStateError("An inference session is already open on this connection")
+        self.session = await self.manager.open_session(self.connection_id, message.model, message.max_length,
+                                                       self.client, trusted=self.trusted)
+        if self.closed:  # the client left while the session was opening
+            self.manager.close_in_background(self.session, "connection closed")
+            return
+        await self._send(OK_REPLY)
+
+    def _start_generation(self, request: GenerationRequest) -> None:
+        if self.session is None:
+            raise SessionStateError("Open an inference session first (type: open_inference_session)")
+        self.manager.admission.check_request(self.session.model.spec, request)
+        updates = self.session.generate(request)  # takes its place in line now
+        self.manager.spawn(self._stream(updates, request.visible_text), f"generate-{self.connection_id}")
+
+    async def _stream(self, updates: AsyncIterator[GenerationUpdate], visible_text: bool) -> None:
+        try:
+            async with aclosing(updates):
+                async for update in updates:
+                    await self._send(update_reply(update, visible_text))
+        except Exception as error:
+            await self.send_error(log_error(self.log, "Generation failed", error))
+
+    async def _stop(self) -> None:
+        if self.session is not None and self.session.has_generations:
+            self.session.request_stop()
+            self.log.info("Stop requested")
+        else:
+            await self._send(update_reply(GenerationUpdate(outputs="", stop=True, token_count=0)))
+
+    async def send_error(self, error: BaseException) -> None:
+        """Writes an error reply and counts it."""
+        payload = error_payload(error, debug=self.debug)
+        self.manager.metrics.count_error(payload["code"])
+        await self._send(json.dumps(payload))
+
+    def close(self) -> None:
+        """The socket closed: the session and its generations end in the background."""
+        self.closed = True
+        if self.session is not None:
+            self.manager.close_in_background(self.session, "connection closed")

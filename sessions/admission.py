@@ -1,0 +1,73 @@
+"""Admission control: every limit on what clients may hold or ask for, in one place.
+
+Per server (open sessions in all), per client (open sessions of one address) and per request
+(``max_length`` and ``max_new_tokens`` against the model's limits). At a limit a request is
+refused at once with an error that names it; nothing waits in a queue.
+"""
+
+import collections
+from typing import Counter
+
+from config import ManagerSettings, ModelSpec
+from sessions.errors import ClientLimit, InvalidRequest, ServerBusy
+from sessions.requests import GenerationRequest
+
+
+class SessionSlot:
+    """One admitted session's place in the counts; ``release`` gives it back (once)."""
+
+    def __init__(self, admission: "Admission", client: str):
+        self.client = client
+        self._admission = admission
+        self.released = False
+
+    def release(self) -> None:
+        """Gives the place back; later calls do nothing."""
+        if not self.released:
+            self.released = True
+            self._admission._give_back(self)
+
+
+class Admission:
+    """Counts open sessions per server and per client and checks requests against the limits."""
+
+    def __init__(self, settings: ManagerSettings):
+        self.settings = settings
+        self.open_sessions = 0
+        self._by_client: Counter[str] = collections.Counter()
+
+    def check_capacity(self, client: str) -> None:
+        """Raises if ``client`` may not open another session now."""
+        if self.open_sessions >= self.settings.max_sessions:
+            raise ServerBusy(f"This server holds its maximum of {self.settings.max_sessions} sessions; "
+                             "try again shortly")
+        if self._by_client[client] >= self.settings.max_sessions_per_client:
+            raise ClientLimit(f"This client already holds {self.settings.max_sessions_per_client} sessions, "
+                              "the most one client may; close one first")
+
+    def admit(self, client: str) -> SessionSlot:
+        """Takes a session's place for ``client``, or raises if a limit is reached."""
+        self.check_capacity(client)
+        self.open_sessions += 1
+        self._by_client[client] += 1
+        return SessionSlot(self, client)
+
+    def _give_back(self, slot: SessionSlot) -> None:
+        self.open_sessions -= 1
+        self._by_client[slot.client] -= 1
+        if not self._by_client[slot.client]:
+            del self._by_client[slot.client]
+
+    @staticmethod
+    def check_session_length(spec: ModelSpec, max_length: int) -> None:
+        """Raises if a session of ``max_length`` tokens is longer than the model allows."""
+        limit = spec.chat.max_session_length
+        if max_length > limit:
+            raise InvalidRequest(f"max_length {max_length} exceeds this model's maximum session length {limit}")
+
+    @staticmethod
+    def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
+        """Raises if one generation asks for more new tokens than the model allows."""
+        limit = spec.max_new_tokens_limit
+        if request.max_new_tokens is not None and request.max_new_tokens > limit:
+            raise InvalidRequest(f"max_new_tokens {request.max_new_tokens} exceeds this model's limit of {limit}")

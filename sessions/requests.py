@@ -1,0 +1,58 @@
+"""What a client asks of a session and what it gets back: plain data, no torch, no petals.
+
+The wire parsers (``handlers/``) build these; the session side (``sessions/``) runs them.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen: greedy by default, or sampled with the usual warpers."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: new input text, length limits, sampling, and when to stop streaming."""
+
+    inputs: Optional[str] = None
+    max_length: Optional[int] = None  # total tokens in the session, prefix included
+    max_new_tokens: Optional[int] = None  # tokens per reply
+    sampling: SamplingParams = SamplingParams()
+    stop_sequence: Optional[str] = None  # stream replies until the text contains it
+    extra_stop_sequences: Tuple[str, ...] = ()  # also end the stream (with a stop_sequence: as its token)
+    until_length: bool = False  # keep replying until a stop, EOS or max_length, even without stop_sequence
+    visible_text: bool = False  # also give each reply's text with stop sequences cut and held back
+
+    @property
+    def streaming(self) -> bool:
+        """Whether replies continue until a stop condition rather than after the first one."""
+        return self.stop_sequence is not None or self.until_length
+
+    @property
+    def stop_sequences(self) -> Tuple[str, ...]:
+        """Every text that ends the generation."""
+        return tuple(filter(None, (self.stop_sequence, *self.extra_stop_sequences)))
+
+
+@dataclass(frozen=True)
+class GenerationUpdate:
+    """One reply of a generation: the new text, whether it is the last, and its token count.
+
+    ``text`` is the part of the output that is safe to show: stop sequences and anything
+    after them cut, and a possible beginning of one held back until the next reply.
+    """
+
+    outputs: str
+    stop: bool
+    token_count: int
+    finish_reason: Optional[str] = None  # on the last reply: "stop" (stop text or EOS), "length", "cancelled"
+    text: str = ""
+    stopped_by_sequence: bool = False  # on the last reply: a stop sequence (not EOS or a limit) ended it

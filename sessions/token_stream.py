@@ -1,0 +1,85 @@
+"""One Petals inference session driven token by token.
+
+``TokenStream`` feeds tokens through the swarm one step at a time and picks the next token
+on this machine (embeddings and the output head are local). Its methods block: the session
+manager runs them in its executor.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from sessions.models import LoadedModel
+from sessions.requests import SamplingParams
+from swarm.petals_api import InferenceSession
+
+
+def logits_processors(sampling: SamplingParams) -> LogitsProcessorList:
+    """The transformers logits processors that ``sampling`` calls for."""
+    processors = LogitsProcessorList()
+    if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    if sampling.do_sample:
+        if sampling.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            processors.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p is not None and sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(sampling.top_p))
+    return processors
+
+
+class TokenStream:
+    """One inference session on the swarm and the tokens that went through it.
+
+    The last chosen token is not fed through the swarm until the next ``step``, which sends
+    it together with any new input; so one step costs one round trip through the swarm.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_length: int):
+        self.loaded = loaded
+        self._remote = loaded.client.transformer.h
+        self._session = InferenceSession(self._remote.sequence_manager, max_length)
+        self.token_ids = torch.empty((1, 0), dtype=torch.int64)  # every token, fed or pending
+        self.pending: Optional[int] = None  # chosen but not yet fed through the swarm
+
+    @property
+    def position(self) -> int:
+        """How many tokens the swarm holds attention caches for."""
+        return self._session.position
+
+    def step(self, new_input_ids: Sequence[int] = (), sampling: SamplingParams = SamplingParams()) -> int:
+        """Feeds the pending token and ``new_input_ids`` through the swarm; returns the next token."""
+        feed = ([self.pending] if self.pending is not None else []) + list(new_input_ids)
+        if not feed:
+            raise ValueError("nothing to feed: give input ids to start a session")
+        input_ids = torch.tensor([feed], dtype=torch.int64)
+        client = self.loaded.client
+        with torch.inference_mode(), self._remote.use_session(self._session):
+            hidden = client.transformer(input_ids=input_ids).last_hidden_state[:, -1:]
+            logits = client.lm_head(hidden)[:, -1].float()
+        self.token_ids = torch.cat([self.token_ids, torch.tensor([list(new_input_ids)], dtype=torch.int64)], dim=1)
+        scores = logits_processors(sampling)(self.token_ids, logits)
+        if sampling.do_sample:
+            next_token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0])
+        else:
+            next_token = int(scores.argmax(dim=-1)[0])
+        self.pending = next_token
+        self.token_ids = torch.cat([self.token_ids, torch.tensor([[next_token]])], dim=1)
+        return next_token
+
+    def replace_pending(self, token_id: int) -> None:
+        """Feeds ``token_id`` instead of the pending token at the next step (e.g. a stop token)."""
+        self.pending = token_id
+        self.token_ids[0, -1] = token_id
+
+    def close(self) -> None:
+        """Releases the attention caches the swarm holds for this session."""
+        self._session.close()

@@ -1,0 +1,104 @@
+"""Stand-ins for a model and its token stream, for unit tests of the session logic only.
+
+Every feature is proven on the real swarm elsewhere; these let the tests see tickets, stops,
+queueing, reaping and teardown without one. Text is one token per character (the id is the
+code point), and id 0 is the end of sequence.
+"""
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from config import ChatSettings, FrontendSettings, ModelSpec
+
+EOS = 0
+
+
+class CharTokenizer:
+    """One token per character."""
+
+    eos_token_id = EOS
+    eos_token = "\0"
+
+    def decode(self, ids: Sequence[int], **options) -> str:
+        return "".join(chr(token) for token in ids)
+
+
+@dataclass
+class FakeModel:
+    """What a session needs of a loaded model."""
+
+    spec: ModelSpec = field(default_factory=lambda: ModelSpec(
+        repository="fake/model", family="Fake", frontend=FrontendSettings(name="Fake"),
+        chat=ChatSettings(max_session_length=256)))
+    tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
+
+    @property
+    def eos_token_id(self) -> int:
+        return EOS
+
+    def encode(self, text: str) -> List[int]:
+        return [ord(char) for char in text]
+
+
+class FakeTokenStream:
+    """Answers each step with the next character of ``reply`` (then EOS), after ``step_seconds``.
+
+    ``hold`` blocks every step until it is set, so a test can keep a step in flight.
+    """
+
+    def __init__(self, reply: str = "hello world", step_seconds: float = 0.0):
+        self.reply = reply
+        self.step_seconds = step_seconds
+        self.position = 0
+        self.pending: Optional[int] = None
+        self.fed: List[int] = []
+        self.steps_running = 0
+        self.closed_while_stepping = False
+        self.closed = False
+        self.hold = threading.Event()
+        self.hold.set()
+        self._next = 0
+
+    def step(self, new_input_ids: Sequence[int] = (), sampling=None) -> int:
+        self.steps_running += 1
+        try:
+            self.hold.wait()
+            time.sleep(self.step_seconds)
+            feed = ([self.pending] if self.pending is not None else []) + list(new_input_ids)
+            self.fed.extend(feed)
+            self.position += len(feed)
+            token = ord(self.reply[self._next]) if self._next < len(self.reply) else EOS
+            self._next += 1
+            self.pending = token
+            return token
+        finally:
+            self.steps_running -= 1
+
+    def replace_pending(self, token_id: int) -> None:
+        self.pending = token_id
+
+    def close(self) -> None:
+        self.closed_while_stepping = self.steps_running > 0
+        self.closed = True
+
+
+class FakeRegistry:
+    """Finds the one fake model by any name."""
+
+    def __init__(self, model: FakeModel):
+        self.model = model
+
+    @property
+    def models(self) -> List[FakeModel]:
+        return [self.model]
+
+    async def load(self) -> None:
+        pass
+
+    def find(self, name: object, trusted: bool = True) -> FakeModel:
+        return self.model
+
+    async def close(self) -> None:
+        pass

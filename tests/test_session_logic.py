@@ -1,0 +1,183 @@
+"""The chat session's logic against a fake token stream: tickets, stops, queueing, teardown, reaping.
+
+Pure logic only; the same behaviours are proven on the real swarm in test_websocket.py,
+test_manager.py and test_session_expiry.py.
+"""
+
+import asyncio
+
+import pytest
+
+from config import ManagerSettings
+from sessions.admission import Admission
+from sessions.errors import ClientLimit, InvalidRequest, ServerBusy, SessionExpired, StepTimeout
+from sessions.executor import BlockingExecutor
+from sessions.manager import SessionManager
+from sessions.metrics import SessionMetrics
+from sessions.requests import GenerationRequest
+from sessions.session import ChatSession
+from sessions.swarm_state import SwarmMonitor
+from tests.fakes import FakeModel, FakeRegistry, FakeTokenStream
+
+STREAM = GenerationRequest(inputs="Hi", max_new_tokens=1, stop_sequence="never")
+
+
+@pytest.fixture
+def executor():
+    pool = BlockingExecutor(2, "fake")
+    yield pool
+    pool.shutdown()
+
+
+def make_session(executor, stream=None, step_timeout=10.0, max_length=256, admission=None):
+    admission = admission or Admission(ManagerSettings())
+    metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0)
+    return ChatSession("s1", FakeModel(), stream or FakeTokenStream(), max_length, executor, step_timeout, metrics,
+                       admission.admit("client"))
+
+
+async def collect(updates):
+    return [update async for update in updates]
+
+
+async def test_generations_wait_for_the_running_one(executor):
+    session = make_session(executor, FakeTokenStream("abcdef", step_seconds=0.01))
+    first = session.generate(GenerationRequest(inputs="x", max_new_tokens=3))
+    second = session.generate(GenerationRequest(max_new_tokens=2))
+    earlier, later = await asyncio.gather(collect(first), collect(second))
+    assert [update.outputs for update in earlier] == ["abc"]
+    assert [update.outputs for update in later] == ["de"]
+    assert not session.has_generations
+    await session.aclose("done")
+
+
+async def test_stop_ends_the_running_and_the_waiting_generation_but_not_later_ones(executor):
+    stream = FakeTokenStream("a" * 100, step_seconds=0.01)
+    session = make_session(executor, stream)
+    running, waiting = session.generate(STREAM), session.generate(STREAM)
+    running_replies = []
+
+    async def read_running():
+        async for update in running:
+            running_replies.append(update)
+            if len(running_replies) == 3:
+                session.request_stop()
+
+    waiting_replies = (await asyncio.gather(read_running(), collect(waiting)))[1]
+    assert running_replies[-1].finish_reason == "cancelled" and len(running_replies) == 4
+    assert [(reply.finish_reason, reply.token_count) for reply in waiting_replies] == [("cancelled", 0)]
+    after = await collect(session.generate(GenerationRequest(max_new_tokens=2)))
+    assert after[-1].token_count == 2 and after[-1].finish_reason == "length"
+    await session.aclose("done")
+
+
+async def test_stop_sequences_spanning_tokens_are_held_back_and_cut(executor):
+    session = make_session(executor, FakeTokenStream("Hello END more"))
+    request = GenerationRequest(inputs="x", max_new_tokens=1, stop_sequence="END", visible_text=True)
+    replies = await collect(session.generate(request))
+    assert "".join(reply.outputs for reply in replies) == "Hello END"
+    assert [reply.text for reply in replies if reply.text] == list("Hello ")
+    assert replies[-1].stopped_by_sequence and replies[-1].finish_reason == "stop"
+    held = [reply.text for reply in replies[6:]]
+    assert held == ["", "", ""]  # "E", "N", "D": possibly the stop sequence, never shown
+    await session.aclose("done")
+
+
+async def test_close_waits_for_the_step_in_flight_then_releases_once(executor):
+    admission = Admission(ManagerSettings())
+    stream = FakeTokenStream("abc")
+    session = make_session(executor, stream, admission=admission)
+    stream.hold.clear()
+    generation = asyncio.ensure_future(collect(session.generate(STREAM)))
+    while not stream.steps_running:
+        await asyncio.sleep(0.01)
+    closing = asyncio.gather(session.aclose("first"), session.aclose("second"))
+    await asyncio.sleep(0.1)
+    assert not stream.closed and admission.open_sessions == 1  # the step is still running
+    stream.hold.set()
+    await closing
+    assert stream.closed and not stream.closed_while_stepping
+    assert admission.open_sessions == 0 and session.closed_reason == "first"
+    assert (await generation)[-1].finish_reason == "cancelled"
+    with pytest.raises(SessionExpired, match="expired"):
+        await collect(session.generate(STREAM))
+
+
+async def test_a_step_timeout_breaks_the_session_and_the_stream_closes_after_the_step(executor):
+    stream = FakeTokenStream("abc")
+    session = make_session(executor, stream, step_timeout=0.1)
+    stream.hold.clear()
+    with pytest.raises(StepTimeout):
+        updates = session.generate(STREAM)
+        asyncio.get_running_loop().call_later(0.5, stream.hold.set)
+        await collect(updates)
+    assert session.closed_reason == "failed: step_timeout" and session.released
+    assert stream.closed and not stream.closed_while_stepping
+
+
+async def test_a_bad_request_keeps_the_session(executor):
+    session = make_session(executor)
+    with pytest.raises(InvalidRequest, match="inputs are required"):
+        await collect(session.generate(GenerationRequest(max_new_tokens=1)))
+    assert session.closed_reason is None
+    assert (await collect(session.generate(GenerationRequest(inputs="x", max_new_tokens=1))))[-1].token_count == 1
+    await session.aclose("done")
+
+
+def test_admission_counts_per_server_and_per_client():
+    admission = Admission(ManagerSettings(max_sessions=3, max_sessions_per_client=2))
+    first, second = admission.admit("a"), admission.admit("a")
+    with pytest.raises(ClientLimit):
+        admission.admit("a")
+    third = admission.admit("b")
+    with pytest.raises(ServerBusy):
+        admission.admit("c")
+    first.release()
+    first.release()  # a second release gives back nothing more
+    assert admission.open_sessions == 2
+    admission.admit("a")
+    for slot in (second, third):
+        slot.release()
+    assert admission.open_sessions == 1
+
+
+async def test_executor_queue_depth_counts_waiting_calls_only():
+    pool = BlockingExecutor(1, "depth")
+    stream = FakeTokenStream()
+    stream.hold.clear()
+    running = pool.run(stream.step, [1])
+    queued = [pool.submit(stream.step, [1]) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert pool.queue_depth == 3
+    queued[0].cancel()
+    assert pool.queue_depth == 2
+    stream.hold.set()
+    await running
+    await asyncio.gather(*(asyncio.wrap_future(future) for future in queued[1:]))
+    assert pool.queue_depth == 0
+    pool.shutdown()
+
+
+async def test_the_reaper_closes_idle_sessions_only(executor):
+    settings = ManagerSettings(idle_timeout=0.3)
+    admission = Admission(settings)
+    metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0)
+    streams = []
+
+    def open_stream(model, max_length):
+        streams.append(FakeTokenStream("a" * 1000, step_seconds=0.01))
+        return streams[-1]
+
+    registry = FakeRegistry(FakeModel())
+    manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
+                             open_stream=open_stream)
+    await manager.start()
+    idle = await manager.open_session("idle", "fake", 64, "client")
+    busy = await manager.open_session("busy", "fake", 256, "client")
+    streaming = asyncio.ensure_future(collect(busy.generate(GenerationRequest(inputs="x", max_new_tokens=200))))
+    await asyncio.sleep(1.5)
+    assert idle.released and idle.closed_reason.startswith("idle for")
+    assert not busy.released
+    assert (await streaming)[-1].token_count == 200
+    await manager.close(grace=2)
+    assert busy.released and manager.open_session_count == 0
