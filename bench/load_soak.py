@@ -33,8 +33,6 @@ from typing import List, Optional, Tuple
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import swarm.compat  # noqa: E402,F401  (must precede petals)
-
 from config import model_from_source  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402

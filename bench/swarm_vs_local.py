@@ -20,13 +20,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import swarm.compat  # noqa: E402,F401  (must precede petals)
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
-from sessions.token_stream import TokenStream  # noqa: E402
 from sessions.models import load_model  # noqa: E402
+from sessions.token_stream import TokenStream  # noqa: E402
 from server import split_cpu_threads  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402

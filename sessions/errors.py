@@ -16,13 +16,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 class ServiceError(Exception):
     """Base of every error reported to a client; unexpected exceptions become ``InternalError``."""
 
-    code = "internal_error"
+    code: str  # declared by each concrete error
     status = 500  # HTTP status of a JSON or OpenAI reply
     retryable = False  # whether the same request may succeed later
     session_survives = False  # whether the client's inference session is still usable afterwards
     openai_type = "server_error"
     log_level = logging.ERROR
-    meaning = "an unexpected failure inside this server"
+    meaning: str  # one line for the README's error table
     param: Optional[str] = None  # the request field at fault, when there is one (OpenAI's ``param``)
     openai_code: Optional[str] = None  # OpenAI's ``code``; the error's own code when None
 
@@ -30,10 +30,6 @@ class ServiceError(Exception):
         super().__init__(message)
         if param is not None:
             self.param = param
-
-
-class InternalError(ServiceError):
-    """A bug or an unforeseen failure in this server; the message names only the exception type."""
 
 
 class ClientError(ServiceError):
@@ -204,6 +200,13 @@ class HTTPStatusError(ServiceError):
         self.code = f"http_{status}"
         if status >= 500:
             self.openai_type, self.log_level = "server_error", logging.ERROR
+
+
+class InternalError(ServiceError):
+    """A bug or an unforeseen failure in this server; the message names only the exception type."""
+
+    code = "internal_error"
+    meaning = "an unexpected failure inside this server; the message names only the exception's type"
 
 
 def _concrete(base: Type[ServiceError]) -> List[Type[ServiceError]]:

@@ -264,10 +264,10 @@ async def test_swarm_map_page_shows_every_model_with_a_full_route(chromium, chat
     def steps():
         chromium.get(chat_server.url + "swarm")
         assert chromium.current_url.endswith("/swarm.html")
-        page.wait(lambda: len(chromium.find_elements(By.CSS_SELECTOR, "section.model")) == len(manager.models),
+        page.wait(lambda: len(chromium.find_elements(By.CSS_SELECTOR, "section.model")) == len(manager.registry.models),
                   message="the swarm map lists every model")
         sections = chromium.find_elements(By.CSS_SELECTOR, "section.model")
-        for section, loaded in zip(sections, manager.models):
+        for section, loaded in zip(sections, manager.registry.models):
             assert section.find_element(By.CSS_SELECTOR, ".name").text == loaded.spec.key
             assert section.find_element(By.CSS_SELECTOR, ".badge").text == "full route"
             cells = section.find_elements(By.CSS_SELECTOR, ".block")

@@ -1,5 +1,7 @@
 """The error taxonomy: petals and hivemind failures become stable codes with a retry flag."""
 
+from pathlib import Path
+
 import pytest
 
 import swarm.petals_api  # noqa: F401  (the compatibility patch, before petals)
@@ -7,7 +9,13 @@ from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonErro
 from petals.client.routing.sequence_manager import MissingBlocksError
 
 from sessions.errors import (
+    ERROR_CLASSES,
+    BadRequest,
     CacheFull,
+    ClientLimit,
+    UnknownModel,
+    classify,
+    error_payload,
     MaxLengthExceeded,
     MissingBlocks,
     PeerFailure,
@@ -50,3 +58,44 @@ def test_petals_failures_map_to_codes(error, kind, code):
     mapped = from_petals_error(error, "m")
     assert type(mapped) is kind and mapped.code == code
     assert mapped.retryable is (code != "max_length_exceeded")
+
+
+def markdown_error_table() -> str:
+    """The README's error table, as the error classes declare it."""
+    rows = ["| code | HTTP | retryable | session | meaning |", "|---|---|---|---|---|"]
+    for error in ERROR_CLASSES:
+        rows.append(f"| `{error.code}` | {error.status} | {'yes' if error.retryable else 'no'} | "
+                    f"{'kept' if error.session_survives else 'closed'} | {error.meaning} |")
+    return "\n".join(rows)
+
+
+def test_readme_error_table_is_the_declared_one():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    expected = markdown_error_table()
+    assert expected in readme, f"README's error table differs from sessions/errors.py; it should read:\n{expected}"
+
+
+def test_every_code_is_declared_once():
+    codes = [error.code for error in ERROR_CLASSES]
+    assert len(codes) == len(set(codes)) and "bad_request" in codes and "internal_error" in codes
+
+
+@pytest.mark.parametrize("error", [BadRequest("max_length must be an integer", param="max_length"),
+                                   UnknownModel("nope", ["a/b"]), ClientLimit("too many"), CacheFull("full")])
+def test_one_payload_per_api(error):
+    native = error_payload(error)
+    assert native == {"ok": False, "traceback": str(error), "code": error.code, "retryable": error.retryable}
+    openai = error_payload(error, "openai")["error"]
+    assert openai["message"] == str(error) and openai["type"] == error.openai_type
+    assert openai["param"] == error.param and openai["code"] == (error.openai_code or error.code)
+
+
+def test_unexpected_errors_hide_their_details_unless_debugging():
+    try:
+        raise KeyError("secret detail")
+    except KeyError as error:
+        hidden, debug = error_payload(error), error_payload(error, debug=True)
+    assert hidden == {"ok": False, "traceback": "Internal error: KeyError", "code": "internal_error",
+                      "retryable": False}
+    assert "secret detail" not in hidden["traceback"] and "secret detail" in debug["traceback"]
+    assert classify(ValueError("x")).status == 500

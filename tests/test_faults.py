@@ -22,7 +22,7 @@ from config import FrontendSettings, ModelSpec, ManagerSettings, Settings
 from sessions.manager import build_manager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 from tests.browser import ChatPage, drive, start_chromium
-from tests.test_websocket import wait_for_no_sessions
+from tests.helpers import wait_for_no_sessions
 from tests.ws_client import WSClient
 
 PAIR, SPLIT, SMALL_CACHE = "tests/fault-pair", "tests/fault-split", "tests/fault-small-cache"

@@ -7,6 +7,8 @@ import urllib.parse
 import pytest
 import tornado.httpclient
 
+from tests.helpers import wait_for_no_sessions
+
 TINY = "tests/tiny-llama"
 
 
@@ -82,8 +84,6 @@ async def test_malformed_requests(http_server_client, manager, body, content_typ
 
 
 async def test_client_leaving_mid_request_frees_its_session(ws_port, manager):
-    from tests.test_websocket import wait_for_no_sessions
-
     body = "model=smollm2&inputs=Once+upon+a+time&max_new_tokens=200"
     reader, writer = await asyncio.open_connection("127.0.0.1", ws_port)
     writer.write((f"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import swarm.petals_api  # noqa: F401  (the compatibility patch, before petals)
 from hivemind import PeerID
 from swarm.local import NODE_THROUGHPUT
-from tests.test_websocket import wait_for_no_sessions
+from tests.helpers import wait_for_no_sessions
 from tests.ws_client import WSClient
 
 TINY = "tests/tiny-llama"
@@ -58,8 +58,8 @@ async def test_health_answers_alive(http_server_client):
 async def test_ready_when_every_model_has_a_full_route(http_server_client, manager):
     code, body = await get_json(http_server_client, "/ready")
     assert code == 200 and body["ready"] is True
-    assert [model["model"] for model in body["models"]] == [loaded.spec.key for loaded in manager.models]
-    for model, loaded in zip(body["models"], manager.models):
+    assert [model["model"] for model in body["models"]] == [loaded.spec.key for loaded in manager.registry.models]
+    for model, loaded in zip(body["models"], manager.registry.models):
         assert model["ready"] is True and model["missing_blocks"] == []
         assert model["num_blocks"] == loaded.num_blocks and model["online_servers"] == 1
 
@@ -67,7 +67,7 @@ async def test_ready_when_every_model_has_a_full_route(http_server_client, manag
 async def test_swarm_map_names_the_peer_of_every_block(http_server_client, manager):
     code, body = await get_json(http_server_client, "/api/v1/swarm")
     assert code == 200 and body["ok"] is True
-    for model, loaded in zip(body["models"], manager.models):
+    for model, loaded in zip(body["models"], manager.registry.models):
         assert model["full_route"] is True and model["missing_blocks"] == [] and model["error"] is None
         [server] = model["servers"]  # the test swarm runs one node per model
         assert (server["start"], server["end"], server["state"]) == (0, loaded.num_blocks, "online")

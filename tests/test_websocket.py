@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.helpers import wait_for_no_sessions
 from tests.ws_client import WSClient
 
 DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -35,16 +36,6 @@ def local_greedy_turns(path, tokenizer, turns, stop_text: str, limit: int = 60) 
                     break
             replies.append(text)
     return replies
-
-
-async def wait_for_no_sessions(manager, timeout: float = 10.0) -> float:
-    """Seconds until the manager has no open session; fails after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while manager.open_session_count:
-        assert loop.time() - started < timeout, f"{manager.open_session_count} sessions still open"
-        await asyncio.sleep(0.05)
-    return loop.time() - started
 
 
 async def test_spec_javascript_example(ws_port, manager):
