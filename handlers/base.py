@@ -2,12 +2,12 @@
 
 import json
 import logging
-import uuid
 from typing import Any, AsyncIterator, Dict, Optional
 
 import tornado.web
 
 from sessions.errors import BadRequest, HTTPStatusError, ServiceError, classify, error_payload
+from sessions.logs import new_connection_id
 from sessions.manager import SessionManager
 from sessions.requests import GenerationRequest, GenerationUpdate
 from sessions.session import ChatSession
@@ -44,8 +44,8 @@ class APIHandler(tornado.web.RequestHandler):
         """The request body as a JSON object."""
         try:
             body = json.loads(self.request.body or b"")
-        except ValueError as error:
-            raise BadRequest(f"Body is not valid JSON: {error}") from None
+        except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+            raise BadRequest(f"Body is not valid JSON: {type(error).__name__}: {error}") from None
         if not isinstance(body, dict):
             raise BadRequest("Body must be a JSON object")
         return body
@@ -72,7 +72,7 @@ class GenerationHandler(APIHandler):
     connection_prefix = "http-"
 
     def prepare(self) -> None:
-        self.connection_id = self.connection_prefix + uuid.uuid4().hex[:8]
+        self.connection_id = new_connection_id(self.connection_prefix)
         self.session: Optional[ChatSession] = None
         self.client_left = False
 

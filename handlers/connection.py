@@ -78,6 +78,7 @@ class GenerateConnection:
         if self.session is None:
             raise SessionStateError("Open an inference session first (type: open_inference_session)")
         self.manager.admission.check_request(self.session.model.spec, request)
+        self.manager.admission.check_waiting(self.session.unfinished_generations)
         updates = self.session.generate(request)  # takes its place in line now
         self.manager.spawn(self._stream(updates, request.visible_text), f"generate-{self.connection_id}")
 

@@ -12,7 +12,8 @@ class GenerateHandler(GenerationHandler):
 
     def request_params(self) -> Dict[str, Any]:
         """Parameters from the query string and a form body, or from a JSON object body."""
-        params: Dict[str, Any] = {name: self.get_argument(name) for name in self.request.arguments}
+        # Values as sent: a prompt's leading or trailing whitespace is part of it.
+        params: Dict[str, Any] = {name: self.get_argument(name, strip=False) for name in self.request.arguments}
         content_type = self.request.headers.get("Content-Type", "")
         if content_type.startswith("application/json"):
             params.update(self.json_body())

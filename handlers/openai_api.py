@@ -66,8 +66,10 @@ class CompletionHandler(OpenAIHandler):
     id_prefix = "cmpl-"
 
     def prompt(self, body: OpenAIRequest, loaded: LoadedModel) -> Tuple[str, Tuple[str, ...]]:
-        """The prompt text, and the stop strings its format adds."""
-        return body.prompt, ()
+        """The prompt text, and the stop strings its format adds (the end-of-sequence token's text,
+        which the reply must not show)."""
+        eos_token = loaded.tokenizer.eos_token
+        return body.prompt, (eos_token,) if eos_token else ()
 
     def choice(self, text: str, finish_reason: Optional[str]) -> Dict[str, Any]:
         """The one choice of a full reply."""

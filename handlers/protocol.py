@@ -32,6 +32,7 @@ class StopMessage:
 
 
 Message = Union[OpenSessionMessage, GenerateMessage, StopMessage]
+MAX_INT_DIGITS = 18
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -44,7 +45,10 @@ def optional_int(params: Mapping[str, Any], name: str, minimum: int = 1) -> Opti
     value = params.get(name)
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    digits = value.strip().removeprefix("-") if isinstance(value, str) else ""
+    # Only ASCII decimal digits, and few of them: int() refuses thousands of digits, and
+    # str.isdigit() accepts characters such as "²" that int() does not.
+    if digits.isascii() and digits.isdecimal() and len(digits) <= MAX_INT_DIGITS:
         value = int(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -145,8 +149,8 @@ def parse_message(raw: Union[str, bytes], max_bytes: int) -> Message:
         raise BadRequest(f"Message too large: {len(raw)} bytes, the limit is {max_bytes}")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise BadRequest(f"Message is not valid JSON: {error}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise BadRequest(f"Message is not valid JSON: {type(error).__name__}: {error}") from None
     if not isinstance(data, dict):
         raise BadRequest("Message must be a JSON object")
     kind = data.get("type")

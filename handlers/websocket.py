@@ -5,13 +5,13 @@ The handler accepts the socket, checks its origin and forwards frames to a
 cleanly or not, tears the session down.
 """
 
-import uuid
 from typing import Optional, Sequence, Set, Union
 from urllib.parse import urlparse
 
 import tornado.websocket
 
 from handlers.connection import GenerateConnection
+from sessions.logs import new_connection_id
 from sessions.manager import SessionManager
 
 
@@ -39,7 +39,7 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         origin = self.request.headers.get("Origin")
         self.connection = GenerateConnection(
-            uuid.uuid4().hex[:8], self.manager, self._send, self.request.remote_ip,
+            new_connection_id(), self.manager, self._send, self.request.remote_ip,
             trusted=self._same_origin(origin), max_message_bytes=self.max_message_bytes,
             debug=bool(self.settings.get("serve_traceback")))
         self.open_connections.add(self)

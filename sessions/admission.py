@@ -9,8 +9,15 @@ import collections
 from typing import Counter
 
 from config import ManagerSettings, ModelSpec
-from sessions.errors import ClientLimit, InvalidRequest, ServerBusy
+from sessions.errors import ClientLimit, InvalidRequest, QueueFull, ServerBusy
 from sessions.requests import GenerationRequest
+
+# Generations one session may hold waiting behind its running one.
+MAX_WAITING_GENERATIONS = 4
+# Stop sequences of one generation, and the length of each: every generated character is
+# checked against each of them.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 1000
 
 
 class SessionSlot:
@@ -67,7 +74,19 @@ class Admission:
 
     @staticmethod
     def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
-        """Raises if one generation asks for more new tokens than the model allows."""
+        """Raises if one generation asks for more new tokens or stop sequences than allowed."""
         limit = spec.max_new_tokens_limit
         if request.max_new_tokens is not None and request.max_new_tokens > limit:
             raise InvalidRequest(f"max_new_tokens {request.max_new_tokens} exceeds this model's limit of {limit}")
+        stops = request.stop_sequences
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise InvalidRequest(f"{len(stops)} stop sequences given; at most {MAX_STOP_SEQUENCES} are allowed")
+        if any(len(stop) > MAX_STOP_SEQUENCE_CHARS for stop in stops):
+            raise InvalidRequest(f"A stop sequence may be at most {MAX_STOP_SEQUENCE_CHARS} characters long")
+
+    @staticmethod
+    def check_waiting(unfinished_generations: int) -> None:
+        """Raises if a session with this many generations running or waiting may not queue another."""
+        if unfinished_generations > MAX_WAITING_GENERATIONS:  # one runs, the rest wait
+            raise QueueFull(f"This session already runs a generation and has {MAX_WAITING_GENERATIONS} waiting; "
+                            "wait for a final reply (stop: true) before sending more")

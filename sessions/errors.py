@@ -122,6 +122,16 @@ class ClientLimit(ClientError):
     meaning = "this client address holds its maximum of sessions"
 
 
+class QueueFull(ClientError):
+    """The session already has as many generations running and waiting as one session may."""
+
+    code = "queue_full"
+    status = 429
+    retryable = True
+    openai_type = "rate_limit_error"
+    meaning = "the session already runs one generation and holds the most waiting ones; wait for a reply"
+
+
 class Unavailable(ServiceError):
     """The server or the swarm cannot serve the request now; a later try may work."""
 

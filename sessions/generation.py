@@ -8,7 +8,7 @@ stop when streaming).
 
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
-from sessions.errors import InvalidRequest
+from sessions.errors import InvalidRequest, MaxLengthExceeded
 from sessions.requests import GenerationRequest, GenerationUpdate
 from sessions.stops import StopStringFilter
 
@@ -27,6 +27,12 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
     if not input_ids and session.stream.pending is None:
         raise InvalidRequest("inputs are required to start a session")
     total_limit = min(session.max_length, request.max_length or session.max_length)
+    needed = session.length_with(input_ids)
+    if needed > session.max_length or (input_ids and request.max_length is not None and needed + 1 > total_limit):
+        # Refused before anything is fed: the session and its decoder stay as they were.
+        raise MaxLengthExceeded(f"Maximum length exceeded: prefix {session.stream.position} + current "
+                                f"{needed - session.stream.position} leaves no room for a new token within "
+                                f"the maximum {total_limit}")
     stops = StopStringFilter(request.stop_sequences)
     eos_token_id = session.model.eos_token_id
     session.decoder.add_context(input_ids)

@@ -1,6 +1,12 @@
 """Log lines that carry the connection they belong to."""
 
 import logging
+import secrets
+
+
+def new_connection_id(prefix: str = "") -> str:
+    """A connection's id: 128 random bits, so that nobody can guess another client's."""
+    return prefix + secrets.token_hex(16)
 
 
 class ConnectionLog(logging.LoggerAdapter):

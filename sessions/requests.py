@@ -6,6 +6,10 @@ The wire parsers (``handlers/``) build these; the session side (``sessions/``) r
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+# Below this temperature sampling is greedy: dividing the logits by a far smaller number
+# overflows them, and the token is the most likely one anyway.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -16,6 +20,11 @@ class SamplingParams:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the most likely token is taken rather than sampled."""
+        return not self.do_sample or self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass(frozen=True)

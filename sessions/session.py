@@ -60,9 +60,14 @@ class ChatSession:
         return self._slot.client
 
     @property
+    def unfinished_generations(self) -> int:
+        """Generations running or waiting for their turn."""
+        return self._tickets_issued - self._tickets_finished
+
+    @property
     def has_generations(self) -> bool:
         """Whether a generation is running or waiting for its turn."""
-        return self._tickets_finished < self._tickets_issued
+        return self.unfinished_generations > 0
 
     @property
     def released(self) -> bool:

@@ -26,7 +26,7 @@ def logits_processors(sampling: SamplingParams) -> LogitsProcessorList:
     processors = LogitsProcessorList()
     if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if sampling.do_sample:
+    if not sampling.greedy:
         if sampling.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(sampling.temperature))
         if sampling.top_k:
@@ -67,7 +67,7 @@ class TokenStream:
             logits = client.lm_head(hidden)[:, -1].float()
         self.token_ids = torch.cat([self.token_ids, torch.tensor([list(new_input_ids)], dtype=torch.int64)], dim=1)
         scores = logits_processors(sampling)(self.token_ids, logits)
-        if sampling.do_sample:
+        if not sampling.greedy:
             next_token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0])
         else:
             next_token = int(scores.argmax(dim=-1)[0])

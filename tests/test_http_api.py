@@ -49,6 +49,17 @@ async def test_form_body_greedy_matches_the_websocket_api(http_server_client, ma
                                                        clean_up_tokenization_spaces=False).rstrip("\ufffd")
 
 
+async def test_form_fields_keep_their_whitespace(http_server_client):
+    prompt = "  A cat sat on\n"
+    code, form = await post(http_server_client, urllib.parse.urlencode(
+        {"model": TINY, "inputs": prompt, "max_new_tokens": "6"}))
+    code, stripped = await post(http_server_client, urllib.parse.urlencode(
+        {"model": TINY, "inputs": prompt.strip(), "max_new_tokens": "6"}))
+    code, body = await post(http_server_client, json.dumps({"model": TINY, "inputs": prompt, "max_new_tokens": 6}),
+                            content_type="application/json")
+    assert form["outputs"] == body["outputs"] != stripped["outputs"]
+
+
 async def test_json_body_and_query_string(http_server_client):
     code, reply = await post(http_server_client, json.dumps({"model": TINY, "inputs": "Hello", "max_length": 6}),
                              content_type="application/json")
@@ -73,6 +84,13 @@ async def test_json_body_and_query_string(http_server_client):
          "maximum session length"),
         ("{broken", "application/json", 400, "not valid JSON"),
         ("[1]", "application/json", 400, "must be a JSON object"),
+        ("[" * 100_000 + "]" * 100_000, "application/json", 400, "RecursionError"),
+        ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=%C2%B2", "application/x-www-form-urlencoded", 400,
+         "must be an integer"),
+        ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=" + "9" * 5000, "application/x-www-form-urlencoded", 400,
+         "must be an integer"),
+        ("model=tests/tiny-bloom&inputs=Hi&max_new_tokens=2", "application/x-www-form-urlencoded", 403,
+         "only served to this server's own chat page"),
     ],
 )
 async def test_malformed_requests(http_server_client, manager, body, content_type, status, expected):

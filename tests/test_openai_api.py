@@ -52,6 +52,14 @@ async def test_text_completion_length_limit(client):
     assert reply.usage.completion_tokens == 5
 
 
+async def test_text_completion_leaves_the_end_of_sequence_token_out(client, manager):
+    loaded = manager.registry.find(DEFAULT)
+    prompt = loaded.chat_format.render(QUESTION)
+    reply = await client.completions.create(model=DEFAULT, prompt=prompt, max_tokens=40, temperature=0)
+    assert reply.choices[0].finish_reason == "stop" and "Paris" in reply.choices[0].text
+    assert loaded.tokenizer.eos_token not in reply.choices[0].text
+
+
 async def test_stop_string_spanning_tokens_is_cut_and_never_streamed(client):
     plain = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=40)
     answer = plain.choices[0].message.content

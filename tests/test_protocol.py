@@ -63,6 +63,8 @@ def test_form_strings_are_numbers():
         ({"max_new_tokens": 1, "repetition_penalty": float("nan")}, "repetition_penalty"),
         ({"max_new_tokens": 1, "extra_stop_sequences": [""]}, "non-empty strings"),
         ({"max_new_tokens": 1, "stop_sequence": ""}, "must not be empty"),
+        ({"max_new_tokens": "\u00b2"}, "must be an integer"),  # a digit to str.isdigit, not to int()
+        ({"max_new_tokens": "9" * 5000}, "must be an integer"),  # more digits than int() converts
     ],
 )
 def test_bad_parameters_name_the_field(params, expected):
@@ -73,6 +75,11 @@ def test_bad_parameters_name_the_field(params, expected):
 def test_oversized_message_is_refused_before_parsing():
     with pytest.raises(BadRequest, match="too large"):
         parse_message("{" + " " * LIMIT + "}", LIMIT)
+
+
+def test_deeply_nested_json_is_a_bad_request():
+    with pytest.raises(BadRequest, match="RecursionError"):
+        parse_message('{"type": ' + "[" * 100_000 + "]" * 100_000 + "}", 1_000_000)
 
 
 def test_generate_message_type():

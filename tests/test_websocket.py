@@ -248,3 +248,58 @@ async def test_a_long_stream_does_not_starve_a_short_one(ws_port, manager):
     long_client.close()
     short_client.close()
     await wait_for_no_sessions(manager)
+
+
+async def test_inputs_that_leave_no_room_are_refused_and_the_session_goes_on(ws_port, manager):
+    loaded = manager.registry.find(TINY)
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 64})
+    prompt = "one two three four"
+    refused = await client.request({"type": "generate", "inputs": prompt,
+                                    "max_length": len(loaded.encode(prompt)), "max_new_tokens": 1})
+    assert refused["ok"] is False and refused["code"] == "max_length_exceeded"
+    # Nothing was fed: the same request with room for three tokens decodes as a fresh session would.
+    replies = await client.stream({"type": "generate", "inputs": prompt, "max_new_tokens": 3})
+    client.close()
+    fresh = await WSClient.connect(ws_port)
+    await fresh.request({"type": "open_inference_session", "model": TINY, "max_length": 64})
+    assert replies == await fresh.stream({"type": "generate", "inputs": prompt, "max_new_tokens": 3})
+    fresh.close()
+
+
+async def test_a_flood_of_generates_is_bounded_per_session(ws_port, manager):
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 512})
+    for _ in range(12):
+        await client.send({"type": "generate", "inputs": "Hi", "max_new_tokens": 2})
+    replies = [await client.receive() for _ in range(12)]
+    refused = [reply for reply in replies if not reply["ok"]]
+    assert len(refused) == 12 - 5 and {reply["code"] for reply in refused} == {"queue_full"}
+    assert all(reply["retryable"] for reply in refused)
+    assert len([reply for reply in replies if reply["ok"]]) == 5  # one running, four waiting
+    client.close()
+
+
+async def test_too_many_stop_sequences_are_refused(ws_port):
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 64})
+    reply = await client.request({"type": "generate", "inputs": "Hi", "max_new_tokens": 1, "stop_sequence": "x",
+                                  "extra_stop_sequences": [f"stop {index}" for index in range(20)]})
+    assert reply["ok"] is False and reply["code"] == "invalid_request" and "stop sequences" in reply["traceback"]
+    reply = await client.request({"type": "generate", "inputs": "Hi", "max_new_tokens": 1,
+                                  "stop_sequence": "x" * 5000})
+    assert reply["ok"] is False and reply["code"] == "invalid_request"
+    client.close()
+
+
+async def test_a_vanishing_temperature_samples_greedily(ws_port):
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 64})
+    sampled = await client.request({"type": "generate", "inputs": "Hi", "max_new_tokens": 4, "do_sample": 1,
+                                    "temperature": 1e-40})
+    client.close()
+    greedy_client = await WSClient.connect(ws_port)
+    await greedy_client.request({"type": "open_inference_session", "model": TINY, "max_length": 64})
+    greedy = await greedy_client.request({"type": "generate", "inputs": "Hi", "max_new_tokens": 4})
+    greedy_client.close()
+    assert sampled["ok"] is True and sampled == greedy
