@@ -152,6 +152,7 @@ class Settings:
     swarm_threads: int = 0  # torch threads per embedded swarm node; 0: split the CPU with the server
     allowed_origins: Tuple[str, ...] = ()  # pages allowed to use the WebSocket API; empty: any
     max_message_bytes: int = 256 * 1024
+    max_body_bytes: int = 1024 * 1024  # largest HTTP request body; larger ones are refused unread (413)
     api_key: Optional[str] = None  # when set, the OpenAI-compatible API requires "Authorization: Bearer KEY"
     debug: bool = False
     log_level: str = "INFO"
@@ -263,6 +264,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "none: any", nargs="*", default=[], metavar="ORIGIN")
     add("--max-message-bytes", "largest WebSocket message answered (larger ones get an error reply)", type=int,
         default=defaults.max_message_bytes)
+    add("--max-body-bytes", "largest HTTP request body (larger ones get 413 before they are read)", type=int,
+        default=defaults.max_body_bytes)
     add("--api-key", "require this key (Authorization: Bearer KEY) on the OpenAI-compatible /v1 API",
         default=None)
     add("--debug", "tracebacks in error replies, Tornado debug mode", action="store_true", default=defaults.debug)
@@ -277,7 +280,7 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
         models = tuple(model_from_source(source) for source in args.models)
     else:
         models = (default_model(args.models_dir),)
-    for flag in ("executor_workers", "max_sessions", "max_sessions_per_client"):
+    for flag in ("executor_workers", "max_sessions", "max_sessions_per_client", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
     for flag in ("step_timeout", "request_timeout", "routing_update_period", "idle_timeout"):

@@ -53,7 +53,8 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
     shutdown can close them with a reason.
     """
     collaborators = {"manager": manager}
-    openai_collaborators = dict(collaborators, api_key=config.api_key)
+    generation_collaborators = dict(collaborators, max_body_bytes=config.max_body_bytes)
+    openai_collaborators = dict(generation_collaborators, api_key=config.api_key)
     websockets: Set[GenerateWebSocket] = set()
     return tornado.web.Application(
         [
@@ -64,7 +65,7 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
             (r"/metrics", MetricsHandler, collaborators),
             (r"/api/v1/swarm", SwarmHandler, collaborators),
             (r"/api/v1/models", ModelsHandler, collaborators),
-            (r"/api/v1/generate", GenerateHandler, collaborators),
+            (r"/api/v1/generate", GenerateHandler, generation_collaborators),
             (r"/v1/models", ModelListHandler, openai_collaborators),
             (r"/v1/completions", CompletionHandler, openai_collaborators),
             (r"/v1/chat/completions", ChatCompletionHandler, openai_collaborators),

@@ -4,9 +4,10 @@ import json
 import logging
 from typing import Any, AsyncIterator, Dict, Optional
 
+import tornado.httputil
 import tornado.web
 
-from sessions.errors import BadRequest, HTTPStatusError, ServiceError, classify, error_payload
+from sessions.errors import BadRequest, HTTPStatusError, PayloadTooLarge, ServiceError, classify, error_payload
 from sessions.logs import new_connection_id
 from sessions.manager import SessionManager
 from sessions.requests import GenerationRequest, GenerationUpdate
@@ -66,15 +67,53 @@ class APIHandler(tornado.web.RequestHandler):
         self.finish(error_payload(error, self.api, debug=bool(self.settings.get("serve_traceback"))))
 
 
+@tornado.web.stream_request_body
 class GenerationHandler(APIHandler):
-    """A request that runs one generation in a session of its own, closed if the client leaves."""
+    """A request that runs one generation in a session of its own, closed if the client leaves.
+
+    The body is read only when its announced length is within ``max_body_bytes`` (413 otherwise),
+    and never past it.
+    """
 
     connection_prefix = "http-"
+
+    def initialize(self, manager: SessionManager, max_body_bytes: int) -> None:
+        super().initialize(manager)
+        self.max_body_bytes = max_body_bytes
 
     def prepare(self) -> None:
         self.connection_id = new_connection_id(self.connection_prefix)
         self.session: Optional[ChatSession] = None
         self.client_left = False
+        self._body = bytearray()
+        self._body_parsed = False
+        try:
+            announced = int(self.request.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+        if announced > self.max_body_bytes:
+            raise PayloadTooLarge(f"The body is {announced} bytes; this server accepts at most {self.max_body_bytes}")
+        if self.request.method in ("POST", "PUT", "PATCH"):
+            self.request.connection.set_max_body_size(self.max_body_bytes)  # a chunked body stops there
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body += chunk
+
+    def request_body(self) -> bytes:
+        """The whole body, once received; form fields in it are added to the request's arguments."""
+        if not self._body_parsed:
+            self._body_parsed = True
+            self.request.body = bytes(self._body)
+            tornado.httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), self.request.body,
+                                                  self.request.body_arguments, self.request.files,
+                                                  self.request.headers)
+            for name, values in self.request.body_arguments.items():
+                self.request.arguments.setdefault(name, []).extend(values)
+        return self.request.body
+
+    def json_body(self) -> Dict[str, Any]:
+        self.request_body()
+        return super().json_body()
 
     async def generate(self, model: object, request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
         """The replies of ``request`` in a session sized for it, closed when they end.

@@ -12,6 +12,7 @@ class GenerateHandler(GenerationHandler):
 
     def request_params(self) -> Dict[str, Any]:
         """Parameters from the query string and a form body, or from a JSON object body."""
+        self.request_body()
         # Values as sent: a prompt's leading or trailing whitespace is part of it.
         params: Dict[str, Any] = {name: self.get_argument(name, strip=False) for name in self.request.arguments}
         content_type = self.request.headers.get("Content-Type", "")

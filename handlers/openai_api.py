@@ -32,8 +32,8 @@ class OpenAIHandler(GenerationHandler):
     api = "openai"
     connection_prefix = "openai-"
 
-    def initialize(self, manager, api_key: Optional[str] = None) -> None:
-        super().initialize(manager)
+    def initialize(self, manager, max_body_bytes: int, api_key: Optional[str] = None) -> None:
+        super().initialize(manager, max_body_bytes)
         self.api_key = api_key
 
     def prepare(self) -> None:

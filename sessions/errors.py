@@ -72,6 +72,14 @@ class Unauthorized(ClientError):
     meaning = "`--api-key` is set and the request did not bring it"
 
 
+class PayloadTooLarge(ClientError):
+    """The request body is larger than the server accepts; it was refused unread."""
+
+    code = "payload_too_large"
+    status = 413
+    meaning = "the request body is over `--max-body-bytes`; it is refused before it is read"
+
+
 class ModelNotPublic(ClientError):
     """The model is declared ``public_api: false``: only the server's own chat page may use it."""
 

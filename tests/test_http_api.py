@@ -116,3 +116,20 @@ async def test_client_leaving_mid_request_frees_its_session(ws_port, manager):
     # The 200 tokens would take over 10 s (about 70 ms a step here); leaving must end it at once.
     seconds = await wait_for_no_sessions(manager, timeout=10)
     assert seconds < 3
+
+
+@pytest.mark.parametrize("path", ["/api/v1/generate", "/v1/completions"])
+async def test_a_body_over_the_limit_is_refused_unread(ws_port, manager, path):
+    """The reply comes as soon as the headers announce too much, before the body is sent."""
+    body = b'{"model": "tl", "prompt": "' + b"x" * (2 << 20) + b'"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", ws_port)
+    writer.write((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    reply = json.loads(await reader.readexactly(length))
+    writer.close()
+    assert "payload_too_large" in json.dumps(reply) and str(1 << 20) in json.dumps(reply)
+    assert manager.open_session_count == 0
