@@ -9,7 +9,7 @@ import collections
 from typing import Counter
 
 from config import ManagerSettings, ModelSpec
-from sessions.errors import ClientLimit, InvalidRequest, QueueFull, ServerBusy
+from sessions.errors import ClientLimit, InvalidRequest, MaxLengthExceeded, QueueFull, ServerBusy
 from sessions.requests import GenerationRequest
 
 # Generations one session may hold waiting behind its running one.
@@ -71,6 +71,13 @@ class Admission:
         limit = spec.chat.max_session_length
         if max_length > limit:
             raise InvalidRequest(f"max_length {max_length} exceeds this model's maximum session length {limit}")
+
+    @staticmethod
+    def check_text_length(text: str, max_tokens: int, max_token_chars: int) -> None:
+        """Raises if ``text`` cannot be ``max_tokens`` tokens or fewer: checked before tokenizing it."""
+        if len(text) > max_tokens * max_token_chars:
+            raise MaxLengthExceeded(f"Maximum length exceeded: {len(text)} characters are more than "
+                                    f"{max_tokens} tokens of this model can hold")
 
     @staticmethod
     def check_request(spec: ModelSpec, request: GenerationRequest) -> None:

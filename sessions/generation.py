@@ -8,6 +8,7 @@ stop when streaming).
 
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
+from sessions.admission import Admission
 from sessions.errors import InvalidRequest, MaxLengthExceeded
 from sessions.requests import GenerationRequest, GenerationUpdate
 from sessions.stops import StopStringFilter
@@ -23,6 +24,8 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
         yield GenerationUpdate(outputs="", stop=True, token_count=0, finish_reason="cancelled")
         return
     stop_token_id = await _stop_token_id(session, request)
+    if request.inputs:
+        Admission.check_text_length(request.inputs, session.max_length, session.model.max_token_chars)
     input_ids = await session.encode(request.inputs) if request.inputs else []
     if not input_ids and session.stream.pending is None:
         raise InvalidRequest("inputs are required to start a session")

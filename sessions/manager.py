@@ -110,12 +110,13 @@ class SessionManager:
         loaded = self.registry.find(model_name, trusted)
         self.admission.check_request(loaded.spec, request)
         self.admission.check_capacity(client)  # before tokenizing: a refusal costs nothing
-        max_length = request.max_length or len(await self.executor.run(loaded.encode, request.inputs)) \
-            + request.max_new_tokens
+        max_length = request.max_length or await self.count_tokens(loaded, request.inputs) + request.max_new_tokens
         return await self.open_session(connection_id, loaded.spec.key, max_length, client, trusted=True)
 
     async def count_tokens(self, loaded: LoadedModel, text: str) -> int:
-        """How many tokens ``text`` is for ``loaded`` (tokenized in the executor)."""
+        """How many tokens ``text`` is for ``loaded`` (tokenized in the executor); a text longer in
+        characters than the model's longest session could hold is refused without tokenizing."""
+        self.admission.check_text_length(text, loaded.spec.chat.max_session_length, loaded.max_token_chars)
         return len(await self.executor.run(loaded.encode, text))
 
     def close_in_background(self, session: ChatSession, reason: str) -> None:

@@ -41,6 +41,11 @@ class LoadedModel:
 
         return ChatFormat.for_model(self.tokenizer, self.spec.chat, self.stop_token)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (its vocabulary string bounds its text)."""
+        return max(len(token) for token in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer)))))
+
     @property
     def eos_token_id(self) -> Optional[int]:
         """The token that ends a generation."""
@@ -89,5 +94,6 @@ def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch
     client = AutoDistributedModelForCausalLM.from_pretrained(spec.weights, **options).to(device)
     client.eval()
     loaded = LoadedModel(spec=spec, tokenizer=tokenizer, client=client)
+    loaded.max_token_chars  # noqa: B018  (computed here, in the executor, not on first use)
     logger.info("Connected %s: %d blocks served by the swarm", spec.key, loaded.num_blocks)
     return loaded

@@ -34,6 +34,8 @@ class FakeModel:
         chat=ChatSettings(max_session_length=256)))
     tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
 
+    max_token_chars = 1
+
     @property
     def eos_token_id(self) -> int:
         return EOS

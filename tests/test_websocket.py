@@ -303,3 +303,13 @@ async def test_a_vanishing_temperature_samples_greedily(ws_port):
     greedy = await greedy_client.request({"type": "generate", "inputs": "Hi", "max_new_tokens": 4})
     greedy_client.close()
     assert sampled["ok"] is True and sampled == greedy
+
+
+async def test_inputs_longer_than_the_session_can_hold_are_refused_before_tokenizing(ws_port, manager):
+    loaded = manager.registry.find(TINY)
+    client = await WSClient.connect(ws_port)
+    await client.request({"type": "open_inference_session", "model": TINY, "max_length": 8})
+    reply = await client.request({"type": "generate", "inputs": "x" * (8 * loaded.max_token_chars + 1),
+                                  "max_new_tokens": 1})
+    assert reply["ok"] is False and reply["code"] == "max_length_exceeded" and "characters" in reply["traceback"]
+    client.close()
