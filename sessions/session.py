@@ -50,6 +50,7 @@ class ChatSession:
         self._tickets_finished = 0
         self._stopped_through = 0  # generations with a ticket up to this one stop
         self._step_in_flight: Optional[Future] = None
+        self._step_started: Optional[float] = None  # when the step in flight left the executor's queue
         self._closing: Optional["asyncio.Future[None]"] = None
         self.last_active = time.monotonic()
         self.closed_reason: Optional[str] = None
@@ -130,17 +131,35 @@ class ChatSession:
                 f"pre-allocated maximum {self.max_length}")
         model = self.model.spec.key
         started = time.monotonic()
-        self._step_in_flight = self._executor.submit(self.stream.step, new_input_ids, sampling)
+        self._step_started = None
+        self._step_in_flight = self._executor.submit(self._run_step, new_input_ids, sampling)
         try:
-            token = await asyncio.wait_for(asyncio.wrap_future(self._step_in_flight), self.step_timeout)
-        except asyncio.TimeoutError:
+            token = await self._within_step_timeout(asyncio.wrap_future(self._step_in_flight))
+        except StepTimeout:
             self.metrics.observe_failed_step(model)
-            raise StepTimeout(f"A generation step took longer than {self.step_timeout:.0f} s") from None
+            raise
         except Exception as error:
             self.metrics.observe_failed_step(model)
             raise from_petals_error(error, model) from error
         self.metrics.observe_step(model, time.monotonic() - started, len(new_input_ids))
         return token
+
+    def _run_step(self, new_input_ids: list, sampling: SamplingParams) -> int:
+        self._step_started = time.monotonic()  # read by the event loop only once the timeout is due
+        return self.stream.step(new_input_ids, sampling)
+
+    async def _within_step_timeout(self, step: "asyncio.Future[int]") -> int:
+        """The step's result; ``StepTimeout`` once it has run ``step_timeout`` seconds (time spent
+        waiting for an executor thread does not count)."""
+        remaining = self.step_timeout
+        while True:
+            done, _ = await asyncio.wait((step,), timeout=remaining)
+            if done:
+                return step.result()
+            if self._step_started is not None:
+                remaining = self._step_started + self.step_timeout - time.monotonic()
+                if remaining <= 0:
+                    raise StepTimeout(f"A generation step took longer than {self.step_timeout:.0f} s")
 
     async def aclose(self, reason: str) -> None:
         """Ends the session: stops its generations, waits for a step in flight, releases its caches.

@@ -181,3 +181,17 @@ async def test_the_reaper_closes_idle_sessions_only(executor):
     assert (await streaming)[-1].token_count == 200
     await manager.close(grace=2)
     assert busy.released and manager.open_session_count == 0
+
+
+async def test_the_step_timeout_counts_from_the_start_of_the_step():
+    single = BlockingExecutor(1, "one")
+    blocker = FakeTokenStream()
+    blocker.hold.clear()
+    busy = single.run(blocker.step, [1])  # the only thread is taken for a while
+    asyncio.get_running_loop().call_later(0.6, blocker.hold.set)
+    session = make_session(single, FakeTokenStream("ab", step_seconds=0.1), step_timeout=0.4)
+    replies = await collect(session.generate(GenerationRequest(inputs="x", max_new_tokens=2)))
+    assert replies[-1].outputs == "ab"  # 0.6 s queued + 0.1 s running: no step ran 0.4 s
+    await busy
+    await session.aclose("done")
+    single.shutdown()
