@@ -14,7 +14,8 @@ class HealthHandler(APIHandler):
 
 
 class ReadyHandler(APIHandler):
-    """Readiness: 200 when every model has a full route through the swarm, else 503 saying why."""
+    """Readiness: 200 when every model has a full route through the swarm and the generation
+    executor keeps up (no more calls waiting than it has threads), else 503 saying why."""
 
     async def get(self) -> None:
         started = time.monotonic()
@@ -25,9 +26,12 @@ class ReadyHandler(APIHandler):
             self.write({"ok": False, "ready": False, "traceback": str(error), "models": []})
             return
         models = [route.describe(with_servers=False) for route in routes]
-        ready = all(route.full_route for route in routes)
+        executor = self.manager.executor
+        ready = all(route.full_route for route in routes) and not executor.saturated
         if not ready:
             self.set_status(503)
             self.set_header("Retry-After", "5")
         self.write({"ok": ready, "ready": ready, "models": models,
+                    "executor": {"threads": executor.workers, "waiting_calls": executor.queue_depth,
+                                 "saturated": executor.saturated},
                     "checked_in_ms": round(1000 * (time.monotonic() - started), 1)})

@@ -26,6 +26,11 @@ class BlockingExecutor:
         """Calls submitted and waiting for a free thread."""
         return self._waiting
 
+    @property
+    def saturated(self) -> bool:
+        """Whether more calls wait for a thread than there are threads: work is piling up."""
+        return self._waiting > self.workers
+
     def submit(self, function: Callable[..., T], *args) -> "Future[T]":
         """Queues ``function(*args)``; the returned concurrent future completes in a worker thread."""
         with self._lock:

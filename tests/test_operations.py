@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import json
+import threading
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -62,6 +63,22 @@ async def test_ready_when_every_model_has_a_full_route(http_server_client, manag
     for model, loaded in zip(body["models"], manager.registry.models):
         assert model["ready"] is True and model["missing_blocks"] == []
         assert model["num_blocks"] == loaded.num_blocks and model["online_servers"] == 1
+
+
+async def test_not_ready_while_the_executor_is_saturated(http_server_client, manager):
+    release = threading.Event()
+    threads = manager.executor.workers
+    blocked = [manager.executor.run(release.wait) for _ in range(2 * threads + 1)]
+    try:
+        code, body = await get_json(http_server_client, "/ready")
+        assert code == 503 and body["ready"] is False and body["executor"]["saturated"] is True
+        assert body["executor"]["waiting_calls"] == threads + 1
+        assert all(model["ready"] for model in body["models"])  # the swarm itself is fine
+    finally:
+        release.set()
+        await asyncio.gather(*blocked)
+    code, body = await get_json(http_server_client, "/ready")
+    assert code == 200 and body["executor"]["waiting_calls"] == 0
 
 
 async def test_swarm_map_names_the_peer_of_every_block(http_server_client, manager):
