@@ -7,6 +7,7 @@ lists them all.
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,9 @@ class ManagerSettings:
 
     max_sessions: int = 1000  # open inference sessions, all clients together
     max_sessions_per_client: int = 32  # open inference sessions of one client address
+    max_connections: int = 10_000  # open WebSocket connections, all clients together
+    max_connections_per_client: int = 64  # open WebSocket connections of one client, with or without a session
+    max_messages_per_second: float = 20.0  # WebSocket messages one connection may send, on average
     idle_timeout: float = 300.0  # seconds before an unused session is closed
     step_timeout: float = 300.0  # seconds one generation step may take, retries included
     request_timeout: float = 30.0  # seconds one server may stay silent before petals routes around it
@@ -147,6 +151,10 @@ class Settings:
     idle_timeout: float = 300.0
     max_sessions: int = 1000
     max_sessions_per_client: int = 32
+    max_connections: int = 10_000
+    max_connections_per_client: int = 64
+    max_messages_per_second: float = 20.0
+    trusted_proxies: Tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For / X-Real-IP is believed
     executor_workers: int = 8
     models_dir: Path = REPO_ROOT / ".models"
     swarm_threads: int = 0  # torch threads per embedded swarm node; 0: split the CPU with the server
@@ -161,6 +169,9 @@ class Settings:
     def manager_settings(self) -> ManagerSettings:
         """What the session manager enforces and how its clients treat the swarm."""
         return ManagerSettings(max_sessions=self.max_sessions, max_sessions_per_client=self.max_sessions_per_client,
+                               max_connections=self.max_connections,
+                               max_connections_per_client=self.max_connections_per_client,
+                               max_messages_per_second=self.max_messages_per_second,
                                idle_timeout=self.idle_timeout, step_timeout=self.step_timeout,
                                request_timeout=self.request_timeout,
                                routing_update_period=self.routing_update_period)
@@ -256,6 +267,14 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         default=defaults.max_sessions)
     add("--max-sessions-per-client", "open inference sessions per client address (more are refused with 429)",
         type=int, default=defaults.max_sessions_per_client)
+    add("--max-connections", "open WebSocket connections, all clients together (more are refused)", type=int,
+        default=defaults.max_connections)
+    add("--max-connections-per-client", "open WebSocket connections per client, with or without a session "
+        "(more are refused)", type=int, default=defaults.max_connections_per_client)
+    add("--max-messages-per-second", "WebSocket messages one connection may send per second on average (a burst "
+        "of twice that is allowed; more are refused)", type=float, default=defaults.max_messages_per_second)
+    add("--trusted-proxies", "addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For or X-Real-IP "
+        "names the client; none: the peer address is the client", nargs="*", default=[], metavar="CIDR")
     add("--executor-workers", "threads that run blocking Petals calls", type=int, default=defaults.executor_workers)
     add("--models-dir", "where converted local models are cached", type=Path, default=defaults.models_dir)
     add("--swarm-threads", "torch threads per embedded swarm node (0: automatic)", type=int,
@@ -280,13 +299,21 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
         models = tuple(model_from_source(source) for source in args.models)
     else:
         models = (default_model(args.models_dir),)
-    for flag in ("executor_workers", "max_sessions", "max_sessions_per_client", "max_body_bytes"):
+    for flag in ("executor_workers", "max_sessions", "max_sessions_per_client", "max_body_bytes", "max_connections",
+                 "max_connections_per_client"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("step_timeout", "request_timeout", "routing_update_period", "idle_timeout"):
+    for flag in ("step_timeout", "request_timeout", "routing_update_period", "idle_timeout",
+                 "max_messages_per_second"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "models"}
     values["initial_peers"] = tuple(args.initial_peers)
     values["allowed_origins"] = tuple(args.allowed_origins)
+    values["trusted_proxies"] = tuple(args.trusted_proxies)
+    for network in values["trusted_proxies"]:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise SystemExit(f"--trusted-proxies: {network!r} is not an address or a network") from None
     return Settings(models=models, **values)

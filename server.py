@@ -20,6 +20,7 @@ import tornado.web
 
 from config import REPO_ROOT, Settings, choose_device, choose_dtype, parse_settings
 from handlers.base import APIHandler
+from handlers.clients import parse_networks
 from handlers.health import HealthHandler, ReadyHandler
 from handlers.http_generate import GenerateHandler
 from handlers.metrics import MetricsHandler
@@ -82,6 +83,7 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
         websocket_max_message_size=HARD_MESSAGE_SIZE_FACTOR * config.max_message_bytes,
         config=config,
         websockets=websockets,
+        trusted_proxies=parse_networks(config.trusted_proxies),
     )
 
 

@@ -69,7 +69,8 @@ def start_server(model_path: Path, initial_peers: List[str], log_path: Path,
     """``server.py`` on a free port of 127.0.0.1, its log in ``log_path``; returns it and its URL."""
     command = [sys.executable, "server.py", "--model", str(model_path), "--initial-peers", *initial_peers,
                "--port", "0", "--host", "127.0.0.1", "--device", "cpu", "--torch-dtype", "float32",
-               "--max-sessions", str(SESSION_LIMIT), "--max-sessions-per-client", str(SESSION_LIMIT)]
+               "--max-sessions", str(SESSION_LIMIT), "--max-sessions-per-client", str(SESSION_LIMIT),
+               "--max-connections-per-client", str(SESSION_LIMIT)]
     if executor_workers is not None:
         command += ["--executor-workers", str(executor_workers)]
     with open(log_path, "w") as log_file:

@@ -164,7 +164,9 @@ async def idle_sessions(url: str, model: str, target: int) -> list:
 def start_server(model_source: str, peers, port: int) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "server.py", "--model", model_source, "--port", str(port), "--host", "127.0.0.1",
-         "--initial-peers", *peers, "--torch-dtype", "float32", "--device", "cpu"],
+         "--initial-peers", *peers, "--torch-dtype", "float32", "--device", "cpu",
+         # every stream and idle session of this benchmark comes from one address
+         "--max-sessions-per-client", "100000", "--max-connections-per-client", "100000"],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator, Dict, Optional
 import tornado.httputil
 import tornado.web
 
+from handlers.clients import client_key
 from sessions.errors import BadRequest, HTTPStatusError, PayloadTooLarge, ServiceError, classify, error_payload
 from sessions.logs import new_connection_id
 from sessions.manager import SessionManager
@@ -121,8 +122,8 @@ class GenerationHandler(APIHandler):
         Iterate it inside ``contextlib.aclosing`` so that the session closes at once if the
         caller stops early.
         """
-        self.session = await self.manager.open_for_request(self.connection_id, model, request,
-                                                           self.request.remote_ip)
+        self.session = await self.manager.open_for_request(
+            self.connection_id, model, request, client_key(self.request, self.settings["trusted_proxies"]))
         try:
             if self.client_left:  # it left while the prompt was being counted
                 return

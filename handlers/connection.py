@@ -11,7 +11,8 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Union
 
 from handlers.protocol import GenerateMessage, OpenSessionMessage, StopMessage, parse_message
-from sessions.errors import SessionStateError, error_payload, log_error
+from sessions.admission import Slot
+from sessions.errors import SessionStateError, TooManyConnections, error_payload, log_error
 from sessions.logs import ConnectionLog
 from sessions.manager import SessionManager
 from sessions.requests import GenerationRequest, GenerationUpdate
@@ -50,10 +51,22 @@ class GenerateConnection:
         self.session: Optional[ChatSession] = None
         self.closed = False
         self._send = send
+        self._slot: Optional[Slot] = None
+        self._rate = manager.admission.message_rate()
+
+    async def admit(self) -> bool:
+        """Takes the connection's place within the limits; False (after an error reply) if it has none."""
+        try:
+            self._slot = self.manager.admission.admit_connection(self.client)
+        except TooManyConnections as error:
+            await self.send_error(log_error(self.log, "Refused the connection", error))
+            return False
+        return True
 
     async def on_message(self, raw: Union[str, bytes]) -> None:
         """Handles one frame; answers errors with an error reply."""
         try:
+            self._rate.check()
             message = parse_message(raw, self.max_message_bytes)
             if isinstance(message, OpenSessionMessage):
                 await self._open_session(message)
@@ -106,5 +119,7 @@ class GenerateConnection:
     def close(self) -> None:
         """The socket closed: the session and its generations end in the background."""
         self.closed = True
+        if self._slot is not None:
+            self._slot.release()
         if self.session is not None:
             self.manager.close_in_background(self.session, "connection closed")

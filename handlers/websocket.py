@@ -10,9 +10,14 @@ from urllib.parse import urlparse
 
 import tornado.websocket
 
+from handlers.clients import client_key
 from handlers.connection import GenerateConnection
 from sessions.logs import new_connection_id
 from sessions.manager import SessionManager
+
+
+# The WebSocket close code for "try again later".
+TRY_AGAIN_LATER = 1013
 
 
 class GenerateWebSocket(tornado.websocket.WebSocketHandler):
@@ -33,20 +38,23 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
     def _same_origin(self, origin: Optional[str]) -> bool:
         return bool(origin) and urlparse(origin).netloc.lower() == self.request.host.lower()
 
-    def open(self) -> None:
+    async def open(self) -> None:
         # Replies are small and streamed token by token: Nagle's algorithm would hold each
         # one back until the previous is acknowledged (up to the peer's delayed-ACK time).
         self.set_nodelay(True)
         origin = self.request.headers.get("Origin")
+        client = client_key(self.request, self.settings["trusted_proxies"])
         self.connection = GenerateConnection(
-            new_connection_id(), self.manager, self._send, self.request.remote_ip,
-            trusted=self._same_origin(origin), max_message_bytes=self.max_message_bytes,
-            debug=bool(self.settings.get("serve_traceback")))
+            new_connection_id(), self.manager, self._send, client, trusted=self._same_origin(origin),
+            max_message_bytes=self.max_message_bytes, debug=bool(self.settings.get("serve_traceback")))
         self.open_connections.add(self)
-        self.connection.log.info("Connected from %s (origin %s)", self.request.remote_ip, origin)
+        self.connection.log.info("Connected from %s (origin %s)", client, origin)
+        if not await self.connection.admit():
+            self.close(TRY_AGAIN_LATER, "Too many connections")
 
     async def on_message(self, message: Union[str, bytes]) -> None:
-        await self.connection.on_message(message)
+        if self.connection is not None:
+            await self.connection.on_message(message)
 
     async def _send(self, frame: str) -> None:
         try:
@@ -56,5 +64,6 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.open_connections.discard(self)
-        self.connection.log.info("Disconnected (code %s)", self.close_code)
-        self.connection.close()
+        if self.connection is not None:
+            self.connection.log.info("Disconnected (code %s)", self.close_code)
+            self.connection.close()

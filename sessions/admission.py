@@ -1,15 +1,25 @@
 """Admission control: every limit on what clients may hold or ask for, in one place.
 
-Per server (open sessions in all), per client (open sessions of one address) and per request
-(``max_length`` and ``max_new_tokens`` against the model's limits). At a limit a request is
+Per server (open sessions and WebSocket connections in all), per client (those of one client),
+per connection (messages per second, generations waiting in its session) and per request
+(``max_length``, ``max_new_tokens``, stop sequences and text length against the model's limits). At a limit a request is
 refused at once with an error that names it; nothing waits in a queue.
 """
 
 import collections
-from typing import Counter
+import time
+from typing import Callable, Counter
 
 from config import ManagerSettings, ModelSpec
-from sessions.errors import ClientLimit, InvalidRequest, MaxLengthExceeded, QueueFull, ServerBusy
+from sessions.errors import (
+    ClientLimit,
+    InvalidRequest,
+    MaxLengthExceeded,
+    QueueFull,
+    RateLimited,
+    ServerBusy,
+    TooManyConnections,
+)
 from sessions.requests import GenerationRequest
 
 # Generations one session may hold waiting behind its running one.
@@ -20,50 +30,106 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 1000
 
 
-class SessionSlot:
-    """One admitted session's place in the counts; ``release`` gives it back (once)."""
+class Slot:
+    """One admitted session's or connection's place in the counts; ``release`` gives it back (once)."""
 
-    def __init__(self, admission: "Admission", client: str):
+    def __init__(self, tally: "_Tally", client: str):
         self.client = client
-        self._admission = admission
+        self._tally = tally
         self.released = False
 
     def release(self) -> None:
         """Gives the place back; later calls do nothing."""
         if not self.released:
             self.released = True
-            self._admission._give_back(self)
+            self._tally.give_back(self.client)
+
+
+class _Tally:
+    """How many of a thing are held, in all and per client."""
+
+    def __init__(self):
+        self.total = 0
+        self.by_client: Counter[str] = collections.Counter()
+
+    def take(self, client: str) -> Slot:
+        self.total += 1
+        self.by_client[client] += 1
+        return Slot(self, client)
+
+    def give_back(self, client: str) -> None:
+        self.total -= 1
+        self.by_client[client] -= 1
+        if not self.by_client[client]:
+            del self.by_client[client]
+
+
+class MessageRate:
+    """A token bucket: ``per_second`` messages on average, bursts of twice that."""
+
+    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic):
+        self.per_second = per_second
+        self.burst = 2 * per_second
+        self._clock = clock
+        self._tokens = self.burst
+        self._last = clock()
+
+    def check(self) -> None:
+        """Takes one message's token, or raises ``RateLimited``."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second)
+        self._last = now
+        if self._tokens < 1:
+            raise RateLimited(f"Too many messages: at most {self.per_second:g} per second; this one was dropped")
+        self._tokens -= 1
 
 
 class Admission:
-    """Counts open sessions per server and per client and checks requests against the limits."""
+    """Counts open sessions and connections, per server and per client, and checks requests
+    against the limits."""
 
     def __init__(self, settings: ManagerSettings):
         self.settings = settings
-        self.open_sessions = 0
-        self._by_client: Counter[str] = collections.Counter()
+        self._sessions = _Tally()
+        self._connections = _Tally()
+
+    @property
+    def open_sessions(self) -> int:
+        """Sessions admitted and not yet released."""
+        return self._sessions.total
+
+    @property
+    def open_connections(self) -> int:
+        """WebSocket connections admitted and not yet closed."""
+        return self._connections.total
 
     def check_capacity(self, client: str) -> None:
         """Raises if ``client`` may not open another session now."""
-        if self.open_sessions >= self.settings.max_sessions:
+        if self._sessions.total >= self.settings.max_sessions:
             raise ServerBusy(f"This server holds its maximum of {self.settings.max_sessions} sessions; "
                              "try again shortly")
-        if self._by_client[client] >= self.settings.max_sessions_per_client:
+        if self._sessions.by_client[client] >= self.settings.max_sessions_per_client:
             raise ClientLimit(f"This client already holds {self.settings.max_sessions_per_client} sessions, "
                               "the most one client may; close one first")
 
-    def admit(self, client: str) -> SessionSlot:
+    def admit(self, client: str) -> Slot:
         """Takes a session's place for ``client``, or raises if a limit is reached."""
         self.check_capacity(client)
-        self.open_sessions += 1
-        self._by_client[client] += 1
-        return SessionSlot(self, client)
+        return self._sessions.take(client)
 
-    def _give_back(self, slot: SessionSlot) -> None:
-        self.open_sessions -= 1
-        self._by_client[slot.client] -= 1
-        if not self._by_client[slot.client]:
-            del self._by_client[slot.client]
+    def admit_connection(self, client: str) -> Slot:
+        """Takes a WebSocket connection's place for ``client``, or raises ``TooManyConnections``."""
+        if self._connections.total >= self.settings.max_connections:
+            raise TooManyConnections(f"This server holds its maximum of {self.settings.max_connections} "
+                                     "connections; try again shortly")
+        if self._connections.by_client[client] >= self.settings.max_connections_per_client:
+            raise TooManyConnections(f"This client already holds {self.settings.max_connections_per_client} "
+                                     "connections, the most one client may; close one first")
+        return self._connections.take(client)
+
+    def message_rate(self) -> MessageRate:
+        """A new connection's message budget."""
+        return MessageRate(self.settings.max_messages_per_second)
 
     @staticmethod
     def check_session_length(spec: ModelSpec, max_length: int) -> None:

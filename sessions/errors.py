@@ -130,6 +130,26 @@ class ClientLimit(ClientError):
     meaning = "this client address holds its maximum of sessions"
 
 
+class TooManyConnections(ClientError):
+    """This server, or this client, holds as many WebSocket connections as allowed."""
+
+    code = "too_many_connections"
+    status = 429
+    retryable = True
+    openai_type = "rate_limit_error"
+    meaning = "the client (or the server in all) holds its maximum of WebSocket connections"
+
+
+class RateLimited(ClientError):
+    """The connection sends messages faster than allowed; the message was not handled."""
+
+    code = "rate_limited"
+    status = 429
+    retryable = True
+    openai_type = "rate_limit_error"
+    meaning = "the connection sent messages faster than `--max-messages-per-second`; the message was dropped"
+
+
 class QueueFull(ClientError):
     """The session already has as many generations running and waiting as one session may."""
 

@@ -6,7 +6,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, List, Optional
 
-from sessions.admission import SessionSlot
+from sessions.admission import Slot
 from sessions.decoding import IncrementalDecoder
 from sessions.errors import MaxLengthExceeded, ServiceError, SessionExpired, StepTimeout, from_petals_error
 from sessions.executor import BlockingExecutor
@@ -32,7 +32,7 @@ class ChatSession:
     """
 
     def __init__(self, session_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
-                 step_timeout: float, metrics: SessionMetrics, slot: SessionSlot,
+                 step_timeout: float, metrics: SessionMetrics, slot: Slot,
                  on_closed: Callable[["ChatSession"], None] = lambda session: None):
         self.session_id = session_id
         self.model = model

@@ -23,7 +23,8 @@ def raised_session_limits(manager, monkeypatch):
     """Every test client comes from 127.0.0.1, and a closed session is released in the background
     while its client may already open the next: lift the limits above this test's load."""
     monkeypatch.setattr(manager.admission, "settings", dataclasses.replace(
-        manager.admission.settings, max_sessions=10_000, max_sessions_per_client=10_000))
+        manager.admission.settings, max_sessions=10_000, max_sessions_per_client=10_000,
+        max_connections_per_client=10_000))
 
 
 def urls(port: int) -> tuple:

@@ -187,3 +187,41 @@ async def test_max_new_tokens_is_capped_per_model(http_server_client, ws_port, m
         assert replies[-1]["ok"] and replies[-1]["token_count"] == 2  # the session is still usable
     finally:
         client.close()
+
+
+async def test_connections_per_client_are_capped_sessions_or_not(ws_port, manager, limits):
+    limits(max_connections_per_client=3)
+    held = [await WSClient.connect(ws_port) for _ in range(3)]  # none of them opens a session
+    try:
+        refused = await WSClient.connect(ws_port)
+        reply = await refused.receive(timeout=5)
+        assert reply["ok"] is False and reply["code"] == "too_many_connections" and reply["retryable"] is True
+        assert await refused.receive(timeout=5) is None and refused.connection.close_code == 1013
+        held.pop().close()
+        for _ in range(50):  # the closed connection's place comes back once the server sees the close
+            again = await WSClient.connect(ws_port)
+            reply = await again.request({"type": "stop"}, timeout=5)
+            if reply is not None and reply["ok"]:
+                break
+            again.close()
+            await asyncio.sleep(0.1)
+        assert reply["ok"] is True
+        held.append(again)
+    finally:
+        for client in held:
+            client.close()
+
+
+async def test_messages_over_the_rate_are_dropped_with_an_error(ws_port, manager, limits):
+    limits(max_messages_per_second=5.0)  # bursts of 10
+    client = await WSClient.connect(ws_port)
+    try:
+        for _ in range(30):
+            await client.send({"type": "stop"})
+        replies = [await client.receive(timeout=5) for _ in range(30)]
+        codes = [reply.get("code") for reply in replies]
+        assert 10 <= codes.count(None) <= 12 and set(codes) == {None, "rate_limited"}
+        await asyncio.sleep(0.5)  # the budget refills
+        assert (await client.request({"type": "stop"}))["ok"] is True
+    finally:
+        client.close()
