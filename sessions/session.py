@@ -17,6 +17,10 @@ from sessions.requests import GenerationRequest, GenerationUpdate, SamplingParam
 
 logger = logging.getLogger(__name__)
 
+# The longest each part of closing a session waits (the running generation, a step in flight,
+# releasing the swarm session) before the session's place is given back regardless.
+CLOSE_TIMEOUT = 30.0
+
 
 class ChatSession:
     """A client's inference session and the text state of its conversation.
@@ -33,12 +37,14 @@ class ChatSession:
 
     def __init__(self, session_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
                  step_timeout: float, metrics: SessionMetrics, slot: Slot,
-                 on_closed: Callable[["ChatSession"], None] = lambda session: None):
+                 on_closed: Callable[["ChatSession"], None] = lambda session: None,
+                 close_timeout: float = CLOSE_TIMEOUT):
         self.session_id = session_id
         self.model = model
         self.stream = stream
         self.max_length = max_length
         self.step_timeout = step_timeout
+        self.close_timeout = close_timeout
         self.metrics = metrics
         self.log = ConnectionLog(logger, session_id)
         self.decoder = IncrementalDecoder(model.tokenizer)
@@ -173,12 +179,25 @@ class ChatSession:
         await asyncio.shield(self._closing)
 
     async def _release(self, reason: str) -> None:
+        # Each wait is bounded: a hung swarm server must not keep the session's place forever.
         try:
-            async with self._turn:  # the running generation ends before its next step
+            try:  # the running generation ends before its next step
+                await asyncio.wait_for(self._turn.acquire(), self.close_timeout)
+                self._turn.release()
+            except asyncio.TimeoutError:
                 pass
-            if self._step_in_flight is not None:  # a step that timed out may still be running
-                await asyncio.wait([asyncio.wrap_future(self._step_in_flight)])
-            await self._executor.run(self.stream.close)
+            step = self._step_in_flight
+            if step is not None and not step.done():  # e.g. a step that timed out
+                done, _ = await asyncio.wait([asyncio.wrap_future(step)], timeout=self.close_timeout)
+                if not done:
+                    # Never two threads on one petals session: the stream closes once the step returns.
+                    self.log.warning("A step still runs %.0f s after closing began; the swarm session is "
+                                     "released when it returns", self.close_timeout)
+                    step.add_done_callback(lambda _: self._executor.submit(self.stream.close))
+                    return
+            await asyncio.wait_for(self._executor.run(self.stream.close), self.close_timeout)
+        except asyncio.TimeoutError:
+            self.log.warning("Releasing the swarm session took over %.0f s; stopped waiting for it", self.close_timeout)
         except Exception:
             self.log.exception("Error while closing the inference session")
         finally:

@@ -47,7 +47,8 @@ class FakeModel:
 class FakeTokenStream:
     """Answers each step with the next character of ``reply`` (then EOS), after ``step_seconds``.
 
-    ``hold`` blocks every step until it is set, so a test can keep a step in flight.
+    ``hold`` blocks every step until it is set, so a test can keep a step in flight;
+    ``hold_close`` does the same for ``close``.
     """
 
     def __init__(self, reply: str = "hello world", step_seconds: float = 0.0):
@@ -61,6 +62,8 @@ class FakeTokenStream:
         self.closed = False
         self.hold = threading.Event()
         self.hold.set()
+        self.hold_close = threading.Event()  # blocks ``close`` until set, like a hung swarm server
+        self.hold_close.set()
         self._next = 0
 
     def step(self, new_input_ids: Sequence[int] = (), sampling=None) -> int:
@@ -83,6 +86,7 @@ class FakeTokenStream:
 
     def close(self) -> None:
         self.closed_while_stepping = self.steps_running > 0
+        self.hold_close.wait()
         self.closed = True
 
 

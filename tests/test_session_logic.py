@@ -29,11 +29,11 @@ def executor():
     pool.shutdown()
 
 
-def make_session(executor, stream=None, step_timeout=10.0, max_length=256, admission=None):
+def make_session(executor, stream=None, step_timeout=10.0, max_length=256, admission=None, close_timeout=10.0):
     admission = admission or Admission(ManagerSettings())
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0)
     return ChatSession("s1", FakeModel(), stream or FakeTokenStream(), max_length, executor, step_timeout, metrics,
-                       admission.admit("client"))
+                       admission.admit("client"), close_timeout=close_timeout)
 
 
 async def collect(updates):
@@ -195,3 +195,26 @@ async def test_the_step_timeout_counts_from_the_start_of_the_step():
     await busy
     await session.aclose("done")
     single.shutdown()
+
+
+async def test_closing_gives_the_place_back_even_when_the_swarm_hangs(executor):
+    admission = Admission(ManagerSettings())
+    hung_close = FakeTokenStream()
+    hung_close.hold_close.clear()
+    session = make_session(executor, hung_close, admission=admission, close_timeout=0.2)
+    await session.aclose("hung release")
+    assert admission.open_sessions == 0 and not hung_close.closed
+    hung_close.hold_close.set()
+
+    hung_step = FakeTokenStream()
+    session = make_session(executor, hung_step, admission=admission, step_timeout=0.1, close_timeout=0.2)
+    hung_step.hold.clear()
+    with pytest.raises(StepTimeout):  # the step outlives its timeout and the close that follows
+        await collect(session.generate(STREAM))
+    assert admission.open_sessions == 0 and not hung_step.closed
+    hung_step.hold.set()  # the step returns at last: only now is its swarm session closed
+    for _ in range(100):
+        if hung_step.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert hung_step.closed and not hung_step.closed_while_stepping
