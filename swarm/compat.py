@@ -14,10 +14,14 @@ And it fixes the take-over after a server fails mid-session (petals issue 587): 
 session that replaces the failed one inherits the token history but starts at position 0,
 so its first step fails an assertion instead of replaying that history.
 
+Closing a server session waits a bounded time, and its finalizer never waits, so that a
+session collected at exit cannot hang the process.
+
 Import it before the first ``import petals`` in every process that uses petals.
 """
 
 import asyncio
+import concurrent.futures
 import importlib
 import logging
 import os
@@ -116,8 +120,49 @@ def replay_history_on_takeover() -> None:
     _ServerInferenceSession.step = step
 
 
+def bound_server_session_close() -> None:
+    """Keeps closing a petals server session from waiting forever.
+
+    petals' ``close`` waits, without a timeout, for the server to answer the end of the session,
+    and its finalizer calls ``close``: a session collected after its server (or our own p2p
+    daemon) is gone blocks whichever thread the garbage collector runs on, the main thread at
+    exit included. Here ``close`` waits at most the client's request timeout, and the finalizer
+    never waits.
+    """
+    from petals.client.inference_session import _ServerInferenceSession
+
+    def close(self) -> None:
+        if self._outputs_stream is None:
+            return  # already closed
+        try:
+            ending = RemoteExpertWorker.run_coroutine(self._aclose_stream(), return_future=True)
+            if isinstance(ending, concurrent.futures.Future):  # not on hivemind's own loop thread
+                ending.result(timeout=self.config.request_timeout)
+        except concurrent.futures.TimeoutError:
+            ending.cancel()
+            logger.warning("A swarm server did not confirm the end of a session within %.0f s",
+                           self.config.request_timeout)
+        finally:
+            self._outputs_stream = self._inputs_queue = None
+            self.closed = True
+
+    def finalize(self) -> None:
+        if self._outputs_stream is None:
+            return
+        try:
+            RemoteExpertWorker.run_coroutine(self._aclose_stream(), return_future=True)  # not awaited
+        except Exception:  # at interpreter exit hivemind's loop may be gone: nothing left to tell
+            pass
+        self._outputs_stream = self._inputs_queue = None
+        self.closed = True
+
+    _ServerInferenceSession.close = close
+    _ServerInferenceSession.__del__ = finalize
+
+
 os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
 restore_hivemind_exports()
 silence_version_check()
 make_worker_reentrant()
 replay_history_on_takeover()
+bound_server_session_close()

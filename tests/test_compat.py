@@ -79,3 +79,35 @@ def test_worker_loop_can_run_coroutines_from_its_own_thread():
 
     assert RemoteExpertWorker.run_coroutine(call_from_worker_thread(), return_future=True).result(timeout=5) == "done"
     assert ran == [True]
+
+
+def test_a_server_session_whose_server_never_answers_closes_in_bounded_time():
+    """What a session collected after its server (or our p2p daemon) is gone goes through."""
+    import asyncio
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from petals.client.inference_session import _ServerInferenceSession
+
+    async def never_ends():
+        await asyncio.sleep(3600)
+        yield None
+
+    def silent_session():
+        session = _ServerInferenceSession.__new__(_ServerInferenceSession)
+        session.config = SimpleNamespace(request_timeout=0.3)
+        session.stepped, session.closed = True, False
+        session._inputs_queue, session._outputs_stream = asyncio.Queue(), never_ends()
+        return session
+
+    def seconds_to(call) -> float:
+        started = time.monotonic()
+        worker = threading.Thread(target=call, daemon=True)  # a hang fails the test, not the run
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive(), "closing waited for a server that never answers"
+        return time.monotonic() - started
+
+    assert seconds_to(silent_session().close) < 3
+    assert seconds_to(silent_session().__del__) < 0.2  # the finalizer does not wait at all

@@ -84,3 +84,41 @@ def test_embedded_swarm_serves_and_stops_cleanly(tiny_model_specs, stop_signal):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def short_streams(port: int, count: int) -> None:
+    for _ in range(count):
+        client = await WSClient.connect(port)
+        assert (await client.request({"type": "open_inference_session", "max_length": 64}))["ok"]
+        replies = await client.stream({"type": "generate", "inputs": "Once", "max_new_tokens": 1,
+                                       "stop_sequence": "never-appears", "max_length": 12})
+        assert replies[-1]["ok"] and replies[-1]["stop"]
+        client.close()
+
+
+def test_a_server_that_joined_a_swarm_stops_promptly(tiny_model_specs, local_swarm):
+    """The production mode (``--initial-peers``): shutdown after serving streams takes bounded time,
+    whatever petals finalizes while the process winds down."""
+    process = subprocess.Popen(
+        [sys.executable, "server.py", "--model", str(tiny_model_specs[0].path), "--port", "0", "--host", "127.0.0.1",
+         "--initial-peers", *local_swarm.initial_peers],
+        cwd=REPO_ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        url, _ = read_until_ready(process)
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(short_streams(port, 8))
+        client = loop.run_until_complete(streaming_client(port))  # one stream still in flight
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        loop.run_until_complete(read_until_closed(client))
+        loop.close()
+        _, remaining_log = process.communicate(timeout=45)
+        assert process.returncode == 0, remaining_log[-3000:]
+        assert time.monotonic() - started < 45
+        assert "Stopped" in remaining_log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
