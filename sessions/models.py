@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from config import ManagerSettings, ModelSpec
+from sessions.chat_format import ChatFormat
 from swarm.petals_api import AutoDistributedModelForCausalLM, RemoteExpertWorker
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,8 @@ class LoadedModel:
         return self.spec.chat.stop_token or self.tokenizer.eos_token
 
     @functools.cached_property
-    def chat_format(self) -> "ChatFormat":  # noqa: F821
+    def chat_format(self) -> ChatFormat:
         """How a conversation is written for this model (role markers, stop sequences)."""
-        from sessions.chat_format import ChatFormat
-
         return ChatFormat.for_model(self.tokenizer, self.spec.chat, self.stop_token)
 
     @functools.cached_property
@@ -94,6 +93,8 @@ def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch
     client = AutoDistributedModelForCausalLM.from_pretrained(spec.weights, **options).to(device)
     client.eval()
     loaded = LoadedModel(spec=spec, tokenizer=tokenizer, client=client)
-    loaded.max_token_chars  # noqa: B018  (computed here, in the executor, not on first use)
+    # Computed here, in the executor, rather than on first use on the event loop.
+    loaded.max_token_chars  # noqa: B018
+    loaded.chat_format  # noqa: B018
     logger.info("Connected %s: %d blocks served by the swarm", spec.key, loaded.num_blocks)
     return loaded

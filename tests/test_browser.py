@@ -7,11 +7,13 @@ from selenium.webdriver.common.by import By
 
 from config import ManagerSettings
 from server import make_app
+from sessions.chat_format import ChatFormat
 from sessions.manager import build_manager
 from tests.browser import MID_REPLY_SCREENSHOT, PHONE_SCREENSHOT, PHONE_SIZE, ChatPage, ChatServer, drive, \
     start_chromium
 
 DEFAULT_NAME = "SmolLM2 135M Instruct"
+DEFAULT_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # With greedy decoding the default model answers this with an HTML code block holding a <script> tag.
 SCRIPT_QUESTION = "Write the HTML tag that loads the script file app.js. Reply with the tag only."
 
@@ -81,7 +83,7 @@ async def test_streams_a_reply_token_by_token_and_stops_at_once(page, tmp_path):
         assert opened == {"type": "open_inference_session", "model": "tests/tiny-llama", "max_length": 512}
         (first,) = page.sent("generate")
         assert first["max_new_tokens"] == 1 and first["stop_sequence"] == "<|im_end|>"
-        assert first["inputs"].endswith("<|im_start|>user\nfirst line\nsecond line\n<|im_start|>assistant\n")
+        assert first["inputs"].endswith("<|im_start|>user\nfirst line\nsecond line<|im_end|>\n<|im_start|>assistant\n")
         assert page.sent("stop") == [{"type": "stop"}]
         streamed = [reply for reply in page.received() if "outputs" in reply]
         assert all(reply["token_count"] <= 1 for reply in streamed) and streamed[-1]["stop"] is True
@@ -92,7 +94,9 @@ async def test_streams_a_reply_token_by_token_and_stops_at_once(page, tmp_path):
         page.element("stop").click()
         page.wait_until_idle(timeout=5)
         assert len(page.sent("open_inference_session")) == 1
-        assert page.sent("generate")[-1]["inputs"] == "\n<|im_start|>user\nnext question\n<|im_start|>assistant\n"
+        # The stopped reply did not end with the stop token: its whole suffix comes first.
+        assert page.sent("generate")[-1]["inputs"] == \
+            "<|im_end|>\n<|im_start|>user\nnext question<|im_end|>\n<|im_start|>assistant\n"
         assert page.chromium.find_elements(By.CSS_SELECTOR, ".message:last-child .regenerate")
 
     await drive(page, tmp_path, steps)
@@ -180,6 +184,58 @@ async def test_model_output_with_a_script_tag_shows_as_text_in_a_code_block(page
     await drive(page, tmp_path, steps)
 
 
+async def test_the_page_writes_the_conversation_as_the_server_formats_it(page, manager, tmp_path):
+    loaded = manager.registry.find(DEFAULT_REPOSITORY)
+    chat_format = ChatFormat.for_model(loaded.tokenizer, loaded.spec.chat, loaded.stop_token)
+    stop_token = chat_format.stop_token
+    questions = ["What is the capital of France? Answer in one sentence.", "And the capital of Italy?"]
+
+    def steps():
+        page.open()
+        page.choose_model(DEFAULT_NAME)
+        page.set_temperature(0)
+        for count, question in enumerate(questions, start=1):
+            page.send(question)
+            page.wait(lambda: sum(bool(reply.get("stop")) for reply in page.received()) == count,
+                      message=f"reply {count} never ended")
+            page.wait_until_idle()
+        assert page.error_text() == ""
+        system_text, greeting = page.chromium.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "import(new URL('js/prompt.js', document.baseURI).href)"
+            ".then((prompt) => done([prompt.SYSTEM_TEXT, prompt.GREETING]));")
+
+        # One session; each generate's replies arrive before the next generate is sent.
+        assert len(page.sent("open_inference_session")) == 1
+        generates = page.sent("generate")
+        assert len(generates) == 2 and all(generate["visible_text"] is True for generate in generates)
+        replies, current = [], []
+        for reply in page.received():
+            if "outputs" in reply:
+                current.append(reply)
+                if reply["stop"]:
+                    replies.append(current)
+                    current = []
+        assert len(replies) == 2 and current == []
+        raw_reply = "".join(reply["outputs"] for reply in replies[0])
+        assert raw_reply.endswith(stop_token), "the first reply must end with the stop token"
+        wire = generates[0]["inputs"] + raw_reply + generates[1]["inputs"]
+
+        messages = [{"role": "system", "content": system_text}, {"role": "assistant", "content": greeting},
+                    {"role": "user", "content": questions[0]},
+                    {"role": "assistant", "content": raw_reply[:-len(stop_token)]},
+                    {"role": "user", "content": questions[1]}]
+        assert wire == chat_format.render(messages, add_generation_prompt=True)
+
+        # The page shows the server's visible text: each reply without its stop token.
+        shown = [message["text"] for message in page.messages() if message["role"] == "assistant"]
+        assert shown[0] == greeting
+        assert shown[1:] == ["".join(reply["text"] for reply in group).strip() for group in replies]
+        assert shown[1] and stop_token not in shown[1] and stop_token not in shown[2]
+
+    await drive(page, tmp_path, steps)
+
+
 async def test_a_too_long_conversation_is_replayed_in_a_longer_session(page, tmp_path):
     long_text = "Summarize this:" + " The quick brown fox jumps over the lazy dog." * 70
 
@@ -229,7 +285,7 @@ async def test_lost_connections_are_retried_and_an_outage_shows_an_error_with_re
         page.element("stop").click()
         page.wait_until_idle(timeout=5)
         replay = page.sent("generate")[-1]["inputs"]
-        assert "user\nhello" in replay and replay.endswith("user\nare you there?\n<|im_start|>assistant\n")
+        assert "user\nhello" in replay and replay.endswith("user\nare you there?<|im_end|>\n<|im_start|>assistant\n")
 
     await drive(page, tmp_path, steps)
 
@@ -253,7 +309,7 @@ async def test_an_expired_session_is_reopened_and_the_conversation_replayed(chro
         assert page.error_text() == ""
         assert any(reply.get("code") == "session_expired" for reply in page.received())
         replay = page.sent("generate")[-1]["inputs"]
-        assert "user\nhello" in replay and replay.endswith("user\nstill there?\n<|im_start|>assistant\n")
+        assert "user\nhello" in replay and replay.endswith("user\nstill there?<|im_end|>\n<|im_start|>assistant\n")
 
     await drive(page, tmp_path, steps)
 

@@ -270,13 +270,20 @@ async def test_inputs_that_leave_no_room_are_refused_and_the_session_goes_on(ws_
 async def test_a_flood_of_generates_is_bounded_per_session(ws_port, manager):
     client = await WSClient.connect(ws_port)
     await client.request({"type": "open_inference_session", "model": TINY, "max_length": 512})
-    for _ in range(12):
-        await client.send({"type": "generate", "inputs": "Hi", "max_new_tokens": 2})
-    replies = [await client.receive() for _ in range(12)]
-    refused = [reply for reply in replies if not reply["ok"]]
-    assert len(refused) == 12 - 5 and {reply["code"] for reply in refused} == {"queue_full"}
-    assert all(reply["retryable"] for reply in refused)
-    assert len([reply for reply in replies if reply["ok"]]) == 5  # one running, four waiting
+    for _ in range(12):  # streams that run until stopped: none ends during the flood
+        await client.send({"type": "generate", "inputs": "Hi", "max_new_tokens": 1, "stop_sequence": "never-appears"})
+    refused, finished = [], 0
+    while len(refused) < 12 - 5:
+        reply = await client.receive()
+        if not reply["ok"]:
+            refused.append(reply)
+    assert {reply["code"] for reply in refused} == {"queue_full"} and all(reply["retryable"] for reply in refused)
+    await client.send({"type": "stop"})
+    while finished < 5:  # one running and four waiting, each ends with its final reply
+        reply = await client.receive()
+        assert reply["ok"], reply
+        finished += reply["stop"]
+    assert (await client.request({"type": "generate", "inputs": "Hi", "max_new_tokens": 1}))["ok"]
     client.close()
 
 

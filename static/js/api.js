@@ -63,7 +63,7 @@ export class ChatSocket {
     });
   }
 
-  /** Streams one reply: `onChunk(text, tokens)` per message; resolves once the reply ends. */
+  /** Streams one reply: `onChunk(reply)` per message of it; resolves once the reply ends. */
   generate(request, onChunk) {
     return new Promise((resolve, reject) => {
       if (this.closed) {
@@ -72,7 +72,7 @@ export class ChatSocket {
       }
       this.waiting = {
         onReply: (reply) => {
-          onChunk(reply.outputs, reply.token_count);
+          onChunk(reply);
           if (reply.stop) resolve();
           return reply.stop;
         },

@@ -2,7 +2,7 @@
 // recovery from lost connections, expired sessions and sessions that are too short.
 
 import { ChatError, ChatSocket, fetchModels } from "./api.js";
-import { GREETING, chatFormat, newInputs, visibleReply } from "./prompt.js";
+import { GREETING, endsWithStop, extraStopSequences, newInputs } from "./prompt.js";
 import { renderText } from "./render.js";
 import { clearConversations, saveConversation, savedModel, savedTurns } from "./store.js";
 
@@ -33,7 +33,7 @@ const ui = {
 const state = {
   models: [],
   model: null, // the chosen entry of /api/v1/models
-  format: null,
+  format: null, // the model's chat format, as the server serves it
   turns: [], // [{role: "user" | "assistant", text}]
   socket: null, // the open ChatSocket, if any
   sessionLength: 0, // the longest session this conversation has needed so far
@@ -145,8 +145,9 @@ function generationRequest(inputs) {
   const request = {
     inputs,
     max_new_tokens: 1,
-    stop_sequence: state.format.stop,
-    extra_stop_sequences: chat.extra_stop_sequences,
+    stop_sequence: state.format.stop_token,
+    extra_stop_sequences: extraStopSequences(state.format),
+    visible_text: true, // the server holds back what may start a stop sequence
     do_sample: temperature > 0 ? 1 : 0,
   };
   if (temperature > 0) {
@@ -169,7 +170,11 @@ function showSpeed(tokens, firstTokenAt) {
   ui.speed.textContent = `${tokens} token${tokens === 1 ? "" : "s"}${speed}`;
 }
 
-/** Streams the reply to the conversation's last user turn into a new assistant turn. */
+/**
+ * Streams the reply to the conversation's last user turn into a new assistant turn. The turn
+ * shows the replies' `text` (stop sequences already cut by the server); their raw `outputs`
+ * tell what the session holds.
+ */
 async function streamReply(length) {
   const socket = await openSession(length);
   if (state.stopRequested) return; // stopped while the session was opening
@@ -179,21 +184,21 @@ async function streamReply(length) {
   renderConversation();
   const body = ui.conversation.lastElementChild.querySelector(".body");
   let raw = "";
+  let shown = "";
   let tokens = 0;
   let firstTokenAt = null;
-  await socket.generate(generationRequest(inputs), (outputs, tokenCount) => {
-    raw += outputs;
-    tokens += tokenCount;
+  await socket.generate(generationRequest(inputs), (message) => {
+    raw += message.outputs;
+    shown += message.text;
+    tokens += message.token_count;
     firstTokenAt ??= performance.now();
-    reply.text = visibleReply(state.format, raw, false).text;
+    reply.text = shown.trimStart();
     renderText(body, reply.text);
     showSpeed(tokens, firstTokenAt);
     ui.conversation.scrollTop = ui.conversation.scrollHeight;
   });
-  const finished = visibleReply(state.format, raw, true);
-  reply.text = finished.text;
   state.sentTurns = state.turns.length;
-  state.endsWithStop = finished.endsWithStop;
+  state.endsWithStop = endsWithStop(state.format, raw);
 }
 
 /**
@@ -286,7 +291,7 @@ function selectModel(key) {
   state.sessionLength = 0;
   hideError();
   state.model = model;
-  state.format = chatFormat(model.chat);
+  state.format = model.chat.format;
   ui.model.value = model.model;
   const params = model.chat.generation_params;
   ui.temperature.value = params.do_sample ? String(params.temperature ?? 1) : "0";
