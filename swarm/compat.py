@@ -99,11 +99,14 @@ def make_worker_reentrant() -> None:
 
 
 def replay_history_on_takeover() -> None:
-    """Makes a server session that takes over a failed one replay the whole inherited history.
+    """Makes the server sessions that take over a failed one replay the whole history.
 
-    The replacement has not stepped yet but holds the failed session's history, which already
-    ends with this step's inputs: it sends all of it (rebuilding the attention caches on the
-    new server) and returns only the outputs of this step's tokens, as the caller expects.
+    The first replacement has not stepped yet but holds the failed session's history, which
+    already ends with this step's inputs: it sends all of it (rebuilding the attention caches on
+    the new server) and returns only the outputs of this step's tokens, as the caller expects.
+    When the failed span is taken over by several servers, the first one's outputs for the
+    whole history are the next one's history, and so on down the replacements: petals itself
+    hands the history to the first replacement only, and the others would run without context.
     """
     from petals.client.inference_session import _ServerInferenceSession
 
@@ -115,7 +118,11 @@ def replay_history_on_takeover() -> None:
         if self.stepped or inherited is None or inherited.shape[1] == self._position + new_tokens:
             return original_step(self, inputs, prompts, hypo_ids, step_id=step_id)
         self.history = None
-        return original_step(self, inherited, prompts, hypo_ids, step_id=step_id)[:, -new_tokens:]
+        outputs = original_step(self, inherited, prompts, hypo_ids, step_id=step_id)
+        following = self.next_session
+        if following is not None and not following.stepped and following.history is None:
+            following.history = outputs  # a fellow replacement: it replays from these
+        return outputs[:, -new_tokens:]
 
     _ServerInferenceSession.step = step
 

@@ -1,0 +1,84 @@
+"""Failover that must not change the text: a session's only server dies, and two servers that
+each hold half of its blocks take over. The default model (SmolLM2) must then write exactly what
+an uninterrupted greedy run of plain transformers writes, token for token."""
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from config import ManagerSettings, default_model
+from sessions.manager import build_manager
+from sessions.requests import GenerationRequest
+from swarm.blocks import lookup_blocks
+from swarm.local import LocalSwarm, SwarmModel, count_blocks
+
+PREFIX = "failover-smollm2"
+PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
+BEFORE, AFTER = 8, 24  # tokens generated before and after the crash
+NODE_OPTIONS = ("--update-period", "2", "--expiration", "5")
+READY_TIMEOUT = 240
+
+
+def reference_tokens(path, prompt_ids, count: int) -> list:
+    """Greedy tokens of plain transformers, uninterrupted."""
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    with torch.inference_mode():
+        output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=count, do_sample=False)
+    return output[0, len(prompt_ids):].tolist()
+
+
+def servers_per_block(swarm: LocalSwarm, model: SwarmModel) -> list:
+    uids = [f"{model.dht_prefix}.{index}" for index in range(model.num_blocks)]
+    return [sum(info.state.name == "ONLINE" for info in block.servers.values())
+            for block in lookup_blocks(swarm.dht, uids)]
+
+
+async def wait_until(condition, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await loop.run_in_executor(None, condition):
+        assert loop.time() < deadline, "the swarm did not reach the expected state"
+        await asyncio.sleep(0.5)
+
+
+@pytest.fixture
+def failover_swarm(tmp_path, default_model_dir):
+    with LocalSwarm(tmp_path / "logs", threads=1) as swarm:
+        yield swarm
+
+
+async def test_two_servers_take_over_one_and_the_text_does_not_change(failover_swarm, default_model_dir,
+                                                                       models_dir):
+    swarm = failover_swarm
+    model = SwarmModel(str(default_model_dir), PREFIX, count_blocks(str(default_model_dir)))
+    whole = swarm.add_node(model, extra_options=NODE_OPTIONS)
+    await wait_until(lambda: min(servers_per_block(swarm, model)) == 1, READY_TIMEOUT)
+    spec = dataclasses.replace(default_model(models_dir), dht_prefix=PREFIX)
+    manager = build_manager([spec], swarm.initial_peers, "cpu", "float32", executor_workers=2,
+                            settings=ManagerSettings(step_timeout=120, request_timeout=5, routing_update_period=2))
+    await manager.start()
+    try:
+        loaded = manager.registry.find(None)
+        expected = loaded.tokenizer.decode(reference_tokens(default_model_dir, loaded.encode(PROMPT), BEFORE + AFTER))
+        session = await manager.open_session("failover", spec.key, 256, "127.0.0.1")
+        before = [update async for update in session.generate(GenerationRequest(inputs=PROMPT, max_new_tokens=BEFORE))]
+
+        half = model.num_blocks // 2
+        swarm.add_node(model, f"0:{half}", NODE_OPTIONS)
+        swarm.add_node(model, f"{half}:{model.num_blocks}", NODE_OPTIONS)
+        await wait_until(lambda: min(servers_per_block(swarm, model)) == 2, READY_TIMEOUT)
+        # The client's routing table (refreshed every 2 s) knows them and has pinged them, and a dial
+        # that failed while they were starting is no longer held back (libp2p waits seconds to redial).
+        await asyncio.sleep(8)
+        swarm.stop_node(whole, crash=True)  # only the two halves are left
+
+        after = [update async for update in session.generate(GenerationRequest(max_new_tokens=AFTER))]
+        text = "".join(update.outputs for update in before + after)
+        assert sum(update.token_count for update in before + after) == BEFORE + AFTER
+        assert text == expected.rstrip("\ufffd")
+        await session.aclose("test done")
+    finally:
+        await manager.close()
