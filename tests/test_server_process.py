@@ -10,7 +10,6 @@ import time
 import urllib.request
 
 import psutil
-import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.ws_client import WSClient
@@ -48,8 +47,8 @@ async def read_until_closed(client: WSClient) -> tuple:
     return client.connection.close_code, client.connection.close_reason
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_embedded_swarm_serves_and_stops_cleanly(tiny_model_specs, stop_signal):
+def test_embedded_swarm_serves_and_stops_cleanly(tiny_model_specs):
+    """Ctrl-C (SIGINT) here; SIGTERM in the joined-swarm test below."""
     tiny_llama = tiny_model_specs[0]
     process = subprocess.Popen(
         [sys.executable, "server.py", "--model", str(tiny_llama.path), "--port", "0", "--host", "127.0.0.1",
@@ -69,7 +68,7 @@ def test_embedded_swarm_serves_and_stops_cleanly(tiny_model_specs, stop_signal):
         loop = asyncio.new_event_loop()
         port = int(url.rstrip("/").rsplit(":", 1)[1])
         client = loop.run_until_complete(streaming_client(port))
-        process.send_signal(stop_signal)
+        process.send_signal(signal.SIGINT)
         close_code, close_reason = loop.run_until_complete(read_until_closed(client))
         loop.close()
         assert (close_code, close_reason) == (1001, "Server shutting down")
