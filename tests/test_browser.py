@@ -1,6 +1,8 @@
 """The chat page in a real headless Chromium against the real server on the local swarm."""
 
+import json
 import time
+import urllib.request
 
 import pytest
 from selenium.webdriver.common.by import By
@@ -226,6 +228,17 @@ async def test_the_page_writes_the_conversation_as_the_server_formats_it(page, m
                     {"role": "assistant", "content": raw_reply[:-len(stop_token)]},
                     {"role": "user", "content": questions[1]}]
         assert wire == chat_format.render(messages, add_generation_prompt=True)
+
+        # /v1/chat/completions writes the same conversation the same way: the same prompt tokens,
+        # and the same greedy reply as the page's second one.
+        second_reply = "".join(reply["outputs"] for reply in replies[1])
+        request = urllib.request.Request(page.url + "v1/chat/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"model": DEFAULT_REPOSITORY, "messages": messages,
+                                                          "temperature": 0, "max_tokens": 300}).encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            completion = json.load(response)
+        assert completion["usage"]["prompt_tokens"] == len(loaded.encode(wire))
+        assert completion["choices"][0]["message"]["content"] == second_reply.removesuffix(stop_token)
 
         # The page shows the server's visible text: each reply without its stop token.
         shown = [message["text"] for message in page.messages() if message["role"] == "assistant"]

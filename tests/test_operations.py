@@ -72,13 +72,17 @@ async def test_not_ready_while_the_executor_is_saturated(http_server_client, man
     try:
         code, body = await get_json(http_server_client, "/ready")
         assert code == 503 and body["ready"] is False and body["executor"]["saturated"] is True
-        assert body["executor"]["waiting_calls"] == threads + 1
+        assert body["executor"]["waiting_calls"] >= threads + 1  # ours, and any background call
         assert all(model["ready"] for model in body["models"])  # the swarm itself is fine
     finally:
         release.set()
         await asyncio.gather(*blocked)
-    code, body = await get_json(http_server_client, "/ready")
-    assert code == 200 and body["executor"]["waiting_calls"] == 0
+    for _ in range(100):  # ready again once the queue has drained
+        code, body = await get_json(http_server_client, "/ready")
+        if code == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert code == 200 and body["executor"]["saturated"] is False
 
 
 async def test_swarm_map_names_the_peer_of_every_block(http_server_client, manager):

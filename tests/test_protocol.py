@@ -1,6 +1,9 @@
 """Parsing of WebSocket messages and generation parameters (pure logic)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ from handlers.protocol import (
 from sessions.errors import BadRequest
 
 LIMIT = 10_000
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_open_message():
@@ -84,3 +88,11 @@ def test_deeply_nested_json_is_a_bad_request():
 
 def test_generate_message_type():
     assert isinstance(parse_message('{"type": "generate", "max_length": 4}', LIMIT), GenerateMessage)
+
+
+def test_parsing_messages_imports_neither_torch_nor_petals():
+    """The wire's request types live apart from the modules that drive the swarm."""
+    code = ("import sys, handlers.protocol, handlers.openai_protocol; "
+            "print(sorted(name for name in ('torch', 'petals', 'transformers') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
