@@ -1,6 +1,5 @@
 """The WebSocket API against the real local swarm."""
 
-import asyncio
 import json
 
 import pytest
