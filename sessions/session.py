@@ -27,9 +27,9 @@ class ChatSession:
 
     Generations run one at a time, in the order their replies are first awaited; each takes a
     ticket when asked for, and ``request_stop`` ends every generation asked for so far (running
-    or waiting) before its next step. ``aclose`` is the one way the session ends: it waits for a step in flight, releases
-    the swarm's attention caches and gives back the session's admission slot. An error that
-    leaves the session unusable closes it too.
+    or waiting) before its next step. ``aclose`` is the one way the session ends: it waits for a
+    step in flight, releases the swarm's attention caches and gives back the session's admission
+    slot. An error that leaves the session unusable closes it too.
 
     ``model`` is a ``LoadedModel`` and ``stream`` a ``TokenStream`` (tests pass fakes);
     blocking calls run in ``executor``.
