@@ -3,7 +3,9 @@
 It feeds the new input, steps the session's token stream one token at a time, turns tokens
 into text, watches for stop sequences, end of sequence and length limits, and yields the
 replies the request asked for (one per ``max_new_tokens`` tokens, or one per chunk until a
-stop when streaming).
+stop when streaming). While a streamed reply is on its way to the client, the next step
+already runs; if the generation is stopped meanwhile, that step's token is kept unsent: it
+opens the next generation if the model just goes on, and is dropped if new input comes.
 """
 
 from typing import TYPE_CHECKING, AsyncIterator, Optional
@@ -14,7 +16,7 @@ from sessions.requests import GenerationRequest, GenerationUpdate
 from sessions.stops import StopStringFilter
 
 if TYPE_CHECKING:
-    from sessions.session import ChatSession
+    from sessions.session import ChatSession, StartedStep
 
 
 async def run_generation(session: "ChatSession", request: GenerationRequest,
@@ -27,6 +29,12 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
     if request.inputs:
         Admission.check_text_length(request.inputs, session.max_length, session.model.max_token_chars)
     input_ids = await session.encode(request.inputs) if request.inputs else []
+    # A token a stopped generation chose ahead of need, never sent: the next token if the model
+    # just goes on, but new input follows the token before it.
+    carried, session.carried_token = session.carried_token, None
+    if carried is not None and input_ids:
+        session.stream.discard_pending()
+        carried = None
     if not input_ids and session.stream.pending is None:
         raise InvalidRequest("inputs are required to start a session")
     total_limit = min(session.max_length, request.max_length or session.max_length)
@@ -39,16 +47,24 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
     stops = StopStringFilter(request.stop_sequences)
     eos_token_id = session.model.eos_token_id
     session.decoder.add_context(input_ids)
+    ahead: Optional[StartedStep] = None  # the next step, started while a reply is on its way
     while True:
         chunk_tokens, chunk_text, finish_reason = 0, "", None
         while request.max_new_tokens is None or chunk_tokens < request.max_new_tokens:
             if session.stopped(ticket):
+                if ahead is not None:  # its token was chosen for a continuation that has not come
+                    session.carried_token = await session.finish_step(ahead)
+                    ahead = None
                 finish_reason = "cancelled"
                 break
-            if request.max_length is not None and session.length_with(input_ids) + 1 > total_limit:
-                finish_reason = "length"  # the client's max_length is reached
-                break
-            token = await session.step(input_ids, request.sampling)
+            if carried is not None:
+                token, carried = carried, None
+            else:
+                if request.max_length is not None and session.length_with(input_ids) + 1 > total_limit:
+                    finish_reason = "length"  # the client's max_length is reached
+                    break
+                step, ahead = ahead or session.start_step(input_ids, request.sampling), None
+                token = await session.finish_step(step)
             input_ids = []
             chunk_tokens += 1
             chunk_text += session.decoder.push([token])
@@ -66,10 +82,20 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
             finish_reason = "length"  # the one reply has its max_new_tokens
         if finish_reason is not None:
             visible += stops.flush()
+        elif _room_for_a_step(session, request, total_limit):
+            # The swarm works on the next token while this reply travels to the client.
+            ahead = session.start_step([], request.sampling)
         yield GenerationUpdate(outputs=chunk_text, stop=finish_reason is not None, token_count=chunk_tokens,
                                finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched)
         if finish_reason is not None:
             return
+
+
+def _room_for_a_step(session: "ChatSession", request: GenerationRequest, total_limit: int) -> bool:
+    """Whether the session and the request's ``max_length`` allow another step."""
+    if request.max_length is not None and session.length_with([]) + 1 > total_limit:
+        return False
+    return session.length_with([]) <= session.max_length
 
 
 async def _stop_token_id(session: "ChatSession", request: GenerationRequest) -> Optional[int]:

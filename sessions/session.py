@@ -4,6 +4,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, List, Optional
 
 from sessions.admission import Slot
@@ -16,6 +17,16 @@ from sessions.metrics import SessionMetrics
 from sessions.requests import GenerationRequest, GenerationUpdate, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StartedStep:
+    """A step running in the executor: its future, when it was started, how many inputs it feeds."""
+
+    future: Future
+    started: float
+    input_tokens: int
+
 
 # The longest each part of closing a session waits (the running generation, a step in flight,
 # releasing the swarm session) before the session's place is given back regardless.
@@ -58,6 +69,7 @@ class ChatSession:
         self._step_in_flight: Optional[Future] = None
         self._step_started: Optional[float] = None  # when the step in flight left the executor's queue
         self._closing: Optional["asyncio.Future[None]"] = None
+        self.carried_token: Optional[int] = None  # chosen ahead by a stopped generation, not yet sent
         self.last_active = time.monotonic()
         self.closed_reason: Optional[str] = None
 
@@ -128,26 +140,29 @@ class ChatSession:
         """Tokens in the conversation once ``new_input_ids`` are added, the pending one included."""
         return self.stream.position + (self.stream.pending is not None) + len(new_input_ids)
 
-    async def step(self, new_input_ids: list, sampling: SamplingParams) -> int:
-        """Runs one step through the swarm in the executor; returns the next token."""
+    def start_step(self, new_input_ids: list, sampling: SamplingParams) -> StartedStep:
+        """Starts one step in the executor; ``finish_step`` waits for its token."""
         if self.length_with(new_input_ids) > self.max_length:
             needed = self.length_with(new_input_ids) - self.stream.position
             raise MaxLengthExceeded(
                 f"Maximum length exceeded: prefix {self.stream.position} + current {needed} exceeds "
                 f"pre-allocated maximum {self.max_length}")
-        model = self.model.spec.key
-        started = time.monotonic()
         self._step_started = None
         self._step_in_flight = self._executor.submit(self._run_step, new_input_ids, sampling)
+        return StartedStep(self._step_in_flight, time.monotonic(), len(new_input_ids))
+
+    async def finish_step(self, step: StartedStep) -> int:
+        """The token of a started step, once it is done (``StepTimeout`` if it runs too long)."""
+        model = self.model.spec.key
         try:
-            token = await self._within_step_timeout(asyncio.wrap_future(self._step_in_flight))
+            token = await self._within_step_timeout(asyncio.wrap_future(step.future))
         except StepTimeout:
             self.metrics.observe_failed_step(model)
             raise
         except Exception as error:
             self.metrics.observe_failed_step(model)
             raise from_petals_error(error, model) from error
-        self.metrics.observe_step(model, time.monotonic() - started, len(new_input_ids))
+        self.metrics.observe_step(model, time.monotonic() - step.started, step.input_tokens)
         return token
 
     def _run_step(self, new_input_ids: list, sampling: SamplingParams) -> int:

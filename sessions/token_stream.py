@@ -75,6 +75,12 @@ class TokenStream:
         self.token_ids = torch.cat([self.token_ids, torch.tensor([[next_token]])], dim=1)
         return next_token
 
+    def discard_pending(self) -> None:
+        """Forgets the pending token (chosen ahead of need): the next step feeds only new input."""
+        if self.pending is not None:
+            self.pending = None
+            self.token_ids = self.token_ids[:, :-1]
+
     def replace_pending(self, token_id: int) -> None:
         """Feeds ``token_id`` instead of the pending token at the next step (e.g. a stop token)."""
         self.pending = token_id

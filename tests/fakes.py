@@ -84,6 +84,11 @@ class FakeTokenStream:
     def replace_pending(self, token_id: int) -> None:
         self.pending = token_id
 
+    def discard_pending(self) -> None:
+        if self.pending is not None:
+            self.pending = None
+            self._next -= 1  # as with a greedy model, the same token comes next again
+
     def close(self) -> None:
         self.closed_while_stepping = self.steps_running > 0
         self.hold_close.wait()

@@ -218,3 +218,33 @@ async def test_closing_gives_the_place_back_even_when_the_swarm_hangs(executor):
             break
         await asyncio.sleep(0.01)
     assert hung_step.closed and not hung_step.closed_while_stepping
+
+
+async def test_the_next_step_runs_while_a_reply_is_on_its_way_and_a_stop_discards_its_token(executor):
+    stream = FakeTokenStream("abcdefgh", step_seconds=0.05)
+    session = make_session(executor, stream)
+    updates = session.generate(GenerationRequest(inputs="x", max_new_tokens=1, stop_sequence="never"))
+    first = await updates.__anext__()
+    await asyncio.sleep(0.03)
+    assert stream.steps_running == 1  # the second token is on its way before anyone asked
+    session.request_stop()
+    rest = [update async for update in updates]
+    assert first.outputs == "a" and [(update.outputs, update.finish_reason) for update in rest] == [("", "cancelled")]
+    # "a" was fed by the step that ran ahead; its token "b" was never sent. New input drops it ...
+    assert stream.pending == ord("b") and stream.fed == [ord("x"), ord("a")]
+    again = await collect(session.generate(GenerationRequest(inputs="y", max_new_tokens=2)))
+    assert again[-1].outputs == "bc" and stream.fed == [ord("x"), ord("a"), ord("y"), ord("b")]
+    await session.aclose("done")
+
+
+async def test_a_token_chosen_ahead_opens_the_next_generation_when_the_model_goes_on(executor):
+    stream = FakeTokenStream("abcdefgh", step_seconds=0.05)
+    session = make_session(executor, stream)
+    updates = session.generate(GenerationRequest(inputs="x", max_new_tokens=1, stop_sequence="never"))
+    assert (await updates.__anext__()).outputs == "a"
+    session.request_stop()
+    assert [update.finish_reason async for update in updates] == ["cancelled"]
+    # ... and going on without input starts from it, without a step for it.
+    going_on = await collect(session.generate(GenerationRequest(max_new_tokens=3)))
+    assert going_on[-1].outputs == "bcd" and stream.fed == [ord(char) for char in "xabc"]
+    await session.aclose("done")
