@@ -161,7 +161,7 @@ class Settings:
     allowed_origins: Tuple[str, ...] = ()  # pages allowed to use the WebSocket API; empty: any
     max_message_bytes: int = 256 * 1024
     max_body_bytes: int = 1024 * 1024  # largest HTTP request body; larger ones are refused unread (413)
-    api_key: Optional[str] = None  # when set, the OpenAI-compatible API requires "Authorization: Bearer KEY"
+    api_key: Optional[str] = None  # when set, every API that serves models requires it
     debug: bool = False
     log_level: str = "INFO"
 
@@ -285,7 +285,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         default=defaults.max_message_bytes)
     add("--max-body-bytes", "largest HTTP request body (larger ones get 413 before they are read)", type=int,
         default=defaults.max_body_bytes)
-    add("--api-key", "require this key (Authorization: Bearer KEY) on the OpenAI-compatible /v1 API",
+    add("--api-key", "require this key (Authorization: Bearer KEY) on every API that serves models, "
+        "the WebSocket included",
         default=None)
     add("--debug", "tracebacks in error replies, Tornado debug mode", action="store_true", default=defaults.debug)
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default=defaults.log_level)

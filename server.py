@@ -55,7 +55,6 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
     """
     collaborators = {"manager": manager}
     generation_collaborators = dict(collaborators, max_body_bytes=config.max_body_bytes)
-    openai_collaborators = dict(generation_collaborators, api_key=config.api_key)
     websockets: Set[GenerateWebSocket] = set()
     return tornado.web.Application(
         [
@@ -67,9 +66,9 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
             (r"/api/v1/swarm", SwarmHandler, collaborators),
             (r"/api/v1/models", ModelsHandler, collaborators),
             (r"/api/v1/generate", GenerateHandler, generation_collaborators),
-            (r"/v1/models", ModelListHandler, openai_collaborators),
-            (r"/v1/completions", CompletionHandler, openai_collaborators),
-            (r"/v1/chat/completions", ChatCompletionHandler, openai_collaborators),
+            (r"/v1/models", ModelListHandler, generation_collaborators),
+            (r"/v1/completions", CompletionHandler, generation_collaborators),
+            (r"/v1/chat/completions", ChatCompletionHandler, generation_collaborators),
             (r"/api/v2/generate", GenerateWebSocket, dict(collaborators, allowed_origins=config.allowed_origins,
                                                           max_message_bytes=config.max_message_bytes,
                                                           open_connections=websockets)),
@@ -84,6 +83,7 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
         config=config,
         websockets=websockets,
         trusted_proxies=parse_networks(config.trusted_proxies),
+        api_key=config.api_key,
     )
 
 

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -65,14 +65,18 @@ def attention_cache_tokens(args: argparse.Namespace) -> int:
 
 
 def start_server(model_path: Path, initial_peers: List[str], log_path: Path,
-                 executor_workers: Optional[int]) -> Tuple[subprocess.Popen, str]:
-    """``server.py`` on a free port of 127.0.0.1, its log in ``log_path``; returns it and its URL."""
+                 executor_workers: Optional[int], extra_args: Sequence[str] = ()) -> Tuple[subprocess.Popen, str]:
+    """``server.py`` on a free port of 127.0.0.1, its log in ``log_path``; returns it and its URL.
+
+    ``extra_args`` go last on the server's command line, so they override the flags before them.
+    """
     command = [sys.executable, "server.py", "--model", str(model_path), "--initial-peers", *initial_peers,
                "--port", "0", "--host", "127.0.0.1", "--device", "cpu", "--torch-dtype", "float32",
                "--max-sessions", str(SESSION_LIMIT), "--max-sessions-per-client", str(SESSION_LIMIT),
                "--max-connections-per-client", str(SESSION_LIMIT)]
     if executor_workers is not None:
         command += ["--executor-workers", str(executor_workers)]
+    command += list(extra_args)
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
                                    stderr=subprocess.STDOUT, text=True)

@@ -7,8 +7,10 @@ from typing import Any, AsyncIterator, Dict, Optional
 import tornado.httputil
 import tornado.web
 
+from handlers.auth import key_accepted
 from handlers.clients import client_key
-from sessions.errors import BadRequest, HTTPStatusError, PayloadTooLarge, ServiceError, classify, error_payload
+from sessions.errors import (BadRequest, HTTPStatusError, PayloadTooLarge, ServiceError, Unauthorized, classify,
+                             error_payload)
 from sessions.logs import new_connection_id
 from sessions.manager import SessionManager
 from sessions.requests import GenerationRequest, GenerationUpdate
@@ -28,29 +30,14 @@ def as_service_error(error: Optional[BaseException], status: int, reason: str) -
     return classify(error)
 
 
-class APIHandler(tornado.web.RequestHandler):
-    """Answers JSON; every error, ours or Tornado's, becomes the API's error body.
+class JSONErrors:
+    """Mixed into a handler with a ``manager``: every error, ours or Tornado's, becomes the API's
+    JSON error body, counted in the metrics.
 
     ``api`` picks the error body: "native" (``{"ok": false, "traceback": ...}``) or "openai".
     """
 
     api = "native"
-
-    def initialize(self, manager: SessionManager) -> None:
-        self.manager = manager
-
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-
-    def json_body(self) -> Dict[str, Any]:
-        """The request body as a JSON object."""
-        try:
-            body = json.loads(self.request.body or b"")
-        except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
-            raise BadRequest(f"Body is not valid JSON: {type(error).__name__}: {error}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("Body must be a JSON object")
-        return body
 
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, ServiceError):
@@ -65,8 +52,40 @@ class APIHandler(tornado.web.RequestHandler):
         self.manager.metrics.count_error(error.code)
         if error.status in (429, 503):
             self.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
+        elif error.status == 401:
+            self.set_header("WWW-Authenticate", "Bearer")
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(error_payload(error, self.api, debug=bool(self.settings.get("serve_traceback"))))
 
+
+class APIHandler(JSONErrors, tornado.web.RequestHandler):
+    """Answers JSON, errors included (``JSONErrors``).
+
+    A handler with ``requires_api_key`` answers 401 unless the request brings the server's
+    ``--api-key`` (application setting ``api_key``), when one is set.
+    """
+
+    requires_api_key = False
+
+    def initialize(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    def prepare(self) -> None:
+        if self.requires_api_key and not key_accepted(self.request, self.settings.get("api_key")):
+            raise Unauthorized("Invalid or missing API key (Authorization: Bearer KEY)")
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+
+    def json_body(self) -> Dict[str, Any]:
+        """The request body as a JSON object."""
+        try:
+            body = json.loads(self.request.body or b"")
+        except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+            raise BadRequest(f"Body is not valid JSON: {type(error).__name__}: {error}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("Body must be a JSON object")
+        return body
 
 @tornado.web.stream_request_body
 class GenerationHandler(APIHandler):
@@ -77,12 +96,14 @@ class GenerationHandler(APIHandler):
     """
 
     connection_prefix = "http-"
+    requires_api_key = True
 
     def initialize(self, manager: SessionManager, max_body_bytes: int) -> None:
         super().initialize(manager)
         self.max_body_bytes = max_body_bytes
 
     def prepare(self) -> None:
+        super().prepare()
         self.connection_id = new_connection_id(self.connection_prefix)
         self.session: Optional[ChatSession] = None
         self.client_left = False

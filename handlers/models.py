@@ -31,5 +31,7 @@ def describe_model(loaded: LoadedModel) -> Dict[str, Any]:
 class ModelsHandler(APIHandler):
     """Lists every connected model, in declaration order."""
 
+    requires_api_key = True
+
     def get(self) -> None:
         self.write({"ok": True, "models": [describe_model(loaded) for loaded in self.manager.registry.models]})

@@ -7,7 +7,6 @@ stream are written by separate methods; streamed replies are server-sent events 
 session holds back text that could begin one.
 """
 
-import hmac
 import json
 import logging
 import time
@@ -19,7 +18,7 @@ import tornado.iostream
 
 from handlers.base import GenerationHandler
 from handlers.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from sessions.errors import Unauthorized, error_payload, log_error
+from sessions.errors import error_payload, log_error
 from sessions.models import LoadedModel
 from sessions.requests import GenerationRequest, GenerationUpdate
 
@@ -27,20 +26,10 @@ logger = logging.getLogger(__name__)
 
 
 class OpenAIHandler(GenerationHandler):
-    """Shared parts: the API key, OpenAI-shaped errors."""
+    """Shared parts: OpenAI-shaped errors."""
 
     api = "openai"
     connection_prefix = "openai-"
-
-    def initialize(self, manager, max_body_bytes: int, api_key: Optional[str] = None) -> None:
-        super().initialize(manager, max_body_bytes)
-        self.api_key = api_key
-
-    def prepare(self) -> None:
-        super().prepare()
-        if self.api_key and not hmac.compare_digest(self.request.headers.get("Authorization", "").encode(),
-                                                    f"Bearer {self.api_key}".encode()):
-            raise Unauthorized("Invalid or missing API key (Authorization: Bearer ...)")
 
 
 class ModelListHandler(OpenAIHandler):

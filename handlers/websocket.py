@@ -5,13 +5,16 @@ The handler accepts the socket, checks its origin and forwards frames to a
 cleanly or not, tears the session down.
 """
 
-from typing import Optional, Sequence, Set, Union
+from typing import List, Optional, Sequence, Set, Union
 from urllib.parse import urlparse
 
 import tornado.websocket
 
+from handlers.auth import SUBPROTOCOL, key_accepted
+from handlers.base import JSONErrors
 from handlers.clients import client_key
 from handlers.connection import GenerateConnection
+from sessions.errors import Unauthorized
 from sessions.logs import new_connection_id
 from sessions.manager import SessionManager
 
@@ -20,7 +23,7 @@ from sessions.manager import SessionManager
 TRY_AGAIN_LATER = 1013
 
 
-class GenerateWebSocket(tornado.websocket.WebSocketHandler):
+class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
     """One client connection of the WebSocket API."""
 
     def initialize(self, manager: SessionManager, allowed_origins: Sequence[str], max_message_bytes: int,
@@ -30,6 +33,15 @@ class GenerateWebSocket(tornado.websocket.WebSocketHandler):
         self.allowed_origins = tuple(allowed_origins)
         self.max_message_bytes = max_message_bytes
         self.connection: Optional[GenerateConnection] = None
+
+    def prepare(self) -> None:
+        # Checked before the upgrade, so a client without the key gets a plain 401.
+        if not key_accepted(self.request, self.settings.get("api_key")):
+            raise Unauthorized("Invalid or missing API key (Authorization: Bearer KEY)")
+
+    def select_subprotocol(self, subprotocols: List[str]) -> Optional[str]:
+        # A browser fails the connection unless one of the subprotocols it offered is chosen.
+        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
 
     def check_origin(self, origin: str) -> bool:
         # The API is public by default, like the original service; an allow-list narrows it.

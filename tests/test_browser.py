@@ -1,18 +1,20 @@
 """The chat page in a real headless Chromium against the real server on the local swarm."""
 
+import dataclasses
 import json
 import time
 import urllib.request
 
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 from config import ManagerSettings
 from server import make_app
 from sessions.chat_format import ChatFormat
 from sessions.manager import build_manager
-from tests.browser import MID_REPLY_SCREENSHOT, PHONE_SCREENSHOT, PHONE_SIZE, ChatPage, ChatServer, drive, \
-    start_chromium
+from tests.browser import MID_REPLY_SCREENSHOT, PHONE_SCREENSHOT, PHONE_SIZE, REPLY_LENGTH_RECORDER, ChatPage, \
+    ChatServer, drive, start_chromium
 
 DEFAULT_NAME = "SmolLM2 135M Instruct"
 DEFAULT_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -325,6 +327,41 @@ async def test_an_expired_session_is_reopened_and_the_conversation_replayed(chro
         assert "user\nhello" in replay and replay.endswith("user\nstill there?<|im_end|>\n<|im_start|>assistant\n")
 
     await drive(page, tmp_path, steps)
+
+
+async def test_the_page_asks_once_for_the_api_key_and_uses_it(chromium, settings, manager, io_loop, tmp_path):
+    server = ChatServer(make_app(dataclasses.replace(settings, api_key="page-key"), manager), io_loop)
+    server.start()
+    page = ChatPage(chromium, server.url)
+
+    def enter_key(key: str) -> None:
+        page.wait(lambda: page.element("api-key-dialog").is_displayed(), message="the page asks for the key")
+        page.element("api-key").send_keys(key, Keys.ENTER)
+
+    def steps():
+        chromium.get(server.url)
+        chromium.execute_script("localStorage.clear()")
+        chromium.get(server.url)
+        chromium.execute_script(REPLY_LENGTH_RECORDER)
+        enter_key("guess")
+        page.wait(lambda: page.element("api-key-refused").is_displayed(), message="the refusal is shown")
+        enter_key("page-key")
+        page.wait(lambda: page.element("model").is_enabled() and page.model_name(), message="models listed")
+        assert not page.element("api-key-dialog").is_displayed()
+        page.send("hello")
+        page.wait_for_reply_updates(3)  # streamed over a WebSocket that carried the key
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        assert page.error_text() == ""
+
+        chromium.get(server.url)  # asked once: the key is kept
+        page.wait(lambda: page.element("model").is_enabled() and page.model_name(), message="models listed")
+        assert not page.element("api-key-dialog").is_displayed()
+
+    try:
+        await drive(page, tmp_path, steps)
+    finally:
+        await server.stop()
 
 
 async def test_swarm_map_page_shows_every_model_with_a_full_route(chromium, chat_server, manager, tmp_path):

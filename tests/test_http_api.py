@@ -21,18 +21,6 @@ async def post(client, body, content_type="application/x-www-form-urlencoded", q
     return response.code, json.loads(response.body)
 
 
-async def test_spec_curl_example_verbatim(ws_port, manager):
-    """The spec's curl command, pointed at this server."""
-    curl = await asyncio.create_subprocess_exec(
-        "curl", "-s", "-X", "POST", f"http://127.0.0.1:{ws_port}/api/v1/generate", "-d", "model=smollm2",
-        "-d", "inputs=Once upon a time,", "-d", "max_new_tokens=20", stdout=asyncio.subprocess.PIPE)
-    stdout, _ = await asyncio.wait_for(curl.communicate(), 120)
-    reply = json.loads(stdout)
-    assert reply["ok"] is True and isinstance(reply["outputs"], str) and reply["outputs"]
-    assert not reply["outputs"].startswith("Once upon a time")  # only the new text
-    assert manager.open_session_count == 0
-
-
 async def test_form_body_greedy_matches_the_websocket_api(http_server_client, manager):
     from sessions.token_stream import TokenStream
 

@@ -1,6 +1,5 @@
 """The OpenAI-compatible API, driven by the official openai package."""
 
-import asyncio
 
 import openai
 import pytest
@@ -100,26 +99,3 @@ def test_stop_string_filter_flushes_what_was_not_a_stop():
     text_filter = StopStringFilter(["END"])
     assert text_filter.push("almost EN") == "almost "
     assert text_filter.flush() == "EN"
-
-
-async def test_api_key_is_required_when_configured(ws_port, settings, manager, io_loop):
-    import dataclasses
-
-    import tornado.httpserver
-    import tornado.testing
-
-    from server import make_app
-
-    sock, port = tornado.testing.bind_unused_port()
-    server = tornado.httpserver.HTTPServer(make_app(dataclasses.replace(settings, api_key="s3cret"), manager))
-    server.add_socket(sock)
-    try:
-        wrong = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="guess", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
-            await wrong.models.list()
-        right = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret", max_retries=0)
-        listed = [model.id for model in (await right.models.list()).data]
-        assert listed == [spec.key for spec in settings.models if spec.public_api]
-    finally:
-        server.stop()
-        await asyncio.sleep(0)

@@ -1,10 +1,14 @@
-"""The README's private-swarm example, run as written: two nodes that split the default model,
-then the chat server joined to them.
+"""The README's shell examples, run as written: every ``curl`` command against the test app, and
+the private-swarm example (two nodes that split the default model, then the chat server joined
+to them).
 
-Only what cannot run here is changed: the nodes listen on 127.0.0.1 instead of every interface,
-the placeholder address becomes the first node's real one, and a fixed throughput replaces
-petals' internet speed test.
+Only what cannot run here is changed: the server's address becomes the test app's, the nodes
+listen on 127.0.0.1 instead of every interface, the placeholder address becomes the first
+node's real one, and a fixed throughput replaces petals' internet speed test.
 """
+
+import asyncio
+import dataclasses
 
 import json
 import os
@@ -19,9 +23,12 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import tornado.httpserver
 import tornado.testing
 
+from server import make_app
 from tests.conftest import REPO_ROOT
+from tests.helpers import wait_for_no_sessions
 from tests.test_server_process import read_until_ready
 
 SECTION = "## Growing a private swarm across machines"
@@ -31,16 +38,58 @@ NODE_READY_TIMEOUT = 240
 OFFLINE_NODE_OPTIONS = ["--throughput", "1000", "--no-auto-relay"]
 
 
-def readme_commands() -> List[List[str]]:
-    """The shell commands of the README section, continuation lines joined, comments dropped."""
+README_SERVER = "http://127.0.0.1:5000/"
+README_API_KEY = "readme-key"
+
+
+def readme_commands(section: str = "") -> List[List[str]]:
+    """The shell commands of the README (or of one section), continuation lines joined, comments
+    dropped, environment variables left as they are."""
     readme = (REPO_ROOT / "README.md").read_text()
-    section = readme[readme.index(SECTION):]
-    section = section[:section.index("\n## ", 1)]
+    if section:
+        readme = readme[readme.index(section):]
+        readme = readme[:readme.index("\n## ", 1)]
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
         text = block.replace("\\\n", " ")
-        commands += [shlex.split(line, comments=True) for line in text.splitlines() if line.strip()]
+        commands += [shlex.split(line, comments=True, posix=True) for line in text.splitlines()
+                     if line.strip() and not line.startswith("{")]  # "{...}" lines show a reply
     return [command for command in commands if command]
+
+
+def curl_commands() -> List[List[str]]:
+    return [words for words in readme_commands() if words[0] == "curl"]
+
+
+@pytest.fixture
+def keyed_port(settings, manager, io_loop):
+    """A port serving the app with the README's API key set."""
+    sock, port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(make_app(dataclasses.replace(settings, api_key=README_API_KEY), manager))
+    server.add_socket(sock)
+    yield port
+    server.stop()
+    io_loop.run_sync(server.close_all_connections)
+
+
+@pytest.mark.parametrize("words", curl_commands(), ids=lambda words: " ".join(words[1:3])[:60])
+async def test_curl_example_runs_as_written(words, ws_port, keyed_port, manager):
+    keyed = any("$SWARM_CHAT_API_KEY" in word for word in words)
+    server = f"http://127.0.0.1:{keyed_port if keyed else ws_port}/"
+    command = [word.replace("$SWARM_CHAT_API_KEY", README_API_KEY).replace(README_SERVER, server) for word in words]
+    assert any(server in word for word in command), "the example names the README's server address"
+    curl = await asyncio.create_subprocess_exec(
+        *command, "-sS", "--fail-with-body", stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await asyncio.wait_for(curl.communicate(), 120)
+    assert curl.returncode == 0, stdout
+    reply = json.loads(stdout)
+    if "choices" in reply:
+        assert reply["choices"][0]["message"]["content"]
+    else:
+        assert reply["ok"] is True
+    if "outputs" in reply:
+        assert reply["outputs"] and not reply["outputs"].startswith("Once upon a time")  # only the new text
+    await wait_for_no_sessions(manager)
 
 
 def node_command(words: List[str], port: int, peer: str) -> List[str]:
@@ -87,7 +136,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def test_private_swarm_example_runs_as_written(tmp_path, default_model_dir, local_swarm):
-    first_words, second_words, server_words = readme_commands()
+    first_words, second_words, server_words = readme_commands(SECTION)
     assert server_words[:2] == ["make", "run"] and server_words[2].startswith("ARGS=")
     sock, port = tornado.testing.bind_unused_port()
     sock.close()
@@ -118,7 +167,7 @@ def test_private_swarm_example_runs_as_written(tmp_path, default_model_dir, loca
             stop(process)
 
 
-@pytest.mark.parametrize("words", readme_commands()[:2])
+@pytest.mark.parametrize("words", readme_commands(SECTION)[:2])
 def test_node_examples_name_their_blocks_once(words):
     """petals refuses --num-blocks together with --block-indices."""
     assert not ("--num-blocks" in words and "--block-indices" in words)

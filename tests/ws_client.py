@@ -16,10 +16,11 @@ class WSClient:
         self.connection = connection
 
     @classmethod
-    async def connect(cls, port: int, origin: str = None) -> "WSClient":
-        headers = {"Origin": origin} if origin else {}
+    async def connect(cls, port: int, origin: str = None, headers: dict = None, subprotocols: list = None
+                      ) -> "WSClient":
+        headers = dict(headers or {}, **({"Origin": origin} if origin else {}))
         request = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{port}/api/v2/generate", headers=headers)
-        return cls(await tornado.websocket.websocket_connect(request))
+        return cls(await tornado.websocket.websocket_connect(request, subprotocols=subprotocols))
 
     async def send(self, message) -> None:
         await self.connection.write_message(message if isinstance(message, str) else json.dumps(message))

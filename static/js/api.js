@@ -1,5 +1,21 @@
 // The server's APIs as the page uses them: the model list and the WebSocket generation API.
 
+// A browser cannot send headers with a WebSocket: the key travels as a subprotocol instead.
+const SUBPROTOCOL = "swarm-chat";
+const KEY_SUBPROTOCOL_PREFIX = "swarm-chat.key.";
+
+let apiKey = null;
+
+/** Sends `key` with every later request (null: none). */
+export function useApiKey(key) {
+  apiKey = key || null;
+}
+
+function base64url(text) {
+  const binary = String.fromCharCode(...new TextEncoder().encode(text));
+  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
 /** An error reply, or a failure of the connection itself (code "connection_lost"). */
 export class ChatError extends Error {
   constructor(message, code, retryable) {
@@ -13,7 +29,8 @@ export class ChatError extends Error {
 export async function fetchModels() {
   let body;
   try {
-    const response = await fetch("api/v1/models", { cache: "no-store" });
+    const headers = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+    const response = await fetch("api/v1/models", { cache: "no-store", headers });
     body = await response.json();
   } catch {
     throw new ChatError("Cannot reach the server to list its models.", "connection_lost", true);
@@ -46,7 +63,8 @@ export class ChatSocket {
   /** Connects and opens a session on `model` that may hold `maxLength` tokens. */
   static open(model, maxLength) {
     return new Promise((resolve, reject) => {
-      const socket = new WebSocket(socketUrl());
+      const protocols = apiKey ? [SUBPROTOCOL, KEY_SUBPROTOCOL_PREFIX + base64url(apiKey)] : [];
+      const socket = new WebSocket(socketUrl(), protocols);
       const chatSocket = new ChatSocket(socket, maxLength);
       chatSocket.waiting = {
         onReply: () => {

@@ -1,10 +1,17 @@
 // The chat page: model picker, conversation, streaming replies over the WebSocket API, and
 // recovery from lost connections, expired sessions and sessions that are too short.
 
-import { ChatError, ChatSocket, fetchModels } from "./api.js";
+import { ChatError, ChatSocket, fetchModels, useApiKey } from "./api.js";
 import { GREETING, endsWithStop, extraStopSequences, newInputs } from "./prompt.js";
 import { renderText } from "./render.js";
-import { clearConversations, saveConversation, savedModel, savedTurns } from "./store.js";
+import {
+  clearConversations,
+  saveApiKey,
+  saveConversation,
+  savedApiKey,
+  savedModel,
+  savedTurns,
+} from "./store.js";
 
 // Session sizes tried in turn when a conversation outgrows its session (capped by the model).
 const SESSION_LENGTHS = [512, 2048];
@@ -28,6 +35,10 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   speed: $("speed"),
+  apiKeyDialog: $("api-key-dialog"),
+  apiKeyForm: $("api-key-form"),
+  apiKey: $("api-key"),
+  apiKeyRefused: $("api-key-refused"),
 };
 
 const state = {
@@ -332,12 +343,21 @@ function newChat() {
   ui.prompt.focus();
 }
 
+function askForApiKey() {
+  // A key given before and refused now is wrong (or was changed on the server).
+  ui.apiKeyRefused.hidden = savedApiKey() === null;
+  ui.apiKey.value = "";
+  if (!ui.apiKeyDialog.open) ui.apiKeyDialog.showModal();
+  ui.apiKey.focus();
+}
+
 async function loadModels() {
   hideError();
   try {
     state.models = await fetchModels();
   } catch (error) {
-    showError(error.message, { retry: loadModels });
+    if (error.code === "unauthorized") askForApiKey();
+    else showError(error.message, { retry: loadModels });
     return;
   }
   if (!state.models.length) {
@@ -374,10 +394,17 @@ ui.newChat.addEventListener("click", newChat);
 ui.errorNewChat.addEventListener("click", newChat);
 ui.retry.addEventListener("click", () => state.retryAction?.());
 ui.model.addEventListener("change", () => selectModel(ui.model.value));
+ui.apiKeyForm.addEventListener("submit", () => {
+  // The form's method is "dialog": submitting closes the dialog.
+  saveApiKey(ui.apiKey.value);
+  useApiKey(ui.apiKey.value);
+  loadModels();
+});
 ui.clearSaved.addEventListener("click", () => {
   clearConversations();
   newChat();
 });
 
+useApiKey(savedApiKey());
 renderConversation();
 loadModels();

@@ -1,6 +1,7 @@
 // Conversations kept in the browser's local storage, one per model, so a reload loses nothing.
 
 const KEY = "swarm-chat";
+const API_KEY = "swarm-chat-api-key";
 
 function load() {
   try {
@@ -46,5 +47,23 @@ export function clearConversations() {
     localStorage.removeItem(KEY);
   } catch {
     // Nothing was kept.
+  }
+}
+
+/** The API key given for this server, or null. */
+export function savedApiKey() {
+  try {
+    return localStorage.getItem(API_KEY);
+  } catch {
+    return null;
+  }
+}
+
+/** Keeps the API key, so that it is asked for once. */
+export function saveApiKey(key) {
+  try {
+    localStorage.setItem(API_KEY, key);
+  } catch {
+    // Not kept: it is asked for again on the next visit.
   }
 }

@@ -1,0 +1,1098 @@
+"""Hostile clients against a real server process: how well the server holds up while one legitimate client streams.
+
+Starts a local swarm of two nodes, each hosting every block of a tiny Llama (4 blocks, so the
+figures show the server, not compute), and ``server.py`` as a separate process with its default
+per-client limits and ``--request-timeout 5`` (so that a hung swarm node is routed around within
+a row). Then runs one row per attack, one after another, on an otherwise idle server:
+
+1. samples the server's resident memory (RSS);
+2. starts the legitimate client: one WebSocket stream from 127.0.0.1, one token per reply, and
+   ``GET /health`` every 50 ms; the attack starts once the stream has its first token;
+3. runs the attack for ``--seconds`` in a separate process (so that the attacker's own work does
+   not delay the legitimate client's measurements), from loopback addresses other than 127.0.0.1
+   (so that the per-client limits fall on the attacker, as they would for a remote one);
+4. stops the attack, closes its sockets, waits (at most a minute) until the server's
+   ``swarm_chat_open_sessions`` gauge is 0, and samples RSS again.
+
+The rows: ``baseline`` (no attack; always run first, the reference for the stream's gaps),
+``long stop strings`` (stop strings far over the limits on ``/v1/completions``, ``/api/v1/generate``
+and the WebSocket, and the most that is allowed: 4 on ``/v1``, 16 on the WebSocket, of 1,000
+characters each, every one beginning with the text the model will write, so that the hold-back
+runs), ``queue flood`` (one session sending ``generate`` frames as fast as it can), ``large bodies``
+(50-100 MB bodies, announced by Content-Length or chunked), ``sessionless sockets`` (about 2,000
+WebSockets from 32 addresses that never send a frame), ``slow readers`` (long generations on
+sockets that are never read), ``many sessions from one address`` (past ``--max-sessions-per-client``)
+and ``hung swarm server`` (the busiest swarm node is frozen with SIGSTOP, its whole process group,
+while several clients generate, and thawed at the end of the row).
+
+Each row reports the attack's outcome (what was sent, what the server answered), ``/health``
+p50/p99, the legitimate stream's p99 gap between tokens against the baseline's, the growth of the
+server's RSS over the row, the sessions still open after it, and, if the server exports
+``swarm_chat_gc_pause_seconds``, the longest full garbage collection seen in the row. Goals:
+``/health`` p99 < 100 ms, p99 gap at most 1.5x the baseline's, RSS growth < 50 MB, 0 sessions left
+open. Prints the figures with their goals, then a Markdown table (one line per row) for the
+README, and exits with status 1 if a goal is missed. The whole run takes 3-5 minutes on 2 cores.
+
+    .venv/bin/python bench/abuse.py [--seconds 10] [--rows "queue flood,slow readers"] [--log-dir DIR]
+"""
+
+import argparse
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import fcntl
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import termios
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable, Counter, Dict, List, Optional, Sequence
+from urllib.parse import urlparse
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import psutil  # noqa: E402
+import tornado.httpclient  # noqa: E402
+import tornado.websocket  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from config import ManagerSettings  # noqa: E402
+from tests.load_clients import (  # noqa: E402
+    NEVER,
+    PROMPT,
+    PROMPT_TOKEN_ALLOWANCE,
+    ProcessSample,
+    percentile,
+    scrape_open_sessions,
+    wait_for_no_open_sessions,
+)
+
+# The attacks run in worker processes that import this module: what pulls in torch and petals
+# (bench.load_soak, swarm.*, tests.tiny_models) is imported inside main() only.
+
+BASELINE = "baseline"
+LONG_STOP_STRINGS = "long stop strings"
+QUEUE_FLOOD = "queue flood"
+LARGE_BODIES = "large bodies"
+SESSIONLESS_SOCKETS = "sessionless sockets"
+SLOW_READERS = "slow readers"
+MANY_SESSIONS = "many sessions from one address"
+HUNG_SWARM_SERVER = "hung swarm server"
+ROWS = (BASELINE, LONG_STOP_STRINGS, QUEUE_FLOOD, LARGE_BODIES, SESSIONLESS_SOCKETS, SLOW_READERS, MANY_SESSIONS,
+        HUNG_SWARM_SERVER)
+
+HEALTH_P99_GOAL_MS = 100.0
+GAP_RATIO_GOAL = 1.5
+RSS_GROWTH_GOAL_MB = 50.0
+MB = 1024 * 1024
+
+HEALTH_INTERVAL = 0.05
+REPLY_TIMEOUT = 60.0
+FIRST_TOKEN_TIMEOUT = 60.0
+SETTLE_TIMEOUT = 60.0
+# After the last session is released: lets the server finish freeing what the row left.
+SETTLE_SECONDS = 1.0
+WARM_UP_SECONDS = 3.0
+REQUEST_TIMEOUT = 5  # the server's --request-timeout: a frozen node is given up on within the row
+NODES = 2
+ATTENTION_CACHE_TOKENS = 65536  # per node: every session of every row at full length, with room to spare
+NORMAL_SESSION_LENGTH = 2048
+GENERATED_TOKENS_METRIC = "swarm_chat_generated_tokens"
+GC_PAUSE_METRIC = "swarm_chat_gc_pause_seconds"
+GC_MAX_METRIC = GC_PAUSE_METRIC + "_max"
+
+# Where each attack comes from. 127.0.0.0/8 is all loopback, so these reach the server on
+# 127.0.0.1 as distinct clients.
+STOP_STRINGS_ADDRESS = "127.0.0.2"
+QUEUE_FLOOD_ADDRESS = "127.0.0.3"
+LARGE_BODIES_ADDRESS = "127.0.0.4"
+SLOW_READERS_ADDRESS = "127.0.0.5"
+MANY_SESSIONS_ADDRESS = "127.0.0.6"
+HUNG_SWARM_ADDRESS = "127.0.0.7"
+SESSIONLESS_ADDRESSES = [f"127.0.1.{host}" for host in range(1, 33)]
+
+MAX_STOP_SEQUENCES = 16  # sessions/admission.py
+MAX_STOP_SEQUENCE_CHARS = 1000  # sessions/admission.py
+MAX_OPENAI_STOPS = 4  # handlers/openai_protocol.py
+HUGE_STOP_CHARS = 100_000
+ONE_TOKEN_STOP = "<|im_end|>"  # a special token of the tiny Llama's tokenizer
+STOP_STRING_CLIENTS = 4
+STOP_STRING_TOKENS = 24
+
+LARGE_BODY_CLIENTS = 4
+BODY_CHUNK = b"x" * MB
+ANSWER_TIMEOUT = 10.0
+
+SESSIONLESS_EXTRA_PER_ADDRESS = 4  # attempts past the per-client connection limit, to see them refused
+CONNECT_CONCURRENCY = 100
+
+SLOW_READERS_COUNT = 8
+SLOW_READER_RECEIVE_BUFFER = 4096  # small, so that the server's writes back up within the row
+
+MANY_SESSIONS_EXTRA = 16  # attempts past the per-client session limit
+MANY_SESSIONS_LENGTH = 64
+
+HUNG_SWARM_CLIENTS = 4
+FREEZE_AFTER = 1.0  # seconds into the row: the attack's sessions are open and stepping by then
+BUSIEST_SAMPLE = 1.0
+
+
+def describe(error: BaseException) -> str:
+    """A short, countable description of an exception."""
+    return f"{type(error).__name__}: {str(error)[:80]}".rstrip(": ")
+
+
+def reply_code(raw: Optional[str]) -> str:
+    """How a WebSocket reply is counted: ``ok``, its error ``code``, or ``closed``."""
+    if raw is None:
+        return "closed"
+    reply = json.loads(raw)
+    return "ok" if reply.get("ok") else str(reply.get("code"))
+
+
+def count_line(counts: Counter[str], limit: int = 10) -> str:
+    """``n x what`` for the most frequent outcomes."""
+    return ", ".join(f"{count} x {what}" for what, count in counts.most_common(limit)) or "nothing"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The server under attack and the limits it enforces."""
+
+    base_url: str
+    model: str
+    seconds: float
+    max_sessions_per_client: int
+    max_connections_per_client: int
+
+    @property
+    def host(self) -> str:
+        """The server's address."""
+        return urlparse(self.base_url).hostname
+
+    @property
+    def port(self) -> int:
+        """The server's port."""
+        return urlparse(self.base_url).port
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket API's URL."""
+        return self.base_url.replace("http://", "ws://").rstrip("/") + "/api/v2/generate"
+
+    def url(self, path: str) -> str:
+        """An HTTP URL of the server."""
+        return self.base_url.rstrip("/") + path
+
+
+@dataclass
+class AttackOutcome:
+    """What an attack did and what the server answered: counted outcomes and free-form notes."""
+
+    counts: Counter[str] = field(default_factory=collections.Counter)
+    notes: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the tables."""
+        return "; ".join([count_line(self.counts)] + self.notes)
+
+
+async def ws_connect(target: Target, source: Optional[str] = None,
+                     on_message: Optional[Callable[[Optional[str]], None]] = None):
+    """A WebSocket connection to the API from ``source`` (an address of this machine)."""
+    request = tornado.httpclient.HTTPRequest(target.ws_url, connect_timeout=REPLY_TIMEOUT, request_timeout=REPLY_TIMEOUT,
+                                             network_interface=source)
+    return await tornado.websocket.websocket_connect(request, on_message_callback=on_message)
+
+
+async def ws_request(connection, message: dict) -> Optional[str]:
+    """Sends ``message`` and returns the next reply (None: the connection closed)."""
+    await connection.write_message(json.dumps(message))
+    return await asyncio.wait_for(connection.read_message(), REPLY_TIMEOUT)
+
+
+async def open_session(target: Target, source: str, max_length: int):
+    """A connection from ``source`` and the code its ``open_inference_session`` got."""
+    connection = await ws_connect(target, source)
+    reply = await ws_request(connection, {"type": "open_inference_session", "model": target.model,
+                                          "max_length": max_length})
+    return connection, reply_code(reply)
+
+
+# --- long stop strings -------------------------------------------------------------------------
+
+async def _post_json(client: tornado.httpclient.AsyncHTTPClient, target: Target, source: str, path: str,
+                     body: dict) -> tornado.httpclient.HTTPResponse:
+    return await client.fetch(target.url(path), method="POST", body=json.dumps(body), raise_error=False,
+                              headers={"Content-Type": "application/json"}, network_interface=source,
+                              request_timeout=REPLY_TIMEOUT)
+
+
+def _http_outcome(response: tornado.httpclient.HTTPResponse) -> str:
+    """The status, and the error code of a refusal."""
+    if response.code == 599:
+        return describe(response.error)
+    if response.code == 200:
+        return "200"
+    try:
+        body = json.loads(response.body)
+    except ValueError:
+        return str(response.code)
+    error = body.get("error") if isinstance(body.get("error"), dict) else body  # OpenAI's shape, or ours
+    return f"{response.code} {error.get('code')}"
+
+
+async def _ws_generation(target: Target, source: str, request: dict) -> str:
+    """One generation in a session of its own; returns ``ok`` or the error code that ended it."""
+    connection, code = await open_session(target, source, PROMPT_TOKEN_ALLOWANCE + 2 * STOP_STRING_TOKENS)
+    try:
+        if code != "ok":
+            return f"open: {code}"
+        await connection.write_message(json.dumps(dict(request, type="generate", inputs=PROMPT)))
+        while True:
+            raw = await asyncio.wait_for(connection.read_message(), REPLY_TIMEOUT)
+            code = reply_code(raw)
+            if code != "ok" or json.loads(raw)["stop"]:
+                return code
+    finally:
+        connection.close()
+
+
+async def attack_long_stop_strings(target: Target) -> AttackOutcome:
+    """Stop strings over every limit, and as many and as long as allowed, from a few concurrent clients."""
+    outcome = AttackOutcome()
+    source = STOP_STRINGS_ADDRESS
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=STOP_STRING_CLIENTS + 1)
+    # The greedy text the model writes for PROMPT: stop strings that begin with it keep the whole
+    # reply held back as a possible stop until the end.
+    learned = await _post_json(client, target, source, "/v1/completions", {
+        "model": target.model, "prompt": PROMPT, "max_tokens": STOP_STRING_TOKENS, "temperature": 0})
+    written = json.loads(learned.body)["choices"][0]["text"]
+
+    def maximal(count: int, chars: int = MAX_STOP_SEQUENCE_CHARS) -> List[str]:
+        return [(written + f"<{index}>" + "#" * chars)[:chars] for index in range(count)]
+
+    huge = ["y" * HUGE_STOP_CHARS + str(index) for index in range(MAX_STOP_SEQUENCES)]
+    completion = {"model": target.model, "prompt": PROMPT, "max_tokens": STOP_STRING_TOKENS, "temperature": 0}
+    streamed = {"max_new_tokens": 1, "stop_sequence": ONE_TOKEN_STOP, "visible_text": True,
+                "max_length": PROMPT_TOKEN_ALLOWANCE + STOP_STRING_TOKENS}
+    variants: Dict[str, Callable[[], Awaitable[str]]] = {
+        "/v1 5 x 100 KB": lambda: _post_json(client, target, source, "/v1/completions",
+                                            dict(completion, stop=huge[:MAX_OPENAI_STOPS + 1])),
+        "/v1 4 x 100 KB": lambda: _post_json(client, target, source, "/v1/completions",
+                                            dict(completion, stop=huge[:MAX_OPENAI_STOPS])),
+        "/v1 5 x 1000 chars": lambda: _post_json(client, target, source, "/v1/completions",
+                                                dict(completion, stop=maximal(MAX_OPENAI_STOPS + 1))),
+        "/api/v1/generate 9 x 100 KB": lambda: _post_json(client, target, source, "/api/v1/generate", {
+            "model": target.model, "inputs": PROMPT, "max_new_tokens": 4, "stop_sequence": ONE_TOKEN_STOP,
+            "extra_stop_sequences": huge[:9]}),
+        "WebSocket 17 x 1000 chars": lambda: _ws_generation(target, source, dict(
+            streamed, extra_stop_sequences=maximal(MAX_STOP_SEQUENCES))),
+        "WebSocket 2 x 100 KB": lambda: _ws_generation(target, source, dict(
+            streamed, extra_stop_sequences=huge[:2])),
+        "/v1 4 x 1000 chars, streamed (allowed)": lambda: _post_json(
+            client, target, source, "/v1/completions", dict(completion, stop=maximal(MAX_OPENAI_STOPS), stream=True)),
+        "WebSocket 16 x 1000 chars, visible_text (allowed)": lambda: _ws_generation(target, source, dict(
+            streamed, extra_stop_sequences=maximal(MAX_STOP_SEQUENCES - 1))),
+    }
+    turns = itertools.cycle(variants.items())
+    deadline = time.monotonic() + target.seconds
+
+    async def attacker() -> None:
+        while time.monotonic() < deadline:
+            name, send = next(turns)
+            try:
+                result = await send()
+                outcome.counts[f"{name}: {result if isinstance(result, str) else _http_outcome(result)}"] += 1
+            except Exception as error:
+                outcome.counts[f"{name}: {describe(error)}"] += 1
+
+    try:
+        await asyncio.gather(*(attacker() for _ in range(STOP_STRING_CLIENTS)))
+    finally:
+        client.close()
+    outcome.notes.append(f"{sum(outcome.counts.values())} requests")
+    return outcome
+
+
+# --- queue flood -------------------------------------------------------------------------------
+
+async def attack_queue_flood(target: Target) -> AttackOutcome:
+    """One session sending one-token ``generate`` frames as fast as the socket takes them."""
+    outcome = AttackOutcome()
+    replies: Counter[str] = collections.Counter()
+    connection, code = await open_session(target, QUEUE_FLOOD_ADDRESS, NORMAL_SESSION_LENGTH)
+    if code != "ok":
+        outcome.counts[f"open: {code}"] += 1
+        connection.close()
+        return outcome
+    frame = json.dumps({"type": "generate", "inputs": " x", "max_new_tokens": 1})
+
+    async def read_replies() -> None:
+        while True:
+            raw = await connection.read_message()
+            if raw is None:
+                return
+            replies[reply_code(raw)] += 1
+
+    reader = asyncio.create_task(read_replies())
+    sent = 0
+    deadline = time.monotonic() + target.seconds
+    try:
+        while time.monotonic() < deadline:
+            await connection.write_message(frame)
+            sent += 1
+            if sent % 100 == 0:
+                await asyncio.sleep(0)  # let the reader count
+    except tornado.websocket.WebSocketClosedError:
+        outcome.notes.append(f"the server closed the socket (code {connection.close_code})")
+    finally:
+        connection.close()
+        await asyncio.wait_for(reader, REPLY_TIMEOUT)
+    outcome.counts.update({f"reply {code}": count for code, count in replies.items()})
+    outcome.notes.insert(0, f"{sent} generate frames sent")
+    return outcome
+
+
+# --- large bodies ------------------------------------------------------------------------------
+
+async def _large_body(target: Target, path: str, size: int, chunked: bool) -> tuple:
+    """One POST of a ``size``-byte body; returns (what the server answered, MB written until then)."""
+    reader, writer = await asyncio.open_connection(target.host, target.port, local_addr=(LARGE_BODIES_ADDRESS, 0))
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+    writer.write((f"POST {path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+                  f"Content-Type: application/json\r\n{framing}\r\n\r\n").encode())
+    written = 0
+
+    async def send_body() -> None:
+        nonlocal written
+        chunk_header = f"{len(BODY_CHUNK):x}\r\n".encode()
+        while written < size:
+            writer.write(chunk_header + BODY_CHUNK + b"\r\n" if chunked else BODY_CHUNK)
+            await writer.drain()
+            written += len(BODY_CHUNK)
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    sender = asyncio.create_task(send_body())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), ANSWER_TIMEOUT)
+        answer = " ".join(status_line.decode(errors="replace").split()[1:2]) or "closed without an answer"
+    except asyncio.TimeoutError:
+        answer = f"no answer in {ANSWER_TIMEOUT:.0f} s"
+    except OSError as error:
+        answer = describe(error)
+    finally:
+        sender.cancel()
+        writer.close()
+    try:
+        await sender
+    except (asyncio.CancelledError, OSError):
+        pass  # the server closed the connection mid-body, or the answer came first: both end the upload
+    return answer, written / MB
+
+
+async def attack_large_bodies(target: Target) -> AttackOutcome:
+    """50-100 MB bodies to the generation endpoints, announced by Content-Length or chunked."""
+    outcome = AttackOutcome()
+    uploads = itertools.cycle([
+        ("/v1/chat/completions", 100 * MB, False),
+        ("/api/v1/generate", 50 * MB, False),
+        ("/v1/chat/completions", 100 * MB, True),
+        ("/api/v1/generate", 100 * MB, True),
+    ])
+    most_written: Dict[str, float] = collections.defaultdict(float)
+    deadline = time.monotonic() + target.seconds
+
+    async def uploader() -> None:
+        while time.monotonic() < deadline:
+            path, size, chunked = next(uploads)
+            name = f"{path} {'chunked' if chunked else f'{size // MB} MB'}"
+            try:
+                answer, written_mb = await _large_body(target, path, size, chunked)
+            except OSError as error:
+                answer, written_mb = describe(error), 0.0
+            outcome.counts[f"{name}: {answer}"] += 1
+            most_written[name] = max(most_written[name], written_mb)
+
+    await asyncio.gather(*(uploader() for _ in range(LARGE_BODY_CLIENTS)))
+    outcome.notes.append("most MB written before the answer: " +
+                         ", ".join(f"{name} {mb:.0f}" for name, mb in most_written.items()))
+    return outcome
+
+
+# --- sessionless sockets -----------------------------------------------------------------------
+
+async def attack_sessionless_sockets(target: Target) -> AttackOutcome:
+    """As many WebSockets as the per-client limit allows from each of 32 addresses (and a few
+    more, to be refused), none of which ever sends a frame; held to the end of the row."""
+    outcome = AttackOutcome()
+    held = []  # (connection, what the server sent it: an error code, or that it closed it)
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    started = time.monotonic()
+    deadline = started + target.seconds
+
+    async def connect(source: str) -> None:
+        async with gate:
+            if time.monotonic() >= deadline:
+                return
+            answers: List[str] = []
+            try:
+                connection = await ws_connect(target, source, on_message=lambda raw: answers.append(
+                    "closed by the server" if raw is None else reply_code(raw)))
+            except Exception as error:
+                outcome.counts[f"connect failed: {describe(error)}"] += 1
+                return
+            held.append((connection, answers))
+
+    attempts = target.max_connections_per_client + SESSIONLESS_EXTRA_PER_ADDRESS
+    await asyncio.gather(*(connect(source) for source in SESSIONLESS_ADDRESSES for _ in range(attempts)))
+    opened = time.monotonic()
+    await asyncio.sleep(max(0.0, deadline - opened))
+    for connection, answers in held:
+        if answers:
+            outcome.counts[answers[0]] += 1
+        else:
+            outcome.counts["held open to the end" if connection.close_code is None else "closed"] += 1
+        connection.close()
+    outcome.notes.append(f"{len(SESSIONLESS_ADDRESSES) * attempts} attempts from {len(SESSIONLESS_ADDRESSES)} "
+                         f"addresses, {len(held)} handshakes, all done {opened - started:.1f} s in")
+    return outcome
+
+
+# --- slow readers ------------------------------------------------------------------------------
+
+def masked_text_frame(text: str) -> bytes:
+    """A client's WebSocket text frame (clients must mask theirs)."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x81, 0x80 | length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 0x80 | 127, length)
+    return header + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+
+
+async def _receive_until(loop, sock: socket.socket, buffer: bytearray, enough: Callable[[bytearray], int]) -> bytes:
+    """Reads until ``enough(buffer)`` says how many bytes make the item; returns them, keeping the rest."""
+    while True:
+        size = enough(buffer)
+        if size:
+            item = bytes(buffer[:size])
+            del buffer[:size]
+            return item
+        data = await asyncio.wait_for(loop.sock_recv(sock, 65536), REPLY_TIMEOUT)
+        if not data:
+            raise ConnectionError("closed by the server")
+        buffer += data
+
+
+def _handshake_size(buffer: bytearray) -> int:
+    end = buffer.find(b"\r\n\r\n")
+    return end + 4 if end >= 0 else 0
+
+
+def _frame_size(buffer: bytearray) -> int:
+    """The size of the server's (unmasked) frame at the start of ``buffer``, 0 if incomplete."""
+    if len(buffer) < 2:
+        return 0
+    length, header = buffer[1] & 0x7F, 2
+    if length == 126:
+        if len(buffer) < 4:
+            return 0
+        length, header = struct.unpack("!H", buffer[2:4])[0], 4
+    elif length == 127:
+        if len(buffer) < 10:
+            return 0
+        length, header = struct.unpack("!Q", buffer[2:10])[0], 10
+    return header + length if len(buffer) >= header + length else 0
+
+
+async def _slow_reader(target: Target) -> socket.socket:
+    """A socket that opened a session and started a long streamed generation; it is never read again."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_READER_RECEIVE_BUFFER)  # before connect: sets the window
+    sock.setblocking(False)
+    try:
+        sock.bind((SLOW_READERS_ADDRESS, 0))
+        await loop.sock_connect(sock, (target.host, target.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        await loop.sock_sendall(sock, (f"GET /api/v2/generate HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+                                       f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                                       "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        buffer = bytearray()
+        response = await _receive_until(loop, sock, buffer, _handshake_size)
+        if b" 101 " not in response.split(b"\r\n")[0]:
+            raise ConnectionError(f"handshake refused: {response.splitlines()[0]!r}")
+        await loop.sock_sendall(sock, masked_text_frame(json.dumps({
+            "type": "open_inference_session", "model": target.model, "max_length": NORMAL_SESSION_LENGTH})))
+        frame = await _receive_until(loop, sock, buffer, _frame_size)
+        if b'"ok": true' not in frame:
+            raise ConnectionError(f"session refused: {frame[2:200]!r}")
+        await loop.sock_sendall(sock, masked_text_frame(json.dumps({
+            "type": "generate", "inputs": PROMPT, "max_new_tokens": 1, "stop_sequence": NEVER,
+            "max_length": NORMAL_SESSION_LENGTH, "visible_text": True})))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def proc_net_address(address: str, port: int) -> str:
+    """An IPv4 address and port as Linux's /proc/net/tcp writes them."""
+    return f"{struct.unpack('=I', socket.inet_aton(address))[0]:08X}:{port:04X}"
+
+
+def server_send_queues(target: Target, client_address: str) -> List[int]:
+    """Bytes the server's kernel holds, unsent or unacknowledged, on each of its connections to
+    ``client_address`` (from /proc/net/tcp: both ends are on this machine)."""
+    server_end = proc_net_address(socket.gethostbyname(target.host), target.port)
+    client_prefix = proc_net_address(client_address, 0)[:-4]
+    queues = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == server_end and fields[2].startswith(client_prefix):
+            queues.append(int(fields[4].split(":")[0], 16))
+    return queues
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes received by the kernel for ``sock`` and not yet read."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+async def attack_slow_readers(target: Target) -> AttackOutcome:
+    """Several long streamed generations on sockets that stop reading once the generation starts."""
+    outcome = AttackOutcome()
+    started = await asyncio.gather(*(_slow_reader(target) for _ in range(SLOW_READERS_COUNT)),
+                                   return_exceptions=True)
+    sockets = [sock for sock in started if isinstance(sock, socket.socket)]
+    outcome.counts.update(describe(error) for error in started if not isinstance(error, socket.socket))
+    outcome.counts["generations left unread"] += len(sockets)
+    await asyncio.sleep(target.seconds / 2)
+    halfway = sum(server_send_queues(target, SLOW_READERS_ADDRESS))
+    await asyncio.sleep(target.seconds / 2)
+    unread = [unread_bytes(sock) for sock in sockets]
+    queued = server_send_queues(target, SLOW_READERS_ADDRESS)
+    for sock in sockets:
+        sock.close()
+    if unread:
+        outcome.notes.append(f"per socket at the end: {min(unread) / 1024:.0f}-{max(unread) / 1024:.0f} KB unread, "
+                             f"{min(queued) / 1024:.0f}-{max(queued) / 1024:.0f} KB in the server's send queue "
+                             f"({sum(queued) - halfway:+d} bytes in all over the second half)")
+    return outcome
+
+
+# --- many sessions from one address ------------------------------------------------------------
+
+async def attack_many_sessions(target: Target) -> AttackOutcome:
+    """Sessions from one address up to and past ``--max-sessions-per-client``, held idle."""
+    outcome = AttackOutcome()
+    held = []
+    deadline = time.monotonic() + target.seconds
+    for _ in range(target.max_sessions_per_client + MANY_SESSIONS_EXTRA):
+        try:
+            connection, code = await open_session(target, MANY_SESSIONS_ADDRESS, MANY_SESSIONS_LENGTH)
+        except Exception as error:
+            outcome.counts[f"open: {describe(error)}"] += 1
+            continue
+        outcome.counts[f"open: {code}"] += 1
+        if code == "ok":
+            held.append(connection)
+        else:
+            connection.close()
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+    outcome.counts["sessions held idle to the end"] += sum(1 for connection in held if connection.close_code is None)
+    for connection in held:
+        connection.close()
+    return outcome
+
+
+# --- hung swarm server -------------------------------------------------------------------------
+
+async def _generating_client(target: Target, deadline: float, outcome: AttackOutcome) -> None:
+    """Streams tokens until the deadline, opening a new session after each error."""
+    while time.monotonic() < deadline:
+        try:
+            connection, code = await open_session(target, HUNG_SWARM_ADDRESS, NORMAL_SESSION_LENGTH)
+        except Exception as error:
+            outcome.counts[f"open: {describe(error)}"] += 1
+            await asyncio.sleep(0.5)
+            continue
+        try:
+            if code != "ok":
+                outcome.counts[f"open: {code}"] += 1
+                await asyncio.sleep(0.5)
+                continue
+            await connection.write_message(json.dumps({
+                "type": "generate", "inputs": PROMPT, "max_new_tokens": 1, "stop_sequence": NEVER,
+                "max_length": NORMAL_SESSION_LENGTH}))
+            while True:
+                raw = await asyncio.wait_for(connection.read_message(), max(0.1, deadline - time.monotonic()))
+                code = reply_code(raw)
+                if code != "ok":
+                    outcome.counts[f"generate: {code}"] += 1
+                    break
+                outcome.counts["tokens"] += json.loads(raw)["token_count"]
+                if json.loads(raw)["stop"]:
+                    break
+        except asyncio.TimeoutError:
+            outcome.counts["waiting for a token at the end"] += 1
+        finally:
+            connection.close()
+
+
+async def attack_hung_swarm_server(target: Target) -> AttackOutcome:
+    """Several clients streaming while the bench freezes a swarm node (the freezing is done by
+    the bench's own process, which owns the nodes)."""
+    outcome = AttackOutcome()
+    deadline = time.monotonic() + target.seconds
+    await asyncio.gather(*(_generating_client(target, deadline, outcome) for _ in range(HUNG_SWARM_CLIENTS)))
+    return outcome
+
+
+ATTACKS: Dict[str, Callable[[Target], Awaitable[AttackOutcome]]] = {
+    LONG_STOP_STRINGS: attack_long_stop_strings,
+    QUEUE_FLOOD: attack_queue_flood,
+    LARGE_BODIES: attack_large_bodies,
+    SESSIONLESS_SOCKETS: attack_sessionless_sockets,
+    SLOW_READERS: attack_slow_readers,
+    MANY_SESSIONS: attack_many_sessions,
+    HUNG_SWARM_SERVER: attack_hung_swarm_server,
+}
+
+
+def run_attack(row: str, target: Target) -> AttackOutcome:
+    """Runs one row's attack to its end (in a worker process)."""
+    return asyncio.run(ATTACKS[row](target))
+
+
+def warm_up_worker() -> None:
+    """Nothing: submitted once so that the worker process exists before the first measurement."""
+
+
+# --- the legitimate client ---------------------------------------------------------------------
+
+@dataclass
+class NormalClientResult:
+    """What the legitimate client saw during a row."""
+
+    health_ms: List[float] = field(default_factory=list)  # failed polls count with the time they took
+    health_failures: Counter[str] = field(default_factory=collections.Counter)
+    gaps_ms: List[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: Counter[str] = field(default_factory=collections.Counter)
+
+
+class NormalClient:
+    """One WebSocket stream, one token per reply, and ``GET /health`` every 50 ms.
+
+    The gaps are between consecutive tokens, across sessions: the time a new session takes (the
+    old one full, or broken by an error) is a gap the user waits through. At ``stop`` the time
+    since the last token counts as a gap too, so that a stream stuck at the end shows.
+    """
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.result = NormalClientResult()
+        self.first_token = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stopped_at = 0.0
+        self._connection = None
+
+    async def run(self) -> NormalClientResult:
+        """Streams and polls until ``stop``."""
+        await asyncio.gather(self._poll_health(), self._stream())
+        return self.result
+
+    def stop(self) -> None:
+        """Ends the stream (its connection closes, which frees its session) and the polling."""
+        self._stopped_at = time.monotonic()
+        self._stopping.set()
+        if self._connection is not None:
+            self._connection.close()
+
+    async def _poll_health(self) -> None:
+        client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        try:
+            while not self._stopping.is_set():
+                started = time.monotonic()
+                try:
+                    await client.fetch(self.target.url("/health"), request_timeout=REPLY_TIMEOUT)
+                except Exception as error:
+                    self.result.health_failures[describe(error)] += 1
+                elapsed = time.monotonic() - started
+                self.result.health_ms.append(1000 * elapsed)
+                await asyncio.sleep(max(0.0, HEALTH_INTERVAL - elapsed))
+        finally:
+            client.close()
+
+    async def _stream(self) -> None:
+        last_token: Optional[float] = None
+        while not self._stopping.is_set():
+            try:
+                last_token = await self._one_session(last_token)
+            except Exception as error:
+                if not self._stopping.is_set():
+                    self.result.errors[describe(error)] += 1
+                    await asyncio.sleep(0.1)
+        if last_token is not None:
+            self.result.gaps_ms.append(1000 * max(0.0, self._stopped_at - last_token))
+
+    async def _one_session(self, last_token: Optional[float]) -> Optional[float]:
+        """Streams in one session until it is full or the client stops; returns the last token's time."""
+        self._connection = connection = await ws_connect(self.target)
+        if self._stopping.is_set():  # stopped while connecting
+            connection.close()
+            return last_token
+        try:
+            reply = await ws_request(connection, {"type": "open_inference_session", "model": self.target.model,
+                                                  "max_length": NORMAL_SESSION_LENGTH})
+            if reply_code(reply) != "ok":
+                raise RuntimeError(f"open: {reply_code(reply)}")
+            reply = await ws_request(connection, {"type": "generate", "inputs": PROMPT, "max_new_tokens": 1,
+                                                  "stop_sequence": NEVER, "max_length": NORMAL_SESSION_LENGTH})
+            while reply is not None:
+                if reply_code(reply) != "ok":
+                    raise RuntimeError(f"generate: {reply_code(reply)}")
+                body = json.loads(reply)
+                if body["token_count"]:
+                    now = time.monotonic()
+                    if last_token is not None:
+                        self.result.gaps_ms.append(1000 * (now - last_token))
+                    last_token = now
+                    self.result.tokens += body["token_count"]
+                    self.first_token.set()
+                if body["stop"]:
+                    break
+                reply = await asyncio.wait_for(connection.read_message(), REPLY_TIMEOUT)
+        finally:
+            connection.close()
+            self._connection = None
+        return last_token
+
+
+# --- the bench's side of a row -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServerFigures:
+    """What the server's /metrics says at one moment."""
+
+    generated_tokens: float
+    gc_pause_max: Optional[float]  # the longest full garbage collection so far, if the server tells
+
+    @classmethod
+    async def scrape(cls, base_url: str) -> "ServerFigures":
+        """The figures of the server at ``base_url`` now."""
+        response = await tornado.httpclient.AsyncHTTPClient().fetch(base_url.rstrip("/") + "/metrics")
+        families = {family.name: family for family in text_string_to_metric_families(response.body.decode())}
+        tokens = families[GENERATED_TOKENS_METRIC]
+        gc_family = families.get(GC_MAX_METRIC) or families.get(GC_PAUSE_METRIC)
+        gc_pause_max = None
+        if gc_family is not None and gc_family.type in ("gauge", "untyped") and gc_family.samples:
+            gc_pause_max = max(sample.value for sample in gc_family.samples)
+        return cls(generated_tokens=sum(sample.value for sample in tokens.samples if sample.name.endswith("_total")),
+                   gc_pause_max=gc_pause_max)
+
+
+async def busiest(pids: Sequence[int], seconds: float) -> int:
+    """The process among ``pids`` that used the most CPU over the next ``seconds``."""
+    processes = [psutil.Process(pid) for pid in pids]
+    before = [sum(process.cpu_times()[:2]) for process in processes]
+    await asyncio.sleep(seconds)
+    used = [sum(process.cpu_times()[:2]) - start for process, start in zip(processes, before)]
+    return pids[used.index(max(used))]
+
+
+async def freeze_busiest_node(node_pids: Sequence[int], seconds: float) -> str:
+    """Freezes (SIGSTOP) the process group of the node doing the most work, from ``FREEZE_AFTER``
+    seconds into the row to its end, then thaws it (SIGCONT); returns what it did."""
+    await asyncio.sleep(FREEZE_AFTER)
+    node = await busiest(node_pids, BUSIEST_SAMPLE)
+    frozen_for = max(0.0, seconds - FREEZE_AFTER - BUSIEST_SAMPLE)
+    os.killpg(node, signal.SIGSTOP)  # the node's process, its DHT and its p2p daemon: a frozen machine
+    try:
+        await asyncio.sleep(frozen_for)
+    finally:
+        os.killpg(node, signal.SIGCONT)
+    return f"node {node_pids.index(node)} of {len(node_pids)} frozen for {frozen_for:.0f} s"
+
+
+@dataclass
+class RowResult:
+    """One row's figures."""
+
+    row: str
+    attack: str
+    client: NormalClientResult
+    rss_before: int
+    rss_after: int
+    open_after: int
+    gc_pause_max: Optional[float]
+
+    @property
+    def health_p50_ms(self) -> float:
+        """Median ``/health`` latency."""
+        return percentile(self.client.health_ms, 0.5)
+
+    @property
+    def health_p99_ms(self) -> float:
+        """99th-percentile ``/health`` latency."""
+        return percentile(self.client.health_ms, 0.99)
+
+    @property
+    def gap_p50_ms(self) -> float:
+        """Median gap between the legitimate stream's tokens."""
+        return percentile(self.client.gaps_ms, 0.5)
+
+    @property
+    def gap_p99_ms(self) -> float:
+        """99th-percentile gap between the legitimate stream's tokens."""
+        return percentile(self.client.gaps_ms, 0.99)
+
+    @property
+    def rss_growth_mb(self) -> float:
+        """Growth of the server's RSS over the row."""
+        return (self.rss_after - self.rss_before) / MB
+
+
+async def run_row(row: str, target: Target, server_pid: int, node_pids: Sequence[int],
+                  attackers: concurrent.futures.Executor) -> RowResult:
+    """One row: the legitimate client, the attack beside it, then the server's state once it settles."""
+    loop = asyncio.get_running_loop()
+    before = await ServerFigures.scrape(target.base_url)
+    rss_before = ProcessSample.of(server_pid).rss_bytes
+    client = NormalClient(target)
+    client_run = asyncio.create_task(client.run())
+    try:
+        await asyncio.wait_for(client.first_token.wait(), FIRST_TOKEN_TIMEOUT)
+        notes = ["no attack"]
+        if row == BASELINE:
+            await asyncio.sleep(target.seconds)
+        else:
+            jobs = [loop.run_in_executor(attackers, run_attack, row, target)]
+            if row == HUNG_SWARM_SERVER:
+                jobs.append(freeze_busiest_node(node_pids, target.seconds))
+            outcome, *extra = await asyncio.wait_for(asyncio.gather(*jobs), target.seconds + REPLY_TIMEOUT)
+            notes = [outcome.summary(), *extra]
+    finally:
+        client.stop()
+        client_result = await client_run
+    open_after = await wait_for_no_open_sessions(lambda: scrape_open_sessions(target.base_url), SETTLE_TIMEOUT)
+    await asyncio.sleep(SETTLE_SECONDS)
+    rss_after = ProcessSample.of(server_pid).rss_bytes
+    after = await ServerFigures.scrape(target.base_url)
+    gc_pause_max = after.gc_pause_max
+    if gc_pause_max is not None and gc_pause_max == before.gc_pause_max:
+        gc_pause_max = 0.0  # no full collection in this row longer than an earlier one
+    attack_tokens = round(after.generated_tokens - before.generated_tokens) - client_result.tokens
+    notes.append(f"{attack_tokens} tokens generated for the attacker")
+    return RowResult(row, "; ".join(notes), client_result, rss_before, rss_after, open_after, gc_pause_max)
+
+
+async def warm_up(target: Target) -> None:
+    """The legitimate client for a few seconds, so that what the server allocates on first use is
+    not counted in the baseline."""
+    client = NormalClient(target)
+    client_run = asyncio.create_task(client.run())
+    try:
+        await asyncio.wait_for(client.first_token.wait(), FIRST_TOKEN_TIMEOUT)
+        await asyncio.sleep(WARM_UP_SECONDS)
+    finally:
+        client.stop()
+        await client_run
+    await wait_for_no_open_sessions(lambda: scrape_open_sessions(target.base_url), SETTLE_TIMEOUT)
+
+
+async def run_rows(rows: Sequence[str], target: Target, server_pid: int, node_pids: Sequence[int],
+                   attackers: concurrent.futures.Executor) -> List[RowResult]:
+    """Warms the server up, then runs ``rows`` in order, printing each as it ends."""
+    await warm_up(target)
+    results = []
+    for row in rows:
+        print(f"{row}: {target.seconds:g} s", flush=True)
+        result = await run_row(row, target, server_pid, node_pids, attackers)
+        print(f"  health p99 {result.health_p99_ms:.1f} ms, gap p99 {result.gap_p99_ms:.1f} ms, "
+              f"RSS {result.rss_growth_mb:+.1f} MB, open after {result.open_after}; {result.attack}", flush=True)
+        results.append(result)
+    return results
+
+
+# --- the report --------------------------------------------------------------------------------
+
+@dataclass
+class RowVerdict:
+    """A row's goals: each one met, missed, or not applicable (None)."""
+
+    health: bool
+    gap_ratio: Optional[float]
+    gap: Optional[bool]
+    rss: bool
+    sessions: bool
+
+    @classmethod
+    def of(cls, result: RowResult, baseline_gap_ms: float) -> "RowVerdict":
+        """Checks ``result`` against the goals."""
+        ratio = None if result.row == BASELINE else result.gap_p99_ms / baseline_gap_ms
+        return cls(health=result.health_p99_ms < HEALTH_P99_GOAL_MS and not result.client.health_failures,
+                   gap_ratio=ratio, gap=None if ratio is None else ratio <= GAP_RATIO_GOAL,
+                   rss=result.rss_growth_mb < RSS_GROWTH_GOAL_MB, sessions=result.open_after == 0)
+
+    def missed(self) -> List[str]:
+        """The goals missed."""
+        goals = {"/health p99": self.health, "stream p99 gap": self.gap, "RSS": self.rss, "sessions left": self.sessions}
+        return [goal for goal, met in goals.items() if met is False]
+
+
+def add_figures(report, result: RowResult, verdict: RowVerdict) -> None:
+    """The row's lines of the figures table (``report`` is bench.load_soak's Report)."""
+    name = result.row
+    client = result.client
+    report.add(f"{name}: attack", result.attack)
+    health = f"{result.health_p50_ms:.1f} / {result.health_p99_ms:.1f} ms ({len(client.health_ms)} polls)"
+    if client.health_failures:
+        health += f", failed: {count_line(client.health_failures)}"
+    report.add(f"{name}: /health p50 / p99", health, f"p99 < {HEALTH_P99_GOAL_MS:.0f} ms, no failure",
+               verdict.health)
+    gap = f"{result.gap_p99_ms:.1f} ms"
+    if verdict.gap_ratio is not None:
+        gap += f" ({verdict.gap_ratio:.2f}x baseline)"
+    report.add(f"{name}: stream p50 token gap", f"{result.gap_p50_ms:.1f} ms")
+    report.add(f"{name}: stream p99 token gap", gap, f"<= {GAP_RATIO_GOAL}x baseline" if verdict.gap is not None
+               else "", verdict.gap)
+    report.add(f"{name}: stream tokens, errors", f"{client.tokens}, {count_line(client.errors) if client.errors else 0}")
+    report.add(f"{name}: server RSS before / after", f"{result.rss_before / MB:.1f} / {result.rss_after / MB:.1f} MB "
+               f"({result.rss_growth_mb:+.1f})", f"< +{RSS_GROWTH_GOAL_MB:.0f} MB", verdict.rss)
+    report.add(f"{name}: sessions left open", str(result.open_after), "0", verdict.sessions)
+    if result.gc_pause_max is not None:
+        report.add(f"{name}: longest full GC pause", f"{1000 * result.gc_pause_max:.1f} ms")
+
+
+def markdown_table(results: Sequence[RowResult], verdicts: Sequence[RowVerdict]) -> str:
+    """One line per row, for the README."""
+    with_gc = any(result.gc_pause_max is not None for result in results)
+    header = ["attack", "what it did, what the server answered", "/health p50 / p99", "stream p50 / p99 gap",
+              "stream errors", "RSS change", "sessions left"] + (["longest full GC"] if with_gc else []) + ["goals"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result, verdict in zip(results, verdicts):
+        gap = f"{result.gap_p50_ms:.0f} / {result.gap_p99_ms:.0f} ms"
+        if verdict.gap_ratio is not None:
+            gap += f" ({verdict.gap_ratio:.2f}x)"
+        cells = [result.row, result.attack.replace("|", "/"),
+                 f"{result.health_p50_ms:.1f} / {result.health_p99_ms:.1f} ms", gap,
+                 str(sum(result.client.errors.values())), f"{result.rss_growth_mb:+.1f} MB", str(result.open_after)]
+        if with_gc:
+            cells.append("-" if result.gc_pause_max is None else f"{1000 * result.gc_pause_max:.1f} ms")
+        cells.append("missed: " + ", ".join(verdict.missed()) if verdict.missed() else "met")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- the program -------------------------------------------------------------------------------
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each row's attack")
+    parser.add_argument("--rows", default=",".join(ROWS[1:]),
+                        help=f"comma-separated rows to run after the baseline (default: all): {', '.join(ROWS[1:])}")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="keep the server's and the swarm's logs here (default: a temporary folder)")
+    args = parser.parse_args()
+    args.rows = [row.strip() for row in args.rows.split(",") if row.strip() and row.strip() != BASELINE]
+    unknown = [row for row in args.rows if row not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows: {', '.join(unknown)}; known: {', '.join(ROWS)}")
+    if args.seconds < FREEZE_AFTER + BUSIEST_SAMPLE + 1:
+        parser.error(f"--seconds must be at least {FREEZE_AFTER + BUSIEST_SAMPLE + 1:g}")
+    args.rows = [BASELINE] + [row for row in ROWS if row in args.rows]  # the baseline first, then in order
+    return args
+
+
+def server_flags(defaults: ManagerSettings) -> List[str]:
+    """The server's limits back at their defaults (bench.load_soak raises them), and a short request timeout."""
+    return ["--max-sessions", str(defaults.max_sessions),
+            "--max-sessions-per-client", str(defaults.max_sessions_per_client),
+            "--max-connections-per-client", str(defaults.max_connections_per_client),
+            "--request-timeout", str(REQUEST_TIMEOUT)]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    """Runs the bench; returns the exit status."""
+    from bench.load_soak import Report, log_tail, start_server, stop_server
+    from config import model_from_source
+    from swarm.default_model import ensure_default_model
+    from swarm.local import LocalSwarm, SwarmModel, count_blocks
+    from tests.tiny_models import make_tiny_llama
+
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C
+    defaults = ManagerSettings()
+    with tempfile.TemporaryDirectory() as workdir, concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")) as attackers:
+        attackers.submit(warm_up_worker).result()
+        log_dir = args.log_dir or Path(workdir) / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        model_path = make_tiny_llama(Path(workdir) / "tiny-llama", ensure_default_model(REPO_ROOT / ".models"))
+        swarm_model = SwarmModel(str(model_path), model_path.name, count_blocks(str(model_path)))
+        with LocalSwarm(log_dir, threads=1) as running_swarm:
+            nodes = [running_swarm.add_node(swarm_model, extra_options=["--attn-cache-tokens",
+                                                                        str(ATTENTION_CACHE_TOKENS)])
+                     for _ in range(NODES)]
+            running_swarm.wait_until_ready([swarm_model])
+            server_log = log_dir / "server.log"
+            server, base_url = start_server(model_path, running_swarm.initial_peers, server_log, None,
+                                            extra_args=server_flags(defaults))
+            try:
+                print(f"server pid {server.pid} at {base_url}, swarm nodes pids "
+                      f"{', '.join(str(node.process.pid) for node in nodes)}", flush=True)
+                target = Target(base_url, model_from_source(str(model_path)).key, args.seconds,
+                                defaults.max_sessions_per_client, defaults.max_connections_per_client)
+                results = asyncio.run(run_rows(args.rows, target, server.pid, [node.process.pid for node in nodes],
+                                               attackers))
+            finally:
+                stop_server(server)
+        baseline_gap_ms = results[0].gap_p99_ms
+        verdicts = [RowVerdict.of(result, baseline_gap_ms) for result in results]
+        report = Report()
+        for result, verdict in zip(results, verdicts):
+            add_figures(report, result, verdict)
+        print()
+        report.print()
+        print()
+        print(markdown_table(results, verdicts))
+        print()
+        if report.missed:
+            print(f"goals missed: {', '.join(report.missed)}")
+            print(f"last lines of {server_log}:\n{log_tail(server_log)}")
+            return 1
+    print("every goal met")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

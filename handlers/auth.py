@@ -1,0 +1,48 @@
+"""The API key: where a request may carry it, and a constant-time check.
+
+Programs send ``Authorization: Bearer KEY``. A browser cannot set headers on a WebSocket, so
+the chat page offers the key as a WebSocket subprotocol, ``swarm-chat.key.`` followed by the
+key in unpadded base64url, next to the plain ``swarm-chat`` subprotocol that the server
+selects.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+from typing import Optional
+
+import tornado.httputil
+
+SUBPROTOCOL = "swarm-chat"
+KEY_SUBPROTOCOL_PREFIX = SUBPROTOCOL + ".key."
+
+
+def presented_key(request: tornado.httputil.HTTPServerRequest) -> Optional[str]:
+    """The key a request brings, if any."""
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        protocol = protocol.strip()
+        if protocol.startswith(KEY_SUBPROTOCOL_PREFIX):
+            encoded = protocol[len(KEY_SUBPROTOCOL_PREFIX):]
+            try:
+                padded = encoded + "=" * (-len(encoded) % 4)
+                return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
+            except (binascii.Error, ValueError):  # ValueError covers undecodable UTF-8
+                return None
+    return None
+
+
+def key_accepted(request: tornado.httputil.HTTPServerRequest, api_key: Optional[str]) -> bool:
+    """Whether the request may use an API guarded by ``api_key`` (always, when there is none).
+
+    Digests are compared, so the time taken tells nothing about the key, its length included.
+    """
+    if not api_key:
+        return True
+    presented = presented_key(request)
+    if presented is None:
+        return False
+    return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(api_key.encode()).digest())
