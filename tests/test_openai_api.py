@@ -1,6 +1,5 @@
 """The OpenAI-compatible API, driven by the official openai package."""
 
-
 import openai
 import pytest
 
