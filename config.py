@@ -18,6 +18,7 @@ ENV_PREFIX = "SWARM_CHAT_"
 PUBLIC_SWARM = "public"
 
 # The embedded default: a real chat model that ships inside a registry package (see swarm/default_model.py).
+MIB = 1024 * 1024
 DEFAULT_MODEL_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_FOLDER = "SmolLM2-135M-Instruct"
 
@@ -133,6 +134,19 @@ class ManagerSettings:
     step_timeout: float = 300.0  # seconds one generation step may take, retries included
     request_timeout: float = 30.0  # seconds one server may stay silent before petals routes around it
     routing_update_period: float = 60.0  # seconds between refreshes of a client's view of the swarm
+    # Bytes of client-side state all sessions may hold (petals keeps every token's hidden states
+    # per server span, to replay them if that server fails); 0: a quarter of this machine's RAM.
+    session_memory_budget: int = 0
+
+    @property
+    def session_memory_budget_bytes(self) -> int:
+        """The budget in bytes, the automatic default resolved."""
+        return self.session_memory_budget or machine_memory_bytes() // 4
+
+
+def machine_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,7 @@ class Settings:
     max_connections: int = 10_000
     max_connections_per_client: int = 64
     max_messages_per_second: float = 20.0
+    session_memory_budget_mib: int = 0  # client-side state of all sessions; 0: a quarter of the RAM
     trusted_proxies: Tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For / X-Real-IP is believed
     executor_workers: int = 8
     models_dir: Path = REPO_ROOT / ".models"
@@ -174,7 +189,8 @@ class Settings:
                                max_messages_per_second=self.max_messages_per_second,
                                idle_timeout=self.idle_timeout, step_timeout=self.step_timeout,
                                request_timeout=self.request_timeout,
-                               routing_update_period=self.routing_update_period)
+                               routing_update_period=self.routing_update_period,
+                               session_memory_budget=self.session_memory_budget_mib * MIB)
 
     @property
     def embedded_swarm(self) -> bool:
@@ -273,6 +289,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "(more are refused)", type=int, default=defaults.max_connections_per_client)
     add("--max-messages-per-second", "WebSocket messages one connection may send per second on average (a burst "
         "of twice that is allowed; more are refused)", type=float, default=defaults.max_messages_per_second)
+    add("--session-memory-budget-mib", "MiB of client-side state (each token's hidden states per server span) all "
+        "sessions together may hold; new sessions are refused past it (0: a quarter of this machine's RAM)",
+        type=int, default=defaults.session_memory_budget_mib)
     add("--trusted-proxies", "addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For or X-Real-IP "
         "names the client; none: the peer address is the client", nargs="*", default=[], metavar="CIDR")
     add("--executor-workers", "threads that run blocking Petals calls", type=int, default=defaults.executor_workers)
@@ -304,6 +323,8 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
                  "max_connections_per_client"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.session_memory_budget_mib < 0:
+        raise SystemExit("--session-memory-budget-mib must not be negative")
     for flag in ("step_timeout", "request_timeout", "routing_update_period", "idle_timeout",
                  "max_messages_per_second"):
         if getattr(args, flag) <= 0:

@@ -41,6 +41,7 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import fcntl
 import itertools
 import json
@@ -56,7 +57,7 @@ import termios
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Counter, Dict, List, Optional, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Counter, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +69,8 @@ import tornado.websocket  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from config import ManagerSettings  # noqa: E402
+from handlers.openai_protocol import MAX_STOP_STRINGS as MAX_OPENAI_STOPS  # noqa: E402
+from sessions.admission import MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES  # noqa: E402
 from tests.load_clients import (  # noqa: E402
     NEVER,
     PROMPT,
@@ -109,8 +112,7 @@ NODES = 2
 ATTENTION_CACHE_TOKENS = 65536  # per node: every session of every row at full length, with room to spare
 NORMAL_SESSION_LENGTH = 2048
 GENERATED_TOKENS_METRIC = "swarm_chat_generated_tokens"
-GC_PAUSE_METRIC = "swarm_chat_gc_pause_seconds"
-GC_MAX_METRIC = GC_PAUSE_METRIC + "_max"
+GC_PAUSE_METRIC = "swarm_chat_gc_pause_seconds"  # a histogram; only generation "2" if it has that label
 
 # Where each attack comes from. 127.0.0.0/8 is all loopback, so these reach the server on
 # 127.0.0.1 as distinct clients.
@@ -122,9 +124,6 @@ MANY_SESSIONS_ADDRESS = "127.0.0.6"
 HUNG_SWARM_ADDRESS = "127.0.0.7"
 SESSIONLESS_ADDRESSES = [f"127.0.1.{host}" for host in range(1, 33)]
 
-MAX_STOP_SEQUENCES = 16  # sessions/admission.py
-MAX_STOP_SEQUENCE_CHARS = 1000  # sessions/admission.py
-MAX_OPENAI_STOPS = 4  # handlers/openai_protocol.py
 HUGE_STOP_CHARS = 100_000
 ONE_TOKEN_STOP = "<|im_end|>"  # a special token of the tiny Llama's tokenizer
 STOP_STRING_CLIENTS = 4
@@ -139,6 +138,7 @@ CONNECT_CONCURRENCY = 100
 
 SLOW_READERS_COUNT = 8
 SLOW_READER_RECEIVE_BUFFER = 4096  # small, so that the server's writes back up within the row
+ECHOED_FIELD_CHARS = 200_000  # under --max-message-bytes (256 KiB), echoed whole in the error reply
 
 MANY_SESSIONS_EXTRA = 16  # attempts past the per-client session limit
 MANY_SESSIONS_LENGTH = 64
@@ -239,17 +239,19 @@ async def _post_json(client: tornado.httpclient.AsyncHTTPClient, target: Target,
                               request_timeout=REPLY_TIMEOUT)
 
 
-def _http_outcome(response: tornado.httpclient.HTTPResponse) -> str:
-    """The status, and the error code of a refusal."""
+async def _post_outcome(client: tornado.httpclient.AsyncHTTPClient, target: Target, source: str, path: str,
+                        body: dict) -> str:
+    """POSTs ``body`` as JSON; returns the status, and the error code of a refusal."""
+    response = await _post_json(client, target, source, path, body)
     if response.code == 599:
         return describe(response.error)
     if response.code == 200:
         return "200"
     try:
-        body = json.loads(response.body)
+        answer = json.loads(response.body)
     except ValueError:
         return str(response.code)
-    error = body.get("error") if isinstance(body.get("error"), dict) else body  # OpenAI's shape, or ours
+    error = answer.get("error") if isinstance(answer.get("error"), dict) else answer  # OpenAI's shape, or ours
     return f"{response.code} {error.get('code')}"
 
 
@@ -288,20 +290,21 @@ async def attack_long_stop_strings(target: Target) -> AttackOutcome:
     streamed = {"max_new_tokens": 1, "stop_sequence": ONE_TOKEN_STOP, "visible_text": True,
                 "max_length": PROMPT_TOKEN_ALLOWANCE + STOP_STRING_TOKENS}
     variants: Dict[str, Callable[[], Awaitable[str]]] = {
-        "/v1 5 x 100 KB": lambda: _post_json(client, target, source, "/v1/completions",
-                                            dict(completion, stop=huge[:MAX_OPENAI_STOPS + 1])),
-        "/v1 4 x 100 KB": lambda: _post_json(client, target, source, "/v1/completions",
-                                            dict(completion, stop=huge[:MAX_OPENAI_STOPS])),
-        "/v1 5 x 1000 chars": lambda: _post_json(client, target, source, "/v1/completions",
-                                                dict(completion, stop=maximal(MAX_OPENAI_STOPS + 1))),
-        "/api/v1/generate 9 x 100 KB": lambda: _post_json(client, target, source, "/api/v1/generate", {
+        "/v1 5 x 100 KB": lambda: _post_outcome(client, target, source, "/v1/completions",
+                                               dict(completion, stop=huge[:MAX_OPENAI_STOPS + 1])),
+        "/v1 4 x 100 KB": lambda: _post_outcome(client, target, source, "/v1/completions",
+                                               dict(completion, stop=huge[:MAX_OPENAI_STOPS])),
+        "/v1 5 x 1000 chars": lambda: _post_outcome(client, target, source, "/v1/completions",
+                                                   dict(completion, stop=maximal(MAX_OPENAI_STOPS + 1))),
+        # /api/v1/generate takes no stop strings: the fields are ignored, the body is parsed all the same.
+        "/api/v1/generate 9 x 100 KB": lambda: _post_outcome(client, target, source, "/api/v1/generate", {
             "model": target.model, "inputs": PROMPT, "max_new_tokens": 4, "stop_sequence": ONE_TOKEN_STOP,
             "extra_stop_sequences": huge[:9]}),
         "WebSocket 17 x 1000 chars": lambda: _ws_generation(target, source, dict(
             streamed, extra_stop_sequences=maximal(MAX_STOP_SEQUENCES))),
         "WebSocket 2 x 100 KB": lambda: _ws_generation(target, source, dict(
             streamed, extra_stop_sequences=huge[:2])),
-        "/v1 4 x 1000 chars, streamed (allowed)": lambda: _post_json(
+        "/v1 4 x 1000 chars, streamed (allowed)": lambda: _post_outcome(
             client, target, source, "/v1/completions", dict(completion, stop=maximal(MAX_OPENAI_STOPS), stream=True)),
         "WebSocket 16 x 1000 chars, visible_text (allowed)": lambda: _ws_generation(target, source, dict(
             streamed, extra_stop_sequences=maximal(MAX_STOP_SEQUENCES - 1))),
@@ -313,8 +316,7 @@ async def attack_long_stop_strings(target: Target) -> AttackOutcome:
         while time.monotonic() < deadline:
             name, send = next(turns)
             try:
-                result = await send()
-                outcome.counts[f"{name}: {result if isinstance(result, str) else _http_outcome(result)}"] += 1
+                outcome.counts[f"{name}: {await send()}"] += 1
             except Exception as error:
                 outcome.counts[f"{name}: {describe(error)}"] += 1
 
@@ -367,7 +369,7 @@ async def attack_queue_flood(target: Target) -> AttackOutcome:
 
 # --- large bodies ------------------------------------------------------------------------------
 
-async def _large_body(target: Target, path: str, size: int, chunked: bool) -> tuple:
+async def _large_body(target: Target, path: str, size: int, chunked: bool) -> Tuple[str, float]:
     """One POST of a ``size``-byte body; returns (what the server answered, MB written until then)."""
     reader, writer = await asyncio.open_connection(target.host, target.port, local_addr=(LARGE_BODIES_ADDRESS, 0))
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
@@ -577,25 +579,46 @@ def unread_bytes(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
+async def _echo_pump(loop, sock: socket.socket, frame: bytes, deadline: float) -> int:
+    """Sends ``frame`` over and over until the deadline, or until the socket takes no more;
+    returns how many were sent whole."""
+    sent = 0
+    try:
+        while time.monotonic() < deadline:
+            await asyncio.wait_for(loop.sock_sendall(sock, frame), deadline - time.monotonic())
+            sent += 1
+    except (asyncio.TimeoutError, OSError):
+        pass  # the deadline came while the socket's buffers were full, or the server closed it
+    return sent
+
+
 async def attack_slow_readers(target: Target) -> AttackOutcome:
-    """Several long streamed generations on sockets that stop reading once the generation starts."""
+    """Several long streamed generations on sockets that are never read once the generation starts.
+
+    A token's reply is ~100 bytes, and the kernel's buffers on loopback hold megabytes, so each
+    socket also sends frames whose error reply echoes a 200 KB field: the server has megabytes
+    to write into sockets nobody reads, within the row.
+    """
     outcome = AttackOutcome()
+    loop = asyncio.get_running_loop()
     started = await asyncio.gather(*(_slow_reader(target) for _ in range(SLOW_READERS_COUNT)),
                                    return_exceptions=True)
     sockets = [sock for sock in started if isinstance(sock, socket.socket)]
     outcome.counts.update(describe(error) for error in started if not isinstance(error, socket.socket))
     outcome.counts["generations left unread"] += len(sockets)
-    await asyncio.sleep(target.seconds / 2)
-    halfway = sum(server_send_queues(target, SLOW_READERS_ADDRESS))
-    await asyncio.sleep(target.seconds / 2)
+    echoed = masked_text_frame(json.dumps({"type": "generate", "max_new_tokens": "x" * ECHOED_FIELD_CHARS}))
+    deadline = time.monotonic() + target.seconds
+    frames_sent = await asyncio.gather(*(_echo_pump(loop, sock, echoed, deadline) for sock in sockets))
     unread = [unread_bytes(sock) for sock in sockets]
     queued = server_send_queues(target, SLOW_READERS_ADDRESS)
     for sock in sockets:
         sock.close()
-    if unread:
-        outcome.notes.append(f"per socket at the end: {min(unread) / 1024:.0f}-{max(unread) / 1024:.0f} KB unread, "
-                             f"{min(queued) / 1024:.0f}-{max(queued) / 1024:.0f} KB in the server's send queue "
-                             f"({sum(queued) - halfway:+d} bytes in all over the second half)")
+    if sockets:
+        outcome.notes.append(f"{min(frames_sent)}-{max(frames_sent)} echoed frames of "
+                             f"{len(echoed) // 1024} KB sent per socket before its sends blocked or the row ended")
+        outcome.notes.append(f"per socket at the end: {min(unread) // 1024}-{max(unread) // 1024} KB unread, "
+                             f"{min(queued, default=0) / MB:.1f}-{max(queued, default=0) / MB:.1f} MB in the "
+                             "server's send queue")
     return outcome
 
 
@@ -649,8 +672,9 @@ async def _generating_client(target: Target, deadline: float, outcome: AttackOut
                 if code != "ok":
                     outcome.counts[f"generate: {code}"] += 1
                     break
-                outcome.counts["tokens"] += json.loads(raw)["token_count"]
-                if json.loads(raw)["stop"]:
+                reply = json.loads(raw)
+                outcome.counts["tokens"] += reply["token_count"]
+                if reply["stop"]:
                     break
         except asyncio.TimeoutError:
             outcome.counts["waiting for a token at the end"] += 1
@@ -788,6 +812,19 @@ class NormalClient:
         return last_token
 
 
+@contextlib.asynccontextmanager
+async def streaming(target: Target) -> AsyncIterator[NormalClient]:
+    """The legitimate client, running from its first token until the block ends."""
+    client = NormalClient(target)
+    client_run = asyncio.create_task(client.run())
+    try:
+        await asyncio.wait_for(client.first_token.wait(), FIRST_TOKEN_TIMEOUT)
+        yield client
+    finally:
+        client.stop()
+        await client_run
+
+
 # --- the bench's side of a row -----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -795,20 +832,34 @@ class ServerFigures:
     """What the server's /metrics says at one moment."""
 
     generated_tokens: float
-    gc_pause_max: Optional[float]  # the longest full garbage collection so far, if the server tells
+    # Full garbage collections so far, by bucket bound in seconds (cumulative, as Prometheus
+    # counts them); None if the server does not export them.
+    gc_pauses: Optional[Dict[float, float]]
 
     @classmethod
     async def scrape(cls, base_url: str) -> "ServerFigures":
         """The figures of the server at ``base_url`` now."""
         response = await tornado.httpclient.AsyncHTTPClient().fetch(base_url.rstrip("/") + "/metrics")
         families = {family.name: family for family in text_string_to_metric_families(response.body.decode())}
-        tokens = families[GENERATED_TOKENS_METRIC]
-        gc_family = families.get(GC_MAX_METRIC) or families.get(GC_PAUSE_METRIC)
-        gc_pause_max = None
-        if gc_family is not None and gc_family.type in ("gauge", "untyped") and gc_family.samples:
-            gc_pause_max = max(sample.value for sample in gc_family.samples)
-        return cls(generated_tokens=sum(sample.value for sample in tokens.samples if sample.name.endswith("_total")),
-                   gc_pause_max=gc_pause_max)
+        tokens = sum(sample.value for sample in families[GENERATED_TOKENS_METRIC].samples
+                     if sample.name.endswith("_total"))
+        gc_family = families.get(GC_PAUSE_METRIC)
+        gc_pauses = None
+        if gc_family is not None and gc_family.type == "histogram":
+            gc_pauses = collections.defaultdict(float)
+            for sample in gc_family.samples:
+                if sample.name.endswith("_bucket") and sample.labels.get("generation", "2") == "2":
+                    gc_pauses[float(sample.labels["le"])] += sample.value
+        return cls(generated_tokens=tokens, gc_pauses=gc_pauses)
+
+    def longest_gc_pause_since(self, earlier: "ServerFigures") -> Optional[float]:
+        """The bucket bound under which every full collection since ``earlier`` fell, in seconds
+        (0: there was none); None if the server does not export them."""
+        if self.gc_pauses is None or earlier.gc_pauses is None:
+            return None
+        new = {bound: count - earlier.gc_pauses.get(bound, 0.0) for bound, count in self.gc_pauses.items()}
+        total = new.get(float("inf"), 0.0)
+        return 0.0 if not total else min(bound for bound, count in new.items() if count >= total)
 
 
 async def busiest(pids: Sequence[int], seconds: float) -> int:
@@ -844,7 +895,7 @@ class RowResult:
     rss_before: int
     rss_after: int
     open_after: int
-    gc_pause_max: Optional[float]
+    gc_pause_max: Optional[float]  # the bucket bound of the longest full collection, in seconds
 
     @property
     def health_p50_ms(self) -> float:
@@ -878,10 +929,7 @@ async def run_row(row: str, target: Target, server_pid: int, node_pids: Sequence
     loop = asyncio.get_running_loop()
     before = await ServerFigures.scrape(target.base_url)
     rss_before = ProcessSample.of(server_pid).rss_bytes
-    client = NormalClient(target)
-    client_run = asyncio.create_task(client.run())
-    try:
-        await asyncio.wait_for(client.first_token.wait(), FIRST_TOKEN_TIMEOUT)
+    async with streaming(target) as client:
         notes = ["no attack"]
         if row == BASELINE:
             await asyncio.sleep(target.seconds)
@@ -891,32 +939,24 @@ async def run_row(row: str, target: Target, server_pid: int, node_pids: Sequence
                 jobs.append(freeze_busiest_node(node_pids, target.seconds))
             outcome, *extra = await asyncio.wait_for(asyncio.gather(*jobs), target.seconds + REPLY_TIMEOUT)
             notes = [outcome.summary(), *extra]
-    finally:
-        client.stop()
-        client_result = await client_run
+    client_result = client.result
     open_after = await wait_for_no_open_sessions(lambda: scrape_open_sessions(target.base_url), SETTLE_TIMEOUT)
     await asyncio.sleep(SETTLE_SECONDS)
     rss_after = ProcessSample.of(server_pid).rss_bytes
     after = await ServerFigures.scrape(target.base_url)
-    gc_pause_max = after.gc_pause_max
-    if gc_pause_max is not None and gc_pause_max == before.gc_pause_max:
-        gc_pause_max = 0.0  # no full collection in this row longer than an earlier one
-    attack_tokens = round(after.generated_tokens - before.generated_tokens) - client_result.tokens
-    notes.append(f"{attack_tokens} tokens generated for the attacker")
-    return RowResult(row, "; ".join(notes), client_result, rss_before, rss_after, open_after, gc_pause_max)
+    if row != BASELINE:
+        # Approximate: the legitimate stream's last token or two may be generated and never received.
+        attack_tokens = round(after.generated_tokens - before.generated_tokens) - client_result.tokens
+        notes.append(f"{attack_tokens} tokens generated for the attacker")
+    return RowResult(row, "; ".join(notes), client_result, rss_before, rss_after, open_after,
+                     after.longest_gc_pause_since(before))
 
 
 async def warm_up(target: Target) -> None:
     """The legitimate client for a few seconds, so that what the server allocates on first use is
     not counted in the baseline."""
-    client = NormalClient(target)
-    client_run = asyncio.create_task(client.run())
-    try:
-        await asyncio.wait_for(client.first_token.wait(), FIRST_TOKEN_TIMEOUT)
+    async with streaming(target):
         await asyncio.sleep(WARM_UP_SECONDS)
-    finally:
-        client.stop()
-        await client_run
     await wait_for_no_open_sessions(lambda: scrape_open_sessions(target.base_url), SETTLE_TIMEOUT)
 
 
@@ -981,7 +1021,7 @@ def add_figures(report, result: RowResult, verdict: RowVerdict) -> None:
                f"({result.rss_growth_mb:+.1f})", f"< +{RSS_GROWTH_GOAL_MB:.0f} MB", verdict.rss)
     report.add(f"{name}: sessions left open", str(result.open_after), "0", verdict.sessions)
     if result.gc_pause_max is not None:
-        report.add(f"{name}: longest full GC pause", f"{1000 * result.gc_pause_max:.1f} ms")
+        report.add(f"{name}: longest full GC pause", f"<= {1000 * result.gc_pause_max:g} ms")
 
 
 def markdown_table(results: Sequence[RowResult], verdicts: Sequence[RowVerdict]) -> str:
@@ -998,7 +1038,7 @@ def markdown_table(results: Sequence[RowResult], verdicts: Sequence[RowVerdict])
                  f"{result.health_p50_ms:.1f} / {result.health_p99_ms:.1f} ms", gap,
                  str(sum(result.client.errors.values())), f"{result.rss_growth_mb:+.1f} MB", str(result.open_after)]
         if with_gc:
-            cells.append("-" if result.gc_pause_max is None else f"{1000 * result.gc_pause_max:.1f} ms")
+            cells.append("-" if result.gc_pause_max is None else f"<= {1000 * result.gc_pause_max:g} ms")
         cells.append("missed: " + ", ".join(verdict.missed()) if verdict.missed() else "met")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Admission control: every limit on what clients may hold or ask for, in one place.
 
-Per server (open sessions and WebSocket connections in all), per client (those of one client),
+Per server (open sessions, the memory their client-side state may take, and WebSocket
+connections in all), per client (those of one client),
 per connection (messages per second, generations waiting in its session) and per request
 (``max_length``, ``max_new_tokens``, stop sequences and text length against the model's limits). At a limit a request is
 refused at once with an error that names it; nothing waits in a queue.
@@ -10,11 +11,12 @@ import collections
 import time
 from typing import Callable, Counter
 
-from config import ManagerSettings, ModelSpec
+from config import MIB, ManagerSettings, ModelSpec
 from sessions.errors import (
     ClientLimit,
     InvalidRequest,
     MaxLengthExceeded,
+    MemoryBudgetExceeded,
     QueueFull,
     RateLimited,
     ServerBusy,
@@ -31,34 +33,45 @@ MAX_STOP_SEQUENCE_CHARS = 1000
 
 
 class Slot:
-    """One admitted session's or connection's place in the counts; ``release`` gives it back (once)."""
+    """One admitted session's or connection's place in the counts, and the bytes of memory it
+    reserves; ``release`` gives both back (once)."""
 
-    def __init__(self, tally: "_Tally", client: str):
+    def __init__(self, tally: "_Tally", client: str, reserved_bytes: int = 0):
         self.client = client
+        self.reserved_bytes = reserved_bytes
         self._tally = tally
         self.released = False
+
+    def reserve(self, reserved_bytes: int) -> None:
+        """Changes the memory this place reserves (e.g. once a session's route is known)."""
+        if not self.released:
+            self._tally.reserved_bytes += reserved_bytes - self.reserved_bytes
+            self.reserved_bytes = reserved_bytes
 
     def release(self) -> None:
         """Gives the place back; later calls do nothing."""
         if not self.released:
             self.released = True
-            self._tally.give_back(self.client)
+            self._tally.give_back(self.client, self.reserved_bytes)
 
 
 class _Tally:
-    """How many of a thing are held, in all and per client."""
+    """How many of a thing are held, in all and per client, and the memory they reserve."""
 
     def __init__(self):
         self.total = 0
+        self.reserved_bytes = 0
         self.by_client: Counter[str] = collections.Counter()
 
-    def take(self, client: str) -> Slot:
+    def take(self, client: str, reserved_bytes: int = 0) -> Slot:
         self.total += 1
+        self.reserved_bytes += reserved_bytes
         self.by_client[client] += 1
-        return Slot(self, client)
+        return Slot(self, client, reserved_bytes)
 
-    def give_back(self, client: str) -> None:
+    def give_back(self, client: str, reserved_bytes: int) -> None:
         self.total -= 1
+        self.reserved_bytes -= reserved_bytes
         self.by_client[client] -= 1
         if not self.by_client[client]:
             del self.by_client[client]
@@ -90,6 +103,7 @@ class Admission:
 
     def __init__(self, settings: ManagerSettings):
         self.settings = settings
+        self.memory_budget = settings.session_memory_budget_bytes
         self._sessions = _Tally()
         self._connections = _Tally()
 
@@ -97,6 +111,11 @@ class Admission:
     def open_sessions(self) -> int:
         """Sessions admitted and not yet released."""
         return self._sessions.total
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Memory the open sessions' client-side state may grow to."""
+        return self._sessions.reserved_bytes
 
     @property
     def open_connections(self) -> int:
@@ -112,10 +131,16 @@ class Admission:
             raise ClientLimit(f"This client already holds {self.settings.max_sessions_per_client} sessions, "
                               "the most one client may; close one first")
 
-    def admit(self, client: str) -> Slot:
-        """Takes a session's place for ``client``, or raises if a limit is reached."""
+    def admit(self, client: str, reserved_bytes: int = 0) -> Slot:
+        """Takes a session's place for ``client``, reserving ``reserved_bytes`` of the memory
+        budget, or raises if a limit is reached."""
         self.check_capacity(client)
-        return self._sessions.take(client)
+        if self._sessions.reserved_bytes + reserved_bytes > self.memory_budget:
+            raise MemoryBudgetExceeded(
+                f"Open sessions hold {self._sessions.reserved_bytes / MIB:.0f} MiB of this server's "
+                f"{self.memory_budget / MIB:.0f} MiB for session state; a session of this length needs "
+                f"{reserved_bytes / MIB:.1f} MiB more. Try a shorter max_length or try again later")
+        return self._sessions.take(client, reserved_bytes)
 
     def admit_connection(self, client: str) -> Slot:
         """Takes a WebSocket connection's place for ``client``, or raises ``TooManyConnections``."""

@@ -177,6 +177,15 @@ class ServerBusy(Unavailable):
     meaning = "the server holds its maximum of sessions"
 
 
+class MemoryBudgetExceeded(Unavailable):
+    """The sessions' client-side state would outgrow ``--session-memory-budget-mib``."""
+
+    code = "memory_budget_exceeded"
+    session_survives = True
+    log_level = logging.WARNING
+    meaning = "open sessions hold the server's memory budget for session state (`--session-memory-budget-mib`)"
+
+
 class NotReady(Unavailable):
     """The server is still connecting to the swarm or loading models."""
 

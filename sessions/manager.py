@@ -66,6 +66,10 @@ class SessionManager:
         """Sessions whose swarm resources are not yet released."""
         return self.admission.open_sessions
 
+    def session_state_bytes(self) -> int:
+        """Memory the open sessions hold on this machine (their client-side swarm state)."""
+        return sum(session.stream.state_bytes for session in list(self._sessions) if not session.released)
+
     @property
     def task_names(self) -> List[str]:
         """Names of the tasks still running (``generate-<connection>``, ``close-<connection>``, ...)."""
@@ -89,7 +93,8 @@ class SessionManager:
         """Opens an inference session of ``max_length`` tokens on the named model for ``client``."""
         loaded = self.registry.find(model_name, trusted)
         self.admission.check_session_length(loaded.spec, max_length)
-        slot = self.admission.admit(client)
+        # Every span of the route keeps each token's hidden state here: one span is reserved now.
+        slot = self.admission.admit(client, reserved_bytes=max_length * loaded.state_bytes_per_token)
         try:
             stream = self._open_stream(loaded, max_length)
         except BaseException:
@@ -162,5 +167,9 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
     registry = ModelRegistry(models, resolve_initial_peers(initial_peers), device, torch_dtype, settings, executor)
     admission = Admission(settings)
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions,
-                             executor_queue_depth=lambda: executor.queue_depth)
-    return SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings)
+                             executor_queue_depth=lambda: executor.queue_depth,
+                             reserved_state_bytes=lambda: admission.reserved_bytes,
+                             state_budget_bytes=admission.memory_budget)
+    manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings)
+    metrics.state_bytes.set_function(manager.session_state_bytes)
+    return manager

@@ -15,7 +15,8 @@ STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 class SessionMetrics:
     """The server's counters, gauges and histograms, and the registry that exports them."""
 
-    def __init__(self, open_sessions: Callable[[], float], executor_queue_depth: Callable[[], float]):
+    def __init__(self, open_sessions: Callable[[], float], executor_queue_depth: Callable[[], float],
+                 reserved_state_bytes: Callable[[], float], state_budget_bytes: float):
         self.registry = CollectorRegistry()
         self.open_sessions = Gauge(
             "swarm_chat_open_sessions", "Inference sessions holding attention caches in the swarm",
@@ -25,6 +26,19 @@ class SessionMetrics:
             "swarm_chat_executor_queue_depth", "Blocking Petals calls waiting for a free executor thread",
             registry=self.registry)
         self.executor_queue_depth.set_function(executor_queue_depth)
+        self.state_bytes = Gauge(
+            "swarm_chat_session_state_bytes",
+            "Memory the open sessions hold on this machine (each token's hidden state per server span)",
+            registry=self.registry)
+        self.reserved_state_bytes = Gauge(
+            "swarm_chat_session_state_reserved_bytes",
+            "Memory the open sessions' state may grow to (their max_length), counted against the budget",
+            registry=self.registry)
+        self.reserved_state_bytes.set_function(reserved_state_bytes)
+        self.state_budget_bytes = Gauge(
+            "swarm_chat_session_state_budget_bytes", "The memory budget for session state (--session-memory-budget-mib)",
+            registry=self.registry)
+        self.state_budget_bytes.set(state_budget_bytes)
         self.sessions_opened = Counter(
             "swarm_chat_sessions_opened", "Inference sessions opened", ["model"], registry=self.registry)
         self.steps = Counter(

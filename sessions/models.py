@@ -45,6 +45,11 @@ class LoadedModel:
         """The most characters one token stands for (its vocabulary string bounds its text)."""
         return max(len(token) for token in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer)))))
 
+    @functools.cached_property
+    def state_bytes_per_token(self) -> int:
+        """Memory one token of a session takes on this machine per server span (its hidden state)."""
+        return self.client.config.hidden_size * self.client.dtype.itemsize
+
     @property
     def eos_token_id(self) -> Optional[int]:
         """The token that ends a generation."""
@@ -96,5 +101,6 @@ def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch
     # Computed here, in the executor, rather than on first use on the event loop.
     loaded.max_token_chars  # noqa: B018
     loaded.chat_format  # noqa: B018
+    loaded.state_bytes_per_token  # noqa: B018
     logger.info("Connected %s: %d blocks served by the swarm", spec.key, loaded.num_blocks)
     return loaded

@@ -163,6 +163,8 @@ class ChatSession:
             self.metrics.observe_failed_step(model)
             raise from_petals_error(error, model) from error
         self.metrics.observe_step(model, time.monotonic() - step.started, step.input_tokens)
+        # The reservation made at opening counted one span; a route through several holds more.
+        self._slot.reserve(self.max_length * self.model.state_bytes_per_token * max(1, self.stream.span_count))
         return token
 
     def _run_step(self, new_input_ids: list, sampling: SamplingParams) -> int:

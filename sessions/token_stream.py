@@ -55,6 +55,22 @@ class TokenStream:
         """How many tokens the swarm holds attention caches for."""
         return self._session.position
 
+    @property
+    def span_count(self) -> int:
+        """How many server spans the session's route has (0 before its first step)."""
+        return len(self._session._server_sessions)
+
+    @property
+    def state_bytes(self) -> int:
+        """Memory petals holds on this machine for the session: each span's history of inputs,
+        kept to replay them on a replacement server if that span's server fails."""
+        held = 0
+        for span in list(self._session._server_sessions):  # read while a step may run
+            history = span.history
+            if history is not None:
+                held += history.numel() * history.element_size()
+        return held
+
     def step(self, new_input_ids: Sequence[int] = (), sampling: SamplingParams = SamplingParams()) -> int:
         """Feeds the pending token and ``new_input_ids`` through the swarm; returns the next token."""
         feed = ([self.pending] if self.pending is not None else []) + list(new_input_ids)

@@ -35,6 +35,7 @@ class FakeModel:
     tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
 
     max_token_chars = 1
+    state_bytes_per_token = 4
 
     @property
     def eos_token_id(self) -> int:
@@ -65,6 +66,7 @@ class FakeTokenStream:
         self.hold_close = threading.Event()  # blocks ``close`` until set, like a hung swarm server
         self.hold_close.set()
         self._next = 0
+        self.span_count = 1
 
     def step(self, new_input_ids: Sequence[int] = (), sampling=None) -> int:
         self.steps_running += 1

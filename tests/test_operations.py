@@ -229,3 +229,29 @@ async def test_messages_over_the_rate_are_dropped_with_an_error(ws_port, manager
         assert (await client.request({"type": "stop"}))["ok"] is True
     finally:
         client.close()
+
+
+async def test_session_state_memory_is_measured_and_budgeted(http_server_client, ws_port, manager, monkeypatch):
+    per_token = manager.registry.find(TINY).state_bytes_per_token
+    prompt_tokens = len(manager.registry.find(TINY).encode("A cat sat on"))
+    client = await WSClient.connect(ws_port)
+    assert (await client.request({"type": "open_inference_session", "model": TINY, "max_length": 64}))["ok"]
+    replies = await client.stream({"type": "generate", "inputs": "A cat sat on", "max_new_tokens": 5})
+    generated = sum(reply["token_count"] for reply in replies)
+    metrics = await scrape(http_server_client)
+    # The last token chosen is not fed through the swarm until the next step.
+    assert metrics[("swarm_chat_session_state_bytes",)] == (prompt_tokens + generated - 1) * per_token
+    assert metrics[("swarm_chat_session_state_reserved_bytes",)] == 64 * per_token  # one span
+    assert metrics[("swarm_chat_session_state_budget_bytes",)] == manager.admission.memory_budget
+
+    monkeypatch.setattr(manager.admission, "memory_budget", 100 * per_token)
+    second = await WSClient.connect(ws_port)
+    refused = await second.request({"type": "open_inference_session", "model": TINY, "max_length": 64})
+    assert refused["ok"] is False and refused["code"] == "memory_budget_exceeded" and refused["retryable"]
+    assert (await second.request({"type": "open_inference_session", "model": TINY, "max_length": 32}))["ok"]
+    assert (await client.stream({"type": "generate", "inputs": " and", "max_new_tokens": 2}))[-1]["ok"]
+    client.close()
+    second.close()
+    await wait_for_no_sessions(manager)
+    metrics = await scrape(http_server_client)
+    assert metrics[("swarm_chat_session_state_bytes",)] == metrics[("swarm_chat_session_state_reserved_bytes",)] == 0

@@ -10,7 +10,8 @@ import pytest
 
 from config import ManagerSettings
 from sessions.admission import Admission
-from sessions.errors import ClientLimit, InvalidRequest, ServerBusy, SessionExpired, StepTimeout
+from sessions.errors import (ClientLimit, InvalidRequest, MemoryBudgetExceeded, ServerBusy, SessionExpired,
+                             StepTimeout)
 from sessions.executor import BlockingExecutor
 from sessions.manager import SessionManager
 from sessions.metrics import SessionMetrics
@@ -31,7 +32,9 @@ def executor():
 
 def make_session(executor, stream=None, step_timeout=10.0, max_length=256, admission=None, close_timeout=10.0):
     admission = admission or Admission(ManagerSettings())
-    metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0)
+    metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
+                             reserved_state_bytes=lambda: admission.reserved_bytes,
+                             state_budget_bytes=admission.memory_budget)
     return ChatSession("s1", FakeModel(), stream or FakeTokenStream(), max_length, executor, step_timeout, metrics,
                        admission.admit("client"), close_timeout=close_timeout)
 
@@ -161,7 +164,9 @@ async def test_executor_queue_depth_counts_waiting_calls_only():
 async def test_the_reaper_closes_idle_sessions_only(executor):
     settings = ManagerSettings(idle_timeout=0.3)
     admission = Admission(settings)
-    metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0)
+    metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
+                             reserved_state_bytes=lambda: admission.reserved_bytes,
+                             state_budget_bytes=admission.memory_budget)
     streams = []
 
     def open_stream(model, max_length):
@@ -248,3 +253,30 @@ async def test_a_token_chosen_ahead_opens_the_next_generation_when_the_model_goe
     going_on = await collect(session.generate(GenerationRequest(max_new_tokens=3)))
     assert going_on[-1].outputs == "bcd" and stream.fed == [ord(char) for char in "xabc"]
     await session.aclose("done")
+
+
+def test_sessions_are_refused_past_the_memory_budget():
+    admission = Admission(ManagerSettings(session_memory_budget=1000))
+    first = admission.admit("a", reserved_bytes=600)
+    with pytest.raises(MemoryBudgetExceeded, match="shorter max_length"):
+        admission.admit("b", reserved_bytes=500)
+    assert admission.open_sessions == 1 and admission.reserved_bytes == 600
+    first.reserve(300)
+    second = admission.admit("b", reserved_bytes=500)
+    assert admission.reserved_bytes == 800
+    first.release()
+    second.release()
+    second.reserve(900)  # a released place reserves nothing
+    assert admission.reserved_bytes == 0
+
+
+async def test_a_session_reserves_its_length_on_every_span_of_its_route(executor):
+    admission = Admission(ManagerSettings())
+    stream = FakeTokenStream()
+    stream.span_count = 3
+    session = make_session(executor, stream, max_length=100, admission=admission)
+    assert admission.reserved_bytes == 0  # make_session admits without a reservation
+    await collect(session.generate(GenerationRequest(inputs="x", max_new_tokens=2)))
+    assert admission.reserved_bytes == 100 * FakeModel.state_bytes_per_token * 3
+    await session.aclose("done")
+    assert admission.reserved_bytes == 0

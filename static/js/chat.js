@@ -136,6 +136,9 @@ function errorMessage(error) {
   switch (error.code) {
     case "cache_full":
       return "The swarm is out of capacity: its attention cache is full. Please try again in a minute.";
+    case "memory_budget_exceeded":
+    case "server_busy":
+      return "The server holds as many conversations as it can. Please try again in a minute.";
     case "connection_lost":
       return "Lost the connection to the server. Check that it is running, then retry.";
     case "session_expired":
