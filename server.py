@@ -6,6 +6,7 @@ SIGINT and SIGTERM stop the server, disconnect from the swarm and stop the embed
 """
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -143,6 +144,18 @@ def start_embedded_swarm(config: Settings, device: str, torch_dtype: str):
     return swarm
 
 
+def freeze_start_up_heap() -> None:
+    """Takes the objects alive after start-up (modules, tokenizers, model clients: about 330,000
+    for the default model) out of the garbage collector's reach. A full collection over them
+    pauses every thread, the event loop included, for about half a second on a small CPU; after
+    the freeze it walks only what serving creates."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    logger.info("Froze %d start-up objects out of garbage collection (a full collection took %.0f ms)",
+                gc.get_freeze_count(), 1000 * (time.perf_counter() - started))
+
+
 def public_url(host: str, port: int) -> str:
     """A URL a browser on this machine can open."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
@@ -159,6 +172,7 @@ async def serve(config: Settings, initial_peers: Sequence[str], device: str, tor
                             executor_workers=config.executor_workers, settings=config.manager_settings)
     try:
         await manager.start()
+        freeze_start_up_heap()
         sockets = tornado.netutil.bind_sockets(config.port, config.host)
         app = make_app(config, manager)
         http_server = tornado.httpserver.HTTPServer(app)

@@ -60,6 +60,7 @@ class SessionManager:
         """Connects every model to the swarm and starts the idle reaper."""
         await self.registry.load()
         self._reaper = self.spawn(self._expire_idle_sessions(), "idle-reaper")
+        self.metrics.watch_gc()
 
     @property
     def open_session_count(self) -> int:
@@ -158,6 +159,7 @@ class SessionManager:
         await self.registry.close()
         self.monitor.close()
         self.executor.shutdown()
+        self.metrics.unwatch_gc()
 
 
 def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], device: str, torch_dtype: str,

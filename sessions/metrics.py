@@ -4,12 +4,15 @@ Each manager has a registry of its own (not the process-wide default), so tests 
 several managers and every app shows the figures of its own manager.
 """
 
-from typing import Callable
+import gc
+import time
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Steps take ~10 ms on a tiny local model and seconds on a large public one.
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+GC_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class SessionMetrics:
@@ -52,8 +55,31 @@ class SessionMetrics:
         self.step_seconds = Histogram(
             "swarm_chat_step_seconds", "Time of one generation step, swarm round trip included", ["model"],
             buckets=STEP_SECONDS_BUCKETS, registry=self.registry)
+        self.gc_pause_seconds = Histogram(
+            "swarm_chat_gc_pause_seconds", "Pauses of Python's garbage collector, by generation collected",
+            ["generation"], buckets=GC_PAUSE_BUCKETS, registry=self.registry)
+        self._gc_started: Optional[float] = None
         self.errors = Counter(
             "swarm_chat_errors", "Errors answered to clients, by error code", ["code"], registry=self.registry)
+
+    def watch_gc(self) -> None:
+        """Starts timing the interpreter's garbage collections (each one pauses every thread,
+        the event loop included) into ``swarm_chat_gc_pause_seconds``."""
+        if self._time_gc not in gc.callbacks:
+            gc.callbacks.append(self._time_gc)
+
+    def unwatch_gc(self) -> None:
+        """Stops timing garbage collections."""
+        if self._time_gc in gc.callbacks:
+            gc.callbacks.remove(self._time_gc)
+
+    def _time_gc(self, phase: str, info: dict) -> None:
+        # A collection holds the interpreter lock from "start" to "stop": the two calls pair up.
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_pause_seconds.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
+            self._gc_started = None
 
     def observe_step(self, model: str, seconds: float, input_tokens: int) -> None:
         """Records one successful step: it fed ``input_tokens`` and generated one token."""

@@ -5,6 +5,7 @@ test_manager.py and test_session_expiry.py.
 """
 
 import asyncio
+import gc
 
 import pytest
 
@@ -280,3 +281,23 @@ async def test_a_session_reserves_its_length_on_every_span_of_its_route(executor
     assert admission.reserved_bytes == 100 * FakeModel.state_bytes_per_token * 3
     await session.aclose("done")
     assert admission.reserved_bytes == 0
+
+
+def test_garbage_collections_are_timed_while_watched():
+    admission = Admission(ManagerSettings())
+    metrics = SessionMetrics(open_sessions=lambda: 0, executor_queue_depth=lambda: 0,
+                             reserved_state_bytes=lambda: 0, state_budget_bytes=admission.memory_budget)
+
+    def full_collections() -> float:
+        return metrics.registry.get_sample_value("swarm_chat_gc_pause_seconds_count", {"generation": "2"}) or 0
+
+    metrics.watch_gc()
+    try:
+        gc.collect()
+        gc.collect()
+        assert full_collections() == 2
+        assert metrics.registry.get_sample_value("swarm_chat_gc_pause_seconds_sum", {"generation": "2"}) > 0
+    finally:
+        metrics.unwatch_gc()
+    gc.collect()
+    assert full_collections() == 2
