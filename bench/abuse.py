@@ -1,4 +1,4 @@
-"""Hostile clients against a real server process: how well the server holds up while one legitimate client streams.
+"""Hostile clients against a real server process: what each attack costs one legitimate stream beside it.
 
 Starts a local swarm of two nodes, each hosting every block of a tiny Llama (4 blocks, so the
 figures show the server, not compute), and ``server.py`` as a separate process with its default
@@ -9,29 +9,34 @@ a row). Then runs one row per attack, one after another, on an otherwise idle se
 2. starts the legitimate client: one WebSocket stream from 127.0.0.1, one token per reply, and
    ``GET /health`` every 50 ms; the attack starts once the stream has its first token;
 3. runs the attack for ``--seconds`` in a separate process (so that the attacker's own work does
-   not delay the legitimate client's measurements), from loopback addresses other than 127.0.0.1
-   (so that the per-client limits fall on the attacker, as they would for a remote one);
+   not delay the legitimate client's event loop; it still shares the machine's cores with the
+   server), from loopback addresses other than 127.0.0.1 (so that the per-client limits fall on
+   the attacker, as they would for a remote one);
 4. stops the attack, closes its sockets, waits (at most a minute) until the server's
    ``swarm_chat_open_sessions`` gauge is 0, and samples RSS again.
 
 The rows: ``baseline`` (no attack; always run first, the reference for the stream's gaps),
-``long stop strings`` (stop strings far over the limits on ``/v1/completions``, ``/api/v1/generate``
-and the WebSocket, and the most that is allowed: 4 on ``/v1``, 16 on the WebSocket, of 1,000
-characters each, every one beginning with the text the model will write, so that the hold-back
-runs), ``queue flood`` (one session sending ``generate`` frames as fast as it can), ``large bodies``
-(50-100 MB bodies, announced by Content-Length or chunked), ``sessionless sockets`` (about 2,000
-WebSockets from 32 addresses that never send a frame), ``slow readers`` (long generations on
-sockets that are never read), ``many sessions from one address`` (past ``--max-sessions-per-client``)
-and ``hung swarm server`` (the busiest swarm node is frozen with SIGSTOP, its whole process group,
-while several clients generate, and thawed at the end of the row).
+``long stop strings`` (stop strings far over the limits on ``/v1/completions``,
+``/api/v1/generate`` and the WebSocket, and the most that is allowed: 4 on ``/v1``, 16 on the
+WebSocket, of 1,000 characters each, every one beginning with the text the model will write, so
+that the hold-back runs), ``queue flood`` (one session sending ``generate`` frames as fast as it
+can), ``large bodies`` (50-100 MB bodies, announced by Content-Length or chunked),
+``sessionless sockets`` (about 2,000 WebSockets from 32 addresses that never send a frame),
+``slow readers`` (long generations on sockets that are never read, which also send frames whose
+error replies are large, so that the server has megabytes to write to them), ``many sessions
+from one address`` (past ``--max-sessions-per-client``) and ``hung swarm server`` (the busiest
+swarm node is frozen with SIGSTOP, its whole process group, while several clients generate, and
+thawed at the end of the row).
 
-Each row reports the attack's outcome (what was sent, what the server answered), ``/health``
-p50/p99, the legitimate stream's p99 gap between tokens against the baseline's, the growth of the
-server's RSS over the row, the sessions still open after it, and, if the server exports
-``swarm_chat_gc_pause_seconds``, the longest full garbage collection seen in the row. Goals:
-``/health`` p99 < 100 ms, p99 gap at most 1.5x the baseline's, RSS growth < 50 MB, 0 sessions left
-open. Prints the figures with their goals, then a Markdown table (one line per row) for the
-README, and exits with status 1 if a goal is missed. The whole run takes 3-5 minutes on 2 cores.
+Each row reports the attack's outcome (what was sent, what the server answered, how many tokens
+the server generated for it), ``/health`` p50/p99, the legitimate stream's p50 and p99 gaps
+between tokens (the p99 also against the baseline's), the growth of the server's RSS over the
+row, the sessions still open after it, and, if the server exports the histogram
+``swarm_chat_gc_pause_seconds``, the bucket bound of the longest full garbage collection in the
+row. Goals: ``/health`` p99 < 100 ms, p99 gap at most 1.5x the baseline's, RSS growth < 50 MB,
+0 sessions left open. Prints the figures with their goals, then a Markdown table (one line per
+row) for the README, and exits with status 1 if a goal is missed. The whole run takes about 3
+minutes on 2 cores.
 
     .venv/bin/python bench/abuse.py [--seconds 10] [--rows "queue flood,slow readers"] [--log-dir DIR]
 """
@@ -211,8 +216,8 @@ class AttackOutcome:
 async def ws_connect(target: Target, source: Optional[str] = None,
                      on_message: Optional[Callable[[Optional[str]], None]] = None):
     """A WebSocket connection to the API from ``source`` (an address of this machine)."""
-    request = tornado.httpclient.HTTPRequest(target.ws_url, connect_timeout=REPLY_TIMEOUT, request_timeout=REPLY_TIMEOUT,
-                                             network_interface=source)
+    request = tornado.httpclient.HTTPRequest(target.ws_url, connect_timeout=REPLY_TIMEOUT,
+                                             request_timeout=REPLY_TIMEOUT, network_interface=source)
     return await tornado.websocket.websocket_connect(request, on_message_callback=on_message)
 
 
@@ -996,7 +1001,8 @@ class RowVerdict:
 
     def missed(self) -> List[str]:
         """The goals missed."""
-        goals = {"/health p99": self.health, "stream p99 gap": self.gap, "RSS": self.rss, "sessions left": self.sessions}
+        goals = {"/health p99": self.health, "stream p99 gap": self.gap, "RSS": self.rss,
+                 "sessions left": self.sessions}
         return [goal for goal, met in goals.items() if met is False]
 
 
@@ -1016,7 +1022,8 @@ def add_figures(report, result: RowResult, verdict: RowVerdict) -> None:
     report.add(f"{name}: stream p50 token gap", f"{result.gap_p50_ms:.1f} ms")
     report.add(f"{name}: stream p99 token gap", gap, f"<= {GAP_RATIO_GOAL}x baseline" if verdict.gap is not None
                else "", verdict.gap)
-    report.add(f"{name}: stream tokens, errors", f"{client.tokens}, {count_line(client.errors) if client.errors else 0}")
+    report.add(f"{name}: stream tokens, errors",
+               f"{client.tokens}, {count_line(client.errors) if client.errors else 0}")
     report.add(f"{name}: server RSS before / after", f"{result.rss_before / MB:.1f} / {result.rss_after / MB:.1f} MB "
                f"({result.rss_growth_mb:+.1f})", f"< +{RSS_GROWTH_GOAL_MB:.0f} MB", verdict.rss)
     report.add(f"{name}: sessions left open", str(result.open_after), "0", verdict.sessions)

@@ -143,7 +143,7 @@ class GenerationHandler(APIHandler):
         Iterate it inside ``contextlib.aclosing`` so that the session closes at once if the
         caller stops early.
         """
-        self.session = await self.manager.open_for_request(
+        self.session, request = await self.manager.open_for_request(
             self.connection_id, model, request, client_key(self.request, self.settings["trusted_proxies"]))
         try:
             if self.client_left:  # it left while the prompt was being counted

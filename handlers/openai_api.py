@@ -72,8 +72,9 @@ class CompletionHandler(OpenAIHandler):
         body = self.request_model.parse(self.json_body())
         loaded = self.manager.registry.find(body.model, trusted=False)
         prompt, format_stops = self.prompt(body, loaded)
-        prompt_tokens = await self.manager.count_tokens(loaded, prompt)
-        request = body.to_generation_request(prompt, prompt_tokens, format_stops)
+        prompt_ids = await self.manager.tokenize(loaded, prompt)
+        request = body.to_generation_request(prompt, prompt_ids, format_stops)
+        prompt_tokens = len(prompt_ids)
         self.started = int(time.time())
         self.completion_id = self.id_prefix + uuid.uuid4().hex[:24]
         if body.stream:

@@ -4,7 +4,7 @@ Each model checks its fields (a bad one is a 400 that names it, in OpenAI's erro
 builds the ``GenerationRequest`` the session runs. Nothing here touches a model or a session.
 """
 
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -83,13 +83,15 @@ class OpenAIRequest(BaseModel):
         temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams(do_sample=temperature > 0, temperature=temperature or 1.0, top_p=self.top_p)
 
-    def to_generation_request(self, prompt: str, prompt_tokens: int, format_stops: Tuple[str, ...] = ()
+    def to_generation_request(self, prompt: str, prompt_ids: Sequence[int], format_stops: Tuple[str, ...] = ()
                               ) -> GenerationRequest:
-        """The generation to run: one token per reply, until a stop string, EOS or the token limit."""
+        """The generation to run (``prompt`` tokenized as ``prompt_ids``): one token per reply,
+        until a stop string, EOS or the token limit."""
         max_tokens = self.max_completion_tokens or self.max_tokens or self.default_max_tokens
         return GenerationRequest(
             inputs=prompt,
-            max_length=prompt_tokens + max_tokens,
+            input_ids=tuple(prompt_ids),
+            max_length=len(prompt_ids) + max_tokens,
             max_new_tokens=1,
             sampling=self.sampling_params(),
             extra_stop_sequences=tuple(dict.fromkeys(self.stop_strings + format_stops)),

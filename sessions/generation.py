@@ -26,9 +26,13 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
         yield GenerationUpdate(outputs="", stop=True, token_count=0, finish_reason="cancelled")
         return
     stop_token_id = await _stop_token_id(session, request)
-    if request.inputs:
+    if request.input_ids is not None:
+        input_ids = list(request.input_ids)
+    elif request.inputs:
         Admission.check_text_length(request.inputs, session.max_length, session.model.max_token_chars)
-    input_ids = await session.encode(request.inputs) if request.inputs else []
+        input_ids = await session.encode(request.inputs)
+    else:
+        input_ids = []
     # A token a stopped generation chose ahead of need, never sent: the next token if the model
     # just goes on, but new input follows the token before it.
     carried, session.carried_token = session.carried_token, None

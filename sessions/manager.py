@@ -5,9 +5,10 @@ model registry, admission control, the swarm monitor and the metrics.
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
-from typing import Any, Awaitable, Callable, List, Optional, Sequence, Set
+from typing import Any, Awaitable, Callable, List, Optional, Sequence, Set, Tuple
 
 from config import PUBLIC_SWARM, ManagerSettings, ModelSpec
 from sessions.admission import Admission
@@ -109,21 +110,28 @@ class SessionManager:
         return session
 
     async def open_for_request(self, connection_id: str, model_name: object, request: GenerationRequest,
-                               client: str, trusted: bool = False) -> ChatSession:
-        """A session for one request of the HTTP APIs: the prompt plus ``max_new_tokens``, or ``max_length``."""
+                               client: str, trusted: bool = False) -> Tuple[ChatSession, GenerationRequest]:
+        """A session for one request of the HTTP APIs, sized for the prompt plus ``max_new_tokens``
+        (or for ``max_length``), and the request with its prompt tokenized once for both."""
         if not request.inputs:
             raise InvalidRequest("inputs must not be empty")
         loaded = self.registry.find(model_name, trusted)
         self.admission.check_request(loaded.spec, request)
         self.admission.check_capacity(client)  # before tokenizing: a refusal costs nothing
-        max_length = request.max_length or await self.count_tokens(loaded, request.inputs) + request.max_new_tokens
-        return await self.open_session(connection_id, loaded.spec.key, max_length, client, trusted=True)
+        if request.max_length:
+            max_length = request.max_length
+        else:
+            input_ids = await self.tokenize(loaded, request.inputs)
+            request = dataclasses.replace(request, input_ids=tuple(input_ids))
+            max_length = len(input_ids) + request.max_new_tokens
+        session = await self.open_session(connection_id, loaded.spec.key, max_length, client, trusted=True)
+        return session, request
 
-    async def count_tokens(self, loaded: LoadedModel, text: str) -> int:
-        """How many tokens ``text`` is for ``loaded`` (tokenized in the executor); a text longer in
+    async def tokenize(self, loaded: LoadedModel, text: str) -> List[int]:
+        """The token ids of ``text`` for ``loaded`` (tokenized in the executor); a text longer in
         characters than the model's longest session could hold is refused without tokenizing."""
         self.admission.check_text_length(text, loaded.spec.chat.max_session_length, loaded.max_token_chars)
-        return len(await self.executor.run(loaded.encode, text))
+        return await self.executor.run(loaded.encode, text)
 
     def close_in_background(self, session: ChatSession, reason: str) -> None:
         """Starts closing ``session`` without waiting (a step may be running)."""

@@ -32,6 +32,7 @@ class GenerationRequest:
     """One generation: new input text, length limits, sampling, and when to stop streaming."""
 
     inputs: Optional[str] = None
+    input_ids: Optional[Tuple[int, ...]] = None  # ``inputs`` already tokenized (to size its session)
     max_length: Optional[int] = None  # total tokens in the session, prefix included
     max_new_tokens: Optional[int] = None  # tokens per reply
     sampling: SamplingParams = SamplingParams()

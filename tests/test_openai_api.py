@@ -1,5 +1,7 @@
 """The OpenAI-compatible API, driven by the official openai package."""
 
+import json
+
 import openai
 import pytest
 
@@ -98,3 +100,22 @@ def test_stop_string_filter_flushes_what_was_not_a_stop():
     text_filter = StopStringFilter(["END"])
     assert text_filter.push("almost EN") == "almost "
     assert text_filter.flush() == "EN"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/api/v1/generate"])
+async def test_a_prompt_is_tokenized_once(http_server_client, manager, monkeypatch, path):
+    loaded = manager.registry.find(TINY)
+    prompts = []
+    encode = loaded.encode
+
+    def counting_encode(text):
+        prompts.append(text)
+        return encode(text)
+
+    monkeypatch.setattr(loaded, "encode", counting_encode)
+    body = {"model": TINY, "prompt" if path.startswith("/v1") else "inputs": "A cat sat on the mat",
+            "max_tokens" if path.startswith("/v1") else "max_new_tokens": 2}
+    response = await http_server_client.fetch(path, method="POST", body=json.dumps(body),
+                                              headers={"Content-Type": "application/json"})
+    assert response.code == 200
+    assert prompts.count("A cat sat on the mat") == 1
