@@ -73,7 +73,7 @@ class CompletionHandler(OpenAIHandler):
         loaded = self.manager.registry.find(body.model, trusted=False)
         prompt, format_stops = self.prompt(body, loaded)
         prompt_ids = await self.manager.tokenize(loaded, prompt)
-        request = body.to_generation_request(prompt, prompt_ids, format_stops)
+        request = body.to_generation_request(prompt, prompt_ids, loaded.spec.chat.max_session_length, format_stops)
         prompt_tokens = len(prompt_ids)
         self.started = int(time.time())
         self.completion_id = self.id_prefix + uuid.uuid4().hex[:24]

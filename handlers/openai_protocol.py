@@ -4,17 +4,24 @@ Each model checks its fields (a bad one is a 400 that names it, in OpenAI's erro
 builds the ``GenerationRequest`` the session runs. Nothing here touches a model or a session.
 """
 
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+import json
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sessions.errors import BadRequest
+from sessions.errors import BadRequest, MaxLengthExceeded
 from sessions.requests import GenerationRequest, SamplingParams
 
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
-DEFAULT_CHAT_TOKENS = 512  # chat replies stop at the model's end of turn long before this
 MAX_STOP_STRINGS = 4
+MAX_LOGIT_BIAS_ENTRIES = 1024
+# Fields of OpenAI's API this server does not implement: set to anything but their "off"
+# value, they are refused with a 400 that names them rather than silently ignored.
+NOT_SUPPORTED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "audio": (None,), "prediction": (None,),
+}
 
 RequestModel = TypeVar("RequestModel", bound="OpenAIRequest")
 
@@ -25,21 +32,82 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    """``response_format.json_schema``: a named schema the reply must satisfy."""
+
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: Dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: free text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
+
+    def schema_text(self) -> Optional[str]:
+        """The JSON schema the output must satisfy, as JSON text; None for free text."""
+        if self.type == "json_object":
+            return json.dumps({"type": "object"})
+        if self.type == "json_schema":
+            return json.dumps(self.json_schema.schema_)
+        return None
+
+
 class OpenAIRequest(BaseModel):
-    """The fields completions and chat completions share."""
+    """The fields completions and chat completions share, vLLM's extra sampling fields included."""
 
     model_config = ConfigDict(extra="ignore")
-    default_max_tokens: ClassVar[int] = DEFAULT_COMPLETION_TOKENS
 
     model: str = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=-1)  # 0 or -1: off
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: Optional[Dict[str, float]] = None
+    seed: Optional[int] = Field(default=None, ge=-(2 ** 63), lt=2 ** 64)
     n: Optional[int] = 1
     stop: Union[None, str, List[str]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    response_format: Optional[ResponseFormat] = None
+    user: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, body: Any) -> Any:
+        if isinstance(body, dict):
+            for field, off_values in NOT_SUPPORTED.items():
+                if field in body and body[field] not in off_values:
+                    raise BadRequest(f"{field} is not supported by this server", param=field)
+        return body
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, logit_bias: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
+        if logit_bias is None:
+            return None
+        if len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} tokens may be biased")
+        for token, bias in logit_bias.items():
+            if not token.isdigit() or len(token) > 9:
+                raise ValueError(f"keys are token ids; {token[:20]!r} is not one")
+            if not -100 <= bias <= 100:
+                raise ValueError("biases are between -100 and 100")
+        return logit_bias
 
     @field_validator("n")
     @classmethod
@@ -60,6 +128,8 @@ class OpenAIRequest(BaseModel):
         """The typed request, or ``BadRequest`` naming the first field at fault."""
         try:
             return cls.model_validate(body)
+        except BadRequest:
+            raise
         except pydantic.ValidationError as error:
             problem = error.errors()[0]
             field = ".".join(str(part) for part in problem["loc"]) or None
@@ -79,15 +149,31 @@ class OpenAIRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling_params(self) -> SamplingParams:
-        """Greedy at temperature 0, else sampled."""
+        """Greedy at temperature 0, else sampled; every other choice setting as given."""
         temperature = 1.0 if self.temperature is None else self.temperature
-        return SamplingParams(do_sample=temperature > 0, temperature=temperature or 1.0, top_p=self.top_p)
+        schema = self.response_format.schema_text() if self.response_format is not None else None
+        return SamplingParams(
+            do_sample=temperature > 0, temperature=temperature or 1.0, top_p=self.top_p,
+            top_k=self.top_k if self.top_k and self.top_k > 0 else None, min_p=self.min_p or None,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
+            seed=self.seed, json_schema=schema)
 
-    def to_generation_request(self, prompt: str, prompt_ids: Sequence[int], format_stops: Tuple[str, ...] = ()
-                              ) -> GenerationRequest:
-        """The generation to run (``prompt`` tokenized as ``prompt_ids``): one token per reply,
-        until a stop string, EOS or the token limit."""
-        max_tokens = self.max_completion_tokens or self.max_tokens or self.default_max_tokens
+    def to_generation_request(self, prompt: str, prompt_ids: Sequence[int], context_length: int,
+                              format_stops: Tuple[str, ...] = ()) -> GenerationRequest:
+        """The generation to run (``prompt`` tokenized as ``prompt_ids``) in a model whose context
+        holds ``context_length`` tokens: one token per reply, until a stop string, EOS or the token
+        limit (by default, what is left of the context)."""
+        room = context_length - len(prompt_ids)
+        if room < 1:
+            raise MaxLengthExceeded(f"The prompt is {len(prompt_ids)} tokens; this model's context holds "
+                                    f"{context_length}, with no room left for a reply", param="messages")
+        max_tokens = self.max_completion_tokens or self.max_tokens or room
+        if max_tokens > room:
+            raise MaxLengthExceeded(f"max_tokens {max_tokens} is more than the {room} tokens left in this "
+                                    f"model's context of {context_length} after the prompt's {len(prompt_ids)}",
+                                    param="max_tokens")
         return GenerationRequest(
             inputs=prompt,
             input_ids=tuple(prompt_ids),
@@ -116,22 +202,44 @@ class CompletionRequest(OpenAIRequest):
         return prompt
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts are supported."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "ContentPart":
+        if self.type != "text":
+            raise ValueError(f"only text content parts are supported, not {self.type!r}")
+        if self.text is None:
+            raise ValueError("a text part needs its text")
+        return self
+
+
 class ChatMessage(BaseModel):
-    """One message of a conversation."""
+    """One message of a conversation; its content is a string or a list of text parts."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str
+    content: Union[str, List[ContentPart], None] = None
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
 
 
 class ChatCompletionRequest(OpenAIRequest):
     """``POST /v1/chat/completions``"""
 
-    default_max_tokens: ClassVar[int] = DEFAULT_CHAT_TOKENS
-
     messages: List[ChatMessage] = Field(min_length=1)
 
     def conversation(self) -> List[Dict[str, str]]:
         """The messages as ``{"role", "content"}`` dictionaries."""
-        return [{"role": message.role, "content": message.content} for message in self.messages]
+        return [{"role": message.role, "content": message.text} for message in self.messages]

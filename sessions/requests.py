@@ -19,7 +19,14 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    min_p: Optional[float] = None  # drop tokens less likely than this fraction of the likeliest one
+    repetition_penalty: Optional[float] = None  # on every token of the session (transformers' meaning)
+    # OpenAI's penalties, on the tokens this generation chose: frequency per occurrence, presence once.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Tuple[Tuple[int, float], ...] = ()  # (token id, added to its logit)
+    seed: Optional[int] = None  # the same seed, prompt and parameters give the same tokens
+    json_schema: Optional[str] = None  # the output must be JSON valid against this schema (JSON text)
 
     @property
     def greedy(self) -> bool:

@@ -8,32 +8,11 @@ manager runs them in its executor.
 from typing import Optional, Sequence
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from sessions.models import LoadedModel
 from sessions.requests import SamplingParams
+from sessions.token_chooser import TokenChooser
 from swarm.petals_api import InferenceSession
-
-
-def logits_processors(sampling: SamplingParams) -> LogitsProcessorList:
-    """The transformers logits processors that ``sampling`` calls for."""
-    processors = LogitsProcessorList()
-    if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if not sampling.greedy:
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_k:
-            processors.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p is not None and sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(sampling.top_p))
-    return processors
 
 
 class TokenStream:
@@ -49,6 +28,7 @@ class TokenStream:
         self._session = InferenceSession(self._remote.sequence_manager, max_length)
         self.token_ids = torch.empty((1, 0), dtype=torch.int64)  # every token, fed or pending
         self.pending: Optional[int] = None  # chosen but not yet fed through the swarm
+        self._chooser: Optional[TokenChooser] = None  # the running generation's, kept across its steps
 
     @property
     def position(self) -> int:
@@ -76,20 +56,23 @@ class TokenStream:
         feed = ([self.pending] if self.pending is not None else []) + list(new_input_ids)
         if not feed:
             raise ValueError("nothing to feed: give input ids to start a session")
+        chooser = self._chooser_for(sampling)  # before any swarm work: it checks the request
         input_ids = torch.tensor([feed], dtype=torch.int64)
         client = self.loaded.client
         with torch.inference_mode(), self._remote.use_session(self._session):
             hidden = client.transformer(input_ids=input_ids).last_hidden_state[:, -1:]
             logits = client.lm_head(hidden)[:, -1].float()
         self.token_ids = torch.cat([self.token_ids, torch.tensor([list(new_input_ids)], dtype=torch.int64)], dim=1)
-        scores = logits_processors(sampling)(self.token_ids, logits)
-        if not sampling.greedy:
-            next_token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0])
-        else:
-            next_token = int(scores.argmax(dim=-1)[0])
+        next_token = chooser.choose(self.token_ids, logits)
         self.pending = next_token
         self.token_ids = torch.cat([self.token_ids, torch.tensor([[next_token]])], dim=1)
         return next_token
+
+    def _chooser_for(self, sampling: SamplingParams) -> TokenChooser:
+        # One generation passes the same SamplingParams to each of its steps; a new one starts afresh.
+        if self._chooser is None or self._chooser.sampling is not sampling:
+            self._chooser = TokenChooser(sampling, self.loaded.tokenizer, self.loaded.client.config.vocab_size)
+        return self._chooser
 
     def discard_pending(self) -> None:
         """Forgets the pending token (chosen ahead of need): the next step feeds only new input."""

@@ -6,6 +6,7 @@ import openai
 import pytest
 
 from sessions.stops import StopStringFilter
+from tests.helpers import wait_for_no_sessions
 
 DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY = "tests/tiny-llama"
@@ -119,3 +120,67 @@ async def test_a_prompt_is_tokenized_once(http_server_client, manager, monkeypat
                                               headers={"Content-Type": "application/json"})
     assert response.code == 200
     assert prompts.count("A cat sat on the mat") == 1
+
+
+async def test_text_parts_make_the_same_prompt_as_a_string(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France? "},
+                                          {"type": "text", "text": "Answer in one sentence."}]}]
+    plain = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=12)
+    split = await client.chat.completions.create(model=DEFAULT, messages=parts, temperature=0, max_tokens=12, n=None)
+    assert split.choices[0].message.content == plain.choices[0].message.content
+    assert split.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"max_tokens": 100_000}, "max_tokens"),
+    ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"if": {}}}}},
+     "response_format"),
+])
+async def test_fields_not_honoured_are_refused_by_name(client, manager, options, param):
+    request = {"model": TINY, "messages": QUESTION, "max_tokens": 4, **options}
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(**request)
+    assert caught.value.body["param"] == param, caught.value.body
+    await wait_for_no_sessions(manager)
+
+
+async def test_a_seed_makes_sampling_repeatable(client):
+    async def sample(seed):
+        reply = await client.completions.create(model=DEFAULT, prompt="Once upon a time", max_tokens=16,
+                                                temperature=1.0, seed=seed)
+        return reply.choices[0].text
+
+    first, again, other = await sample(7), await sample(7), await sample(8)
+    assert first == again != other
+
+
+async def test_logit_bias_steers_every_token(client, manager):
+    loaded = manager.registry.find(TINY)
+    [token] = loaded.encode(" banana")[:1]
+    reply = await client.completions.create(model=TINY, prompt="Hi", max_tokens=5, temperature=0,
+                                            logit_bias={str(token): 100})
+    assert reply.choices[0].text == loaded.tokenizer.decode([token] * 5)
+
+
+async def test_json_schema_output_parses_and_validates(client):
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "population"],
+              "properties": {"city": {"type": "string"}, "population": {"type": "integer"}}}
+    messages = [{"role": "user", "content": "Name the capital of France and its population, as JSON."}]
+    reply = await client.chat.completions.create(
+        model=DEFAULT, messages=messages, temperature=0, max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    answer = json.loads(reply.choices[0].message.content)
+    assert set(answer) == {"city", "population"}
+    assert isinstance(answer["city"], str) and type(answer["population"]) is int
+    assert reply.choices[0].finish_reason == "stop"
+
+    stream = await client.chat.completions.create(
+        model=DEFAULT, messages=[{"role": "user", "content": "List three colors in a JSON object."}],
+        temperature=0.7, seed=3, max_tokens=80, stream=True, response_format={"type": "json_object"})
+    chunks = [chunk async for chunk in stream if chunk.choices]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert isinstance(json.loads("".join(chunk.choices[0].delta.content or "" for chunk in chunks)), dict)
