@@ -154,6 +154,9 @@ class GenerationHandler(APIHandler):
             await self.session.aclose("client disconnected" if self.client_left else "request done")
 
     def on_connection_close(self) -> None:
+        # Tornado's own ends the wait for a body cut off mid-upload (else the handler and the
+        # part of the body it holds stay forever).
+        super().on_connection_close()
         # The client went away mid-request: stop generating for nobody.
         self.client_left = True
         if self.session is not None:

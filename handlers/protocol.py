@@ -33,7 +33,15 @@ class StopMessage:
 
 Message = Union[OpenSessionMessage, GenerateMessage, StopMessage]
 MAX_INT_DIGITS = 18
+# How much of a client's value an error message quotes.
+SHOWN_CHARS = 80
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def shown(value: Any) -> str:
+    """A client's value as an error message quotes it: cut short, since it may be huge."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"... ({len(text)} characters)"
 
 
 def _is_number(value: Any) -> bool:
@@ -53,9 +61,9 @@ def optional_int(params: Mapping[str, Any], name: str, minimum: int = 1) -> Opti
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise BadRequest(f"{name} must be an integer, got {value!r}")
+        raise BadRequest(f"{name} must be an integer, got {shown(value)}")
     if value < minimum:
-        raise BadRequest(f"{name} must be at least {minimum}, got {value}")
+        raise BadRequest(f"{name} must be at least {minimum}, got {shown(value)}")
     return value
 
 
@@ -69,13 +77,13 @@ def optional_float(params: Mapping[str, Any], name: str, low: float, high: float
         try:
             value = float(value)
         except ValueError:
-            raise BadRequest(f"{name} must be a number, got {value!r}") from None
+            raise BadRequest(f"{name} must be a number, got {shown(value)}") from None
     if not _is_number(value) or value != value:
-        raise BadRequest(f"{name} must be a number, got {value!r}")
+        raise BadRequest(f"{name} must be a number, got {shown(value)}")
     above_low = value >= low if low_inclusive else value > low
     if not above_low or value > high:
         bracket = "[" if low_inclusive else "("
-        raise BadRequest(f"{name} must be in {bracket}{low}, {high}], got {value}")
+        raise BadRequest(f"{name} must be in {bracket}{low}, {high}], got {shown(value)}")
     return float(value)
 
 
@@ -88,7 +96,7 @@ def optional_bool(params: Mapping[str, Any], name: str) -> Optional[bool]:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
         return value.strip().lower() in TRUE_WORDS
-    raise BadRequest(f"{name} must be true/false or 1/0, got {value!r}")
+    raise BadRequest(f"{name} must be true/false or 1/0, got {shown(value)}")
 
 
 def optional_str(params: Mapping[str, Any], name: str, allow_empty: bool = True) -> Optional[str]:
@@ -163,4 +171,4 @@ def parse_message(raw: Union[str, bytes], max_bytes: int) -> Message:
         return GenerateMessage(request=generation_request(data))
     if kind == "stop":
         return StopMessage()
-    raise BadRequest(f"Unknown message type {kind!r}; expected open_inference_session, generate or stop")
+    raise BadRequest(f"Unknown message type {shown(kind)}; expected open_inference_session, generate or stop")

@@ -13,6 +13,9 @@ import traceback
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 
+LOGGED_MESSAGE_CHARS = 500
+
+
 class ServiceError(Exception):
     """Base of every error reported to a client; unexpected exceptions become ``InternalError``."""
 
@@ -147,6 +150,7 @@ class RateLimited(ClientError):
     status = 429
     retryable = True
     openai_type = "rate_limit_error"
+    log_level = logging.DEBUG  # a flood must not become a flood of log lines
     meaning = "the connection sent messages faster than `--max-messages-per-second`; the message was dropped"
 
 
@@ -283,7 +287,10 @@ def log_error(logger: logging.Logger, context: str, error: BaseException) -> Ser
     """Logs ``error`` at its class's level (a traceback for internal errors); returns it classified."""
     classified = classify(error)
     exc_info = error if isinstance(classified, InternalError) else None
-    logger.log(classified.log_level, "%s: %s", context, error, exc_info=exc_info)
+    message = str(error)
+    if len(message) > LOGGED_MESSAGE_CHARS:  # a message may quote what a client sent
+        message = message[:LOGGED_MESSAGE_CHARS] + f"... ({len(message)} characters)"
+    logger.log(classified.log_level, "%s: %s", context, message, exc_info=exc_info)
     return classified
 
 

@@ -6,6 +6,11 @@ import urllib.parse
 
 import pytest
 import tornado.httpclient
+import tornado.httpserver
+import tornado.testing
+import tornado.web
+
+from handlers.http_generate import GenerateHandler
 
 from tests.helpers import wait_for_no_sessions
 
@@ -121,3 +126,45 @@ async def test_a_body_over_the_limit_is_refused_unread(ws_port, manager, path):
     writer.close()
     assert "payload_too_large" in json.dumps(reply) and str(1 << 20) in json.dumps(reply)
     assert manager.open_session_count == 0
+
+
+class TrackedGenerateHandler(GenerateHandler):
+    """The generation handler, each instance kept for the test to look at."""
+
+    started = []
+
+    def prepare(self) -> None:
+        type(self).started.append(self)
+        super().prepare()
+
+
+@pytest.mark.parametrize("chunks", [[b"x" * 100], [b"x" * 600, b"x" * 600]], ids=["cut-off", "over-the-limit"])
+async def test_an_upload_cut_off_or_over_the_limit_ends_its_request(manager, io_loop, chunks):
+    """Chunked bodies: the handler, and the part of the body it holds, must not wait forever."""
+    app = tornado.web.Application([("/generate", TrackedGenerateHandler, {"manager": manager, "max_body_bytes": 1000})],
+                                  trusted_proxies=())
+    sock, port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_socket(sock)
+    TrackedGenerateHandler.started.clear()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for chunk in chunks:
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not TrackedGenerateHandler.started:
+            assert loop.time() < deadline, "the request never reached its handler"
+            await asyncio.sleep(0.02)
+        writer.close()
+        [handler] = TrackedGenerateHandler.started
+        while not handler.request._body_future.done():  # Tornado's wait for the rest of the body
+            assert loop.time() < deadline, "the handler still waits for the rest of the body"
+            await asyncio.sleep(0.02)
+    finally:
+        TrackedGenerateHandler.started.clear()
+        server.stop()
+        await server.close_all_connections()

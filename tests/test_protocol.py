@@ -1,6 +1,7 @@
 """Parsing of WebSocket messages and generation parameters (pure logic)."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from handlers.protocol import (
     generation_request,
     parse_message,
 )
-from sessions.errors import BadRequest
+from sessions.errors import BadRequest, InvalidRequest, log_error
 
 LIMIT = 10_000
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +97,22 @@ def test_parsing_messages_imports_neither_torch_nor_petals():
             "print(sorted(name for name in ('torch', 'petals', 'transformers') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_an_error_quotes_only_the_start_of_a_huge_value():
+    with pytest.raises(BadRequest) as refused:
+        generation_request({"max_new_tokens": "9" * 5000})
+    assert len(str(refused.value)) < 200 and "(5002 characters)" in str(refused.value)
+
+
+def test_a_logged_error_is_cut_short():
+    logged = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    log = logging.getLogger("test-cut-short")
+    log.addHandler(Recorder())
+    log_error(log, "context", InvalidRequest("x" * 100_000))
+    assert len(logged[0]) < 600 and logged[0].endswith("(100000 characters)")
