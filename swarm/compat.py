@@ -17,6 +17,10 @@ so its first step fails an assertion instead of replaying that history.
 Closing a server session waits a bounded time, and its finalizer never waits, so that a
 session collected at exit cannot hang the process.
 
+And a server that failed a request (dead, or hung past the request timeout) leaves the routes
+at once: petals drops it from its table of servers but keeps routing through it until the next
+routing update (a minute later by default), so every retry went back to the same server.
+
 Import it before the first ``import petals`` in every process that uses petals.
 """
 
@@ -167,9 +171,30 @@ def bound_server_session_close() -> None:
     _ServerInferenceSession.__del__ = finalize
 
 
+def reroute_around_failed_servers() -> None:
+    """Rebuilds the routes from the servers left as soon as one fails.
+
+    petals' ``on_request_failure`` bans the server and removes it from each block's servers,
+    but the spans that routes are built from are computed only by a routing update.
+    """
+    from petals.client.routing.sequence_info import RemoteSequenceInfo
+    from petals.client.routing.sequence_manager import RemoteSequenceManager
+
+    original_on_request_failure = RemoteSequenceManager.on_request_failure
+
+    def on_request_failure(self, peer_id) -> None:
+        original_on_request_failure(self, peer_id)
+        with self.lock_changes:
+            info = self.state.sequence_info
+            info.spans_by_priority, info.spans_containing_block = RemoteSequenceInfo._sort_spans(info.block_infos)
+
+    RemoteSequenceManager.on_request_failure = on_request_failure
+
+
 os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
 restore_hivemind_exports()
 silence_version_check()
 make_worker_reentrant()
 replay_history_on_takeover()
 bound_server_session_close()
+reroute_around_failed_servers()

@@ -111,3 +111,28 @@ def test_a_server_session_whose_server_never_answers_closes_in_bounded_time():
 
     assert seconds_to(silent_session().close) < 3
     assert seconds_to(silent_session().__del__) < 0.2  # the finalizer does not wait at all
+
+
+def test_a_failed_server_leaves_the_routes_at_once():
+    """Routes are built from spans; a failure must drop the server's span, not only its entry."""
+    import threading
+    from types import SimpleNamespace
+
+    from hivemind import PeerID
+    from petals.client.routing.sequence_info import RemoteSequenceInfo
+    from petals.client.routing.sequence_manager import RemoteSequenceManager
+    from petals.data_structures import RemoteModuleInfo, ServerInfo, ServerState
+
+    hung, healthy = PeerID(b"hung-server-id"), PeerID(b"healthy-server-id")
+
+    def servers():
+        return {peer: ServerInfo(ServerState.ONLINE, throughput=1.0, start_block=0, end_block=2)
+                for peer in (hung, healthy)}
+
+    info = RemoteSequenceInfo.make_empty(["m.0", "m.1"])
+    info.update_([RemoteModuleInfo("m.0", servers()), RemoteModuleInfo("m.1", servers())])
+    manager = SimpleNamespace(
+        state=SimpleNamespace(sequence_info=info, banned_peers=SimpleNamespace(register_failure=lambda peer: None)),
+        lock_changes=threading.Lock(), ready=threading.Event(), update=lambda wait: None)
+    RemoteSequenceManager.on_request_failure(manager, hung)
+    assert [[span.peer_id for span in spans] for spans in info.spans_containing_block] == [[healthy], [healthy]]
