@@ -2,8 +2,8 @@
 
 Starts a local swarm of two nodes, each hosting every block of a tiny Llama (4 blocks, so the
 figures show the server, not compute), and ``server.py`` as a separate process with its default
-per-client limits and ``--request-timeout 5`` (so that a hung swarm node is routed around within
-a row). Then runs one row per attack, one after another, on an otherwise idle server:
+per-client limits and ``--request-timeout 5`` (so that the server may give up on a hung swarm
+node within a row). Then runs one row per attack, one after another, on an otherwise idle server:
 
 1. samples the server's resident memory (RSS);
 2. starts the legitimate client: one WebSocket stream from 127.0.0.1, one token per reply, and
@@ -73,7 +73,7 @@ import tornado.httpclient  # noqa: E402
 import tornado.websocket  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from config import ManagerSettings  # noqa: E402
+from config import ManagerSettings, model_from_source  # noqa: E402
 from handlers.openai_protocol import MAX_STOP_STRINGS as MAX_OPENAI_STOPS  # noqa: E402
 from sessions.admission import MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES  # noqa: E402
 from tests.load_clients import (  # noqa: E402
@@ -475,7 +475,7 @@ async def attack_sessionless_sockets(target: Target) -> AttackOutcome:
             outcome.counts["held open to the end" if connection.close_code is None else "closed"] += 1
         connection.close()
     outcome.notes.append(f"{len(SESSIONLESS_ADDRESSES) * attempts} attempts from {len(SESSIONLESS_ADDRESSES)} "
-                         f"addresses, {len(held)} handshakes, all done {opened - started:.1f} s in")
+                         f"addresses, {len(held)} handshakes, done {opened - started:.1f} s into the row")
     return outcome
 
 
@@ -671,7 +671,7 @@ async def _generating_client(target: Target, deadline: float, outcome: AttackOut
             await connection.write_message(json.dumps({
                 "type": "generate", "inputs": PROMPT, "max_new_tokens": 1, "stop_sequence": NEVER,
                 "max_length": NORMAL_SESSION_LENGTH}))
-            while True:
+            while time.monotonic() < deadline:
                 raw = await asyncio.wait_for(connection.read_message(), max(0.1, deadline - time.monotonic()))
                 code = reply_code(raw)
                 if code != "ok":
@@ -923,6 +923,13 @@ class RowResult:
         return percentile(self.client.gaps_ms, 0.99)
 
     @property
+    def gc_pause_text(self) -> str:
+        """The longest full garbage collection of the row, as the tables show it."""
+        if self.gc_pause_max is None:
+            return "-"
+        return f"<= {1000 * self.gc_pause_max:g} ms" if self.gc_pause_max else "none"
+
+    @property
     def rss_growth_mb(self) -> float:
         """Growth of the server's RSS over the row."""
         return (self.rss_after - self.rss_before) / MB
@@ -1028,7 +1035,7 @@ def add_figures(report, result: RowResult, verdict: RowVerdict) -> None:
                f"({result.rss_growth_mb:+.1f})", f"< +{RSS_GROWTH_GOAL_MB:.0f} MB", verdict.rss)
     report.add(f"{name}: sessions left open", str(result.open_after), "0", verdict.sessions)
     if result.gc_pause_max is not None:
-        report.add(f"{name}: longest full GC pause", f"<= {1000 * result.gc_pause_max:g} ms")
+        report.add(f"{name}: longest full GC pause", result.gc_pause_text)
 
 
 def markdown_table(results: Sequence[RowResult], verdicts: Sequence[RowVerdict]) -> str:
@@ -1045,7 +1052,7 @@ def markdown_table(results: Sequence[RowResult], verdicts: Sequence[RowVerdict])
                  f"{result.health_p50_ms:.1f} / {result.health_p99_ms:.1f} ms", gap,
                  str(sum(result.client.errors.values())), f"{result.rss_growth_mb:+.1f} MB", str(result.open_after)]
         if with_gc:
-            cells.append("-" if result.gc_pause_max is None else f"<= {1000 * result.gc_pause_max:g} ms")
+            cells.append(result.gc_pause_text)
         cells.append("missed: " + ", ".join(verdict.missed()) if verdict.missed() else "met")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -1086,13 +1093,12 @@ def _interrupt(signum, frame):
 
 def main() -> int:
     """Runs the bench; returns the exit status."""
+    args = parse_args()
     from bench.load_soak import Report, log_tail, start_server, stop_server
-    from config import model_from_source
     from swarm.default_model import ensure_default_model
     from swarm.local import LocalSwarm, SwarmModel, count_blocks
     from tests.tiny_models import make_tiny_llama
 
-    args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C
     defaults = ManagerSettings()
