@@ -175,7 +175,8 @@ def reroute_around_failed_servers() -> None:
     """Rebuilds the routes from the servers left as soon as one fails.
 
     petals' ``on_request_failure`` bans the server and removes it from each block's servers,
-    but the spans that routes are built from are computed only by a routing update.
+    but the spans that routes are built from are computed only by a routing update (which it
+    starts at once only when a block has no server left).
     """
     from petals.client.routing.sequence_info import RemoteSequenceInfo
     from petals.client.routing.sequence_manager import RemoteSequenceManager
@@ -186,7 +187,9 @@ def reroute_around_failed_servers() -> None:
         original_on_request_failure(self, peer_id)
         with self.lock_changes:
             info = self.state.sequence_info
-            info.spans_by_priority, info.spans_containing_block = RemoteSequenceInfo._sort_spans(info.block_infos)
+            # A block left without servers makes petals run a full routing update instead.
+            if all(block.servers for block in info.block_infos):
+                info.spans_by_priority, info.spans_containing_block = RemoteSequenceInfo._sort_spans(info.block_infos)
 
     RemoteSequenceManager.on_request_failure = on_request_failure
 
