@@ -173,7 +173,7 @@ class Settings:
     executor_workers: int = 8
     models_dir: Path = REPO_ROOT / ".models"
     swarm_threads: int = 0  # torch threads per embedded swarm node; 0: split the CPU with the server
-    allowed_origins: Tuple[str, ...] = ()  # pages allowed to use the WebSocket API; empty: any
+    allowed_origins: Tuple[str, ...] = ()  # pages allowed to use the WebSocket and (CORS) /v1 APIs; empty: any
     max_message_bytes: int = 256 * 1024
     max_body_bytes: int = 1024 * 1024  # largest HTTP request body; larger ones are refused unread (413)
     api_key: Optional[str] = None  # when set, every API that serves models requires it
@@ -298,8 +298,8 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     add("--models-dir", "where converted local models are cached", type=Path, default=defaults.models_dir)
     add("--swarm-threads", "torch threads per embedded swarm node (0: automatic)", type=int,
         default=defaults.swarm_threads)
-    add("--allowed-origins", "origins (e.g. https://chat.example.org) whose pages may use the WebSocket API; "
-        "none: any", nargs="*", default=[], metavar="ORIGIN")
+    add("--allowed-origins", "origins (e.g. https://chat.example.org) whose pages may use the WebSocket API and, "
+        "through CORS, the /v1 API; none: any", nargs="*", default=[], metavar="ORIGIN")
     add("--max-message-bytes", "largest WebSocket message answered (larger ones get an error reply)", type=int,
         default=defaults.max_message_bytes)
     add("--max-body-bytes", "largest HTTP request body (larger ones get 413 before they are read)", type=int,

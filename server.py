@@ -85,6 +85,7 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
         websockets=websockets,
         trusted_proxies=parse_networks(config.trusted_proxies),
         api_key=config.api_key,
+        allowed_origins=config.allowed_origins,
     )
 
 

@@ -71,7 +71,9 @@ class APIHandler(JSONErrors, tornado.web.RequestHandler):
         self.manager = manager
 
     def prepare(self) -> None:
-        if self.requires_api_key and not key_accepted(self.request, self.settings.get("api_key")):
+        # A browser's CORS preflight never carries credentials; it only asks what is allowed.
+        preflight = self.request.method == "OPTIONS"
+        if self.requires_api_key and not preflight and not key_accepted(self.request, self.settings.get("api_key")):
             raise Unauthorized("Invalid or missing API key (Authorization: Bearer KEY)")
 
     def set_default_headers(self) -> None:

@@ -24,12 +24,34 @@ from sessions.requests import GenerationRequest, GenerationUpdate
 
 logger = logging.getLogger(__name__)
 
+CORS_MAX_AGE_SECONDS = 600
+# OpenAI's replies name the backend configuration that produced them; ours is this server.
+SYSTEM_FINGERPRINT = "fp_swarm_chat"
+
 
 class OpenAIHandler(GenerationHandler):
-    """Shared parts: OpenAI-shaped errors."""
+    """Shared parts: OpenAI-shaped errors, and CORS for pages that call the API from a browser
+    (any origin, or those of ``--allowed-origins``)."""
 
     api = "openai"
     connection_prefix = "openai-"
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        origin = self.request.headers.get("Origin")
+        allowed = self.settings.get("allowed_origins") or ()
+        if origin and (not allowed or origin in allowed):
+            self.set_header("Access-Control-Allow-Origin", "*" if not allowed else origin)
+            self.set_header("Vary", "Origin")
+
+    def options(self) -> None:
+        """A browser's CORS preflight: which methods and headers a page may use."""
+        self.set_status(204)
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))
+        self.clear_header("Content-Type")
+        self.finish()
 
 
 class ModelListHandler(OpenAIHandler):
@@ -85,7 +107,7 @@ class CompletionHandler(OpenAIHandler):
     def envelope(self, model: str, object_name: str, choices: List[Dict[str, Any]]) -> Dict[str, Any]:
         """The fields every reply and event has."""
         return {"id": self.completion_id, "object": object_name, "created": self.started, "model": model,
-                "choices": choices}
+                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:

@@ -58,13 +58,12 @@ def json_matcher(tokenizer, schema_text: str) -> "llguidance.LLMatcher":
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
         # An error makes the schema unusable; a warning names a keyword that would go unenforced.
-        error = llguidance.LLMatcher.validate_grammar(grammar, None)
-        _, warnings = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, None)
+        problems = [llguidance.LLMatcher.validate_grammar(grammar, None),
+                    *llguidance.LLMatcher.validate_grammar_with_warnings(grammar, None)[1]]
     except (ValueError, TypeError, RuntimeError) as error:
-        raise InvalidRequest(f"response_format: the JSON schema cannot be used: {error}",
-                             param="response_format") from None
-    if error or warnings:
-        raise InvalidRequest(f"response_format: unsupported JSON schema: {'; '.join(filter(None, [error, *warnings]))}",
+        problems = [str(error)]
+    if any(problems):
+        raise InvalidRequest(f"response_format: unsupported JSON schema: {'; '.join(filter(None, problems))}",
                              param="response_format")
     matcher = llguidance.LLMatcher(guidance_tokenizer(tokenizer), grammar)
     if matcher.is_error():

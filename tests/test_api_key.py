@@ -115,3 +115,33 @@ async def test_the_websocket_with_the_key_generates(keyed_port, manager, attempt
     assert replies[-1]["ok"] and replies[-1]["stop"]
     client.close()
     await wait_for_no_sessions(manager)
+
+
+async def test_browsers_may_call_the_openai_api_across_origins(keyed_port):
+    origin = {"Origin": "https://app.example.org"}
+    preflight = await fetch(keyed_port, "/v1/chat/completions", dict(origin, **{
+        "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}),
+        method="OPTIONS")
+    assert preflight.code == 204  # a preflight carries no key, and needs none
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    refused = await fetch(keyed_port, "/v1/models", origin)
+    assert refused.code == 401 and refused.headers["Access-Control-Allow-Origin"] == "*"  # readable by the page
+    listed = await fetch(keyed_port, "/v1/models", dict(origin, Authorization=f"Bearer {KEY}"))
+    assert listed.code == 200 and listed.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_allowed_origins_narrow_cors(settings, manager, io_loop):
+    sock, port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(make_app(
+        dataclasses.replace(settings, allowed_origins=("https://app.example.org",)), manager))
+    server.add_socket(sock)
+    try:
+        allowed = await fetch(port, "/v1/models", {"Origin": "https://app.example.org"})
+        assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
+        other = await fetch(port, "/v1/models", {"Origin": "https://elsewhere.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        server.stop()
+        await server.close_all_connections()

@@ -29,6 +29,7 @@ async def test_chat_completion(client, manager):
     assert "Paris" in choice.message.content
     assert "<|im_end|>" not in choice.message.content
     assert choice.finish_reason == "stop" and choice.message.role == "assistant"
+    assert reply.system_fingerprint
     assert reply.usage.completion_tokens > 3 and reply.usage.prompt_tokens > 10
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     assert manager.open_session_count == 0
