@@ -7,12 +7,13 @@ stream are written by separate methods; streamed replies are server-sent events 
 session holds back text that could begin one.
 """
 
+import itertools
 import json
 import logging
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import tornado.iostream
 
@@ -20,7 +21,7 @@ from handlers.base import GenerationHandler
 from handlers.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from sessions.errors import error_payload, log_error
 from sessions.models import LoadedModel
-from sessions.requests import GenerationRequest, GenerationUpdate
+from sessions.requests import ChosenTokenLogprobs, GenerationRequest, GenerationUpdate, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -82,21 +83,38 @@ class CompletionHandler(OpenAIHandler):
         eos_token = loaded.tokenizer.eos_token
         return body.prompt, (eos_token,) if eos_token else ()
 
-    def choice(self, text: str, finish_reason: Optional[str]) -> Dict[str, Any]:
-        """The one choice of a full reply."""
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, text: str, finish_reason: Optional[str],
+               logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
+        """The one choice of a full reply (``logprobs``: None unless the request asked)."""
+        return {"index": 0, "text": text, "logprobs": self.completion_logprobs(logprobs),
+                "finish_reason": finish_reason}
 
-    def chunk_choice(self, text: str, finish_reason: Optional[str], first: bool) -> Dict[str, Any]:
+    def chunk_choice(self, text: str, finish_reason: Optional[str], first: bool,
+                     logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
         """The one choice of a streamed event."""
-        return self.choice(text, finish_reason)
+        return self.choice(text, finish_reason, logprobs)
+
+    def completion_logprobs(self, logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Optional[Dict[str, Any]]:
+        """Log-probabilities as ``/v1/completions`` gives them: parallel lists per token."""
+        if logprobs is None:
+            return None
+        offsets = list(itertools.accumulate((len(step.chosen.text) for step in logprobs[:-1]),
+                                            initial=self.text_offset))
+        self.text_offset += sum(len(step.chosen.text) for step in logprobs)
+        return {"tokens": [step.chosen.text for step in logprobs],
+                "token_logprobs": [step.chosen.logprob for step in logprobs],
+                "top_logprobs": [{top.text: top.logprob for top in step.top} for step in logprobs],
+                "text_offset": offsets}
 
     async def post(self) -> None:
         body = self.request_model.parse(self.json_body())
+        self.wants_logprobs = body.logprob_alternatives() is not None
         loaded = self.manager.registry.find(body.model, trusted=False)
         prompt, format_stops = self.prompt(body, loaded)
         prompt_ids = await self.manager.tokenize(loaded, prompt)
         request = body.to_generation_request(prompt, prompt_ids, loaded.spec.chat.max_session_length, format_stops)
         prompt_tokens = len(prompt_ids)
+        self.text_offset = len(prompt)  # where the reply's text starts, as completions' logprobs count
         self.started = int(time.time())
         self.completion_id = self.id_prefix + uuid.uuid4().hex[:24]
         if body.stream:
@@ -117,12 +135,14 @@ class CompletionHandler(OpenAIHandler):
 
     async def full_reply(self, model: str, request: GenerationRequest, prompt_tokens: int) -> None:
         """Generates the whole reply, then answers it as one JSON object."""
-        pieces, tokens, last = [], 0, None
+        pieces, tokens, last, logprobs = [], 0, None, []
         async with aclosing(self.generate(model, request)) as updates:
             async for last in updates:
                 pieces.append(last.text)
                 tokens += last.token_count
-        reply = self.envelope(model, self.object_name, [self.choice("".join(pieces), openai_finish_reason(last))])
+                logprobs.extend(last.logprobs)
+        choice = self.choice("".join(pieces), openai_finish_reason(last), logprobs if self.wants_logprobs else None)
+        reply = self.envelope(model, self.object_name, [choice])
         reply["usage"] = self.usage(prompt_tokens, tokens)
         self.write(reply)
 
@@ -136,17 +156,21 @@ class CompletionHandler(OpenAIHandler):
         """Streams the reply as events. An error before the first event is a plain HTTP error
         reply (so clients see its status); after it, an error event."""
         tokens, first = 0, True
+        pending_logprobs: List[ChosenTokenLogprobs] = []  # of tokens whose text is still held back
         try:
             async with aclosing(self.generate(model, request)) as updates:
                 async for update in updates:
                     tokens += update.token_count
                     finish_reason = openai_finish_reason(update) if update.stop else None
+                    pending_logprobs.extend(update.logprobs)
                     if update.text or first or update.stop:
+                        logprobs = pending_logprobs if self.wants_logprobs else None
+                        pending_logprobs = []
                         if first:
                             self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
                             self.set_header("Cache-Control", "no-cache")
                         await self.send_event(self.envelope(model, self.chunk_object_name,
-                                                            [self.chunk_choice(update.text, finish_reason, first)]))
+                                                            [self.chunk_choice(update.text, finish_reason, first, logprobs)]))
                         first = False
             if include_usage:
                 usage = self.envelope(model, self.chunk_object_name, [])
@@ -175,10 +199,24 @@ class ChatCompletionHandler(CompletionHandler):
         chat_format = loaded.chat_format
         return chat_format.render(body.conversation()), tuple(chat_format.stop_sequences)
 
-    def choice(self, text: str, finish_reason: Optional[str]) -> Dict[str, Any]:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
+    def choice(self, text: str, finish_reason: Optional[str],
+               logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
+        return {"index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": self.chat_logprobs(logprobs), "finish_reason": finish_reason}
 
-    def chunk_choice(self, text: str, finish_reason: Optional[str], first: bool) -> Dict[str, Any]:
+    def chunk_choice(self, text: str, finish_reason: Optional[str], first: bool,
+                     logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
         delta: Dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "delta": delta, "logprobs": self.chat_logprobs(logprobs), "finish_reason": finish_reason}
+
+    @staticmethod
+    def chat_logprobs(logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Optional[Dict[str, Any]]:
+        """Log-probabilities as chat completions give them: one entry per token."""
+        if logprobs is None:
+            return None
+
+        def entry(token: TokenLogprob) -> Dict[str, Any]:
+            return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode())}
+
+        return {"content": [dict(entry(step.chosen), top_logprobs=[entry(top) for top in step.top])
+                            for step in logprobs]}

@@ -18,7 +18,7 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 # Fields of OpenAI's API this server does not implement: set to anything but their "off"
 # value, they are refused with a 400 that names them rather than silently ignored.
 NOT_SUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "echo": (None, False), "suffix": (None, ""),
     "best_of": (None, 1), "audio": (None,), "prediction": (None,),
 }
@@ -158,7 +158,11 @@ class OpenAIRequest(BaseModel):
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
-            seed=self.seed, json_schema=schema)
+            seed=self.seed, json_schema=schema, logprobs=self.logprob_alternatives())
+
+    def logprob_alternatives(self) -> Optional[int]:
+        """How many alternatives each token's log-probabilities list; None: none asked for."""
+        return None
 
     def to_generation_request(self, prompt: str, prompt_ids: Sequence[int], context_length: int,
                               format_stops: Tuple[str, ...] = ()) -> GenerationRequest:
@@ -189,6 +193,10 @@ class CompletionRequest(OpenAIRequest):
     """``POST /v1/completions``"""
 
     prompt: Union[str, List[str]]
+    logprobs: Optional[int] = Field(default=None, ge=0, le=5)
+
+    def logprob_alternatives(self) -> Optional[int]:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -239,6 +247,17 @@ class ChatCompletionRequest(OpenAIRequest):
     """``POST /v1/chat/completions``"""
 
     messages: List[ChatMessage] = Field(min_length=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_alternatives(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> List[Dict[str, str]]:
         """The messages as ``{"role", "content"}`` dictionaries."""

@@ -53,7 +53,7 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
     session.decoder.add_context(input_ids)
     ahead: Optional[StartedStep] = None  # the next step, started while a reply is on its way
     while True:
-        chunk_tokens, chunk_text, finish_reason = 0, "", None
+        chunk_tokens, chunk_text, finish_reason, chunk_logprobs = 0, "", None, []
         while request.max_new_tokens is None or chunk_tokens < request.max_new_tokens:
             if session.stopped(ticket):
                 if ahead is not None:  # its token was chosen for a continuation that has not come
@@ -69,6 +69,8 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
                     break
                 step, ahead = ahead or session.start_step(input_ids, request.sampling), None
                 token = await session.finish_step(step)
+                if request.sampling.logprobs is not None:  # no other step runs until this one is read
+                    chunk_logprobs.append(session.stream.last_logprobs)
             input_ids = []
             chunk_tokens += 1
             chunk_text += session.decoder.push([token])
@@ -90,7 +92,8 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
             # The swarm works on the next token while this reply travels to the client.
             ahead = session.start_step([], request.sampling)
         yield GenerationUpdate(outputs=chunk_text, stop=finish_reason is not None, token_count=chunk_tokens,
-                               finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched)
+                               finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched,
+                               logprobs=tuple(chunk_logprobs))
         if finish_reason is not None:
             return
 

@@ -27,11 +27,28 @@ class SamplingParams:
     logit_bias: Tuple[Tuple[int, float], ...] = ()  # (token id, added to its logit)
     seed: Optional[int] = None  # the same seed, prompt and parameters give the same tokens
     json_schema: Optional[str] = None  # the output must be JSON valid against this schema (JSON text)
+    logprobs: Optional[int] = None  # report each chosen token's log-probability and this many alternatives
 
     @property
     def greedy(self) -> bool:
         """Whether the most likely token is taken rather than sampled."""
         return not self.do_sample or self.temperature < MIN_SAMPLING_TEMPERATURE
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's text and its log-probability under the model (before any sampling setting)."""
+
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class ChosenTokenLogprobs:
+    """The log-probabilities at one step: the chosen token's, and the likeliest alternatives'."""
+
+    chosen: TokenLogprob
+    top: Tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,3 +90,4 @@ class GenerationUpdate:
     finish_reason: Optional[str] = None  # on the last reply: "stop" (stop text or EOS), "length", "cancelled"
     text: str = ""
     stopped_by_sequence: bool = False  # on the last reply: a stop sequence (not EOS or a limit) ended it
+    logprobs: Tuple[ChosenTokenLogprobs, ...] = ()  # per token of ``outputs``, when the request asked

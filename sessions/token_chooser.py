@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from sessions.errors import InvalidRequest
-from sessions.requests import SamplingParams
+from sessions.requests import ChosenTokenLogprobs, SamplingParams, TokenLogprob
 
 
 def logits_processors(sampling: SamplingParams) -> LogitsProcessorList:
@@ -77,6 +77,8 @@ class TokenChooser:
 
     def __init__(self, sampling: SamplingParams, tokenizer, vocab_size: int):
         self.sampling = sampling
+        self.tokenizer = tokenizer
+        self.last_logprobs: Optional[ChosenTokenLogprobs] = None  # of the last choice, when asked for
         self._processors = logits_processors(sampling)
         self._repetition = (RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
                             if sampling.repetition_penalty not in (None, 1.0) else None)
@@ -125,4 +127,18 @@ class TokenChooser:
         self._chosen[token] += 1
         if self._matcher is not None:
             self._matcher.consume_token(token)
+        if sampling.logprobs is not None:
+            self.last_logprobs = self._logprobs(logits, token, sampling.logprobs)
         return token
+
+    def _logprobs(self, logits: torch.Tensor, token: int, alternatives: int) -> ChosenTokenLogprobs:
+        """The model's own log-probabilities (from the raw logits) of ``token`` and the likeliest ones."""
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        top = torch.topk(logprobs, alternatives) if alternatives else None
+
+        def described(token_id: int, logprob: float) -> TokenLogprob:
+            return TokenLogprob(self.tokenizer.decode([token_id]), float(logprob))
+
+        return ChosenTokenLogprobs(
+            described(token, logprobs[token]),
+            tuple(described(int(index), value) for value, index in zip(*top)) if top is not None else ())

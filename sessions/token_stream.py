@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from sessions.models import LoadedModel
-from sessions.requests import SamplingParams
+from sessions.requests import ChosenTokenLogprobs, SamplingParams
 from sessions.token_chooser import TokenChooser
 from swarm.petals_api import InferenceSession
 
@@ -34,6 +34,11 @@ class TokenStream:
     def position(self) -> int:
         """How many tokens the swarm holds attention caches for."""
         return self._session.position
+
+    @property
+    def last_logprobs(self) -> Optional[ChosenTokenLogprobs]:
+        """The log-probabilities of the last step's choice, when its sampling asked for them."""
+        return self._chooser.last_logprobs if self._chooser is not None else None
 
     @property
     def span_count(self) -> int:

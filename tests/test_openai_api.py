@@ -134,7 +134,7 @@ async def test_text_parts_make_the_same_prompt_as_a_string(client):
 
 @pytest.mark.parametrize("options, param", [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
-    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"max_tokens": 100_000}, "max_tokens"),
     ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
@@ -185,3 +185,28 @@ async def test_json_schema_output_parses_and_validates(client):
     chunks = [chunk async for chunk in stream if chunk.choices]
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert isinstance(json.loads("".join(chunk.choices[0].delta.content or "" for chunk in chunks)), dict)
+
+
+async def test_logprobs_of_chat_and_completions(client):
+    reply = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=6,
+                                                 logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == reply.choices[0].message.content and len(content) == 6
+    for entry in content:  # greedy: the chosen token is the likeliest, and log-probabilities are at most 0
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+        assert entry.logprob == entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob and entry.logprob <= 0
+
+    stream = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=6,
+                                                  logprobs=True, stream=True)
+    streamed = [entry.token async for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for entry in chunk.choices[0].logprobs.content]
+    assert streamed == [entry.token for entry in content]
+
+    completion = await client.completions.create(model=TINY, prompt="A cat", max_tokens=4, temperature=0, logprobs=3)
+    logprobs = completion.choices[0].logprobs
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
+    assert all(len(top) <= 3 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == len("A cat")
+    plain = await client.chat.completions.create(model=TINY, messages=QUESTION, max_tokens=2)
+    assert plain.choices[0].logprobs is None
