@@ -19,6 +19,7 @@ import tornado.iostream
 
 from handlers.base import GenerationHandler
 from handlers.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from handlers.openai_tools import CALL_OPEN, parse_call
 from sessions.errors import error_payload, log_error
 from sessions.models import LoadedModel
 from sessions.requests import ChosenTokenLogprobs, GenerationRequest, GenerationUpdate, TokenLogprob
@@ -109,6 +110,7 @@ class CompletionHandler(OpenAIHandler):
     async def post(self) -> None:
         body = self.request_model.parse(self.json_body())
         self.wants_logprobs = body.logprob_alternatives() is not None
+        self.prepare_reply(body)
         loaded = self.manager.registry.find(body.model, trusted=False)
         prompt, format_stops = self.prompt(body, loaded)
         prompt_ids = await self.manager.tokenize(loaded, prompt)
@@ -121,6 +123,9 @@ class CompletionHandler(OpenAIHandler):
             await self.stream_reply(loaded.spec.key, request, prompt_tokens, body.include_usage)
         else:
             await self.full_reply(loaded.spec.key, request, prompt_tokens)
+
+    def prepare_reply(self, body: OpenAIRequest) -> None:
+        """Notes what the reply's shape depends on in the request, before generating."""
 
     def envelope(self, model: str, object_name: str, choices: List[Dict[str, Any]]) -> Dict[str, Any]:
         """The fields every reply and event has."""
@@ -199,14 +204,37 @@ class ChatCompletionHandler(CompletionHandler):
         chat_format = loaded.chat_format
         return chat_format.render(body.conversation()), tuple(chat_format.stop_sequences)
 
+    def prepare_reply(self, body: ChatCompletionRequest) -> None:
+        self.may_call_tools = bool(body.callable_tools())
+        self.calling: Optional[bool] = None  # streaming: whether the reply is a tool call (known from its start)
+        self.call_text = ""
+
     def choice(self, text: str, finish_reason: Optional[str],
                logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
-        return {"index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": self.chat_logprobs(logprobs), "finish_reason": finish_reason}
+        call = parse_call(text) if self.may_call_tools else None
+        if call is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            finish_reason = "tool_calls"
+        else:
+            message = {"role": "assistant", "content": text}
+        return {"index": 0, "message": message, "logprobs": self.chat_logprobs(logprobs),
+                "finish_reason": finish_reason}
 
     def chunk_choice(self, text: str, finish_reason: Optional[str], first: bool,
                      logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
         delta: Dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+        if self.may_call_tools:
+            if self.calling is None and text:
+                self.calling = text.startswith(CALL_OPEN[0])  # free text never begins with it
+            if self.calling:  # the call is sent whole, once written
+                self.call_text += text
+                call = parse_call(self.call_text) if finish_reason is not None else None
+                delta = {"role": "assistant"} if first else {}
+                if call is not None:
+                    delta["tool_calls"] = [dict(call, index=0)]
+                    finish_reason = "tool_calls"
+                elif finish_reason is not None:
+                    delta["content"] = self.call_text  # cut short (max_tokens): the text as written
         return {"index": 0, "delta": delta, "logprobs": self.chat_logprobs(logprobs), "finish_reason": finish_reason}
 
     @staticmethod

@@ -10,6 +10,16 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Ty
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from handlers.openai_tools import (
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    tool_grammar,
+    tool_instructions,
+    tools_called_for,
+    written_call,
+)
 from sessions.errors import BadRequest, MaxLengthExceeded
 from sessions.requests import GenerationRequest, SamplingParams
 
@@ -18,7 +28,6 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 # Fields of OpenAI's API this server does not implement: set to anything but their "off"
 # value, they are refused with a 400 that names them rather than silently ignored.
 NOT_SUPPORTED = {
-    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "echo": (None, False), "suffix": (None, ""),
     "best_of": (None, 1), "audio": (None,), "prediction": (None,),
 }
@@ -152,13 +161,21 @@ class OpenAIRequest(BaseModel):
         """Greedy at temperature 0, else sampled; every other choice setting as given."""
         temperature = 1.0 if self.temperature is None else self.temperature
         schema = self.response_format.schema_text() if self.response_format is not None else None
+        grammar = self.grammar()
+        if grammar is not None and schema is not None:
+            raise BadRequest("response_format cannot be combined with tools that may be called",
+                             param="response_format")
         return SamplingParams(
             do_sample=temperature > 0, temperature=temperature or 1.0, top_p=self.top_p,
             top_k=self.top_k if self.top_k and self.top_k > 0 else None, min_p=self.min_p or None,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
-            seed=self.seed, json_schema=schema, logprobs=self.logprob_alternatives())
+            seed=self.seed, json_schema=schema, lark_grammar=grammar, logprobs=self.logprob_alternatives())
+
+    def grammar(self) -> Optional[str]:
+        """The grammar the reply must follow (tool calls); None: free."""
+        return None
 
     def logprob_alternatives(self) -> Optional[int]:
         """How many alternatives each token's log-probabilities list; None: none asked for."""
@@ -228,12 +245,15 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message of a conversation; its content is a string or a list of text parts."""
+    """One message of a conversation; its content is a string or a list of text parts. An
+    assistant message may carry the tool calls it made, and a ``tool`` message a call's result."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: str
     content: Union[str, List[ContentPart], None] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    tool_call_id: Optional[str] = None
 
     @property
     def text(self) -> str:
@@ -242,6 +262,15 @@ class ChatMessage(BaseModel):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def as_turn(self) -> Dict[str, str]:
+        """The message as a ``{"role", "content"}`` turn of the model's chat format."""
+        if self.role == "tool":  # the model's format has no tool role: the result comes as the user's
+            call = f" {self.tool_call_id}" if self.tool_call_id else ""
+            return {"role": "user", "content": f"Result of the tool call{call}: {self.text}"}
+        if self.role == "assistant" and self.tool_calls:
+            return {"role": "assistant", "content": self.text + "".join(map(written_call, self.tool_calls))}
+        return {"role": self.role, "content": self.text}
+
 
 class ChatCompletionRequest(OpenAIRequest):
     """``POST /v1/chat/completions``"""
@@ -249,6 +278,9 @@ class ChatCompletionRequest(OpenAIRequest):
     messages: List[ChatMessage] = Field(min_length=1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    tools: Optional[List[Tool]] = Field(default=None, max_length=128)
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: Optional[bool] = None  # accepted; a reply makes at most one call
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -256,9 +288,37 @@ class ChatCompletionRequest(OpenAIRequest):
             raise ValueError("top_logprobs needs logprobs: true")
         return self
 
+    @model_validator(mode="after")
+    def _choice_among_tools(self) -> "ChatCompletionRequest":
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise BadRequest("tool_choice needs tools", param="tool_choice")
+        try:
+            self.callable_tools()
+        except ValueError as error:
+            raise BadRequest(str(error), param="tool_choice") from None
+        return self
+
     def logprob_alternatives(self) -> Optional[int]:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def callable_tools(self) -> List[Tool]:
+        """The tools the reply may call (none unless ``tools`` are given; all of them by default)."""
+        return tools_called_for(self.tools or [], self.tool_choice or "auto")
+
+    def grammar(self) -> Optional[str]:
+        tools = self.callable_tools()
+        if not tools:
+            return None
+        return tool_grammar(tools, required=self.tool_choice == "required"
+                            or isinstance(self.tool_choice, NamedToolChoice))
+
     def conversation(self) -> List[Dict[str, str]]:
-        """The messages as ``{"role", "content"}`` dictionaries."""
-        return [{"role": message.role, "content": message.text} for message in self.messages]
+        """The messages as ``{"role", "content"}`` turns, the tools described in the system message."""
+        turns = [message.as_turn() for message in self.messages]
+        tools = self.callable_tools()
+        if tools:
+            if turns[0]["role"] == "system":
+                turns[0] = {"role": "system", "content": turns[0]["content"] + "\n\n" + tool_instructions(tools)}
+            else:
+                turns.insert(0, {"role": "system", "content": tool_instructions(tools)})
+        return turns

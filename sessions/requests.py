@@ -27,6 +27,7 @@ class SamplingParams:
     logit_bias: Tuple[Tuple[int, float], ...] = ()  # (token id, added to its logit)
     seed: Optional[int] = None  # the same seed, prompt and parameters give the same tokens
     json_schema: Optional[str] = None  # the output must be JSON valid against this schema (JSON text)
+    lark_grammar: Optional[str] = None  # the output must follow this grammar (llguidance's Lark dialect)
     logprobs: Optional[int] = None  # report each chosen token's log-probability and this many alternatives
 
     @property

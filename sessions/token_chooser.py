@@ -1,8 +1,8 @@
 """How one generation picks each next token from the logits the output head computed.
 
 In order: the client's logit bias, OpenAI's presence and frequency penalties (on the tokens
-this generation chose), transformers' repetition penalty, the JSON schema constraint (tokens
-that cannot continue valid JSON are masked out), then greedy choice or sampling with
+this generation chose), transformers' repetition penalty, the constraint of a JSON schema or a
+grammar (tokens that cannot continue valid output are masked out), then greedy choice or sampling with
 temperature, top-k, top-p and min-p, from a seeded generator when a seed is given. All of it
 runs on this machine: none of it costs the swarm any work.
 """
@@ -48,27 +48,30 @@ def guidance_tokenizer(tokenizer) -> "llguidance.LLTokenizer":
     return llguidance.hf.from_tokenizer(tokenizer)
 
 
-def json_matcher(tokenizer, schema_text: str) -> "llguidance.LLMatcher":
-    """A matcher that accepts only JSON valid against the schema; ``InvalidRequest`` naming
-    ``response_format`` when the schema is not one this server can enforce."""
-    schema = json.loads(schema_text)
-    if isinstance(schema, dict):
-        # Compact JSON: free whitespace would let a model pad its output with blanks forever.
-        schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+def constraint_matcher(tokenizer, sampling: SamplingParams) -> "llguidance.LLMatcher":
+    """A matcher that accepts only JSON valid against ``sampling.json_schema``, or only text of
+    ``sampling.lark_grammar``; ``InvalidRequest`` naming the request field at fault when the
+    constraint is not one this server can enforce."""
+    param = "response_format" if sampling.json_schema else "tools"
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+        if sampling.json_schema:
+            schema = json.loads(sampling.json_schema)
+            if isinstance(schema, dict):
+                # Compact JSON: free whitespace would let a model pad its output with blanks forever.
+                schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_lark(sampling.lark_grammar)
         # An error makes the schema unusable; a warning names a keyword that would go unenforced.
         problems = [llguidance.LLMatcher.validate_grammar(grammar, None),
                     *llguidance.LLMatcher.validate_grammar_with_warnings(grammar, None)[1]]
     except (ValueError, TypeError, RuntimeError) as error:
         problems = [str(error)]
     if any(problems):
-        raise InvalidRequest(f"response_format: unsupported JSON schema: {'; '.join(filter(None, problems))}",
-                             param="response_format")
+        raise InvalidRequest(f"{param}: unsupported JSON schema: {'; '.join(filter(None, problems))}", param=param)
     matcher = llguidance.LLMatcher(guidance_tokenizer(tokenizer), grammar)
     if matcher.is_error():
-        raise InvalidRequest(f"response_format: unsupported JSON schema: {matcher.get_error()}",
-                             param="response_format")
+        raise InvalidRequest(f"{param}: unsupported JSON schema: {matcher.get_error()}", param=param)
     return matcher
 
 
@@ -94,7 +97,8 @@ class TokenChooser:
                                          f"(0 to {vocab_size - 1})", param="logit_bias")
                 self._bias[token_id] = bias
         self._chosen: Counter[int] = collections.Counter()
-        self._matcher = json_matcher(tokenizer, sampling.json_schema) if sampling.json_schema else None
+        constrained = sampling.json_schema or sampling.lark_grammar
+        self._matcher = constraint_matcher(tokenizer, sampling) if constrained else None
         self._mask = llguidance.numpy.allocate_token_bitmask(1, vocab_size) if self._matcher else None
 
     def _allowed_tokens(self, vocab_size: int) -> torch.Tensor:

@@ -133,7 +133,7 @@ async def test_text_parts_make_the_same_prompt_as_a_string(client):
 
 
 @pytest.mark.parametrize("options, param", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
     ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"max_tokens": 100_000}, "max_tokens"),
@@ -151,7 +151,7 @@ async def test_fields_not_honoured_are_refused_by_name(client, manager, options,
 
 async def test_a_seed_makes_sampling_repeatable(client):
     async def sample(seed):
-        reply = await client.completions.create(model=DEFAULT, prompt="Once upon a time", max_tokens=16,
+        reply = await client.completions.create(model=DEFAULT, prompt="Once upon a time", max_tokens=10,
                                                 temperature=1.0, seed=seed)
         return reply.choices[0].text
 
@@ -210,3 +210,46 @@ async def test_logprobs_of_chat_and_completions(client):
     assert logprobs.text_offset[0] == len("A cat")
     plain = await client.chat.completions.create(model=TINY, messages=QUESTION, max_tokens=2)
     assert plain.choices[0].logprobs is None
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 40}}}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone",
+    "parameters": {"type": "object", "required": ["zone"], "properties": {"zone": {"type": "string", "maxLength": 40}}}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+
+
+async def test_tool_calls_follow_the_tool_schema_and_feed_the_next_turn(client):
+    reply = await client.chat.completions.create(model=DEFAULT, messages=WEATHER_QUESTION, temperature=0,
+                                                 max_tokens=60, tools=[WEATHER_TOOL, TIME_TOOL],
+                                                 tool_choice="required")
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name in ("get_weather", "get_time") and call.id.startswith("call_")
+    assert set(arguments) == ({"city"} if call.function.name == "get_weather" else {"zone"})
+
+    named = await client.chat.completions.create(
+        model=DEFAULT, messages=WEATHER_QUESTION, temperature=0, max_tokens=60, tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, stream=True)
+    chunks = [chunk async for chunk in named if chunk.choices]
+    [streamed_call] = [call for chunk in chunks for call in (chunk.choices[0].delta.tool_calls or [])]
+    assert streamed_call.function.name == "get_time" and "zone" in json.loads(streamed_call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+
+    follow_up = WEATHER_QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"weather": "sunny, 21 C"}'}]
+    answer = await client.chat.completions.create(model=DEFAULT, messages=follow_up, temperature=0, max_tokens=8,
+                                                  tools=[WEATHER_TOOL], tool_choice="none")
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason in ("stop", "length")
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model=DEFAULT, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL],
+                                             tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert caught.value.body["param"] == "tool_choice"
