@@ -1,7 +1,9 @@
 """The OpenAI-compatible API, driven by the official openai package."""
 
+import asyncio
 import json
 
+import jsonschema
 import openai
 import pytest
 
@@ -253,3 +255,39 @@ async def test_tool_calls_follow_the_tool_schema_and_feed_the_next_turn(client):
         await client.chat.completions.create(model=DEFAULT, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL],
                                              tool_choice={"type": "function", "function": {"name": "nope"}})
     assert caught.value.body["param"] == "tool_choice"
+
+
+STRUCTURED_SCHEMAS = [
+    {"type": "object", "additionalProperties": False, "required": ["user"], "properties": {"user": {
+        "type": "object", "additionalProperties": False, "required": ["name", "age"],
+        "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 120}}}}},
+    {"type": "array", "minItems": 1, "maxItems": 4, "items": {"type": "integer", "minimum": 0, "maximum": 99}},
+    {"type": "object", "additionalProperties": False, "required": ["color"],
+     "properties": {"color": {"enum": ["red", "green", "blue"]}}},
+    {"type": "object", "additionalProperties": False, "required": ["id", "ok"], "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 1000}, "ok": {"type": "boolean"},
+        "tags": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 5}}}},
+    {"type": "object", "additionalProperties": False, "required": ["level", "points"], "properties": {
+        "level": {"enum": ["low", "high"]},
+        "points": {"type": "array", "maxItems": 2, "items": {
+            "type": "object", "additionalProperties": False, "required": ["x"],
+            "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5}}}}}},
+]
+
+
+async def test_fifty_sampled_structured_outputs_all_validate(client):
+    """Tiny Llama's random weights at temperature 1: only the constraint makes the output valid."""
+
+    async def generate(seed: int, schema: dict) -> str:
+        reply = await client.chat.completions.create(
+            model=TINY, messages=[{"role": "user", "content": "Data, please."}], temperature=1.0, seed=seed,
+            max_tokens=150, response_format={"type": "json_schema", "json_schema": {"name": "data", "schema": schema}})
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        return reply.choices[0].message.content
+
+    for batch in range(5):
+        jobs = [(10 * batch + index, STRUCTURED_SCHEMAS[index % len(STRUCTURED_SCHEMAS)]) for index in range(10)]
+        texts = await asyncio.gather(*(generate(seed, schema) for seed, schema in jobs))
+        for (seed, schema), text in zip(jobs, texts):
+            jsonschema.validate(json.loads(text), schema)

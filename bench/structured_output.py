@@ -1,0 +1,95 @@
+"""Speed of JSON-schema-constrained decoding against free decoding on the default model.
+
+Both run the server's own ``TokenStream`` through an embedded swarm node on this machine, the
+same number of tokens from the same chat prompt, alternating: free greedy decoding, and greedy
+decoding constrained to a schema whose output is long (an object holding a string of at least
+2,000 characters), so that neither run stops early. Prints tokens/s for each and their ratio
+(the target is at least 0.9x), and the constraint's own time per token.
+
+    .venv/bin/python bench/structured_output.py [--tokens 64] [--repeats 3]
+"""
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
+from server import split_cpu_threads  # noqa: E402
+from sessions.models import load_model  # noqa: E402
+from sessions.requests import SamplingParams  # noqa: E402
+from sessions.token_stream import TokenStream  # noqa: E402
+from swarm.default_model import ensure_default_model  # noqa: E402
+from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
+
+QUESTION = "Write a long story about a lighthouse keeper, as JSON with the story in the field \"story\"."
+LONG_OUTPUT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["story"],
+                      "properties": {"story": {"type": "string", "minLength": 2000}}}
+
+
+def timed_generation(loaded, prompt_ids, tokens: int, sampling: SamplingParams) -> tuple:
+    """``tokens`` greedy steps of one session; returns (token ids, seconds)."""
+    stream = TokenStream(loaded, max_length=len(prompt_ids) + tokens + 1)
+    started = time.perf_counter()
+    try:
+        ids = [stream.step(prompt_ids, sampling)]
+        while len(ids) < tokens:
+            ids.append(stream.step((), sampling))
+    finally:
+        stream.close()
+    return ids, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    node_threads, client_threads = split_cpu_threads(0)
+    torch.set_num_threads(client_threads)
+
+    spec = default_model(CONFIG_ROOT / ".models")
+    path = ensure_default_model(spec.path.parent)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+    free, constrained = [], []
+    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=node_threads) as swarm:
+        swarm.add_node(model)
+        swarm.wait_until_ready([model])
+        loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
+        try:
+            # Warm-up, the constraint library's view of the vocabulary included (built once per model).
+            timed_generation(loaded, prompt_ids, 4, SamplingParams())
+            timed_generation(loaded, prompt_ids, 4, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))
+            for _ in range(args.repeats):  # alternating, so that load on the machine hits both alike
+                free.append(timed_generation(loaded, prompt_ids, args.tokens, SamplingParams())[1])
+                ids, seconds = timed_generation(
+                    loaded, prompt_ids, args.tokens, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))
+                constrained.append(seconds)
+        finally:
+            loaded.close()
+    free_rate = args.tokens / statistics.median(free)
+    constrained_rate = args.tokens / statistics.median(constrained)
+    print(f"model: {spec.key}, {args.tokens} greedy tokens, median of {args.repeats} alternating runs each")
+    print(f"free decoding        : {free_rate:6.2f} tokens/s")
+    print(f"constrained (schema) : {constrained_rate:6.2f} tokens/s")
+    print(f"ratio                : {constrained_rate / free_rate:6.2f}x   (target: at least 0.90x)")
+    print(f"constraint's cost    : {1000 * (statistics.median(constrained) - statistics.median(free)) / args.tokens:6.2f}"
+          " ms per token")
+    print(f"constrained output starts: {tokenizer.decode(ids)[:80]!r}")
+
+
+if __name__ == "__main__":
+    main()
