@@ -86,12 +86,20 @@ def tool_instructions(tools: List[Tool]) -> str:
     return TOOL_INSTRUCTIONS + "\n".join(lines)
 
 
+def closed(parameters: Dict[str, Any]) -> Dict[str, Any]:
+    """A parameters schema that allows only the arguments it names, unless it says otherwise: a
+    model left free to add arguments invents them."""
+    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
+
+
 def tool_grammar(tools: List[Tool], required: bool) -> str:
     """A grammar (llguidance's Lark dialect) for a reply that is one call of ``tools``, or, unless
     ``required``, free text that does not begin with "<"."""
     call_schema = {"anyOf": [
         {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-         "properties": {"name": {"const": tool.function.name}, "arguments": tool.function.parameters}}
+         "properties": {"name": {"const": tool.function.name}, "arguments": closed(tool.function.parameters)}}
         for tool in tools], "x-guidance": {"whitespace_flexible": False}}
     rules = [f"call: {json.dumps(CALL_OPEN)} call_json {json.dumps(CALL_CLOSE)}",
              f"call_json: %json {json.dumps(call_schema)}"]
