@@ -174,8 +174,8 @@ class CompletionHandler(OpenAIHandler):
                         if first:
                             self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
                             self.set_header("Cache-Control", "no-cache")
-                        await self.send_event(self.envelope(model, self.chunk_object_name,
-                                                            [self.chunk_choice(update.text, finish_reason, first, logprobs)]))
+                        choice = self.chunk_choice(update.text, finish_reason, first, logprobs)
+                        await self.send_event(self.envelope(model, self.chunk_object_name, [choice]))
                         first = False
             if include_usage:
                 usage = self.envelope(model, self.chunk_object_name, [])

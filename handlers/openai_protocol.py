@@ -112,7 +112,7 @@ class OpenAIRequest(BaseModel):
         if len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
             raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} tokens may be biased")
         for token, bias in logit_bias.items():
-            if not token.isdigit() or len(token) > 9:
+            if not (token.isascii() and token.isdecimal()) or len(token) > 9:
                 raise ValueError(f"keys are token ids; {token[:20]!r} is not one")
             if not -100 <= bias <= 100:
                 raise ValueError("biases are between -100 and 100")

@@ -39,8 +39,8 @@ class SessionMetrics:
             registry=self.registry)
         self.reserved_state_bytes.set_function(reserved_state_bytes)
         self.state_budget_bytes = Gauge(
-            "swarm_chat_session_state_budget_bytes", "The memory budget for session state (--session-memory-budget-mib)",
-            registry=self.registry)
+            "swarm_chat_session_state_budget_bytes",
+            "The memory budget for session state (--session-memory-budget-mib)", registry=self.registry)
         self.state_budget_bytes.set(state_budget_bytes)
         self.sessions_opened = Counter(
             "swarm_chat_sessions_opened", "Inference sessions opened", ["model"], registry=self.registry)

@@ -140,6 +140,7 @@ async def test_text_parts_make_the_same_prompt_as_a_string(client):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"max_tokens": 100_000}, "max_tokens"),
     ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
+    ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),  # a digit to str.isdigit, not to int()
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"if": {}}}}},
      "response_format"),
 ])
@@ -220,7 +221,8 @@ WEATHER_TOOL = {"type": "function", "function": {
                    "properties": {"city": {"type": "string", "maxLength": 40}}}}}
 TIME_TOOL = {"type": "function", "function": {
     "name": "get_time", "description": "The local time in a time zone",
-    "parameters": {"type": "object", "required": ["zone"], "properties": {"zone": {"type": "string", "maxLength": 40}}}}}
+    "parameters": {"type": "object", "required": ["zone"],
+                   "properties": {"zone": {"type": "string", "maxLength": 40}}}}}
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
 
 
