@@ -1,8 +1,9 @@
-"""Faults in a swarm of several server processes: a peer dies mid-stream, the only holder of
-some blocks dies, and it comes back, all while the backend keeps running; and a server whose
-attention cache is too small for a session.
+"""Faults in a swarm of several server processes: the only holder of some blocks dies, and it
+comes back, all while the backend keeps running; and a server whose attention cache is too
+small for a session. (A server dying mid-stream while others can take over is
+``test_failover.py``, which also checks the text.)
 
-The swarm here is separate from the suite's: a tiny Llama served twice whole ("pair"), split
+The swarm here is separate from the suite's: a tiny Llama served whole ("pair"), split
 in halves across two processes ("split"), and on a server with a tiny attention cache
 ("small-cache"). Its nodes re-announce every 2 s, with records that expire after 5 s, so a
 crashed node drops out of the DHT within seconds, not minutes.
@@ -42,9 +43,7 @@ class FaultSwarm:
     """The fault-test swarm, its models and the nodes the tests stop and start."""
 
     swarm: LocalSwarm
-    pair: SwarmModel
     split: SwarmModel
-    pair_node: object  # the pair model's first server
     split_tail: object  # the only node holding the split model's second half
 
     def restart_split_tail(self) -> None:
@@ -60,12 +59,12 @@ def fault_swarm(tmp_path_factory, tiny_model_specs):
     split = SwarmModel(llama_path, "fault-split", blocks)
     small_cache = SwarmModel(llama_path, "fault-small-cache", blocks)
     with LocalSwarm(tmp_path_factory.mktemp("fault-swarm-logs"), threads=1) as swarm:
-        pair_node = swarm.add_node(pair, extra_options=NODE_OPTIONS)
+        swarm.add_node(pair, extra_options=NODE_OPTIONS)
         swarm.add_node(split, f"0:{blocks // 2}", NODE_OPTIONS)
         tail = swarm.add_node(split, f"{blocks // 2}:{blocks}", NODE_OPTIONS)
         swarm.add_node(small_cache, extra_options=(*NODE_OPTIONS, "--attn-cache-tokens", str(SMALL_CACHE_TOKENS)))
         swarm.wait_until_ready([pair, split, small_cache], timeout=READY_TIMEOUT)
-        yield FaultSwarm(swarm, pair, split, pair_node, tail)
+        yield FaultSwarm(swarm, split, tail)
 
 
 @pytest.fixture(scope="module")
@@ -120,44 +119,6 @@ async def generate_once(port, model, inputs="Hello there", max_new_tokens=4, max
         return replies[-1]
     finally:
         client.close()
-
-
-async def test_a_peer_dies_mid_stream_and_the_stream_survives_or_ends_clearly(fault_server, fault_swarm):
-    manager, port = fault_server
-    client = await WSClient.connect(port)
-    try:
-        assert (await client.request({"type": "open_inference_session", "model": PAIR, "max_length": 200}))["ok"]
-        # The session's route is fixed at its first step: through the only server there is.
-        prompt = "Once upon a time"
-        first = await client.stream({"type": "generate", "inputs": prompt, "max_new_tokens": 3})
-        assert first[-1]["ok"] and first[-1]["token_count"] == 3
-        fault_swarm.swarm.add_node(fault_swarm.pair, extra_options=NODE_OPTIONS)
-        code, models = await wait_for_ready(port, lambda code, models: models[PAIR]["online_servers"] == 2,
-                                            timeout=READY_TIMEOUT)
-        assert models[PAIR]["online_servers"] == 2, models
-        await client.send({"type": "generate", "max_new_tokens": 1, "max_length": 200,
-                           "stop_sequence": "never-appears"})
-        replies = [await client.receive() for _ in range(10)]
-        assert all(reply["ok"] and not reply["stop"] for reply in replies)
-        fault_swarm.swarm.stop_node(fault_swarm.pair_node, crash=True)  # the server on the session's route
-        while True:
-            reply = await client.receive()
-            replies.append(reply)
-            if not reply["ok"] or reply["stop"]:
-                break
-        last = replies[-1]
-        if last["ok"]:  # petals re-routed to the other server and replayed the session's history
-            assert last["stop"] is True
-            # The session ends one token short of max_length: that token is chosen but never fed.
-            generated = sum(reply["token_count"] for reply in replies)
-            assert 3 + generated == 200 - len(manager.registry.find(PAIR).encode(prompt))
-        else:
-            assert last["retryable"] is True and last["code"] in ("peer_failure", "missing_blocks", "swarm_error")
-            assert last["traceback"]
-    finally:
-        client.close()
-    reply = await generate_once(port, PAIR)
-    assert reply["ok"] and reply["token_count"] == 4, reply
 
 
 async def test_only_holder_of_blocks_dies_then_returns(fault_server, fault_swarm):
