@@ -112,6 +112,32 @@ def app(settings, manager):
 
 
 @pytest.fixture
+def serve_with(settings, manager, io_loop):
+    """``serve_with(**changes)``: the port of the app serving ``settings`` with ``changes``
+    (e.g. ``api_key``), on the shared manager; stopped after the test."""
+    import dataclasses
+
+    import tornado.httpserver
+    import tornado.testing
+
+    from server import make_app
+
+    servers = []
+
+    def serve(**changes) -> int:
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(make_app(dataclasses.replace(settings, **changes), manager))
+        server.add_socket(sock)
+        servers.append(server)
+        return port
+
+    yield serve
+    for server in servers:
+        server.stop()
+        io_loop.run_sync(server.close_all_connections)
+
+
+@pytest.fixture
 def ws_port(http_server, http_server_port) -> int:
     """The port of a running test server (for WebSocket clients)."""
     return http_server_port[1]

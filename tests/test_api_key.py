@@ -1,18 +1,14 @@
 """``--api-key``: every API that serves models asks for it, in the ways real clients send it."""
 
 import base64
-import dataclasses
 import json
 
 import openai
 import pytest
 import tornado.httpclient
-import tornado.httpserver
 import tornado.httputil
-import tornado.testing
 
 from handlers.auth import KEY_SUBPROTOCOL_PREFIX, SUBPROTOCOL, key_accepted, presented_key
-from server import make_app
 from tests.helpers import wait_for_no_sessions
 from tests.ws_client import WSClient
 
@@ -43,14 +39,9 @@ def test_the_key_is_read_from_a_bearer_header_or_a_subprotocol():
 
 
 @pytest.fixture
-def keyed_port(settings, manager, io_loop):
+def keyed_port(serve_with):
     """A port serving the app with ``--api-key`` set."""
-    sock, port = tornado.testing.bind_unused_port()
-    server = tornado.httpserver.HTTPServer(make_app(dataclasses.replace(settings, api_key=KEY), manager))
-    server.add_socket(sock)
-    yield port
-    server.stop()
-    io_loop.run_sync(server.close_all_connections)
+    return serve_with(api_key=KEY)
 
 
 async def fetch(port: int, path: str, headers: dict = None, **options) -> tornado.httpclient.HTTPResponse:
@@ -132,16 +123,9 @@ async def test_browsers_may_call_the_openai_api_across_origins(keyed_port):
     assert listed.code == 200 and listed.headers["Access-Control-Allow-Origin"] == "*"
 
 
-async def test_allowed_origins_narrow_cors(settings, manager, io_loop):
-    sock, port = tornado.testing.bind_unused_port()
-    server = tornado.httpserver.HTTPServer(make_app(
-        dataclasses.replace(settings, allowed_origins=("https://app.example.org",)), manager))
-    server.add_socket(sock)
-    try:
-        allowed = await fetch(port, "/v1/models", {"Origin": "https://app.example.org"})
-        assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
-        other = await fetch(port, "/v1/models", {"Origin": "https://elsewhere.example"})
-        assert "Access-Control-Allow-Origin" not in other.headers
-    finally:
-        server.stop()
-        await server.close_all_connections()
+async def test_allowed_origins_narrow_cors(serve_with):
+    port = serve_with(allowed_origins=("https://app.example.org",))
+    allowed = await fetch(port, "/v1/models", {"Origin": "https://app.example.org"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
+    other = await fetch(port, "/v1/models", {"Origin": "https://elsewhere.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers

@@ -8,7 +8,6 @@ node's real one, and a fixed throughput replaces petals' internet speed test.
 """
 
 import asyncio
-import dataclasses
 
 import json
 import os
@@ -23,10 +22,8 @@ from pathlib import Path
 from typing import List
 
 import pytest
-import tornado.httpserver
 import tornado.testing
 
-from server import make_app
 from tests.conftest import REPO_ROOT
 from tests.helpers import wait_for_no_sessions
 from tests.test_server_process import read_until_ready
@@ -62,14 +59,9 @@ def curl_commands() -> List[List[str]]:
 
 
 @pytest.fixture
-def keyed_port(settings, manager, io_loop):
+def keyed_port(serve_with):
     """A port serving the app with the README's API key set."""
-    sock, port = tornado.testing.bind_unused_port()
-    server = tornado.httpserver.HTTPServer(make_app(dataclasses.replace(settings, api_key=README_API_KEY), manager))
-    server.add_socket(sock)
-    yield port
-    server.stop()
-    io_loop.run_sync(server.close_all_connections)
+    return serve_with(api_key=README_API_KEY)
 
 
 @pytest.mark.parametrize("words", curl_commands(), ids=lambda words: " ".join(words[1:3])[:60])
