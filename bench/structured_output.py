@@ -15,7 +15,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,28 +25,15 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
 from server import split_cpu_threads  # noqa: E402
+from bench.swarm_vs_local import greedy_swarm  # noqa: E402
 from sessions.models import load_model  # noqa: E402
 from sessions.requests import SamplingParams  # noqa: E402
-from sessions.token_stream import TokenStream  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 
 QUESTION = "Write a long story about a lighthouse keeper, as JSON with the story in the field \"story\"."
 LONG_OUTPUT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["story"],
                       "properties": {"story": {"type": "string", "minLength": 2000}}}
-
-
-def timed_generation(loaded, prompt_ids, tokens: int, sampling: SamplingParams) -> tuple:
-    """``tokens`` greedy steps of one session; returns (token ids, seconds)."""
-    stream = TokenStream(loaded, max_length=len(prompt_ids) + tokens + 1)
-    started = time.perf_counter()
-    try:
-        ids = [stream.step(prompt_ids, sampling)]
-        while len(ids) < tokens:
-            ids.append(stream.step((), sampling))
-    finally:
-        stream.close()
-    return ids, time.perf_counter() - started
 
 
 def main() -> None:
@@ -71,11 +57,11 @@ def main() -> None:
         loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
         try:
             # Warm-up, the constraint library's view of the vocabulary included (built once per model).
-            timed_generation(loaded, prompt_ids, 4, SamplingParams())
-            timed_generation(loaded, prompt_ids, 4, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))
+            greedy_swarm(loaded, prompt_ids, 4, SamplingParams())
+            greedy_swarm(loaded, prompt_ids, 4, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))
             for _ in range(args.repeats):  # alternating, so that load on the machine hits both alike
-                free.append(timed_generation(loaded, prompt_ids, args.tokens, SamplingParams())[1])
-                ids, seconds = timed_generation(
+                free.append(greedy_swarm(loaded, prompt_ids, args.tokens, SamplingParams())[1])
+                ids, seconds = greedy_swarm(
                     loaded, prompt_ids, args.tokens, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))
                 constrained.append(seconds)
         finally:

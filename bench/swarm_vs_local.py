@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
 from sessions.models import load_model  # noqa: E402
+from sessions.requests import SamplingParams  # noqa: E402
 from sessions.token_stream import TokenStream  # noqa: E402
 from server import split_cpu_threads  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
@@ -46,14 +47,14 @@ def greedy_local(model, prompt_ids, new_tokens: int) -> tuple:
     return tokens, time.perf_counter() - started
 
 
-def greedy_swarm(loaded, prompt_ids, new_tokens: int) -> tuple:
+def greedy_swarm(loaded, prompt_ids, new_tokens: int, sampling: SamplingParams = SamplingParams()) -> tuple:
     """The server's own path: one TokenStream step per token through the swarm; returns (ids, seconds)."""
     stream = TokenStream(loaded, max_length=len(prompt_ids) + new_tokens + 1)
     started = time.perf_counter()
     try:
-        tokens = [stream.step(prompt_ids)]
+        tokens = [stream.step(prompt_ids, sampling)]
         while len(tokens) < new_tokens:
-            tokens.append(stream.step())
+            tokens.append(stream.step((), sampling))
     finally:
         stream.close()
     return tokens, time.perf_counter() - started

@@ -109,6 +109,7 @@ class GenerationHandler(APIHandler):
         self.connection_id = new_connection_id(self.connection_prefix)
         self.session: Optional[ChatSession] = None
         self.client_left = False
+        self.client = client_key(self.request, self.settings["trusted_proxies"])  # whose limits it counts against
         self._body = bytearray()
         self._body_parsed = False
         try:
@@ -146,7 +147,7 @@ class GenerationHandler(APIHandler):
         caller stops early.
         """
         self.session, request = await self.manager.open_for_request(
-            self.connection_id, model, request, client_key(self.request, self.settings["trusted_proxies"]))
+            self.connection_id, model, request, self.client)
         try:
             if self.client_left:  # it left while the prompt was being counted
                 return

@@ -113,7 +113,7 @@ class CompletionHandler(OpenAIHandler):
         self.prepare_reply(body)
         loaded = self.manager.registry.find(body.model, trusted=False)
         prompt, format_stops = self.prompt(body, loaded)
-        prompt_ids = await self.manager.tokenize(loaded, prompt)
+        prompt_ids = await self.manager.tokenize(loaded, prompt, self.client)
         request = body.to_generation_request(prompt, prompt_ids, loaded.spec.chat.max_session_length, format_stops)
         prompt_tokens = len(prompt_ids)
         self.text_offset = len(prompt)  # where the reply's text starts, as completions' logprobs count

@@ -117,19 +117,22 @@ class SessionManager:
             raise InvalidRequest("inputs must not be empty")
         loaded = self.registry.find(model_name, trusted)
         self.admission.check_request(loaded.spec, request)
-        self.admission.check_capacity(client)  # before tokenizing: a refusal costs nothing
         if request.max_length:
+            self.admission.check_capacity(client)
             max_length = request.max_length
         else:
-            input_ids = await self.tokenize(loaded, request.inputs)
+            input_ids = await self.tokenize(loaded, request.inputs, client)
             request = dataclasses.replace(request, input_ids=tuple(input_ids))
             max_length = len(input_ids) + request.max_new_tokens
         session = await self.open_session(connection_id, loaded.spec.key, max_length, client, trusted=True)
         return session, request
 
-    async def tokenize(self, loaded: LoadedModel, text: str) -> List[int]:
-        """The token ids of ``text`` for ``loaded`` (tokenized in the executor); a text longer in
-        characters than the model's longest session could hold is refused without tokenizing."""
+    async def tokenize(self, loaded: LoadedModel, text: str, client: str) -> List[int]:
+        """The token ids of the prompt ``text`` of ``client``, who is about to open a session
+        (tokenized in the executor). Refused without tokenizing when the client may not open a
+        session now, or when the text is longer in characters than the model's longest session
+        could hold."""
+        self.admission.check_capacity(client)
         self.admission.check_text_length(text, loaded.spec.chat.max_session_length, loaded.max_token_chars)
         return await self.executor.run(loaded.encode, text)
 

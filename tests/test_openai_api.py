@@ -294,3 +294,17 @@ async def test_fifty_sampled_structured_outputs_all_validate(client):
         texts = await asyncio.gather(*(generate(seed, schema) for seed, schema in jobs))
         for (seed, schema), text in zip(jobs, texts):
             jsonschema.validate(json.loads(text), schema)
+
+
+async def test_a_client_at_its_session_limit_is_refused_before_its_prompt_is_tokenized(client, manager,
+                                                                                        monkeypatch):
+    import dataclasses
+
+    loaded = manager.registry.find(TINY)
+    tokenized = []
+    monkeypatch.setattr(loaded, "encode", lambda text: tokenized.append(text) or [])
+    monkeypatch.setattr(manager.admission, "settings",
+                        dataclasses.replace(manager.admission.settings, max_sessions_per_client=0))
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.completions.create(model=TINY, prompt="A cat sat on the mat", max_tokens=2)
+    assert caught.value.body["code"] == "too_many_sessions" and tokenized == []
