@@ -121,6 +121,17 @@ def model_from_source(source: str) -> ModelSpec:
 
 
 @dataclass(frozen=True)
+class WarmPoolLimits:
+    """How many finished sessions may wait for their next request, for how long, in how much memory."""
+
+    max_sessions: int = 16  # 0: prefix reuse off
+    max_age: float = 60.0  # seconds; the swarm's servers drop an idle session after 5 minutes
+    max_state_bytes: int = 256 * 1024 * 1024  # client-side state the waiting sessions may hold
+    max_per_client: int = 4
+    headroom_tokens: int = 1024  # extra room a reusable session is opened with, for the next turn
+
+
+@dataclass(frozen=True)
 class ManagerSettings:
     """What the session manager enforces (at a limit it answers "busy" instead of queueing),
     and how its Petals clients treat the swarm."""
@@ -137,6 +148,8 @@ class ManagerSettings:
     # Bytes of client-side state all sessions may hold (petals keeps every token's hidden states
     # per server span, to replay them if that server fails); 0: a quarter of this machine's RAM.
     session_memory_budget: int = 0
+    warm_pool: WarmPoolLimits = WarmPoolLimits()  # prefix reuse for the stateless APIs
+    resume_grace: float = 60.0  # seconds a resumable WebSocket session waits for its client to come back
 
     @property
     def session_memory_budget_bytes(self) -> int:
@@ -169,6 +182,11 @@ class Settings:
     max_connections_per_client: int = 64
     max_messages_per_second: float = 20.0
     session_memory_budget_mib: int = 0  # client-side state of all sessions; 0: a quarter of the RAM
+    warm_sessions: int = 16  # finished stateless sessions kept for prefix reuse; 0: reuse off
+    warm_session_ttl: float = 60.0  # seconds one waits for a request that continues it
+    warm_memory_mib: int = 256  # client-side state the warm sessions may hold
+    reuse_headroom_tokens: int = 1024  # extra room a stateless session opens with, for the next turn
+    resume_grace: float = 60.0  # seconds a resumable WebSocket session outlives its connection
     trusted_proxies: Tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For / X-Real-IP is believed
     executor_workers: int = 8
     models_dir: Path = REPO_ROOT / ".models"
@@ -190,7 +208,14 @@ class Settings:
                                idle_timeout=self.idle_timeout, step_timeout=self.step_timeout,
                                request_timeout=self.request_timeout,
                                routing_update_period=self.routing_update_period,
-                               session_memory_budget=self.session_memory_budget_mib * MIB)
+                               session_memory_budget=self.session_memory_budget_mib * MIB,
+                               warm_pool=WarmPoolLimits(max_sessions=self.warm_sessions,
+                                                        max_age=self.warm_session_ttl,
+                                                        max_state_bytes=self.warm_memory_mib * MIB,
+                                                        max_per_client=min(WarmPoolLimits.max_per_client,
+                                                                           self.max_sessions_per_client),
+                                                        headroom_tokens=self.reuse_headroom_tokens),
+                               resume_grace=self.resume_grace)
 
     @property
     def embedded_swarm(self) -> bool:
@@ -292,6 +317,17 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     add("--session-memory-budget-mib", "MiB of client-side state (each token's hidden states per server span) all "
         "sessions together may hold; new sessions are refused past it (0: a quarter of this machine's RAM)",
         type=int, default=defaults.session_memory_budget_mib)
+    add("--warm-sessions", "finished sessions of /v1 and /api/v1/generate requests kept warm, so that a request "
+        "continuing the same conversation feeds only its new tokens through the swarm (0: prefix reuse off)",
+        type=int, default=defaults.warm_sessions)
+    add("--warm-session-ttl", "seconds a warm session waits for a request that continues it", type=float,
+        default=defaults.warm_session_ttl)
+    add("--warm-memory-mib", "MiB of client-side state the warm sessions together may hold", type=int,
+        default=defaults.warm_memory_mib)
+    add("--reuse-headroom-tokens", "tokens of extra room a stateless request's session is opened with, so that "
+        "the conversation's next turn fits in it", type=int, default=defaults.reuse_headroom_tokens)
+    add("--resume-grace", "seconds a resumable WebSocket session waits for its client to reconnect", type=float,
+        default=defaults.resume_grace)
     add("--trusted-proxies", "addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For or X-Real-IP "
         "names the client; none: the peer address is the client", nargs="*", default=[], metavar="CIDR")
     add("--executor-workers", "threads that run blocking Petals calls", type=int, default=defaults.executor_workers)
@@ -323,10 +359,11 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
                  "max_connections_per_client"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.session_memory_budget_mib < 0:
-        raise SystemExit("--session-memory-budget-mib must not be negative")
+    for flag in ("session_memory_budget_mib", "warm_sessions", "warm_memory_mib", "reuse_headroom_tokens"):
+        if getattr(args, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must not be negative")
     for flag in ("step_timeout", "request_timeout", "routing_update_period", "idle_timeout",
-                 "max_messages_per_second"):
+                 "max_messages_per_second", "warm_session_ttl", "resume_grace"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "models"}

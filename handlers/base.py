@@ -108,6 +108,7 @@ class GenerationHandler(APIHandler):
         super().prepare()
         self.connection_id = new_connection_id(self.connection_prefix)
         self.session: Optional[ChatSession] = None
+        self.cached_tokens = 0
         self.client_left = False
         self.client = client_key(self.request, self.settings["trusted_proxies"])  # whose limits it counts against
         self._body = bytearray()
@@ -141,20 +142,25 @@ class GenerationHandler(APIHandler):
         return super().json_body()
 
     async def generate(self, model: object, request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
-        """The replies of ``request`` in a session sized for it, closed when they end.
+        """The replies of ``request`` in a session sized for it (or a warm one it continues,
+        ``cached_tokens`` saying how many prompt tokens that spared); the session is released or
+        kept warm when they end.
 
-        Iterate it inside ``contextlib.aclosing`` so that the session closes at once if the
+        Iterate it inside ``contextlib.aclosing`` so that the session is released at once if the
         caller stops early.
         """
-        self.session, request = await self.manager.open_for_request(
+        self.session, request, self.cached_tokens = await self.manager.open_for_request(
             self.connection_id, model, request, self.client)
+        ran_to_end = False
         try:
             if self.client_left:  # it left while the prompt was being counted
                 return
             async for update in self.session.generate(request):
+                ran_to_end = update.stop and update.finish_reason != "cancelled"
                 yield update
         finally:
-            await self.session.aclose("client disconnected" if self.client_left else "request done")
+            reason = "client disconnected" if self.client_left else "request done"
+            await self.manager.finish_request(self.session, ran_to_end and not self.client_left, reason)
 
     def on_connection_close(self) -> None:
         # Tornado's own ends the wait for a body cut off mid-upload (else the handler and the

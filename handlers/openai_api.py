@@ -132,11 +132,11 @@ class CompletionHandler(OpenAIHandler):
         return {"id": self.completion_id, "object": object_name, "created": self.started, "model": model,
                 "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
 
-    @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
-        """Token counts as OpenAI reports them."""
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> Dict[str, Any]:
+        """Token counts as OpenAI reports them; ``cached_tokens``: prompt tokens a warm session held."""
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     async def full_reply(self, model: str, request: GenerationRequest, prompt_tokens: int) -> None:
         """Generates the whole reply, then answers it as one JSON object."""

@@ -8,11 +8,11 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, Awaitable, Callable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Sequence, Set, TypeVar
 
 from config import PUBLIC_SWARM, ManagerSettings, ModelSpec
 from sessions.admission import Admission
-from sessions.errors import InvalidRequest
+from sessions.errors import ClientLimit, InvalidRequest, MemoryBudgetExceeded, ServerBusy
 from sessions.executor import BlockingExecutor
 from sessions.metrics import SessionMetrics
 from sessions.models import LoadedModel
@@ -21,8 +21,19 @@ from sessions.requests import GenerationRequest
 from sessions.session import ChatSession
 from sessions.swarm_state import SwarmMonitor
 from sessions.token_stream import TokenStream
+from sessions.warm_pool import WarmPool
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RequestSession(NamedTuple):
+    """A stateless request's session, the request as it runs there (its prompt tokenized, without
+    the tokens the session already holds) and how many prompt tokens the session already held."""
+
+    session: ChatSession
+    request: GenerationRequest
+    cached_tokens: int
 
 
 def resolve_initial_peers(initial_peers: Sequence[str]) -> List[str]:
@@ -40,18 +51,19 @@ class SessionManager:
     Tasks started through ``spawn`` are tracked until done and given a grace period at
     shutdown. The collaborators are public so that the app factory can hand each handler what
     it needs: ``registry`` (models), ``admission`` (limits), ``executor`` (blocking calls),
-    ``monitor`` (swarm routes) and ``metrics``.
+    ``monitor`` (swarm routes), ``metrics`` and ``warm`` (finished sessions kept for prefix reuse).
     """
 
     def __init__(self, registry: ModelRegistry, admission: Admission, executor: BlockingExecutor,
                  monitor: SwarmMonitor, metrics: SessionMetrics, settings: ManagerSettings,
-                 open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
+                 warm: Optional[WarmPool] = None, open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
         self.registry = registry
         self.admission = admission
         self.executor = executor
         self.monitor = monitor
         self.metrics = metrics
         self.settings = settings
+        self.warm = warm if warm is not None else WarmPool(settings.warm_pool)
         self._open_stream = open_stream  # a model and a length -> the session's token stream
         self._sessions: Set[ChatSession] = set()
         self._tasks: Set[asyncio.Task] = set()
@@ -96,7 +108,8 @@ class SessionManager:
         loaded = self.registry.find(model_name, trusted)
         self.admission.check_session_length(loaded.spec, max_length)
         # Every span of the route keeps each token's hidden state here: one span is reserved now.
-        slot = self.admission.admit(client, reserved_bytes=max_length * loaded.state_bytes_per_token)
+        reserved = max_length * loaded.state_bytes_per_token
+        slot = await self._within_limits(client, lambda: self.admission.admit(client, reserved_bytes=reserved))
         try:
             stream = self._open_stream(loaded, max_length)
         except BaseException:
@@ -110,31 +123,61 @@ class SessionManager:
         return session
 
     async def open_for_request(self, connection_id: str, model_name: object, request: GenerationRequest,
-                               client: str, trusted: bool = False) -> Tuple[ChatSession, GenerationRequest]:
-        """A session for one request of the HTTP APIs, sized for the prompt plus ``max_new_tokens``
-        (or for ``max_length``), and the request with its prompt tokenized once for both."""
-        if not request.inputs:
+                               client: str, trusted: bool = False) -> RequestSession:
+        """A session for one request of the stateless APIs, with the request's prompt tokenized once.
+
+        A warm session of the client whose fed tokens begin the prompt is continued, and the request
+        then carries only the tokens it lacks; otherwise a session is opened for the prompt plus
+        ``max_new_tokens`` (or for ``max_length``), with room for a next turn when reuse is on.
+        """
+        if not request.inputs and not request.input_ids:
             raise InvalidRequest("inputs must not be empty")
         loaded = self.registry.find(model_name, trusted)
         self.admission.check_request(loaded.spec, request)
-        if request.max_length:
-            self.admission.check_capacity(client)
-            max_length = request.max_length
-        else:
-            input_ids = await self.tokenize(loaded, request.inputs, client)
-            request = dataclasses.replace(request, input_ids=tuple(input_ids))
-            max_length = len(input_ids) + request.max_new_tokens
-        session = await self.open_session(connection_id, loaded.spec.key, max_length, client, trusted=True)
-        return session, request
+        if request.input_ids is None:
+            request = dataclasses.replace(request, input_ids=tuple(await self.tokenize(loaded, request.inputs, client)))
+        needed = request.max_length or len(request.input_ids) + request.max_new_tokens
+        model = loaded.spec.key
+        warm = self.warm.take(client, model, request.input_ids, needed) if self.warm.enabled else None
+        if warm is not None:
+            cached = warm.continue_for(connection_id)
+            self.metrics.observe_prefix_reuse(model, cached)
+            return RequestSession(warm, dataclasses.replace(request, input_ids=request.input_ids[cached:]), cached)
+        if self.warm.enabled:
+            self.metrics.observe_prefix_reuse(model, 0)
+        max_length = self.warm.session_length(needed, loaded.spec.chat.max_session_length)
+        session = await self.open_session(connection_id, model, max_length, client, trusted=True)
+        return RequestSession(session, request, 0)
+
+    async def finish_request(self, session: ChatSession, reusable: bool, reason: str) -> None:
+        """Ends a stateless request's use of ``session``: kept warm for a request that continues it
+        when ``reusable`` (it ran to its end) and the pool has room, closed otherwise."""
+        leaving = self.warm.park(session) if reusable else [session]
+        for other in leaving:
+            if other is not session:
+                self.close_in_background(other, "made room in the warm pool")
+        if session in leaving:
+            await session.aclose(reason)
 
     async def tokenize(self, loaded: LoadedModel, text: str, client: str) -> List[int]:
         """The token ids of the prompt ``text`` of ``client``, who is about to open a session
         (tokenized in the executor). Refused without tokenizing when the client may not open a
         session now, or when the text is longer in characters than the model's longest session
         could hold."""
-        self.admission.check_capacity(client)
+        await self._within_limits(client, lambda: self.admission.check_capacity(client))
         self.admission.check_text_length(text, loaded.spec.chat.max_session_length, loaded.max_token_chars)
         return await self.executor.run(loaded.encode, text)
+
+    async def _within_limits(self, client: str, admit: Callable[[], T]) -> T:
+        """``admit()``, after closing warm sessions (the client's own first) while a limit refuses it."""
+        while True:
+            try:
+                return admit()
+            except (ClientLimit, ServerBusy, MemoryBudgetExceeded) as refusal:
+                warm = self.warm.evict(client if isinstance(refusal, ClientLimit) else None)
+                if warm is None:
+                    raise
+                await warm.aclose("made room for a new session")
 
     def close_in_background(self, session: ChatSession, reason: str) -> None:
         """Starts closing ``session`` without waiting (a step may be running)."""
@@ -142,9 +185,10 @@ class SessionManager:
         self.spawn(session.aclose(reason), f"close-{session.session_id}")
 
     async def _expire_idle_sessions(self) -> None:
-        period = max(0.5, min(5.0, self.settings.idle_timeout / 4))
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(max(0.5, min(5.0, self.settings.idle_timeout / 4, self.warm.limits.max_age / 4)))
+            for session in self.warm.expired():
+                self.close_in_background(session, "not continued while warm")
             now = time.monotonic()
             for session in list(self._sessions):
                 idle = now - session.last_active
@@ -160,6 +204,7 @@ class SessionManager:
         """
         if self._reaper is not None:
             self._reaper.cancel()
+        self.warm.drain()
         for session in list(self._sessions):
             self.close_in_background(session, "server shutdown")
         if self._tasks:
@@ -185,4 +230,5 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
                              state_budget_bytes=admission.memory_budget)
     manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings)
     metrics.state_bytes.set_function(manager.session_state_bytes)
+    metrics.warm_sessions.set_function(lambda: len(manager.warm))
     return manager

@@ -59,6 +59,16 @@ class SessionMetrics:
             "swarm_chat_gc_pause_seconds", "Pauses of Python's garbage collector, by generation collected",
             ["generation"], buckets=GC_PAUSE_BUCKETS, registry=self.registry)
         self._gc_started: Optional[float] = None
+        self.prefix_requests = Counter(
+            "swarm_chat_prefix_reuse_requests",
+            "Stateless requests by whether they continued a warm session (hit) or opened one (miss)",
+            ["model", "outcome"], registry=self.registry)
+        self.prefix_reused_tokens = Counter(
+            "swarm_chat_prefix_reused_tokens", "Prompt tokens not fed through the swarm again thanks to a warm session",
+            ["model"], registry=self.registry)
+        self.warm_sessions = Gauge(
+            "swarm_chat_warm_sessions", "Finished sessions kept warm for a request that continues them",
+            registry=self.registry)
         self.errors = Counter(
             "swarm_chat_errors", "Errors answered to clients, by error code", ["code"], registry=self.registry)
 
@@ -87,6 +97,12 @@ class SessionMetrics:
         self.step_seconds.labels(model).observe(seconds)
         self.generated_tokens.labels(model).inc()
         self.input_tokens.labels(model).inc(input_tokens)
+
+    def observe_prefix_reuse(self, model: str, reused_tokens: int) -> None:
+        """Records a stateless request that continued a warm session holding ``reused_tokens``
+        of its prompt (0: it opened a fresh session)."""
+        self.prefix_requests.labels(model, "hit" if reused_tokens else "miss").inc()
+        self.prefix_reused_tokens.labels(model).inc(reused_tokens)
 
     def observe_failed_step(self, model: str) -> None:
         """Records a step the swarm did not complete."""

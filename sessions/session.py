@@ -119,6 +119,16 @@ class ChatSession:
             self._tickets_finished += 1
             self.last_active = time.monotonic()
 
+    def continue_for(self, connection_id: str) -> int:
+        """Takes the session, left by a finished request, for another request (``connection_id``)
+        whose prompt continues its tokens; returns how many of them the swarm already holds.
+        The token chosen last was never fed: the new prompt says what follows."""
+        self.stream.discard_pending()
+        self.carried_token = None
+        self.last_active = time.monotonic()
+        self.log.info("Continues as %s, %d tokens already in the swarm", connection_id, self.stream.position)
+        return self.stream.position
+
     def request_stop(self) -> None:
         """Ends every generation requested so far, before its next step."""
         self._stopped_through = self._tickets_issued

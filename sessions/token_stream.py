@@ -35,6 +35,10 @@ class TokenStream:
         """How many tokens the swarm holds attention caches for."""
         return self._session.position
 
+    def fed_token_ids(self) -> list:
+        """The tokens the swarm holds attention caches for, in order."""
+        return self.token_ids[0, :self.position].tolist()
+
     @property
     def last_logprobs(self) -> Optional[ChosenTokenLogprobs]:
         """The log-probabilities of the last step's choice, when its sampling asked for them."""

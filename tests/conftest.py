@@ -88,7 +88,8 @@ def local_swarm(tmp_path_factory, model_specs):
 def settings(model_specs, local_swarm) -> Settings:
     """Server settings pointing at the test swarm."""
     return Settings(models=model_specs, initial_peers=tuple(local_swarm.initial_peers), port=0,
-                    device="cpu", torch_dtype="float32", executor_workers=4, step_timeout=60)
+                    device="cpu", torch_dtype="float32", executor_workers=4, step_timeout=60,
+                    warm_sessions=0)  # prefix reuse is on only where a test turns it on (``warm_pool``)
 
 
 @pytest.fixture(scope="session")
@@ -135,6 +136,29 @@ def serve_with(settings, manager, io_loop):
     for server in servers:
         server.stop()
         io_loop.run_sync(server.close_all_connections)
+
+
+@pytest.fixture
+def warm_pool(manager, io_loop):
+    """``warm_pool(**limits)`` turns prefix reuse on in the shared manager for one test (its
+    warm sessions are closed after it)."""
+    from config import WarmPoolLimits
+    from sessions.warm_pool import WarmPool
+
+    original = manager.warm
+
+    def turn_on(**limits) -> WarmPool:
+        manager.warm = WarmPool(WarmPoolLimits(**limits))
+        return manager.warm
+
+    yield turn_on
+    pool, manager.warm = manager.warm, original
+
+    async def close_warm_sessions():
+        for session in pool.drain():
+            await session.aclose("test done")
+
+    io_loop.run_sync(close_warm_sessions)
 
 
 @pytest.fixture

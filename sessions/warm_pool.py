@@ -1,0 +1,124 @@
+"""Prefix reuse: the sessions of finished stateless requests, kept warm for the request that continues them.
+
+A stateless API (``/v1`` and ``/api/v1/generate``) gets a whole conversation with each request.
+When a request ends normally its session may wait here a short while; a later request of the
+same client for the same model whose prompt tokens begin with every token that session fed
+through the swarm takes it and feeds only the rest. Attention caches hold exactly those tokens,
+so the reply is the one a fresh session would give. Anything else opens a fresh session.
+
+The pool is bounded by count (in all and per client), by the memory its sessions hold on this
+machine, and by age: well under the swarm servers' own timeout for an idle session. Sessions the
+pool lets go are returned to the caller, who closes them; the pool itself never blocks.
+"""
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from config import WarmPoolLimits
+
+
+@dataclass
+class _Warm:
+    session: Any  # a ChatSession
+    fed: Tuple[int, ...]  # the tokens the swarm holds attention caches for
+    parked_at: float
+
+
+class WarmPool:
+    """Finished sessions waiting for a request that continues them (oldest first).
+
+    Sessions are ``ChatSession``-like: ``client``, ``model.spec.key``, ``max_length``,
+    ``closed_reason`` and a ``stream`` with ``fed_token_ids()`` and ``state_bytes``.
+    """
+
+    def __init__(self, limits: WarmPoolLimits = WarmPoolLimits(), clock: Callable[[], float] = time.monotonic):
+        self.limits = limits
+        self._clock = clock
+        self._warm: "collections.OrderedDict[int, _Warm]" = collections.OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether finished sessions are kept at all."""
+        return self.limits.max_sessions > 0
+
+    def __len__(self) -> int:
+        return len(self._warm)
+
+    def sessions(self) -> List[Any]:
+        """The sessions waiting, oldest first."""
+        return [warm.session for warm in self._warm.values()]
+
+    def state_bytes(self) -> int:
+        """Memory the waiting sessions hold on this machine."""
+        return sum(warm.session.stream.state_bytes for warm in self._warm.values())
+
+    def session_length(self, needed: int, model_limit: int) -> int:
+        """How long to open a request's session that needs ``needed`` tokens: with room for the
+        conversation's next turn when reuse is on."""
+        if not self.enabled:
+            return needed
+        return min(model_limit, needed + self.limits.headroom_tokens)
+
+    def park(self, session: Any) -> List[Any]:
+        """Keeps ``session`` for a request that continues it; returns the sessions to close
+        (``session`` itself when it cannot wait, or older ones it pushed out)."""
+        if not self.enabled or session.closed_reason is not None:
+            return [session]
+        if session.stream.state_bytes > self.limits.max_state_bytes:
+            return [session]
+        self._warm[id(session)] = _Warm(session, tuple(session.stream.fed_token_ids()), self._clock())
+        leaving = []
+        while self._over_limits(session.client):
+            leaving.append(self._pop_oldest(session.client if self._count(session.client) > self.limits.max_per_client
+                                            else None))
+        return leaving
+
+    def take(self, client: str, model: str, prompt_ids: Sequence[int], needed_length: int) -> Optional[Any]:
+        """The waiting session of ``client`` on ``model`` that fed the longest prefix of
+        ``prompt_ids`` and has room for ``needed_length`` tokens in all; None if none does."""
+        best: Optional[_Warm] = None
+        for key, warm in list(self._warm.items()):
+            session = warm.session
+            if session.closed_reason is not None:  # closed meanwhile (e.g. at shutdown)
+                del self._warm[key]
+                continue
+            if (session.client != client or session.model.spec.key != model or len(warm.fed) >= len(prompt_ids)
+                    or session.max_length < needed_length):
+                continue
+            if tuple(prompt_ids[:len(warm.fed)]) == warm.fed and (best is None or len(warm.fed) > len(best.fed)):
+                best = warm
+        if best is not None:
+            del self._warm[id(best.session)]
+            return best.session
+        return None
+
+    def expired(self) -> List[Any]:
+        """Removes and returns the sessions that waited longer than ``max_age``."""
+        now = self._clock()
+        old = [key for key, warm in self._warm.items() if now - warm.parked_at > self.limits.max_age]
+        return [self._warm.pop(key).session for key in old]
+
+    def evict(self, client: Optional[str] = None) -> Optional[Any]:
+        """Removes and returns the oldest waiting session (of ``client``, when given), to make room."""
+        if not any(client is None or warm.session.client == client for warm in self._warm.values()):
+            return None
+        return self._pop_oldest(client)
+
+    def drain(self) -> List[Any]:
+        """Removes and returns every waiting session."""
+        sessions = self.sessions()
+        self._warm.clear()
+        return sessions
+
+    def _count(self, client: str) -> int:
+        return sum(warm.session.client == client for warm in self._warm.values())
+
+    def _over_limits(self, client: str) -> bool:
+        return (len(self._warm) > self.limits.max_sessions or self._count(client) > self.limits.max_per_client
+                or self.state_bytes() > self.limits.max_state_bytes)
+
+    def _pop_oldest(self, client: Optional[str]) -> Any:
+        key = next(key for key, warm in self._warm.items() if client is None or warm.session.client == client)
+        return self._warm.pop(key).session
