@@ -24,11 +24,13 @@ OK_REPLY = json.dumps({"ok": True})
 
 
 def update_reply(update: GenerationUpdate, visible_text: bool = False) -> str:
-    """One generation reply as the wire has it (``text`` only when the client asked for it)."""
+    """One generation reply as the wire has it (``text`` and ``route`` only when the client asked)."""
     body: Dict[str, Any] = {"ok": True, "outputs": update.outputs, "stop": update.stop,
                             "token_count": update.token_count}
     if visible_text:
         body["text"] = update.text
+    if update.route is not None:
+        body["route"] = update.route
     return json.dumps(body)
 
 

@@ -24,8 +24,12 @@ class GenerateHandler(GenerationHandler):
         params = self.request_params()
         request = generation_request(params, allow_stop_sequence=False)
         model = optional_str(params, "model", allow_empty=False)
-        outputs = []
+        outputs, route = [], None
         async with aclosing(self.generate(model, request)) as updates:
             async for update in updates:
                 outputs.append(update.outputs)
-        self.write({"ok": True, "outputs": "".join(outputs)})
+                route = update.route
+        reply = {"ok": True, "outputs": "".join(outputs)}
+        if route is not None:
+            reply["route"] = route
+        self.write(reply)

@@ -3,7 +3,8 @@
 Requests are parsed into the typed models of ``handlers.openai_protocol`` and run through the
 same session manager as the other APIs, in a session of their own. A full reply and a
 stream are written by separate methods; streamed replies are server-sent events ending with
-``data: [DONE]``. Stop strings never reach the client, also when they span tokens: the
+``data: [DONE]``. A request with our extension ``"trace_route": true`` gets the generation's
+route through the swarm as ``route`` (on the last event of a stream). Stop strings never reach the client, also when they span tokens: the
 session holds back text that could begin one.
 """
 
@@ -149,6 +150,8 @@ class CompletionHandler(OpenAIHandler):
         choice = self.choice("".join(pieces), openai_finish_reason(last), logprobs if self.wants_logprobs else None)
         reply = self.envelope(model, self.object_name, [choice])
         reply["usage"] = self.usage(prompt_tokens, tokens)
+        if last.route is not None:
+            reply["route"] = last.route
         self.write(reply)
 
     async def send_event(self, payload: Any) -> None:
@@ -175,7 +178,10 @@ class CompletionHandler(OpenAIHandler):
                             self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
                             self.set_header("Cache-Control", "no-cache")
                         choice = self.chunk_choice(update.text, finish_reason, first, logprobs)
-                        await self.send_event(self.envelope(model, self.chunk_object_name, [choice]))
+                        event = self.envelope(model, self.chunk_object_name, [choice])
+                        if update.route is not None:
+                            event["route"] = update.route
+                        await self.send_event(event)
                         first = False
             if include_usage:
                 usage = self.envelope(model, self.chunk_object_name, [])

@@ -94,6 +94,7 @@ class OpenAIRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     response_format: Optional[ResponseFormat] = None
     user: Optional[str] = None
+    trace_route: bool = False  # our extension: the reply's ``route`` names the swarm servers that served it
 
     @model_validator(mode="before")
     @classmethod
@@ -203,6 +204,7 @@ class OpenAIRequest(BaseModel):
             sampling=self.sampling_params(),
             extra_stop_sequences=tuple(dict.fromkeys(self.stop_strings + format_stops)),
             until_length=True,
+            trace_route=self.trace_route,
         )
 
 

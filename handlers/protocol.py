@@ -143,6 +143,7 @@ def generation_request(params: Mapping[str, Any], allow_stop_sequence: bool = Tr
     return GenerationRequest(
         inputs=optional_str(params, "inputs"),
         visible_text=bool(optional_bool(params, "visible_text")) if allow_stop_sequence else False,
+        trace_route=bool(optional_bool(params, "trace_route")),
         max_length=max_length,
         max_new_tokens=max_new_tokens,
         sampling=sampling,

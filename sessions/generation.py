@@ -49,6 +49,7 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
                                 f"{needed - session.stream.position} leaves no room for a new token within "
                                 f"the maximum {total_limit}")
     stops = StopStringFilter(request.stop_sequences)
+    session.stream.route.reset()
     eos_token_id = session.model.eos_token_id
     session.decoder.add_context(input_ids)
     ahead: Optional[StartedStep] = None  # the next step, started while a reply is on its way
@@ -93,7 +94,8 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
             ahead = session.start_step([], request.sampling)
         yield GenerationUpdate(outputs=chunk_text, stop=finish_reason is not None, token_count=chunk_tokens,
                                finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched,
-                               logprobs=tuple(chunk_logprobs))
+                               logprobs=tuple(chunk_logprobs),
+                               route=session.stream.route.summary() if finish_reason and request.trace_route else None)
         if finish_reason is not None:
             return
 

@@ -6,6 +6,7 @@ model registry, admission control, the swarm monitor and the metrics.
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Sequence, Set, TypeVar
@@ -18,6 +19,7 @@ from sessions.metrics import SessionMetrics
 from sessions.models import LoadedModel
 from sessions.registry import ModelRegistry
 from sessions.requests import GenerationRequest
+from sessions.server_latency import ServerLatency
 from sessions.session import ChatSession
 from sessions.swarm_state import SwarmMonitor
 from sessions.token_stream import TokenStream
@@ -51,12 +53,14 @@ class SessionManager:
     Tasks started through ``spawn`` are tracked until done and given a grace period at
     shutdown. The collaborators are public so that the app factory can hand each handler what
     it needs: ``registry`` (models), ``admission`` (limits), ``executor`` (blocking calls),
-    ``monitor`` (swarm routes), ``metrics`` and ``warm`` (finished sessions kept for prefix reuse).
+    ``monitor`` (swarm routes), ``metrics``, ``server_latency`` (recent step times per swarm
+    server) and ``warm`` (finished sessions kept for prefix reuse).
     """
 
     def __init__(self, registry: ModelRegistry, admission: Admission, executor: BlockingExecutor,
                  monitor: SwarmMonitor, metrics: SessionMetrics, settings: ManagerSettings,
-                 warm: Optional[WarmPool] = None, open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
+                 warm: Optional[WarmPool] = None, server_latency: Optional[ServerLatency] = None,
+                 open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
         self.registry = registry
         self.admission = admission
         self.executor = executor
@@ -64,6 +68,7 @@ class SessionManager:
         self.metrics = metrics
         self.settings = settings
         self.warm = warm if warm is not None else WarmPool(settings.warm_pool)
+        self.server_latency = server_latency or ServerLatency(metrics.observe_server_step)
         self._open_stream = open_stream  # a model and a length -> the session's token stream
         self._sessions: Set[ChatSession] = set()
         self._tasks: Set[asyncio.Task] = set()
@@ -228,7 +233,10 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
                              executor_queue_depth=lambda: executor.queue_depth,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)
-    manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings)
+    server_latency = ServerLatency(metrics.observe_server_step)
+    manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
+                             server_latency=server_latency,
+                             open_stream=functools.partial(TokenStream, observe_server_step=server_latency.observe))
     metrics.state_bytes.set_function(manager.session_state_bytes)
     metrics.warm_sessions.set_function(lambda: len(manager.warm))
     return manager

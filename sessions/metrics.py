@@ -59,6 +59,10 @@ class SessionMetrics:
             "swarm_chat_gc_pause_seconds", "Pauses of Python's garbage collector, by generation collected",
             ["generation"], buckets=GC_PAUSE_BUCKETS, registry=self.registry)
         self._gc_started: Optional[float] = None
+        self.server_step_seconds = Histogram(
+            "swarm_chat_server_step_seconds", "One swarm server's part of a generation step (the first 32 "
+            "servers seen have a label of their own, later ones share \"other\")", ["server"],
+            buckets=STEP_SECONDS_BUCKETS, registry=self.registry)
         self.prefix_requests = Counter(
             "swarm_chat_prefix_reuse_requests",
             "Stateless requests by whether they continued a warm session (hit) or opened one (miss)",
@@ -97,6 +101,10 @@ class SessionMetrics:
         self.step_seconds.labels(model).observe(seconds)
         self.generated_tokens.labels(model).inc()
         self.input_tokens.labels(model).inc(input_tokens)
+
+    def observe_server_step(self, server: str, seconds: float) -> None:
+        """Records one server's part of one step."""
+        self.server_step_seconds.labels(server).observe(seconds)
 
     def observe_prefix_reuse(self, model: str, reused_tokens: int) -> None:
         """Records a stateless request that continued a warm session holding ``reused_tokens``

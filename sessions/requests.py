@@ -4,7 +4,7 @@ The wire parsers (``handlers/``) build these; the session side (``sessions/``) r
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 # Below this temperature sampling is greedy: dividing the logits by a far smaller number
 # overflows them, and the token is the most likely one anyway.
@@ -65,6 +65,7 @@ class GenerationRequest:
     extra_stop_sequences: Tuple[str, ...] = ()  # also end the stream (with a stop_sequence: as its token)
     until_length: bool = False  # keep replying until a stop, EOS or max_length, even without stop_sequence
     visible_text: bool = False  # also give each reply's text with stop sequences cut and held back
+    trace_route: bool = False  # the last reply carries the generation's route through the swarm
 
     @property
     def streaming(self) -> bool:
@@ -92,3 +93,4 @@ class GenerationUpdate:
     text: str = ""
     stopped_by_sequence: bool = False  # on the last reply: a stop sequence (not EOS or a limit) ended it
     logprobs: Tuple[ChosenTokenLogprobs, ...] = ()  # per token of ``outputs``, when the request asked
+    route: Optional[Dict[str, Any]] = None  # on the last reply, when the request asked: the route trace

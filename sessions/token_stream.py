@@ -5,14 +5,15 @@ on this machine (embeddings and the output head are local). Its methods block: t
 manager runs them in its executor.
 """
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from sessions.models import LoadedModel
 from sessions.requests import ChosenTokenLogprobs, SamplingParams
 from sessions.token_chooser import TokenChooser
-from swarm.petals_api import InferenceSession
+from swarm.petals_api import InferenceSession, recording
+from swarm.route_trace import RouteRecorder
 
 
 class TokenStream:
@@ -22,13 +23,15 @@ class TokenStream:
     it together with any new input; so one step costs one round trip through the swarm.
     """
 
-    def __init__(self, loaded: LoadedModel, max_length: int):
+    def __init__(self, loaded: LoadedModel, max_length: int,
+                 observe_server_step: Optional[Callable[[str, float], None]] = None):
         self.loaded = loaded
         self._remote = loaded.client.transformer.h
         self._session = InferenceSession(self._remote.sequence_manager, max_length)
         self.token_ids = torch.empty((1, 0), dtype=torch.int64)  # every token, fed or pending
         self.pending: Optional[int] = None  # chosen but not yet fed through the swarm
         self._chooser: Optional[TokenChooser] = None  # the running generation's, kept across its steps
+        self.route = RouteRecorder(observe_server_step)  # the servers of each step, per generation
 
     @property
     def position(self) -> int:
@@ -68,7 +71,7 @@ class TokenStream:
         chooser = self._chooser_for(sampling)  # before any swarm work: it checks the request
         input_ids = torch.tensor([feed], dtype=torch.int64)
         client = self.loaded.client
-        with torch.inference_mode(), self._remote.use_session(self._session):
+        with torch.inference_mode(), self._remote.use_session(self._session), recording(self.route):
             hidden = client.transformer(input_ids=input_ids).last_hidden_state[:, -1:]
             logits = client.lm_head(hidden)[:, -1].float()
         self.token_ids = torch.cat([self.token_ids, torch.tensor([list(new_input_ids)], dtype=torch.int64)], dim=1)

@@ -1,17 +1,21 @@
 """The petals (and hivemind) names this project uses, imported once the compatibility patch is in.
 
 Import petals through this module only: ``swarm.compat`` must run before petals is first
-imported, and here it always does.
+imported, and here it always does. Server steps are traced from here on (``swarm.route_trace``).
 """
 
 import swarm.compat  # noqa: F401  (must precede petals)
 from hivemind import DHT
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from petals import AutoDistributedModelForCausalLM
-from petals.client.inference_session import InferenceSession
+from petals.client.inference_session import InferenceSession, _ServerInferenceSession
 from petals.constants import PUBLIC_INITIAL_PEERS
 from petals.data_structures import ServerState
 from petals.utils.dht import get_remote_module_infos
 
+from swarm.route_trace import recording, trace_server_steps
+
+trace_server_steps(_ServerInferenceSession)
+
 __all__ = ["DHT", "RemoteExpertWorker", "AutoDistributedModelForCausalLM", "InferenceSession",
-           "PUBLIC_INITIAL_PEERS", "ServerState", "get_remote_module_infos"]
+           "PUBLIC_INITIAL_PEERS", "ServerState", "get_remote_module_infos", "recording"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from config import ChatSettings, FrontendSettings, ModelSpec
+from swarm.route_trace import RouteRecorder
 
 EOS = 0
 
@@ -67,6 +68,7 @@ class FakeTokenStream:
         self.hold_close.set()
         self._next = 0
         self.span_count = 1
+        self.route = RouteRecorder()
 
     def step(self, new_input_ids: Sequence[int] = (), sampling=None) -> int:
         self.steps_running += 1

@@ -30,10 +30,15 @@ def reference_tokens(path, prompt_ids, count: int) -> list:
     return output[0, len(prompt_ids):].tolist()
 
 
-def servers_per_block(swarm: LocalSwarm, model: SwarmModel) -> list:
+def online_servers(swarm: LocalSwarm, model: SwarmModel) -> list:
+    """Per block, the peer ids of its online servers."""
     uids = [f"{model.dht_prefix}.{index}" for index in range(model.num_blocks)]
-    return [sum(info.state.name == "ONLINE" for info in block.servers.values())
+    return [{str(peer_id) for peer_id, info in block.servers.items() if info.state.name == "ONLINE"}
             for block in lookup_blocks(swarm.dht, uids)]
+
+
+def servers_per_block(swarm: LocalSwarm, model: SwarmModel) -> list:
+    return [len(servers) for servers in online_servers(swarm, model)]
 
 
 async def wait_until(condition, timeout: float) -> None:
@@ -64,7 +69,12 @@ async def test_two_servers_take_over_one_and_the_text_does_not_change(failover_s
         loaded = manager.registry.find(None)
         expected = loaded.tokenizer.decode(reference_tokens(default_model_dir, loaded.encode(PROMPT), BEFORE + AFTER))
         session = await manager.open_session("failover", spec.key, 256, "127.0.0.1")
-        before = [update async for update in session.generate(GenerationRequest(inputs=PROMPT, max_new_tokens=BEFORE))]
+        before = [update async for update in session.generate(
+            GenerationRequest(inputs=PROMPT, max_new_tokens=BEFORE, trace_route=True))]
+        (whole_peer,) = online_servers(swarm, model)[0]
+        assert [(span["peer_id"], span["blocks"]) for span in before[-1].route["spans"]] == [
+            (whole_peer, [0, model.num_blocks])]
+        assert before[-1].route["steps"] == BEFORE and before[-1].route["failures"] == 0
 
         half = model.num_blocks // 2
         swarm.add_node(model, f"0:{half}", NODE_OPTIONS)
@@ -78,10 +88,18 @@ async def test_two_servers_take_over_one_and_the_text_does_not_change(failover_s
         await wait_until(lambda: max(servers_per_block(swarm, model)) == 1, READY_TIMEOUT)
         await asyncio.sleep(3)
 
-        after = [update async for update in session.generate(GenerationRequest(max_new_tokens=AFTER))]
+        first_half, second_half = (online_servers(swarm, model)[block] for block in (0, model.num_blocks - 1))
+        after = [update async for update in session.generate(GenerationRequest(max_new_tokens=AFTER,
+                                                                               trace_route=True))]
         text = "".join(update.outputs for update in before + after)
         assert sum(update.token_count for update in before + after) == BEFORE + AFTER
         assert text == expected.rstrip("\ufffd")
+        # The trace shows the failover: the dead server's failure, then the two halves.
+        route = after[-1].route
+        assert route["failures"] >= 1 and route["events"][0]["peer_id"] == whole_peer
+        assert route["events"][0]["step"] == 1 and route["events"][0]["blocks"] == [0, model.num_blocks]
+        assert [(span["peer_id"], span["blocks"]) for span in route["spans"]] == [
+            (first_half.pop(), [0, half]), (second_half.pop(), [half, model.num_blocks])]
         await session.aclose("test done")
     finally:
         await manager.close()

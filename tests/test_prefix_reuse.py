@@ -57,8 +57,11 @@ async def test_a_changed_history_opens_a_fresh_session(client, manager, warm_poo
                                             max_tokens=4, temperature=0)
     assert other.usage.prompt_tokens_details.cached_tokens == 0  # the history differs
     assert len(pool) == 2
-    hit = await client.completions.create(model=TINY, prompt=continued, max_tokens=4, temperature=0)
+    hit = await client.completions.create(model=TINY, prompt=continued, max_tokens=4, temperature=0,
+                                          extra_body={"trace_route": True})
     assert hit.usage.prompt_tokens_details.cached_tokens > 0
+    assert hit.model_extra["route"]["steps"] == 4  # the extension field, read through the official client
+    assert "route" not in (first.model_extra or {})
     assert manager.metrics.registry.get_sample_value(
         "swarm_chat_prefix_reuse_requests_total", {"model": TINY, "outcome": "hit"}) == 1
 

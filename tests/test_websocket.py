@@ -319,3 +319,30 @@ async def test_inputs_longer_than_the_session_can_hold_are_refused_before_tokeni
                                   "max_new_tokens": 1})
     assert reply["ok"] is False and reply["code"] == "max_length_exceeded" and "characters" in reply["traceback"]
     client.close()
+
+
+async def test_a_generation_asked_to_trace_its_route_names_the_server_that_served_it(ws_port, manager, http_client):
+    swarm = json.loads((await http_client.fetch(f"http://127.0.0.1:{ws_port}/api/v1/swarm")).body)
+    (tiny,) = [model for model in swarm["models"] if model["model"] == TINY]
+    (server,) = tiny["servers"]
+    client = await WSClient.connect(ws_port)
+    assert (await client.request({"type": "open_inference_session", "model": TINY, "max_length": 64}))["ok"]
+    untraced = await client.request({"type": "generate", "inputs": "A cat", "max_new_tokens": 3})
+    assert "route" not in untraced  # only when asked: the original protocol is unchanged
+    replies = await client.stream({"type": "generate", "inputs": " sat", "max_new_tokens": 1, "stop_sequence": "zzz",
+                                   "max_length": 12, "trace_route": True})
+    assert all("route" not in reply for reply in replies[:-1])
+    route = replies[-1]["route"]
+    assert route["steps"] == sum(reply["token_count"] for reply in replies) and route["failures"] == 0
+    assert [(span["peer_id"], span["blocks"]) for span in route["spans"]] == [
+        (server["peer_id"], [0, tiny["num_blocks"]])]
+    assert 0 < route["spans"][0]["ms_per_step"] <= route["ms_per_step"]
+    assert 0 < route["spans"][0]["share"] <= 1
+    client.close()
+
+    swarm = json.loads((await http_client.fetch(f"http://127.0.0.1:{ws_port}/api/v1/swarm")).body)
+    latency = {entry["peer_id"]: entry for entry in swarm["server_latency"]}
+    assert latency[server["peer_id"]]["recent_steps"] >= route["steps"]
+    metrics = (await http_client.fetch(f"http://127.0.0.1:{ws_port}/metrics")).body.decode()
+    assert f'swarm_chat_server_step_seconds_count{{server="{server["peer_id"]}"}}' in metrics
+    await wait_for_no_sessions(manager)
