@@ -3,6 +3,11 @@
 The Tornado handler only accepts the socket and forwards frames here. Each ``generate`` runs
 as a task of its own (so a ``stop`` or a disconnect is read while tokens flow); the session
 runs them one at a time in the order they came. Every error becomes an error reply.
+
+A session opened with ``"resumable": true`` outlives a connection that drops (one the client
+closes normally, with code 1000, ends it as usual): its generations go on,
+their replies are kept (``handlers.replies``), and a new connection that brings the session's
+id and resume token continues it where the client stopped reading.
 """
 
 import json
@@ -10,7 +15,8 @@ import logging
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Union
 
-from handlers.protocol import GenerateMessage, OpenSessionMessage, StopMessage, parse_message
+from handlers.protocol import GenerateMessage, OpenSessionMessage, ResumeSessionMessage, StopMessage, parse_message
+from handlers.replies import ReplyChannel
 from sessions.admission import Slot
 from sessions.errors import SessionStateError, TooManyConnections, error_payload, log_error
 from sessions.logs import ConnectionLog
@@ -23,7 +29,7 @@ logger = logging.getLogger(__name__)
 OK_REPLY = json.dumps({"ok": True})
 
 
-def update_reply(update: GenerationUpdate, visible_text: bool = False) -> str:
+def update_reply(update: GenerationUpdate, visible_text: bool = False) -> Dict[str, Any]:
     """One generation reply as the wire has it (``text`` and ``route`` only when the client asked)."""
     body: Dict[str, Any] = {"ok": True, "outputs": update.outputs, "stop": update.stop,
                             "token_count": update.token_count}
@@ -31,7 +37,7 @@ def update_reply(update: GenerationUpdate, visible_text: bool = False) -> str:
         body["text"] = update.text
     if update.route is not None:
         body["route"] = update.route
-    return json.dumps(body)
+    return body
 
 
 class GenerateConnection:
@@ -53,6 +59,7 @@ class GenerateConnection:
         self.session: Optional[ChatSession] = None
         self.closed = False
         self._send = send
+        self.replies = ReplyChannel(send, owner=self)  # the session's, once a resumable one is opened or resumed
         self._slot: Optional[Slot] = None
         self._rate = manager.admission.message_rate()
 
@@ -72,6 +79,8 @@ class GenerateConnection:
             message = parse_message(raw, self.max_message_bytes)
             if isinstance(message, OpenSessionMessage):
                 await self._open_session(message)
+            elif isinstance(message, ResumeSessionMessage):
+                await self._resume_session(message)
             elif isinstance(message, GenerateMessage):
                 self._start_generation(message.request)
             elif isinstance(message, StopMessage):
@@ -80,48 +89,92 @@ class GenerateConnection:
             await self.send_error(log_error(self.log, "Rejected a message", error))
 
     async def _open_session(self, message: OpenSessionMessage) -> None:
-        if self.session is not None and not self.session.released:
-            raise SessionStateError("An inference session is already open on this connection")
-        self.session = await self.manager.open_session(self.connection_id, message.model, message.max_length,
-                                                       self.client, trusted=self.trusted)
+        self._check_no_session()
+        session = await self.manager.open_session(self.connection_id, message.model, message.max_length,
+                                                  self.client, trusted=self.trusted)
         if self.closed:  # the client left while the session was opening
-            self.manager.close_in_background(self.session, "connection closed")
+            self.manager.close_in_background(session, "connection closed")
             return
-        await self._send(OK_REPLY)
+        self.session = session
+        if not message.resumable:
+            self.replies = ReplyChannel(self._send, owner=self)
+            await self._send(OK_REPLY)
+            return
+        self.replies = ReplyChannel(self._send, owner=self, numbered=True, on_full=session.request_stop)
+        token = self.manager.make_resumable(session, self.replies)
+        await self._send(json.dumps({"ok": True, "session_id": session.session_id, "resume_token": token}))
+
+    async def _resume_session(self, message: ResumeSessionMessage) -> None:
+        self._check_no_session()
+        session, replies = self.manager.resume(message.session_id, message.resume_token,
+                                               lambda replies: replies.check_replayable(message.last_seq))
+        previous = replies.owner
+        await self._send(json.dumps({"ok": True, "session_id": session.session_id, "resumed": True,
+                                     "seq": replies.seq}))
+        await replies.attach(self, self._send, message.last_seq)
+        if previous is not None and previous is not self:
+            previous.let_go(session)  # its connection has not noticed it is gone
+        self.session, self.replies = session, replies
+        self.log.info("Resumed session %s after reply %d", session.session_id, message.last_seq)
+
+    def _check_no_session(self) -> None:
+        if self.session is not None and not self.session.released and self.holds_session:
+            raise SessionStateError("An inference session is already open on this connection")
+
+    @property
+    def holds_session(self) -> bool:
+        """Whether this connection still speaks for its session (a resumed one moves to the new connection)."""
+        return self.session is not None and self.replies.owner is self
+
+    def let_go(self, session: ChatSession) -> None:
+        """Another connection resumed ``session``: this one no longer speaks for it."""
+        if self.session is session:
+            self.session = None
+            self.replies = ReplyChannel(self._send, owner=self)
+            self.log.info("Session %s was resumed on another connection", session.session_id)
 
     def _start_generation(self, request: GenerationRequest) -> None:
-        if self.session is None:
+        if not self.holds_session:
             raise SessionStateError("Open an inference session first (type: open_inference_session)")
         self.manager.admission.check_request(self.session.model.spec, request)
         self.manager.admission.check_waiting(self.session.unfinished_generations)
         updates = self.session.generate(request)  # takes its place in line now
-        self.manager.spawn(self._stream(updates, request.visible_text), f"generate-{self.connection_id}")
+        self.manager.spawn(self._stream(updates, request.visible_text, self.replies), f"generate-{self.connection_id}")
 
-    async def _stream(self, updates: AsyncIterator[GenerationUpdate], visible_text: bool) -> None:
+    async def _stream(self, updates: AsyncIterator[GenerationUpdate], visible_text: bool,
+                      replies: ReplyChannel) -> None:
+        # Replies go to the session's channel, which a resuming connection may take over meanwhile.
         try:
             async with aclosing(updates):
                 async for update in updates:
-                    await self._send(update_reply(update, visible_text))
+                    await replies.deliver(update_reply(update, visible_text))
         except Exception as error:
-            await self.send_error(log_error(self.log, "Generation failed", error))
+            await self.send_error(log_error(self.log, "Generation failed", error), replies)
 
     async def _stop(self) -> None:
-        if self.session is not None and self.session.has_generations:
+        if self.holds_session and self.session.has_generations:
             self.session.request_stop()
             self.log.info("Stop requested")
         else:
-            await self._send(update_reply(GenerationUpdate(outputs="", stop=True, token_count=0)))
+            await self.replies.deliver(update_reply(GenerationUpdate(outputs="", stop=True, token_count=0)))
 
-    async def send_error(self, error: BaseException) -> None:
-        """Writes an error reply and counts it."""
+    async def send_error(self, error: BaseException, replies: Optional[ReplyChannel] = None) -> None:
+        """Writes an error reply (to the session's channel, or ``replies``) and counts it."""
         payload = error_payload(error, debug=self.debug)
         self.manager.metrics.count_error(payload["code"])
-        await self._send(json.dumps(payload))
+        await (replies or self.replies).deliver(payload)
 
-    def close(self) -> None:
-        """The socket closed: the session and its generations end in the background."""
+    def close(self, by_client: bool = False) -> None:
+        """The socket closed: the session and its generations end in the background. A resumable
+        session whose connection dropped (not closed ``by_client`` on purpose) waits for its
+        client to come back instead."""
         self.closed = True
         if self._slot is not None:
             self._slot.release()
-        if self.session is not None:
+        if not self.holds_session:
+            return
+        if self.replies.numbered and not by_client and not self.session.released:
+            self.replies.detach()
+            self.manager.detach(self.session)
+        else:
             self.manager.close_in_background(self.session, "connection closed")

@@ -17,6 +17,16 @@ class OpenSessionMessage:
 
     model: Optional[str]
     max_length: int
+    resumable: bool = False  # the session may outlive its connection (the reply carries a resume token)
+
+
+@dataclass(frozen=True)
+class ResumeSessionMessage:
+    """``{"type": "resume_inference_session", "session_id": ..., "resume_token": ..., "last_seq": ...}``"""
+
+    session_id: str
+    resume_token: str
+    last_seq: int  # the last reply the client received; later ones are sent again
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,7 @@ class StopMessage:
     """``{"type": "stop"}``: end the running generation now."""
 
 
-Message = Union[OpenSessionMessage, GenerateMessage, StopMessage]
+Message = Union[OpenSessionMessage, ResumeSessionMessage, GenerateMessage, StopMessage]
 MAX_INT_DIGITS = 18
 # How much of a client's value an error message quotes.
 SHOWN_CHARS = 80
@@ -167,9 +177,17 @@ def parse_message(raw: Union[str, bytes], max_bytes: int) -> Message:
         max_length = optional_int(data, "max_length")
         if max_length is None:
             raise BadRequest("max_length is required")
-        return OpenSessionMessage(model=optional_str(data, "model", allow_empty=False), max_length=max_length)
+        return OpenSessionMessage(model=optional_str(data, "model", allow_empty=False), max_length=max_length,
+                                  resumable=bool(optional_bool(data, "resumable")))
+    if kind == "resume_inference_session":
+        session_id, token = optional_str(data, "session_id"), optional_str(data, "resume_token")
+        if not session_id or not token:
+            raise BadRequest("session_id and resume_token are required")
+        last_seq = optional_int(data, "last_seq", minimum=0)
+        return ResumeSessionMessage(session_id, token, 0 if last_seq is None else last_seq)
     if kind == "generate":
         return GenerateMessage(request=generation_request(data))
     if kind == "stop":
         return StopMessage()
-    raise BadRequest(f"Unknown message type {shown(kind)}; expected open_inference_session, generate or stop")
+    raise BadRequest(f"Unknown message type {shown(kind)}; expected open_inference_session, "
+                     "resume_inference_session, generate or stop")

@@ -19,7 +19,9 @@ from sessions.logs import new_connection_id
 from sessions.manager import SessionManager
 
 
-# The WebSocket close code for "try again later".
+# WebSocket close codes: "done" (a client that closes with it ends even a resumable session),
+# and "try again later".
+NORMAL_CLOSURE = 1000
 TRY_AGAIN_LATER = 1013
 
 
@@ -78,4 +80,4 @@ class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
         self.open_connections.discard(self)
         if self.connection is not None:
             self.connection.log.info("Disconnected (code %s)", self.close_code)
-            self.connection.close()
+            self.connection.close(by_client=self.close_code == NORMAL_CLOSURE)

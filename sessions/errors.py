@@ -123,6 +123,15 @@ class SessionExpired(ClientError):
     meaning = "the session was closed (idle, or broken by an error); open a new one"
 
 
+class ResumeRefused(ClientError):
+    """No resumable session has this id and resume token (or it waited too long); open a new one."""
+
+    code = "resume_refused"
+    status = 404
+    session_survives = False
+    meaning = "no resumable session with this id and token (gone, or its grace period is over)"
+
+
 class ClientLimit(ClientError):
     """This client holds as many sessions as one client may."""
 

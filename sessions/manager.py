@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Sequence, Set, TypeVar
+from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
 
 from config import PUBLIC_SWARM, ManagerSettings, ModelSpec
 from sessions.admission import Admission
@@ -19,6 +19,7 @@ from sessions.metrics import SessionMetrics
 from sessions.models import LoadedModel
 from sessions.registry import ModelRegistry
 from sessions.requests import GenerationRequest
+from sessions.resumable import ResumableSessions
 from sessions.server_latency import ServerLatency
 from sessions.session import ChatSession
 from sessions.swarm_state import SwarmMonitor
@@ -54,7 +55,8 @@ class SessionManager:
     shutdown. The collaborators are public so that the app factory can hand each handler what
     it needs: ``registry`` (models), ``admission`` (limits), ``executor`` (blocking calls),
     ``monitor`` (swarm routes), ``metrics``, ``server_latency`` (recent step times per swarm
-    server) and ``warm`` (finished sessions kept for prefix reuse).
+    server), ``warm`` (finished sessions kept for prefix reuse) and ``resumable`` (WebSocket
+    sessions that may outlive their connection).
     """
 
     def __init__(self, registry: ModelRegistry, admission: Admission, executor: BlockingExecutor,
@@ -69,6 +71,7 @@ class SessionManager:
         self.settings = settings
         self.warm = warm if warm is not None else WarmPool(settings.warm_pool)
         self.server_latency = server_latency or ServerLatency(metrics.observe_server_step)
+        self.resumable = ResumableSessions(settings.resume_grace)
         self._open_stream = open_stream  # a model and a length -> the session's token stream
         self._sessions: Set[ChatSession] = set()
         self._tasks: Set[asyncio.Task] = set()
@@ -121,11 +124,32 @@ class SessionManager:
             slot.release()
             raise
         session = ChatSession(connection_id, loaded, stream, max_length, self.executor, self.settings.step_timeout,
-                              self.metrics, slot, on_closed=self._sessions.discard)
+                              self.metrics, slot, on_closed=self._session_closed)
         self._sessions.add(session)
         self.metrics.sessions_opened.labels(loaded.spec.key).inc()
         session.log.info("Opened a session on %s for %s, max_length %d", loaded.spec.key, client, max_length)
         return session
+
+    def _session_closed(self, session: ChatSession) -> None:
+        self._sessions.discard(session)
+        self.resumable.forget(session)
+
+    def make_resumable(self, session: ChatSession, attachment: Any) -> str:
+        """Lets ``session`` outlive its connection for the grace period; returns its resume token.
+        ``attachment`` is handed back to the connection that resumes it."""
+        return self.resumable.register(session, attachment)
+
+    def detach(self, session: ChatSession) -> None:
+        """A resumable session's connection dropped: the session waits for its client (its
+        generations go on), and closes if nobody resumes it within the grace period."""
+        self.resumable.detach(session)
+        session.log.info("Waiting %.0f s for the client to resume the session", self.resumable.grace)
+
+    def resume(self, session_id: object, token: object,
+               check: Callable[[Any], None] = lambda attachment: None) -> Tuple[ChatSession, Any]:
+        """The resumable session ``session_id`` and its attachment, if ``token`` is its resume token
+        (and ``check(attachment)`` passes)."""
+        return self.resumable.resume(session_id, token, check)
 
     async def open_for_request(self, connection_id: str, model_name: object, request: GenerationRequest,
                                client: str, trusted: bool = False) -> RequestSession:
@@ -191,9 +215,12 @@ class SessionManager:
 
     async def _expire_idle_sessions(self) -> None:
         while True:
-            await asyncio.sleep(max(0.5, min(5.0, self.settings.idle_timeout / 4, self.warm.limits.max_age / 4)))
+            await asyncio.sleep(max(0.5, min(5.0, self.settings.idle_timeout / 4, self.warm.limits.max_age / 4,
+                                             self.resumable.grace / 4)))
             for session in self.warm.expired():
                 self.close_in_background(session, "not continued while warm")
+            for session in self.resumable.expired():
+                self.close_in_background(session, "not resumed within its grace period")
             now = time.monotonic()
             for session in list(self._sessions):
                 idle = now - session.last_active

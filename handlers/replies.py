@@ -1,0 +1,78 @@
+"""Where a WebSocket session's replies go on their way to its client.
+
+Replies of an ordinary session go straight to the socket. Those of a resumable session are
+numbered (``seq``) and the latest are kept, so that a client that reconnects gets, in order,
+each reply it missed, and nothing twice.
+"""
+
+import collections
+import json
+from typing import Any, Awaitable, Callable, Deque, Dict, Optional, Tuple
+
+from sessions.errors import ResumeRefused
+
+# Replies a resumable session keeps for a client that comes back; while no connection holds the
+# session, its generations are stopped before the buffer is full (the last replies still fit).
+KEPT_REPLIES = 512
+KEPT_AFTER_STOP = 16
+
+Send = Callable[[str], Awaitable[None]]
+
+
+class ReplyChannel:
+    """The replies of one session: sent through ``send`` while a connection holds it.
+
+    A ``numbered`` channel keeps its latest replies; ``detach`` holds them back until ``attach``
+    sends the missed ones to the new connection. ``on_full`` runs (once per detachment) when
+    replies pile up with no connection to take them.
+    """
+
+    def __init__(self, send: Optional[Send], owner: Any = None, numbered: bool = False,
+                 on_full: Callable[[], None] = lambda: None):
+        self.owner = owner  # the connection that holds the session
+        self.numbered = numbered
+        self.seq = 0  # the number of the latest reply
+        self._send = send
+        self._kept: Deque[Tuple[int, str]] = collections.deque(maxlen=KEPT_REPLIES if numbered else 0)
+        self._on_full = on_full
+        self._stopped_while_detached = False
+
+    async def deliver(self, body: Dict[str, Any]) -> None:
+        """Sends one reply (numbered and kept, on a numbered channel)."""
+        if self.numbered:
+            self.seq += 1
+            frame = json.dumps(dict(body, seq=self.seq))
+            self._kept.append((self.seq, frame))
+            if (self._send is None and not self._stopped_while_detached
+                    and len(self._kept) >= KEPT_REPLIES - KEPT_AFTER_STOP):
+                self._stopped_while_detached = True
+                self._on_full()
+        else:
+            frame = json.dumps(body)
+        if self._send is not None:
+            await self._send(frame)
+
+    def detach(self) -> None:
+        """The connection dropped: replies are kept until one attaches."""
+        self._send, self.owner = None, None
+        self._stopped_while_detached = False
+
+    def check_replayable(self, last_seq: int) -> None:
+        """Raises ``ResumeRefused`` unless every reply after ``last_seq`` is still kept."""
+        if last_seq > self.seq or (last_seq < self.seq and (not self._kept or self._kept[0][0] > last_seq + 1)):
+            raise ResumeRefused(f"Replies after {last_seq} are no longer kept (the latest is {self.seq}); "
+                                "open a new session")
+
+    async def attach(self, owner: Any, send: Send, last_seq: int) -> None:
+        """Hands the channel to a new connection: sends the replies after ``last_seq`` in order
+        (``check_replayable`` first), then every later one."""
+        self._send, self.owner = None, owner  # a connection that still held it gets nothing more
+        sent = last_seq
+        while True:  # replies that come while the missed ones are sent queue behind them
+            missed = [(seq, frame) for seq, frame in self._kept if seq > sent]
+            if not missed:
+                break
+            for seq, frame in missed:
+                await send(frame)
+                sent = seq
+        self._send = send
