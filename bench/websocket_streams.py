@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -161,12 +162,12 @@ async def idle_sessions(url: str, model: str, target: int) -> list:
     return results
 
 
-def start_server(model_source: str, peers, port: int) -> subprocess.Popen:
+def start_server(model_source: str, peers, port: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "server.py", "--model", model_source, "--port", str(port), "--host", "127.0.0.1",
          "--initial-peers", *peers, "--torch-dtype", "float32", "--device", "cpu",
          # every stream and idle session of this benchmark comes from one address
-         "--max-sessions-per-client", "100000", "--max-connections-per-client", "100000"],
+         "--max-sessions-per-client", "100000", "--max-connections-per-client", "100000", *extra_args],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
