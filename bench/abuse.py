@@ -1080,11 +1080,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def server_flags(defaults: ManagerSettings) -> List[str]:
-    """The server's limits back at their defaults (bench.load_soak raises them), and a short request timeout."""
+    """The server's limits back at their defaults (bench.load_soak raises them), a short request
+    timeout, and no prefix reuse: each row ends with no session left open."""
     return ["--max-sessions", str(defaults.max_sessions),
             "--max-sessions-per-client", str(defaults.max_sessions_per_client),
             "--max-connections-per-client", str(defaults.max_connections_per_client),
-            "--request-timeout", str(REQUEST_TIMEOUT)]
+            "--request-timeout", str(REQUEST_TIMEOUT), "--warm-sessions", "0"]
 
 
 def _interrupt(signum, frame):

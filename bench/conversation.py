@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import openai  # noqa: E402
 
-from config import default_model  # noqa: E402
+from config import default_model, model_from_source  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 from websocket_streams import connect, request, start_server  # noqa: E402
@@ -99,7 +99,7 @@ def chatml(role: str, text: str) -> str:
 async def ws_turn(connection, inputs: str, max_tokens: int) -> tuple:
     """Sends one turn; returns (when its first token came, the reply, the last seq seen)."""
     await connection.write_message(json.dumps({"type": "generate", "inputs": inputs, "max_new_tokens": 1,
-                                               "stop_sequence": STOP, "max_length": 4096}))
+                                               "stop_sequence": STOP, "max_length": 2048}))
     first, outputs, tokens, seq = None, "", 0, 0
     while True:
         reply = json.loads(await connection.read_message())
@@ -121,7 +121,7 @@ async def ws_turn(connection, inputs: str, max_tokens: int) -> tuple:
 async def resume_vs_replay(url: str, model: str, turns: int, max_tokens: int) -> dict:
     """Seconds from reconnecting to the next turn's first token: resumed, and replayed."""
     connection = await connect(url)
-    opened = await request(connection, {"type": "open_inference_session", "model": model, "max_length": 4096,
+    opened = await request(connection, {"type": "open_inference_session", "model": model, "max_length": 2048,
                                         "resumable": True})
     transcript, seq, ended_with_stop = "", 0, False  # transcript: the conversation as a replay sends it
     for question in QUESTIONS[:turns + 1]:
@@ -147,7 +147,7 @@ async def resume_vs_replay(url: str, model: str, turns: int, max_tokens: int) ->
 
     started = time.perf_counter()
     replayed = await connect(url)
-    await request(replayed, {"type": "open_inference_session", "model": model, "max_length": 4096})
+    await request(replayed, {"type": "open_inference_session", "model": model, "max_length": 2048})
     first, _, _ = await ws_turn(replayed, transcript + STOP + "\n" + turn, max_tokens)
     replay_seconds = first - started
     replayed.close(1000)
@@ -165,6 +165,7 @@ def main() -> None:
     spec = default_model(REPO_ROOT / ".models")
     path = ensure_default_model(spec.path.parent)
     swarm_model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+    served = model_from_source(str(path)).key
     ports = {"reuse": args.port, "no reuse": args.port + 1}
     with tempfile.TemporaryDirectory() as logs, LocalSwarm(Path(logs), threads=1) as running_swarm:
         running_swarm.add_node(swarm_model)
@@ -173,8 +174,8 @@ def main() -> None:
                    start_server(str(path), running_swarm.initial_peers, ports["no reuse"],
                                 extra_args=("--warm-sessions", "0"))]
         try:
-            results = asyncio.run(conversation(ports, spec.key, args.turns, args.max_tokens))
-            resume = asyncio.run(resume_vs_replay(f"ws://127.0.0.1:{ports['reuse']}/api/v2/generate", spec.key,
+            results = asyncio.run(conversation(ports, served, args.turns, args.max_tokens))
+            resume = asyncio.run(resume_vs_replay(f"ws://127.0.0.1:{ports['reuse']}/api/v2/generate", served,
                                                   args.resume_turns, args.max_tokens))
         finally:
             for server in servers:

@@ -1,0 +1,102 @@
+"""Decoding speed with route tracing against without it, on the default model.
+
+Both run the server's own ``TokenStream`` through an embedded swarm node on this machine, the
+same greedy tokens from the same chat prompt, alternating: as the server runs (each server's
+part of each step timed into the session's route trace), and with the trace's recording
+replaced by a context that does nothing. Prints tokens/s for each, their ratio (the target is
+at least 0.98x) and the trace of the last traced run.
+
+    .venv/bin/python bench/route_trace.py [--tokens 64] [--repeats 5]
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+import sessions.token_stream  # noqa: E402
+from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
+from server import split_cpu_threads  # noqa: E402
+from sessions.models import load_model  # noqa: E402
+from sessions.token_stream import TokenStream  # noqa: E402
+from swarm.default_model import ensure_default_model  # noqa: E402
+from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
+from swarm.route_trace import RouteRecorder  # noqa: E402
+
+QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+TRACED = sessions.token_stream.recording
+
+
+def untraced(recorder: RouteRecorder):
+    """Stands in for ``recording``: server steps run outside any trace."""
+    return contextlib.nullcontext()
+
+
+def timed_run(loaded, prompt_ids, tokens: int, traced: bool) -> tuple:
+    """(seconds, its route trace) of one greedy run through a ``TokenStream``, traced as the server
+    runs or not at all."""
+    sessions.token_stream.recording = TRACED if traced else untraced
+    stream = TokenStream(loaded, max_length=len(prompt_ids) + tokens + 1)
+    started = time.perf_counter()
+    try:
+        stream.step(prompt_ids)
+        for _ in range(tokens - 1):
+            stream.step()
+    finally:
+        stream.close()
+    return time.perf_counter() - started, stream.route.summary()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    node_threads, client_threads = split_cpu_threads(0)
+    torch.set_num_threads(client_threads)
+
+    spec = default_model(CONFIG_ROOT / ".models")
+    path = ensure_default_model(spec.path.parent)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+    seconds = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=node_threads) as swarm:
+        swarm.add_node(model)
+        swarm.wait_until_ready([model])
+        loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
+        try:
+            timed_run(loaded, prompt_ids, 4, traced=True)  # warm-up
+            for _ in range(args.repeats):  # alternating, so that load on the machine hits both alike
+                for traced in (True, False):
+                    elapsed, trace = timed_run(loaded, prompt_ids, args.tokens, traced)
+                    seconds[traced].append(elapsed)
+                    if traced:
+                        last_trace = trace
+        finally:
+            loaded.close()
+    traced_rate = args.tokens / statistics.median(seconds[True])
+    untraced_rate = args.tokens / statistics.median(seconds[False])
+    print(f"model: {spec.key}, {args.tokens} greedy tokens, median of {args.repeats} alternating runs each")
+    print(f"route tracing on  : {traced_rate:6.2f} tokens/s")
+    print(f"route tracing off : {untraced_rate:6.2f} tokens/s")
+    print(f"ratio on/off      : {traced_rate / untraced_rate:6.3f}x   (target: at least 0.98x)")
+    print(f"last trace: {json.dumps(last_trace)}")
+
+
+if __name__ == "__main__":
+    main()
