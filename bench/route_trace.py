@@ -81,8 +81,8 @@ def main() -> None:
         loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
         try:
             timed_run(loaded, prompt_ids, 4, traced=True)  # warm-up
-            for _ in range(args.repeats):  # alternating, so that load on the machine hits both alike
-                for traced in (True, False):
+            for repeat in range(args.repeats):  # alternating, so that load on the machine hits both alike
+                for traced in ((True, False) if repeat % 2 == 0 else (False, True)):
                     elapsed, trace = timed_run(loaded, prompt_ids, args.tokens, traced)
                     seconds[traced].append(elapsed)
                     if traced:
@@ -95,6 +95,8 @@ def main() -> None:
     print(f"route tracing on  : {traced_rate:6.2f} tokens/s")
     print(f"route tracing off : {untraced_rate:6.2f} tokens/s")
     print(f"ratio on/off      : {traced_rate / untraced_rate:6.3f}x   (target: at least 0.98x)")
+    print("seconds per run, on: " + ", ".join(f"{value:.2f}" for value in seconds[True])
+          + "; off: " + ", ".join(f"{value:.2f}" for value in seconds[False]))
     print(f"last trace: {json.dumps(last_trace)}")
 
 

@@ -110,7 +110,7 @@ class GenerateConnection:
                                                lambda replies: replies.check_replayable(message.last_seq))
         previous = replies.owner
         await self._send(json.dumps({"ok": True, "session_id": session.session_id, "resumed": True,
-                                     "seq": replies.seq}))
+                                     "latest_seq": replies.seq}))
         await replies.attach(self, self._send, message.last_seq)
         if previous is not None and previous is not self:
             previous.let_go(session)  # its connection has not noticed it is gone

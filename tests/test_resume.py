@@ -41,7 +41,7 @@ async def test_a_resumed_stream_delivers_every_reply_exactly_once(ws_port, manag
     second = await WSClient.connect(ws_port)
     resumed = await second.request({"type": "resume_inference_session", "session_id": opened["session_id"],
                                     "resume_token": opened["resume_token"], "last_seq": received[-1]["seq"]})
-    assert resumed["ok"] is True and resumed["resumed"] is True and resumed["seq"] >= 5
+    assert resumed["ok"] is True and resumed["resumed"] is True and resumed["latest_seq"] >= 5
     while not received[-1]["stop"]:
         received.append(await second.receive())
     assert [reply["seq"] for reply in received] == list(range(1, len(received) + 1))

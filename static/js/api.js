@@ -45,29 +45,59 @@ function socketUrl() {
   return url.href;
 }
 
-/** One WebSocket connection holding one inference session. */
+function connect() {
+  const protocols = apiKey ? [SUBPROTOCOL, KEY_SUBPROTOCOL_PREFIX + base64url(apiKey)] : [];
+  return new WebSocket(socketUrl(), protocols);
+}
+
+// The close code that tells the server the conversation is over (any other close, or a dropped
+// connection, leaves a resumable session waiting for the page to come back).
+const NORMAL_CLOSURE = 1000;
+
+/**
+ * One inference session, held by a WebSocket connection. The session is resumable: when the
+ * connection drops, the next request (or the reply in flight) reconnects and resumes it, and
+ * the server sends again the replies the page missed. Only if that fails does the request fail
+ * with "connection_lost", and the caller replays the conversation in a new session.
+ */
 export class ChatSocket {
   constructor(socket, maxLength) {
-    this.socket = socket;
     this.maxLength = maxLength;
     // The request in flight: onReply(reply) handles a reply and says whether it was the last.
     this.waiting = null;
     this.closed = false;
+    this.resumeWith = null; // {session_id, resume_token} once the session is open
+    this.lastSeq = 0; // the last reply received, so a resumed session sends only later ones
+    this.stopAfterResume = false; // a stop asked for while the connection was being restored
+    this._attach(socket);
+  }
+
+  _attach(socket) {
+    this.socket = socket;
+    this.dropped = false;
     socket.onmessage = (event) => this._receive(JSON.parse(event.data));
     socket.onclose = () => {
-      this.closed = true;
-      this._fail(new ChatError("Lost the connection to the server.", "connection_lost", true));
+      this.dropped = true;
+      const lost = new ChatError("Lost the connection to the server.", "connection_lost", true);
+      if (this.waiting && this.waiting.resuming) {
+        this._fail(lost); // the attempt to resume failed too
+      } else if (this.waiting && this.resumeWith) {
+        this._resume().catch((error) => this._fail(error));
+      } else if (!this.resumeWith) {
+        this.closed = true;
+        this._fail(lost);
+      }
     };
   }
 
   /** Connects and opens a session on `model` that may hold `maxLength` tokens. */
   static open(model, maxLength) {
     return new Promise((resolve, reject) => {
-      const protocols = apiKey ? [SUBPROTOCOL, KEY_SUBPROTOCOL_PREFIX + base64url(apiKey)] : [];
-      const socket = new WebSocket(socketUrl(), protocols);
+      const socket = connect();
       const chatSocket = new ChatSocket(socket, maxLength);
       chatSocket.waiting = {
-        onReply: () => {
+        onReply: (reply) => {
+          chatSocket.resumeWith = { session_id: reply.session_id, resume_token: reply.resume_token };
           resolve(chatSocket);
           return true;
         },
@@ -77,12 +107,43 @@ export class ChatSocket {
         },
       };
       socket.onopen = () =>
-        socket.send(JSON.stringify({ type: "open_inference_session", model, max_length: maxLength }));
+        socket.send(JSON.stringify({
+          type: "open_inference_session", model, max_length: maxLength, resumable: true,
+        }));
+    });
+  }
+
+  /** Reconnects and resumes the session; the request in flight goes on receiving its replies. */
+  _resume() {
+    return new Promise((resolve, reject) => {
+      const interrupted = this.waiting;
+      const socket = connect();
+      const gone = new ChatError("Lost the connection to the server.", "connection_lost", true);
+      this.waiting = {
+        resuming: true,
+        onReply: () => {
+          this.waiting = interrupted;
+          if (this.stopAfterResume) this.socket.send(JSON.stringify({ type: "stop" }));
+          this.stopAfterResume = false;
+          resolve();
+          return false; // `waiting` is the interrupted request again
+        },
+        reject: (error) => {
+          this.closed = true;
+          this.resumeWith = null;
+          this.waiting = interrupted;
+          reject(error.code === "resume_refused" ? gone : error);
+        },
+      };
+      this._attach(socket);
+      socket.onopen = () =>
+        socket.send(JSON.stringify({ type: "resume_inference_session", ...this.resumeWith, last_seq: this.lastSeq }));
     });
   }
 
   /** Streams one reply: `onChunk(reply)` per message of it; resolves once the reply ends. */
-  generate(request, onChunk) {
+  async generate(request, onChunk) {
+    if (!this.closed && this.dropped && this.resumeWith) await this._resume();
     return new Promise((resolve, reject) => {
       if (this.closed) {
         reject(new ChatError("Lost the connection to the server.", "connection_lost", true));
@@ -100,20 +161,26 @@ export class ChatSocket {
     });
   }
 
-  /** Asks the server to end the running generation now. */
+  /** Asks the server to end the running generation now (once resumed, if the connection dropped). */
   stop() {
-    if (!this.closed) this.socket.send(JSON.stringify({ type: "stop" }));
+    if (this.closed) return;
+    if (this.socket.readyState === WebSocket.OPEN && !(this.waiting && this.waiting.resuming)) {
+      this.socket.send(JSON.stringify({ type: "stop" }));
+    } else {
+      this.stopAfterResume = true;
+    }
   }
 
-  /** Closes the connection (the server then frees the session); a request in flight fails. */
+  /** Closes the connection and ends the session on the server; a request in flight fails. */
   close() {
     this.closed = true;
     this.socket.onclose = null;
-    this.socket.close();
+    this.socket.close(NORMAL_CLOSURE);
     this._fail(new ChatError("The conversation was closed.", "closed", false));
   }
 
   _receive(reply) {
+    if (reply.seq !== undefined) this.lastSeq = reply.seq;
     const waiting = this.waiting;
     if (!waiting) return;
     if (!reply.ok) {
