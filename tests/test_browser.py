@@ -2,8 +2,10 @@
 
 import dataclasses
 import json
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from selenium.webdriver.common.by import By
@@ -16,10 +18,23 @@ from sessions.manager import build_manager
 from tests.browser import MID_REPLY_SCREENSHOT, PHONE_SCREENSHOT, PHONE_SIZE, REPLY_LENGTH_RECORDER, ChatPage, \
     ChatServer, drive, start_chromium
 
+VENDOR_DIR = Path(__file__).resolve().parent.parent / "static" / "vendor"
 DEFAULT_NAME = "SmolLM2 135M Instruct"
 DEFAULT_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # With greedy decoding the default model answers this with an HTML code block holding a <script> tag.
 SCRIPT_QUESTION = "Write the HTML tag that loads the script file app.js. Reply with the tag only."
+
+
+def test_the_vendored_libraries_are_the_pinned_versions():
+    pins = dict(re.findall(r"^(\w+)_VERSION=(\S+)$", (VENDOR_DIR / "refresh.sh").read_text(), re.MULTILINE))
+    # Each pin of refresh.sh: the browser build, how its header names the version, its license.
+    vendored = {"MARKDOWN_IT": ("markdown-it.min.js", "/*! markdown-it {} ", "markdown-it.LICENSE"),
+                "DOMPURIFY": ("purify.min.js", "/*! @license DOMPurify {} ", "dompurify.LICENSE"),
+                "HIGHLIGHT_JS": ("highlight.min.js", "Highlight.js v{} ", "highlight.js.LICENSE")}
+    assert set(pins) == set(vendored)
+    for name, (build, header, license_file) in vendored.items():
+        assert header.format(pins[name]) in (VENDOR_DIR / build).read_text()[:200], build
+        assert (VENDOR_DIR / license_file).is_file()
 
 
 @pytest.fixture(scope="module")
