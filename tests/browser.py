@@ -19,8 +19,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-MID_REPLY_SCREENSHOT = Path("/tmp/swarm-chat-mid-reply.png")
-PHONE_SCREENSHOT = Path("/tmp/swarm-chat-phone.png")
+# Where the tests leave screenshots of the page for people to look at (mid-reply, themes, phone).
+SCREENSHOT_DIR = Path("/tmp/swarm-chat-screenshots")
 DESKTOP_SIZE = (1280, 900)
 PHONE_SIZE = (390, 844)
 WAIT_TIMEOUT = 60
@@ -54,6 +54,21 @@ new MutationObserver(() => {
     window.replyLengths.push(last.querySelector(".body").textContent.length);
   }
 }).observe(log, {subtree: true, childList: true, characterData: true});
+"""
+
+# Records every top-level Markdown block taken out of a reply while a block after it stayed, that
+# is a finished block rendered again (a streaming reply may only replace its last block).
+FINISHED_BLOCK_RECORDER = """
+window.finishedBlocksRemoved = [];
+new MutationObserver((records) => {
+  for (const record of records) {
+    for (const node of record.removedNodes) {
+      if (node.classList && node.classList.contains("md-block") && record.nextSibling) {
+        window.finishedBlocksRemoved.push(node.textContent);
+      }
+    }
+  }
+}).observe(document.getElementById("conversation"), {subtree: true, childList: true});
 """
 
 
@@ -152,11 +167,30 @@ class ChatPage:
         Select(self.element("model")).select_by_visible_text(name)
 
     def set_temperature(self, value: float) -> None:
-        self.chromium.find_element(By.CSS_SELECTOR, ".settings summary").click()
+        self.toggle_menu("settings")
         field = self.element("temperature")
         field.clear()
         field.send_keys(str(value))
-        self.chromium.find_element(By.CSS_SELECTOR, ".settings summary").click()
+        self.toggle_menu("settings")
+
+    def toggle_menu(self, name: str) -> None:
+        """Opens or closes the header menu ``name`` ("chat" or "settings")."""
+        self.chromium.find_element(By.CSS_SELECTOR, f".{name}-menu summary").click()
+
+    def choose_theme(self, theme: str) -> None:
+        """Chooses "system", "light" or "dark" in Settings."""
+        self.toggle_menu("settings")
+        Select(self.element("theme")).select_by_value(theme)
+        self.toggle_menu("settings")
+
+    def store(self, saved: dict) -> None:
+        """Replaces what the page keeps in local storage with ``saved`` and reloads the page."""
+        self.chromium.execute_script("localStorage.setItem('swarm-chat', arguments[0])", json.dumps(saved))
+        self.reload()
+
+    def stored(self) -> dict:
+        """What the page keeps in local storage."""
+        return json.loads(self.chromium.execute_script("return localStorage.getItem('swarm-chat')") or "null")
 
     def send(self, *lines: str) -> None:
         """Types ``lines`` into the message box (Shift+Enter between them) and presses Enter."""
@@ -175,11 +209,12 @@ class ChatPage:
         self.wait(lambda: self.element("send").is_displayed(), timeout, "the reply never finished")
 
     def messages(self) -> List[dict]:
-        """Every message shown, greeting included: role and text."""
+        """Every message shown, greeting included: role and text as rendered (a reply's Markdown
+        without its marks)."""
         return self.chromium.execute_script("""
             return [...document.querySelectorAll("#conversation .message")].map((message) => ({
               role: message.classList.contains("user") ? "user" : "assistant",
-              text: message.querySelector(".body").textContent,
+              text: message.querySelector(".body").innerText,
             }));""")
 
     def last_reply(self) -> str:
@@ -214,10 +249,31 @@ class ChatPage:
         box = self.element("error")
         return box.text if box.is_displayed() else ""
 
+    def reply_speed(self) -> str:
+        """The speed shown under the last reply."""
+        return self.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .reply-speed").text
+
+    def versions(self) -> List[str]:
+        """For each message shown after the greeting, its version ("1/2") or "" if it has one only."""
+        return self.chromium.execute_script("""
+            return [...document.querySelectorAll("#conversation .message")].slice(1).map((message) =>
+              message.querySelector(".version")?.textContent ?? "");""")
+
     def screenshot(self, *paths: Path) -> None:
         png = self.chromium.get_screenshot_as_png()
         for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(png)
+
+    def save_downloads_in(self, folder: Path) -> None:
+        """Lets the page download files, into ``folder``."""
+        self.chromium.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+
+    def downloaded(self, folder: Path, suffix: str) -> str:
+        """The text of the file ending with ``suffix`` that the page downloaded into ``folder``."""
+        files = self.wait(lambda: [path for path in folder.glob(f"*{suffix}")], timeout=10,
+                          message=f"no {suffix} file downloaded")
+        return files[0].read_text()
 
     def clipboard_text(self) -> str:
         """The clipboard's text (``open`` lets the page's origin use the clipboard)."""

@@ -2,8 +2,10 @@
 
 import dataclasses
 import json
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from selenium.webdriver.common.by import By
@@ -13,13 +15,26 @@ from config import ManagerSettings
 from server import make_app
 from sessions.chat_format import ChatFormat
 from sessions.manager import build_manager
-from tests.browser import MID_REPLY_SCREENSHOT, PHONE_SCREENSHOT, PHONE_SIZE, REPLY_LENGTH_RECORDER, ChatPage, \
-    ChatServer, drive, start_chromium
+from tests.browser import DESKTOP_SIZE, FINISHED_BLOCK_RECORDER, PHONE_SIZE, REPLY_LENGTH_RECORDER, SCREENSHOT_DIR, \
+    ChatPage, ChatServer, drive, start_chromium
 
+VENDOR_DIR = Path(__file__).resolve().parent.parent / "static" / "vendor"
 DEFAULT_NAME = "SmolLM2 135M Instruct"
 DEFAULT_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # With greedy decoding the default model answers this with an HTML code block holding a <script> tag.
 SCRIPT_QUESTION = "Write the HTML tag that loads the script file app.js. Reply with the tag only."
+
+
+def test_the_vendored_libraries_are_the_pinned_versions():
+    pins = dict(re.findall(r"^(\w+)_VERSION=(\S+)$", (VENDOR_DIR / "refresh.sh").read_text(), re.MULTILINE))
+    # Each pin of refresh.sh: the browser build, how its header names the version, its license.
+    vendored = {"MARKDOWN_IT": ("markdown-it.min.js", "/*! markdown-it {} ", "markdown-it.LICENSE"),
+                "DOMPURIFY": ("purify.min.js", "/*! @license DOMPurify {} ", "dompurify.LICENSE"),
+                "HIGHLIGHT_JS": ("highlight.min.js", "Highlight.js v{} ", "highlight.js.LICENSE")}
+    assert set(pins) == set(vendored)
+    for name, (build, header, license_file) in vendored.items():
+        assert header.format(pins[name]) in (VENDOR_DIR / build).read_text()[:200], build
+        assert (VENDOR_DIR / license_file).is_file()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +86,7 @@ async def test_streams_a_reply_token_by_token_and_stops_at_once(page, tmp_path):
 
         page.send("first line", "second line")
         page.wait_for_reply_updates(10)
-        assert "tokens/s" in page.element("speed").text
+        assert "tokens/s" in page.reply_speed()
         page.element("stop").click()
         page.wait_until_idle(timeout=5)
         stopped_reply = page.last_reply()
@@ -136,7 +151,7 @@ async def test_each_model_keeps_its_conversation_across_switches_and_reloads(pag
         assert page.model_name() == "Tiny Llama"
         assert user_texts() == ["hello llama"] and len(page.messages()) == 3
 
-        page.chromium.find_element(By.CSS_SELECTOR, ".settings summary").click()
+        page.toggle_menu("settings")
         page.element("clear-saved").click()
         page.reload()
         assert user_texts() == []
@@ -144,7 +159,7 @@ async def test_each_model_keeps_its_conversation_across_switches_and_reloads(pag
     await drive(page, tmp_path, steps)
 
 
-async def test_model_output_with_a_script_tag_shows_as_text_in_a_code_block(page, tmp_path):
+async def test_a_reply_streams_as_markdown_block_by_block_with_highlighted_code_and_its_speed(page, tmp_path):
     def steps():
         page.open()
         page.choose_model(DEFAULT_NAME)
@@ -152,38 +167,266 @@ async def test_model_output_with_a_script_tag_shows_as_text_in_a_code_block(page
             "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
         assert page.element("model-license").get_attribute("href") == "https://www.apache.org/licenses/LICENSE-2.0"
         page.set_temperature(0)
+        page.chromium.execute_script(FINISHED_BLOCK_RECORDER)
         page.send(SCRIPT_QUESTION)
-        page.wait(lambda: "<script" in page.last_reply(), message="no code in the reply")
-        page.screenshot(MID_REPLY_SCREENSHOT, tmp_path / "mid-reply.png")
-        assert page.generating(), "the mid-reply screenshot came too late"
-        page.wait_until_idle()
+        # The reply opens with a sentence, then the code block: the sentence's block is finished.
+        page.wait(lambda: "<script" in page.chromium.execute_script(
+            "return document.querySelector('#conversation .message:last-child .md-block .code code')?.textContent"
+            " ?? ''"), message="no code in the reply")
+        page.chromium.execute_script(
+            "window.firstBlock = document.querySelector('#conversation .message:last-child .md-block')")
+        for size_name, size in (("desktop", DESKTOP_SIZE), ("phone", PHONE_SIZE)):
+            page.chromium.set_window_size(*size)
+            for theme in ("light", "dark"):
+                page.chromium.execute_script(
+                    "const select = document.getElementById('theme');"
+                    "select.value = arguments[0]; select.dispatchEvent(new Event('change'));", theme)
+                page.screenshot(SCREENSHOT_DIR / f"mid-reply-{size_name}-{theme}.png", tmp_path / f"{size_name}-{theme}.png")
+        page.chromium.set_window_size(*DESKTOP_SIZE)
+        # Code is highlighted once its block is closed (not again for every token while it grows).
+        page.wait(lambda: page.chromium.find_elements(By.CSS_SELECTOR, ".message:last-child .code .hljs-tag"),
+                  message="the code block was not highlighted once closed")
+        first_block_kept, still_streaming = page.chromium.execute_script(
+            "return [window.firstBlock === document.querySelector('#conversation .message:last-child .md-block'),"
+            " document.body.classList.contains('generating')]")
+        assert still_streaming, "the mid-reply screenshots came too late"
+        assert first_block_kept, "the finished first block was rendered again while the reply streamed"
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        assert page.chromium.execute_script("return window.finishedBlocksRemoved") == []
 
         reply = page.last_reply()
         assert "<script" in reply
+        blocks = page.chromium.find_elements(By.CSS_SELECTOR, ".message:last-child .md-block > *")
+        assert [block.tag_name for block in blocks][:2] == ["p", "figure"]
         code = page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child figure.code code")
-        assert code.text.startswith("<script")
+        assert code.text.startswith("<script") and code.text.endswith("</script>")
+        assert code.find_elements(By.CSS_SELECTOR, ".hljs-tag"), "the HTML code is not highlighted"
         assert code.value_of_css_property("font-family").startswith("ui-monospace")
         assert page.chromium.execute_script("return document.querySelectorAll('#conversation script').length") == 0
         (generate,) = page.sent("generate")
         assert generate["do_sample"] == 0 and generate["extra_stop_sequences"] == ["<|endoftext|>"]
+        tokens = sum(message.get("token_count", 0) for message in page.received())
+        speed = page.reply_speed()
+        assert re.fullmatch(rf"first token after \d+\.\d\d s · {tokens} tokens · \d+\.\d tokens/s", speed), speed
 
         page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .copy").click()
         page.wait(lambda: page.clipboard_text() == code.text, timeout=5, message="the code was not copied")
 
-        # Regenerating replays the conversation without the last reply in a new session.
-        page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .regenerate").click()
-        page.wait_until_idle()
-        assert [message["role"] for message in page.messages()] == ["assistant", "user", "assistant"]
-        assert page.last_reply() == reply
-        first, second = page.sent("generate")
-        assert second["inputs"] == first["inputs"] and len(page.sent("open_inference_session")) == 2
-
         page.reload()
-        assert page.last_reply() == reply
+        assert page.last_reply() == reply and page.reply_speed() == speed
         page.chromium.set_window_size(*PHONE_SIZE)
-        page.screenshot(PHONE_SCREENSHOT, tmp_path / "phone.png")
         assert page.chromium.execute_script(
             "return document.documentElement.scrollWidth <= window.innerWidth"), "the page is wider than a phone"
+
+    await drive(page, tmp_path, steps)
+
+
+# Model output that would run script if it became markup: each part sets window.pwned.
+HOSTILE_REPLY = """Here is **bold**, *emphasis*, `code` and a [safe link](https://example.com/docs).
+
+<img src=x onerror="window.pwned = 'img'"> <script>window.pwned = 'script'</script>
+<!-- an HTML comment --> and [a script link](javascript:window.pwned='link')
+
+| column | a long column with a long header that does not fit a phone |
+|---|---|
+| 1 | 2 |
+
+```python
+def add(a, b):
+    return a + b  # a comment long enough to make this line wider than a phone's screen, which scrolls
+```"""
+
+
+def stored_tree(reply_versions, question="Two versions of a reply?"):
+    """A conversation as the page saves it: one question with a reply in several versions, the last shown."""
+    replies = [{"role": "assistant", "text": text, "children": [], "active": 0,
+                "stats": {"firstTokenSeconds": 0.25, "tokens": 12, "tokensPerSecond": 7.5}} for text in reply_versions]
+    return {"system": "Answer in French.", "active": 0,
+            "children": [{"role": "user", "text": question, "children": replies, "active": len(replies) - 1}]}
+
+
+async def test_a_saved_conversation_renders_markdown_safely_and_can_be_exported_imported_and_cleared(page, tmp_path):
+    downloads = tmp_path / "downloads"
+
+    def colours():
+        return page.chromium.execute_script(
+            "return getComputedStyle(document.body).backgroundColor")
+
+    def steps():
+        page.open()
+        page.save_downloads_in(downloads)
+        # Saved in the page's first format (a list of turns per model), which is still read.
+        page.store({"model": "tests/tiny-llama", "conversations": {
+            "tests/tiny-llama": [{"role": "user", "text": "<img src=x onerror=\"window.pwned = 'user'\">"},
+                                 {"role": "assistant", "text": HOSTILE_REPLY}],
+            "tests/tiny-bloom": stored_tree(["First version.", "Second version."])}})
+
+        # Nothing the model wrote becomes markup (or runs: checked below, once an image's load
+        # would have failed), and all of it is still shown as text.
+        assert page.chromium.execute_script(
+            "return document.querySelectorAll('#conversation img, #conversation script').length") == 0
+        user, reply = page.messages()[1:]
+        assert user["text"] == "<img src=x onerror=\"window.pwned = 'user'\">"
+        for text in ("<img src=x onerror=", "<script>window.pwned = 'script'</script>", "<!-- an HTML comment -->",
+                     "[a script link](javascript:window.pwned='link')"):
+            assert text in reply["text"]
+        links = page.chromium.execute_script("""
+            return [...document.querySelectorAll("#conversation .message:last-child a")].map((link) =>
+              [link.getAttribute("href"), link.target, link.rel]);""")
+        assert links == [["https://example.com/docs", "_blank", "noopener noreferrer"]]
+        # Markdown: emphasis, inline code, a table, highlighted code with its Copy button.
+        last = page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .body")
+        assert [element.text for element in last.find_elements(By.CSS_SELECTOR, "strong, em, p > code")] == \
+            ["bold", "emphasis", "code"]
+        assert last.find_elements(By.CSS_SELECTOR, "table th")[1].text.startswith("a long column")
+        assert last.find_element(By.CSS_SELECTOR, ".code .hljs-keyword").text == "def"
+        assert last.find_element(By.CSS_SELECTOR, ".code figcaption").text == "python\nCopy"
+        # Read in the old format, saved again as a tree.
+        saved = page.stored()
+        assert saved["version"] == 2
+        assert saved["conversations"]["tests/tiny-llama"]["children"][0]["children"][0]["text"] == HOSTILE_REPLY
+
+        # Every control has a name for screen readers; the conversation is a live region.
+        unnamed = page.chromium.execute_script("""
+            return [...document.querySelectorAll("button, input, select, textarea, summary")].filter((control) =>
+              !(control.labels?.length || control.getAttribute("aria-label") || control.textContent.trim())
+            ).map((control) => control.outerHTML);""")
+        assert unnamed == []
+        log = page.element("conversation")
+        assert (log.get_attribute("role"), log.get_attribute("aria-live")) == ("log", "polite")
+
+        # Themes: the system's (dark here), then light, remembered across a reload, then dark.
+        page.chromium.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                                      {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        assert colours() == "rgb(21, 23, 27)"
+        page.choose_theme("light")
+        assert colours() == "rgb(246, 247, 249)"
+        page.reload()
+        assert colours() == "rgb(246, 247, 249)" and page.element("theme").get_attribute("value") == "light"
+        page.choose_theme("dark")
+        page.chromium.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        assert colours() == "rgb(21, 23, 27)"
+
+        # A phone's width: wide tables and code scroll inside the reply; the Chat menu fits.
+        page.chromium.set_window_size(*PHONE_SIZE)
+        page.toggle_menu("chat")
+        assert page.chromium.execute_script("""
+            const panel = document.querySelector(".chat-menu .menu-panel").getBoundingClientRect();
+            return document.documentElement.scrollWidth <= window.innerWidth && panel.left >= 0 &&
+              panel.right <= window.innerWidth;"""), "the page or its Chat menu is wider than a phone"
+        page.screenshot(SCREENSHOT_DIR / "saved-chat-phone-dark.png")
+        page.toggle_menu("chat")
+        page.chromium.set_window_size(*DESKTOP_SIZE)
+
+        assert page.chromium.execute_script("return window.pwned") is None
+
+        # Versions of a reply: the newest is shown, ‹ shows the one before; each keeps its speed.
+        page.choose_model("Tiny BLOOM")
+        assert page.versions() == ["", "2/2"] and page.last_reply() == "Second version."
+        assert page.reply_speed() == "first token after 0.25 s · 12 tokens · 7.5 tokens/s"
+        page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .previous").click()
+        assert page.versions() == ["", "1/2"] and page.last_reply() == "First version."
+        assert not page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .previous").is_enabled()
+
+        # Export as JSON (every version) and as Markdown (the messages shown), clear, import again.
+        page.toggle_menu("chat")
+        page.element("export-json").click()
+        exported = json.loads(page.downloaded(downloads, ".json"))
+        expected = stored_tree(["First version.", "Second version."])
+        expected["children"][0]["active"] = 0
+        assert exported == {"format": "swarm-chat conversation", "version": 2, "model": "tests/tiny-bloom",
+                            "conversation": expected}
+        page.element("export-markdown").click()
+        assert page.downloaded(downloads, ".md") == (
+            "# Chat with Tiny BLOOM\n\n**System prompt:** Answer in French.\n\n"
+            "## Tiny BLOOM\n\nHi! How can I help you today?\n\n## You\n\nTwo versions of a reply?\n\n"
+            "## Tiny BLOOM\n\nFirst version.\n")
+        page.element("clear-chat").click()
+        assert len(page.messages()) == 1 and "tests/tiny-bloom" not in page.stored()["conversations"]
+        assert page.element("system-prompt").get_attribute("value") == page.chromium.execute_script(
+            "return document.getElementById('system-default').textContent")
+        page.choose_model("Tiny Llama")
+        # A file exported from another model's chat goes back to that model.
+        page.element("import-file").send_keys(str(next(downloads.glob("*.json"))))
+        page.wait(lambda: page.model_name() == "Tiny BLOOM", timeout=5, message="the import did not switch models")
+        assert page.versions() == ["", "1/2"] and page.last_reply() == "First version."
+        assert page.element("system-prompt").get_attribute("value") == "Answer in French."
+        assert page.stored()["conversations"]["tests/tiny-bloom"] == expected
+        page.element("import-file").send_keys(str(next(downloads.glob("*.md"))))
+        page.wait(lambda: page.error_text(), timeout=5, message="no error for a file that is not JSON")
+        assert "is not JSON" in page.error_text()
+
+    await drive(page, tmp_path, steps)
+
+
+async def test_questions_are_edited_and_replies_regenerated_into_versions_with_the_chosen_system_prompt(page, tmp_path):
+    def reply_briefly():
+        page.wait_for_reply_updates(2)
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+
+    def press(selector):
+        """Presses Enter on a control, as someone using the keyboard only does."""
+        page.chromium.find_element(By.CSS_SELECTOR, selector).send_keys(Keys.ENTER)
+
+    def steps():
+        page.open()
+        models = json.load(urllib.request.urlopen(page.url + "api/v1/models", timeout=10))["models"]
+        template_default = models[0]["chat"]["format"]["default_system"]
+        page.toggle_menu("chat")
+        system_box = page.element("system-prompt")
+        default = page.element("system-default").text
+        assert system_box.get_attribute("value") == default and default.startswith("A conversation between")
+        assert page.element("model-system-text").text == template_default and template_default
+        press("#use-model-system")
+        assert system_box.get_attribute("value") == template_default
+        system_box.clear()
+        system_box.send_keys("Be brief.")
+        page.toggle_menu("chat")
+
+        page.send("hello")
+        reply_briefly()
+        first_reply = page.last_reply()
+        first = page.sent("generate")[0]["inputs"]
+        assert first.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+        # Regenerate: a second version of the reply, from the conversation replayed without the first.
+        press(".message:last-child .regenerate")
+        reply_briefly()
+        assert page.versions() == ["", "2/2"]
+        assert page.sent("generate")[-1]["inputs"] == first and len(page.sent("open_inference_session")) == 2
+        press(".message:last-child .previous")
+        assert page.versions() == ["", "1/2"] and page.last_reply() == first_reply
+
+        # Edit the question: a second version of it, answered from the system text on.
+        press(".message.user .edit")
+        box = page.chromium.find_element(By.CSS_SELECTOR, ".message.user textarea")
+        assert box.get_attribute("value") == "hello" and page.chromium.switch_to.active_element == box
+        assert not page.chromium.find_element(By.CSS_SELECTOR, ".message.user .edit").is_displayed()
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("good morning", Keys.ENTER)
+        reply_briefly()
+        assert page.versions() == ["2/2", ""]
+        edited = page.sent("generate")[-1]["inputs"]
+        assert edited.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and "hello" not in edited
+        assert edited.endswith("<|im_start|>user\ngood morning<|im_end|>\n<|im_start|>assistant\n")
+
+        # The tree is kept: after a reload the first question still has its two replies.
+        page.reload()
+        assert page.versions() == ["2/2", ""] and page.messages()[1]["text"] == "good morning"
+        press(".message.user .previous")
+        assert page.versions() == ["1/2", "1/2"] and page.messages()[1]["text"] == "hello"
+        assert page.last_reply() == first_reply
+        # Going on from there replays that branch in a new session.
+        sessions = len(page.sent("open_inference_session"))
+        page.send("and then?")
+        reply_briefly()
+        assert len(page.sent("open_inference_session")) == sessions + 1
+        replay = page.sent("generate")[-1]["inputs"]
+        first_reply_text = page.stored()["conversations"]["tests/tiny-llama"]["children"][0]["children"][0]["text"]
+        assert "user\nhello<|im_end|>" in replay and "good morning" not in replay
+        assert f"<|im_start|>assistant\n{first_reply_text}<|im_end|>" in replay
 
     await drive(page, tmp_path, steps)
 
@@ -252,7 +495,8 @@ async def test_the_page_writes_the_conversation_as_the_server_formats_it(page, m
 
 
 async def test_a_too_long_conversation_is_replayed_in_a_longer_session(page, tmp_path):
-    long_text = "Summarize this:" + " The quick brown fox jumps over the lazy dog." * 70
+    # About 560 tokens with the system text and the greeting: just over the first session's 512.
+    long_text = "Summarize this:" + " The quick brown fox jumps over the lazy dog." * 50
 
     def steps():
         page.open()

@@ -2,16 +2,19 @@
 // recovery from lost connections, expired sessions and sessions that are too short.
 
 import { ChatError, ChatSocket, fetchModels, useApiKey } from "./api.js";
-import { GREETING, endsWithStop, extraStopSequences, newInputs } from "./prompt.js";
-import { renderText } from "./render.js";
+import { GREETING, SYSTEM_TEXT, endsWithStop, extraStopSequences, newInputs } from "./prompt.js";
 import {
   clearConversations,
   saveApiKey,
   saveConversation,
   savedApiKey,
+  savedConversation,
   savedModel,
-  savedTurns,
 } from "./store.js";
+import { setUpThemePicker } from "./theme.js";
+import { conversationJson, conversationMarkdown, download, readConversationFile } from "./transfer.js";
+import { activePath, addMessage, emptyConversation, removeMessage, selectVersion } from "./tree.js";
+import { ConversationView } from "./view.js";
 
 // Session sizes tried in turn when a conversation outgrows its session (capped by the model).
 const SESSION_LENGTHS = [512, 2048];
@@ -23,7 +26,18 @@ const ui = {
   modelCard: $("model-card"),
   modelLicense: $("model-license"),
   newChat: $("new-chat"),
+  systemPrompt: $("system-prompt"),
+  systemDefault: $("system-default"),
+  resetSystem: $("reset-system"),
+  modelSystem: $("model-system"),
+  modelSystemText: $("model-system-text"),
+  useModelSystem: $("use-model-system"),
+  exportJson: $("export-json"),
+  exportMarkdown: $("export-markdown"),
+  importFile: $("import-file"),
+  clearChat: $("clear-chat"),
   temperature: $("temperature"),
+  theme: $("theme"),
   clearSaved: $("clear-saved"),
   conversation: $("conversation"),
   error: $("error"),
@@ -34,7 +48,6 @@ const ui = {
   prompt: $("prompt"),
   send: $("send"),
   stop: $("stop"),
-  speed: $("speed"),
   apiKeyDialog: $("api-key-dialog"),
   apiKeyForm: $("api-key-form"),
   apiKey: $("api-key"),
@@ -45,67 +58,51 @@ const state = {
   models: [],
   model: null, // the chosen entry of /api/v1/models
   format: null, // the model's chat format, as the server serves it
-  turns: [], // [{role: "user" | "assistant", text}]
-  socket: null, // the open ChatSocket, if any
+  conversation: emptyConversation(), // the message tree (tree.js)
+  // The open session, if any: its ChatSocket, the messages it holds (the last one a reply
+  // without its suffix), the system text it started with, and whether it ends with the stop token.
+  session: null, // {socket, held, system, endsWithStop}
   sessionLength: 0, // the longest session this conversation has needed so far
-  sentTurns: 0, // turns already held by the socket's session
-  endsWithStop: false, // whether the session's last reply ended with the stop token
   generating: false,
   stopRequested: false,
   retryAction: null, // what the error box's Retry button does
 };
+
+const view = new ConversationView(ui.conversation, {
+  edit: (entry, text) => ask(addMessage(entry.parent, "user", text)),
+  regenerate: (entry) => answer(entry.parent),
+  select: (parent, index) => {
+    selectVersion(parent, index);
+    persist();
+    render();
+  },
+});
 
 function sessionLengths(model) {
   const longest = model.chat.max_session_length;
   return [...new Set([...SESSION_LENGTHS.filter((length) => length < longest), longest])];
 }
 
+function systemText() {
+  return state.conversation.system ?? SYSTEM_TEXT;
+}
+
 function dropSession() {
-  if (state.socket) state.socket.close();
-  state.socket = null;
-  state.sentTurns = 0;
-  state.endsWithStop = false;
+  if (state.session) state.session.socket.close();
+  state.session = null;
 }
 
 function persist() {
-  saveConversation(state.model.model, state.turns);
+  if (state.model) saveConversation(state.model.model, state.conversation);
 }
 
-// --- Rendering -------------------------------------------------------------------------------
-
-function messageElement(role, text) {
-  const article = document.createElement("article");
-  article.className = `message ${role}`;
-  const who = document.createElement("h2");
-  who.className = "who";
-  who.textContent = role === "user" ? "You" : state.model ? state.model.frontend.name : "Assistant";
-  const body = document.createElement("div");
-  body.className = "body";
-  renderText(body, text);
-  article.append(who, body);
-  return article;
-}
-
-function regenerateButton() {
-  const button = document.createElement("button");
-  button.type = "button";
-  button.className = "regenerate";
-  button.textContent = "Regenerate";
-  button.setAttribute("aria-label", "Regenerate the last reply");
-  button.addEventListener("click", regenerate);
-  return button;
-}
-
-function renderConversation() {
-  const elements = [messageElement("assistant", GREETING)];
-  state.turns.forEach((turn, index) => {
-    const element = messageElement(turn.role, turn.text);
-    const isLastReply = index === state.turns.length - 1 && turn.role === "assistant";
-    if (isLastReply && !state.generating) element.append(regenerateButton());
-    elements.push(element);
+function render() {
+  return view.render({
+    greeting: GREETING,
+    path: activePath(state.conversation),
+    assistantName: state.model ? state.model.frontend.name : "Assistant",
+    busy: state.generating,
   });
-  ui.conversation.replaceChildren(...elements);
-  ui.conversation.scrollTop = ui.conversation.scrollHeight;
 }
 
 function setGenerating(generating) {
@@ -116,7 +113,6 @@ function setGenerating(generating) {
   ui.model.disabled = generating;
   ui.conversation.setAttribute("aria-busy", String(generating));
   document.body.classList.toggle("generating", generating);
-  if (!generating) renderConversation();
 }
 
 function showError(message, { retry = null, newChat = false } = {}) {
@@ -171,71 +167,84 @@ function generationRequest(inputs) {
   return request;
 }
 
-async function openSession(length) {
-  if (state.socket && !state.socket.closed && state.socket.maxLength >= length) return state.socket;
+/** The open session if it can go on to `turns` in `length` tokens, else a new one. */
+async function openSession(length, turns) {
+  const session = state.session;
+  // A session holds a history that cannot be taken back: it serves `turns` only if that history
+  // starts them (not after an edit, a regeneration or another version chosen earlier on).
+  const fits = session && !session.socket.closed && session.socket.maxLength >= length &&
+    session.system === systemText() && session.held.every((message, index) => turns[index] === message);
+  if (fits) return session;
   dropSession();
-  state.socket = await ChatSocket.open(state.model.model, length);
-  return state.socket;
+  const socket = await ChatSocket.open(state.model.model, length);
+  state.session = { socket, held: [], system: systemText(), endsWithStop: false };
+  return state.session;
 }
 
-function showSpeed(tokens, firstTokenAt) {
-  const seconds = (performance.now() - firstTokenAt) / 1000;
-  const speed = tokens > 1 && seconds > 0 ? `, ${((tokens - 1) / seconds).toFixed(1)} tokens/s` : "";
-  ui.speed.textContent = `${tokens} token${tokens === 1 ? "" : "s"}${speed}`;
+function replyStats(startedAt, firstTokenAt, tokens) {
+  const streamingSeconds = (performance.now() - firstTokenAt) / 1000;
+  return {
+    firstTokenSeconds: (firstTokenAt - startedAt) / 1000,
+    tokens,
+    tokensPerSecond: tokens > 1 && streamingSeconds > 0 ? (tokens - 1) / streamingSeconds : null,
+  };
 }
 
 /**
- * Streams the reply to the conversation's last user turn into a new assistant turn. The turn
- * shows the replies' `text` (stop sequences already cut by the server); their raw `outputs`
+ * Streams the reply to `turns` (the messages before it) into `reply`, shown through `show`. The
+ * reply holds the replies' `text` (stop sequences already cut by the server); their raw `outputs`
  * tell what the session holds.
  */
-async function streamReply(length) {
-  const socket = await openSession(length);
+async function streamReply(length, turns, reply, show) {
+  const startedAt = performance.now();
+  reply.text = "";
+  delete reply.stats;
+  show(reply.text, null);
+  const session = await openSession(length, turns);
   if (state.stopRequested) return; // stopped while the session was opening
-  const inputs = newInputs(state.format, state.turns, state.sentTurns, state.endsWithStop);
-  const reply = { role: "assistant", text: "" };
-  state.turns.push(reply);
-  renderConversation();
-  const body = ui.conversation.lastElementChild.querySelector(".body");
+  const inputs = newInputs(state.format, session.system, turns, session.held.length, session.endsWithStop);
   let raw = "";
   let shown = "";
   let tokens = 0;
   let firstTokenAt = null;
-  await socket.generate(generationRequest(inputs), (message) => {
+  await session.socket.generate(generationRequest(inputs), (message) => {
     raw += message.outputs;
     shown += message.text;
     tokens += message.token_count;
     firstTokenAt ??= performance.now();
     reply.text = shown.trimStart();
-    renderText(body, reply.text);
-    showSpeed(tokens, firstTokenAt);
-    ui.conversation.scrollTop = ui.conversation.scrollHeight;
+    reply.stats = replyStats(startedAt, firstTokenAt, tokens);
+    show(reply.text, reply.stats);
   });
-  state.sentTurns = state.turns.length;
-  state.endsWithStop = endsWithStop(state.format, raw);
+  session.held = [...turns, reply];
+  session.endsWithStop = endsWithStop(state.format, raw);
 }
 
 /**
- * Answers the last user turn. A session that is too short is reopened longer and the
- * conversation replayed; a lost connection or an expired session is retried once by itself.
+ * Writes a new version of the reply to `question`, a user message of the active path. A session
+ * that is too short is reopened longer and the conversation replayed; a lost connection or an
+ * expired session is retried once by itself.
  */
-async function answer() {
+async function answer(question) {
   hideError();
-  setGenerating(true);
   state.stopRequested = false;
+  const path = activePath(state.conversation).map((entry) => entry.message);
+  const turns = path.slice(0, path.indexOf(question) + 1);
+  const reply = addMessage(question, "assistant", "");
+  setGenerating(true);
+  const show = render();
   const lengths = sessionLengths(state.model);
   let lengthIndex = Math.max(0, lengths.findIndex((length) => length >= state.sessionLength));
   let retriedOnce = false;
+  let keep = true;
   try {
     for (;;) {
       try {
-        await streamReply(lengths[lengthIndex]);
+        await streamReply(lengths[lengthIndex], turns, reply, show);
         return;
       } catch (error) {
         if (!(error instanceof ChatError)) throw error;
         dropSession();
-        // The unfinished reply goes; a retry writes a new one.
-        const unfinished = state.turns.at(-1)?.role === "assistant" ? state.turns.pop() : null;
         if (state.stopRequested) return;
         if (error.code === "max_length_exceeded" && lengthIndex < lengths.length - 1) {
           lengthIndex += 1;
@@ -249,15 +258,24 @@ async function answer() {
         }
         const tooLong = error.code === "max_length_exceeded";
         // At the model's longest session the reply cannot get further: keep what it wrote.
-        if (tooLong && unfinished?.text) state.turns.push(unfinished);
-        showError(errorMessage(error), { retry: tooLong ? null : answer, newChat: tooLong });
+        keep = tooLong;
+        showError(errorMessage(error), { retry: tooLong ? null : () => answer(question), newChat: tooLong });
         return;
       }
     }
   } finally {
+    // A reply that failed or has no text (stopped before its first token) is not kept.
+    if (!keep || !reply.text) removeMessage(question, reply);
     persist();
     setGenerating(false);
+    render();
   }
+}
+
+/** Adds `question` (already in the tree) to the saved conversation and answers it. */
+function ask(question) {
+  persist();
+  answer(question);
 }
 
 function send() {
@@ -265,26 +283,89 @@ function send() {
   if (!text || state.generating || !state.model) return;
   ui.prompt.value = "";
   resizePrompt();
-  state.turns.push({ role: "user", text });
-  persist();
-  answer();
+  const last = activePath(state.conversation).at(-1);
+  let parent = last ? last.message : state.conversation;
+  // A question left without a reply (its reply failed) gets this one as its new version.
+  if (last?.message.role === "user") parent = last.parent;
+  ask(addMessage(parent, "user", text));
 }
 
 function stop() {
   if (!state.generating) return;
   state.stopRequested = true;
   ui.stop.disabled = true;
-  if (state.socket) state.socket.stop();
+  if (state.session) state.session.socket.stop();
 }
 
-function regenerate() {
-  if (state.generating || state.turns.at(-1)?.role !== "assistant") return;
-  state.turns.pop();
-  dropSession(); // the session holds the old reply: replay the conversation without it
-  answer();
+// --- Conversations ---------------------------------------------------------------------------
+
+function showSystemPrompt() {
+  ui.systemPrompt.value = systemText();
+  const modelDefault = state.format?.default_system;
+  ui.modelSystem.hidden = !modelDefault;
+  ui.modelSystemText.textContent = modelDefault ?? "";
 }
 
-// --- Models and conversations ----------------------------------------------------------------
+function setSystemText(text) {
+  // The default is kept as null, so that a conversation follows it if it changes.
+  state.conversation.system = text === SYSTEM_TEXT ? null : text;
+  persist();
+}
+
+/** Shows `conversation` as the current one (the session of the one before is dropped). */
+function showConversation(conversation) {
+  if (state.generating) stop();
+  dropSession();
+  state.sessionLength = 0;
+  hideError();
+  state.conversation = conversation;
+  persist();
+  showSystemPrompt();
+  render();
+}
+
+function newChat() {
+  // A new chat keeps the system text; Clear forgets it too.
+  showConversation(emptyConversation(state.conversation.system));
+  ui.prompt.focus();
+}
+
+function clearChat() {
+  showConversation(emptyConversation());
+  ui.prompt.focus();
+}
+
+function exportName(extension) {
+  const name = state.model.frontend.name.toLowerCase().replace(/[^a-z0-9]+/g, "-");
+  return `chat-${name}-${new Date().toISOString().slice(0, 10)}.${extension}`;
+}
+
+function exportJson() {
+  download(exportName("json"), conversationJson(state.model.model, state.conversation), "application/json");
+}
+
+function exportMarkdown() {
+  const name = state.model.frontend.name;
+  const messages = [{ author: name, text: GREETING }, ...activePath(state.conversation).map(({ message }) =>
+    ({ author: message.role === "user" ? "You" : name, text: message.text }))];
+  download(exportName("md"), conversationMarkdown(`Chat with ${name}`, systemText(), messages), "text/markdown");
+}
+
+/** Makes the conversation in `file` the one with the model it was exported from (or the current one). */
+async function importConversation(file) {
+  let imported;
+  try {
+    imported = readConversationFile(await file.text());
+  } catch (error) {
+    showError(`Cannot import ${file.name}: ${error.message}`);
+    return;
+  }
+  const model = state.models.find((entry) => entry.model === imported.model) ?? state.model;
+  saveConversation(model.model, imported.conversation);
+  selectModel(model.model);
+}
+
+// --- Models ----------------------------------------------------------------------------------
 
 function showModelInfo(model) {
   const { name, model_card: card, license } = model.frontend;
@@ -301,21 +382,20 @@ function showModelInfo(model) {
 
 function selectModel(key) {
   const model = state.models.find((entry) => entry.model === key) || state.models[0];
-  dropSession();
-  state.sessionLength = 0;
-  hideError();
   state.model = model;
   state.format = model.chat.format;
   ui.model.value = model.model;
   const params = model.chat.generation_params;
   ui.temperature.value = params.do_sample ? String(params.temperature ?? 1) : "0";
   showModelInfo(model);
-  state.turns = savedTurns(model.model);
+  const conversation = savedConversation(model.model);
   // A question that never got its answer goes back into the message box.
-  if (state.turns.at(-1)?.role === "user") ui.prompt.value = state.turns.pop().text;
-  persist();
-  ui.speed.textContent = "";
-  renderConversation();
+  const last = activePath(conversation).at(-1);
+  if (last?.message.role === "user") {
+    ui.prompt.value = last.message.text;
+    removeMessage(last.parent, last.message);
+  }
+  showConversation(conversation);
 }
 
 function fillModelPicker(models) {
@@ -332,18 +412,6 @@ function fillModelPicker(models) {
   });
   ui.model.replaceChildren(...groups);
   ui.model.disabled = false;
-}
-
-function newChat() {
-  if (state.generating) stop();
-  dropSession();
-  state.sessionLength = 0;
-  hideError();
-  state.turns = [];
-  persist();
-  ui.speed.textContent = "";
-  renderConversation();
-  ui.prompt.focus();
 }
 
 function askForApiKey() {
@@ -397,6 +465,23 @@ ui.newChat.addEventListener("click", newChat);
 ui.errorNewChat.addEventListener("click", newChat);
 ui.retry.addEventListener("click", () => state.retryAction?.());
 ui.model.addEventListener("change", () => selectModel(ui.model.value));
+ui.systemPrompt.addEventListener("input", () => setSystemText(ui.systemPrompt.value));
+ui.resetSystem.addEventListener("click", () => {
+  setSystemText(SYSTEM_TEXT);
+  showSystemPrompt();
+});
+ui.useModelSystem.addEventListener("click", () => {
+  setSystemText(state.format.default_system);
+  showSystemPrompt();
+});
+ui.exportJson.addEventListener("click", exportJson);
+ui.exportMarkdown.addEventListener("click", exportMarkdown);
+ui.importFile.addEventListener("change", () => {
+  const [file] = ui.importFile.files;
+  ui.importFile.value = ""; // the same file can be imported again
+  if (file) importConversation(file);
+});
+ui.clearChat.addEventListener("click", clearChat);
 ui.apiKeyForm.addEventListener("submit", () => {
   // The form's method is "dialog": submitting closes the dialog.
   saveApiKey(ui.apiKey.value);
@@ -405,9 +490,11 @@ ui.apiKeyForm.addEventListener("submit", () => {
 });
 ui.clearSaved.addEventListener("click", () => {
   clearConversations();
-  newChat();
+  clearChat();
 });
 
+ui.systemDefault.textContent = SYSTEM_TEXT;
+setUpThemePicker(ui.theme);
 useApiKey(savedApiKey());
-renderConversation();
+render();
 loadModels();

@@ -2,6 +2,7 @@
 // as `chat.format` in /api/v1/models (each role's prefix and suffix, the generation prefix, the
 // stop token and stop sequences); the page writes nothing that is not in it.
 
+// The system text of a conversation whose own is not set.
 export const SYSTEM_TEXT =
   "A conversation between a curious person and a helpful AI assistant. " +
   "The assistant answers clearly, accurately and politely.";
@@ -13,17 +14,17 @@ function message(format, role, text) {
 }
 
 /**
- * The text to send so that the session holds the system text, the greeting, `turns` and then
- * the start of a new reply.
+ * The text to send so that the session holds `systemText`, the greeting, `turns` ([{role, text}])
+ * and then the start of a new reply.
  *
  * `sentTurns` turns are already in the session, the last of them a reply without its suffix:
  * only the rest is sent, that suffix first. When the reply ended with the model's stop token
  * (`endsWithStop`) and the suffix starts with it, only the rest of the suffix is sent.
  */
-export function newInputs(format, turns, sentTurns, endsWithStop) {
+export function newInputs(format, systemText, turns, sentTurns, endsWithStop) {
   let text;
   if (sentTurns === 0) {
-    text = message(format, "system", SYSTEM_TEXT) + message(format, "assistant", GREETING);
+    text = message(format, "system", systemText) + message(format, "assistant", GREETING);
   } else {
     const { suffix } = format.roles.assistant;
     const stopInSuffix = endsWithStop && suffix.startsWith(format.stop_token);

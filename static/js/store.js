@@ -1,6 +1,11 @@
 // Conversations kept in the browser's local storage, one per model, so a reload loses nothing.
+// Saved as {version: 2, model, conversations: {model: conversation tree}}; the first format kept
+// each conversation as a list of turns and is still read (see tree.js readConversation).
+
+import { emptyConversation, isEmpty, readConversation } from "./tree.js";
 
 const KEY = "swarm-chat";
+const VERSION = 2;
 const API_KEY = "swarm-chat-api-key";
 
 function load() {
@@ -15,7 +20,7 @@ function load() {
 
 function save(state) {
   try {
-    localStorage.setItem(KEY, JSON.stringify(state));
+    localStorage.setItem(KEY, JSON.stringify({ ...state, version: VERSION }));
   } catch {
     // Storage full or disabled (private browsing): the chat still works, it is just not kept.
   }
@@ -26,18 +31,17 @@ export function savedModel() {
   return load().model;
 }
 
-/** The turns ([{role, text}]) of the conversation with `model`. */
-export function savedTurns(model) {
-  const turns = load().conversations[model];
-  return Array.isArray(turns) ? turns.filter((turn) => turn && typeof turn.text === "string") : [];
+/** The conversation with `model` (an empty one if none is kept). */
+export function savedConversation(model) {
+  return readConversation(load().conversations[model]) ?? emptyConversation();
 }
 
-/** Keeps `turns` as the conversation with `model`, and `model` as the current one. */
-export function saveConversation(model, turns) {
+/** Keeps `conversation` as the one with `model`, and `model` as the current one. */
+export function saveConversation(model, conversation) {
   const state = load();
   state.model = model;
-  if (turns.length) state.conversations[model] = turns;
-  else delete state.conversations[model];
+  if (isEmpty(conversation)) delete state.conversations[model];
+  else state.conversations[model] = conversation;
   save(state);
 }
 
