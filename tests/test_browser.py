@@ -15,6 +15,7 @@ from config import ManagerSettings
 from server import make_app
 from sessions.chat_format import ChatFormat
 from sessions.manager import build_manager
+from tests.helpers import wait_for_no_sessions
 from tests.browser import DESKTOP_SIZE, FINISHED_BLOCK_RECORDER, PHONE_SIZE, REPLY_LENGTH_RECORDER, SCREENSHOT_DIR, \
     ChatPage, ChatServer, drive, start_chromium
 
@@ -38,11 +39,17 @@ def test_the_vendored_libraries_are_the_pinned_versions():
 
 
 @pytest.fixture(scope="module")
-def chromium():
-    """One headless Chromium for the module's tests (each test gets a fresh origin and storage)."""
+def chromium(manager, io_loop):
+    """One headless Chromium for the module's tests (each test gets a fresh origin and storage).
+
+    The page's sessions are resumable: a dropped one waits 3 s here (the page resumes at once),
+    and none outlives the module."""
+    grace, manager.resumable.grace = manager.resumable.grace, 3.0
     browser = start_chromium()
     yield browser
     browser.quit()
+    io_loop.run_sync(lambda: wait_for_no_sessions(manager, timeout=30))
+    manager.resumable.grace = grace
 
 
 @pytest.fixture
@@ -99,13 +106,18 @@ async def test_streams_a_reply_token_by_token_and_stops_at_once(page, tmp_path):
         user_messages = [message["text"] for message in page.messages() if message["role"] == "user"]
         assert user_messages == ["first line\nsecond line"]
         (opened,) = page.sent("open_inference_session")
-        assert opened == {"type": "open_inference_session", "model": "tests/tiny-llama", "max_length": 512}
+        assert opened == {"type": "open_inference_session", "model": "tests/tiny-llama", "max_length": 512,
+                          "resumable": True}
         (first,) = page.sent("generate")
         assert first["max_new_tokens"] == 1 and first["stop_sequence"] == "<|im_end|>"
         assert first["inputs"].endswith("<|im_start|>user\nfirst line\nsecond line<|im_end|>\n<|im_start|>assistant\n")
         assert page.sent("stop") == [{"type": "stop"}]
         streamed = [reply for reply in page.received() if "outputs" in reply]
         assert all(reply["token_count"] <= 1 for reply in streamed) and streamed[-1]["stop"] is True
+        # Under the reply, the route its tokens took: the one server of the test swarm, all 4 blocks.
+        (ribbon,) = page.chromium.find_elements(By.CSS_SELECTOR, ".message:last-child .route-span")
+        assert re.fullmatch(r"…\w{6} 0–4 · \d+ ms", ribbon.text), ribbon.text
+        assert ribbon.get_attribute("title").startswith(streamed[-1]["route"]["spans"][0]["peer_id"])
 
         # The next turn goes to the same session with only the new text.
         page.send("next question")
@@ -514,26 +526,33 @@ async def test_a_too_long_conversation_is_replayed_in_a_longer_session(page, tmp
     await drive(page, tmp_path, steps)
 
 
-async def test_lost_connections_are_retried_and_an_outage_shows_an_error_with_retry(page, chat_server, tmp_path):
+async def test_a_dropped_connection_is_resumed_and_an_outage_shows_an_error_with_retry(page, chat_server, tmp_path):
     def steps():
         page.open()
         page.send("hello")
         page.wait_for_reply_updates(5)
-        # The server drops the connection mid-reply: the page reconnects once by itself.
+        # The connection drops mid-reply: the page resumes the session, and the reply goes on.
+        sockets_before = page.socket_count()
         chat_server.on_loop(chat_server.drop_websockets)
-        page.wait(lambda: len(page.sent("generate")) == 2, timeout=10, message="no automatic retry")
+        page.wait(lambda: page.sent("resume_inference_session"), timeout=10, message="no resume")
         page.reset_reply_lengths()
         page.wait_for_reply_updates(3)
         page.element("stop").click()
         page.wait_until_idle(timeout=5)
         assert page.error_text() == ""
+        assert page.socket_count() == sockets_before + 1
+        assert len(page.sent("generate")) == 1 and len(page.sent("open_inference_session")) == 1  # no replay
+        (resume,) = page.sent("resume_inference_session")
+        seqs = [reply["seq"] for reply in page.received() if "seq" in reply]
+        assert seqs == list(range(1, len(seqs) + 1)), "every reply exactly once, in order"
+        assert resume["last_seq"] < seqs[-1]
 
         chat_server.on_loop(chat_server.stop)
         sockets_before = page.socket_count()
         page.send("are you there?")
         page.wait(lambda: page.error_text(), timeout=15, message="no error shown")
         assert "Lost the connection" in page.error_text()
-        assert page.socket_count() == sockets_before + 2, "expected one attempt and one automatic retry"
+        assert page.socket_count() == sockets_before + 2, "expected a resume and one automatic retry"
         assert page.element("retry").is_displayed()
 
         chat_server.on_loop(chat_server.start)

@@ -158,6 +158,7 @@ function generationRequest(inputs) {
     stop_sequence: state.format.stop_token,
     extra_stop_sequences: extraStopSequences(state.format),
     visible_text: true, // the server holds back what may start a stop sequence
+    trace_route: true, // the last reply names the swarm servers that computed it
     do_sample: temperature > 0 ? 1 : 0,
   };
   if (temperature > 0) {
@@ -199,6 +200,7 @@ async function streamReply(length, turns, reply, show) {
   const startedAt = performance.now();
   reply.text = "";
   delete reply.stats;
+  delete reply.route;
   show(reply.text, null);
   const session = await openSession(length, turns);
   if (state.stopRequested) return; // stopped while the session was opening
@@ -214,6 +216,7 @@ async function streamReply(length, turns, reply, show) {
     firstTokenAt ??= performance.now();
     reply.text = shown.trimStart();
     reply.stats = replyStats(startedAt, firstTokenAt, tokens);
+    if (message.route) reply.route = message.route;
     show(reply.text, reply.stats);
   });
   session.held = [...turns, reply];
@@ -492,6 +495,9 @@ ui.clearSaved.addEventListener("click", () => {
   clearConversations();
   clearChat();
 });
+
+// Leaving the page ends the session at once; a dropped connection leaves it resumable instead.
+window.addEventListener("pagehide", dropSession);
 
 ui.systemDefault.textContent = SYSTEM_TEXT;
 setUpThemePicker(ui.theme);

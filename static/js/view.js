@@ -1,8 +1,10 @@
 // The conversation on the page: the greeting, then the messages shown (the active path of the
 // conversation tree). A question is shown as typed, with Edit; a reply as Markdown, with its
-// speed, Regenerate, and ‹ 1/2 › between the versions of a message.
+// speed, the route through the swarm that wrote it, Regenerate, and ‹ 1/2 › between the versions
+// of a message.
 
 import { MarkdownView, enableCodeCopy } from "./markdown.js";
+import { routeRibbon } from "./route.js";
 
 // How close to the end (in pixels) the log must be scrolled for a growing reply to keep it there.
 const STICK_TO_END_PX = 40;
@@ -48,7 +50,7 @@ export class ConversationView {
     const articles = [this._article("assistant", assistantName, greeting).article];
     let updateLastReply = null;
     for (const entry of path) {
-      const { role, text, stats } = entry.message;
+      const { role, text, stats, route } = entry.message;
       const parts = this._article(role, role === "user" ? "You" : assistantName, text);
       const footer = document.createElement("footer");
       footer.className = role === "user" ? "message-actions" : "reply-meta";
@@ -58,6 +60,7 @@ export class ConversationView {
         speed.className = "reply-speed";
         if (stats) speed.textContent = formatStats(stats);
         footer.append(speed);
+        if (route) footer.append(routeRibbon(route));
       }
       updateLastReply = role === "assistant"
         ? (replyText, replyStats) => this._update(parts.markdown, footer.firstChild, replyText, replyStats)
