@@ -17,7 +17,7 @@ from swarm.local import LocalSwarm, SwarmModel, count_blocks
 
 PREFIX = "failover-smollm2"
 PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
-BEFORE, AFTER = 8, 24  # tokens generated before and after the crash
+BEFORE, AFTER = 6, 16  # tokens generated before and after the crash
 NODE_OPTIONS = ("--update-period", "2", "--expiration", "5")
 READY_TIMEOUT = 240
 

@@ -30,7 +30,7 @@ def get_weather(city: str) -> str:
 @pytest.fixture
 def chat(ws_port):
     return ChatOpenAI(base_url=f"http://127.0.0.1:{ws_port}/v1", api_key="unused", model=DEFAULT, temperature=0,
-                      max_tokens=40, max_retries=0)
+                      max_tokens=32, max_retries=0)
 
 
 async def test_invoke_and_stream_agree(chat, manager):

@@ -18,17 +18,20 @@ FOLLOW_UP = "\n<|im_start|>user\nAnd the capital of Germany? Answer in one sente
 def local_greedy_turns(path, tokenizer, turns, stop_text: str, limit: int = 60) -> list:
     """Plain transformers' greedy replies to each turn in turn, each up to and including ``stop_text``.
 
-    Works on token ids, as the server does: each reply's own tokens stay in the context.
+    Works on token ids, as the server does: each reply's own tokens stay in the context (and in
+    the model's key-value cache, so each token costs one short forward pass).
     """
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    context, replies = [], []
+    past, pending, replies = None, [], []
     with torch.inference_mode():
         for turn in turns:
-            context += tokenizer(turn, add_special_tokens=False)["input_ids"]
+            pending += tokenizer(turn, add_special_tokens=False)["input_ids"]
             reply_ids = []
             while True:
-                token = int(model(torch.tensor([context])).logits[0, -1].argmax())
-                context.append(token)
+                output = model(torch.tensor([pending]), past_key_values=past, use_cache=True)
+                past = output.past_key_values
+                token = int(output.logits[0, -1].argmax())
+                pending = [token]
                 reply_ids.append(token)
                 text = tokenizer.decode(reply_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
                 if stop_text in text or len(reply_ids) >= limit:
