@@ -20,7 +20,7 @@ from tests.ws_client import WSClient
 TINY = "tests/tiny-llama"
 REPLY_TIMEOUT = 30
 RELEASE_TIMEOUT = 30
-FUZZ_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+FUZZ_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # Values of every JSON type, small numbers most of all (valid requests stay short), and edges.

@@ -10,7 +10,7 @@ from tests.load_clients import ProcessSample, run_load, run_soak, scrape_open_se
 
 TINY = "tests/tiny-llama"
 STREAMS, SECONDS = 20, 5
-SOAK_SESSIONS, SOAK_CONCURRENCY = 160, 20
+SOAK_SESSIONS, SOAK_CONCURRENCY = 120, 20
 # This process runs the server, its clients and the swarm's bootstrap peer: a little slack for
 # threads and sockets that come and go, far below one per session.
 THREAD_SLACK, FD_SLACK = 2, 10
