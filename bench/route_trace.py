@@ -17,23 +17,15 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
 import sessions.token_stream  # noqa: E402
-from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
-from server import split_cpu_threads  # noqa: E402
-from sessions.models import load_model  # noqa: E402
+from bench.swarm_vs_local import default_model_on_a_local_swarm  # noqa: E402
 from sessions.token_stream import TokenStream  # noqa: E402
-from swarm.default_model import ensure_default_model  # noqa: E402
-from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 from swarm.route_trace import RouteRecorder, trace_server_steps  # noqa: E402
 
 QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -97,30 +89,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    node_threads, client_threads = split_cpu_threads(0)
-    torch.set_num_threads(client_threads)
-
-    spec = default_model(CONFIG_ROOT / ".models")
-    path = ensure_default_model(spec.path.parent)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
-    model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
     seconds = {True: [], False: []}
-    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=node_threads) as swarm:
-        swarm.add_node(model)
-        swarm.wait_until_ready([model])
-        loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
-        try:
-            timed_run(loaded, prompt_ids, 4, traced=True)  # warm-up
-            peer_id = loaded.sequence_manager.state.sequence_info.spans_by_priority[0].peer_id
-            for repeat in range(args.repeats):  # alternating, so that load on the machine hits both alike
-                for traced in ((True, False) if repeat % 2 == 0 else (False, True)):
-                    elapsed, trace = timed_run(loaded, prompt_ids, args.tokens, traced)
-                    seconds[traced].append(elapsed)
-                    if traced:
-                        last_trace = trace
-        finally:
-            loaded.close()
+    with default_model_on_a_local_swarm(QUESTION) as (spec, _, loaded, prompt_ids):
+        timed_run(loaded, prompt_ids, 4, traced=True)  # warm-up
+        peer_id = loaded.sequence_manager.state.sequence_info.spans_by_priority[0].peer_id
+        for repeat in range(args.repeats):  # alternating, so that load on the machine hits both alike
+            for traced in ((True, False) if repeat % 2 == 0 else (False, True)):
+                elapsed, trace = timed_run(loaded, prompt_ids, args.tokens, traced)
+                seconds[traced].append(elapsed)
+                if traced:
+                    last_trace = trace
     traced_rate = args.tokens / statistics.median(seconds[True])
     untraced_rate = args.tokens / statistics.median(seconds[False])
     print(f"model: {spec.key}, {args.tokens} greedy tokens, median of {args.repeats} alternating runs each")

@@ -14,22 +14,13 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
-from server import split_cpu_threads  # noqa: E402
-from bench.swarm_vs_local import greedy_swarm  # noqa: E402
-from sessions.models import load_model  # noqa: E402
+from bench.swarm_vs_local import default_model_on_a_local_swarm, greedy_swarm  # noqa: E402
 from sessions.requests import SamplingParams  # noqa: E402
-from swarm.default_model import ensure_default_model  # noqa: E402
-from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 
 QUESTION = "Write a long story about a lighthouse keeper, as JSON with the story in the field \"story\"."
 LONG_OUTPUT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["story"],
@@ -42,30 +33,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    node_threads, client_threads = split_cpu_threads(0)
-    torch.set_num_threads(client_threads)
-
-    spec = default_model(CONFIG_ROOT / ".models")
-    path = ensure_default_model(spec.path.parent)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
-    model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
     free, constrained = [], []
-    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=node_threads) as swarm:
-        swarm.add_node(model)
-        swarm.wait_until_ready([model])
-        loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
-        try:
-            # Warm-up, the constraint library's view of the vocabulary included (built once per model).
-            greedy_swarm(loaded, prompt_ids, 4, SamplingParams())
-            greedy_swarm(loaded, prompt_ids, 4, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))
-            for _ in range(args.repeats):  # alternating, so that load on the machine hits both alike
-                free.append(greedy_swarm(loaded, prompt_ids, args.tokens, SamplingParams())[1])
-                ids, seconds = greedy_swarm(
-                    loaded, prompt_ids, args.tokens, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))
-                constrained.append(seconds)
-        finally:
-            loaded.close()
+    with default_model_on_a_local_swarm(QUESTION) as (spec, tokenizer, loaded, prompt_ids):
+        # Warm-up, the constraint library's view of the vocabulary included (built once per model).
+        greedy_swarm(loaded, prompt_ids, 4, SamplingParams())
+        greedy_swarm(loaded, prompt_ids, 4, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))
+        for _ in range(args.repeats):  # alternating, so that load on the machine hits both alike
+            free.append(greedy_swarm(loaded, prompt_ids, args.tokens, SamplingParams())[1])
+            ids, seconds = greedy_swarm(
+                loaded, prompt_ids, args.tokens, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))
+            constrained.append(seconds)
     free_rate = args.tokens / statistics.median(free)
     constrained_rate = args.tokens / statistics.median(constrained)
     print(f"model: {spec.key}, {args.tokens} greedy tokens, median of {args.repeats} alternating runs each")

@@ -10,12 +10,14 @@ Prints tokens/s for each, their ratio, and whether both chose the same tokens.
 """
 
 import argparse
+import contextlib
 import logging
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -58,6 +60,28 @@ def greedy_swarm(loaded, prompt_ids, new_tokens: int, sampling: SamplingParams =
     finally:
         stream.close()
     return tokens, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def default_model_on_a_local_swarm(question: str) -> Iterator[Tuple[object, object, object, list]]:
+    """The default model on a one-node swarm of this machine, connected as the server connects
+    (torch threads split between node and client as ``server.py`` splits them): yields its spec,
+    its tokenizer, the loaded client and ``question``'s chat prompt as token ids."""
+    node_threads, client_threads = split_cpu_threads(0)
+    torch.set_num_threads(client_threads)
+    spec = default_model(CONFIG_ROOT / ".models")
+    path = ensure_default_model(spec.path.parent)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=node_threads) as swarm:
+        swarm.add_node(model)
+        swarm.wait_until_ready([model])
+        loaded = load_model(spec, swarm.initial_peers, device="cpu", torch_dtype="float32")
+        try:
+            yield spec, tokenizer, loaded, prompt_ids
+        finally:
+            loaded.close()
 
 
 def main() -> None:

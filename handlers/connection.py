@@ -118,7 +118,7 @@ class GenerateConnection:
         self.log.info("Resumed session %s after reply %d", session.session_id, message.last_seq)
 
     def _check_no_session(self) -> None:
-        if self.session is not None and not self.session.released and self.holds_session:
+        if self.holds_session and not self.session.released:
             raise SessionStateError("An inference session is already open on this connection")
 
     @property

@@ -266,4 +266,5 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
                              open_stream=functools.partial(TokenStream, observe_server_step=server_latency.observe))
     metrics.state_bytes.set_function(manager.session_state_bytes)
     metrics.warm_sessions.set_function(lambda: len(manager.warm))
+    metrics.detached_sessions.set_function(lambda: manager.resumable.detached)
     return manager

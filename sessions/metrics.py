@@ -73,6 +73,10 @@ class SessionMetrics:
         self.warm_sessions = Gauge(
             "swarm_chat_warm_sessions", "Finished sessions kept warm for a request that continues them",
             registry=self.registry)
+        self.detached_sessions = Gauge(
+            "swarm_chat_detached_sessions",
+            "Resumable WebSocket sessions whose connection dropped, waiting for their client",
+            registry=self.registry)
         self.errors = Counter(
             "swarm_chat_errors", "Errors answered to clients, by error code", ["code"], registry=self.registry)
 

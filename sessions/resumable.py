@@ -39,9 +39,6 @@ class ResumableSessions:
         self._clock = clock
         self._by_id: Dict[str, _Resumable] = {}
 
-    def __len__(self) -> int:
-        return len(self._by_id)
-
     @property
     def detached(self) -> int:
         """Sessions waiting for their client to come back."""

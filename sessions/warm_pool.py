@@ -46,10 +46,6 @@ class WarmPool:
     def __len__(self) -> int:
         return len(self._warm)
 
-    def sessions(self) -> List[Any]:
-        """The sessions waiting, oldest first."""
-        return [warm.session for warm in self._warm.values()]
-
     def state_bytes(self) -> int:
         """Memory the waiting sessions hold on this machine."""
         return sum(warm.session.stream.state_bytes for warm in self._warm.values())
@@ -108,7 +104,7 @@ class WarmPool:
 
     def drain(self) -> List[Any]:
         """Removes and returns every waiting session."""
-        sessions = self.sessions()
+        sessions = [warm.session for warm in self._warm.values()]
         self._warm.clear()
         return sessions
 

@@ -60,6 +60,7 @@ async def test_a_wrong_token_is_refused_and_the_grace_period_ends_the_session(ws
     first.close()
     await asyncio.sleep(0.2)
     assert manager.open_session_count == 1  # waiting, counted against the client's limits
+    assert manager.metrics.registry.get_sample_value("swarm_chat_detached_sessions") == 1
 
     intruder = await WSClient.connect(ws_port)
     for wrong in ({"session_id": opened["session_id"], "resume_token": opened["resume_token"][:-2] + "xx"},
