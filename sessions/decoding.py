@@ -18,10 +18,15 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
+        # A fast tokenizer's own decoder gives the same text (no clean-up asked for) without the
+        # wrapper's checks of every id, a cost paid twice per generated token.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._window: List[int] = []  # tokens from the window's start on
         self._read_offset = 0  # in the window: where the tokens not yet turned into text begin
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=False)
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def add_context(self, token_ids: Sequence[int]) -> None:

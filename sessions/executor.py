@@ -35,7 +35,12 @@ class BlockingExecutor:
         """Queues ``function(*args)``; the returned concurrent future completes in a worker thread."""
         with self._lock:
             self._waiting += 1
-        future = self._pool.submit(self._started, function, *args)
+        try:
+            future = self._pool.submit(self._started, function, *args)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self._waiting -= 1
+            raise
         future.add_done_callback(self._cancelled)
         return future
 

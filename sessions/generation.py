@@ -3,9 +3,11 @@
 It feeds the new input, steps the session's token stream one token at a time, turns tokens
 into text, watches for stop sequences, end of sequence and length limits, and yields the
 replies the request asked for (one per ``max_new_tokens`` tokens, or one per chunk until a
-stop when streaming). While a streamed reply is on its way to the client, the next step
-already runs; if the generation is stopped meanwhile, that step's token is kept unsent: it
-opens the next generation if the model just goes on, and is dropped if new input comes.
+stop when streaming). A step starts the next one itself, in its worker thread, when the
+generation surely goes on (``GenerationRunAhead``): turning a token into a reply and a frame
+never delays the swarm. If the generation is stopped while that next step runs, its token is
+kept unsent: it opens the next generation if the model just goes on, and is dropped if new
+input comes.
 """
 
 from typing import TYPE_CHECKING, AsyncIterator, Optional
@@ -16,7 +18,7 @@ from sessions.requests import GenerationRequest, GenerationUpdate
 from sessions.stops import StopStringFilter
 
 if TYPE_CHECKING:
-    from sessions.session import ChatSession, StartedStep
+    from sessions.session import ChatSession, StartedStep, StepResult
 
 
 async def run_generation(session: "ChatSession", request: GenerationRequest,
@@ -35,7 +37,7 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
         input_ids = []
     # A token a stopped generation chose ahead of need, never sent: the next token if the model
     # just goes on, but new input follows the token before it.
-    carried, session.carried_token = session.carried_token, None
+    carried, session.carried = session.carried, None
     if carried is not None and input_ids:
         session.stream.discard_pending()
         carried = None
@@ -49,36 +51,36 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
                                 f"{needed - session.stream.position} leaves no room for a new token within "
                                 f"the maximum {total_limit}")
     stops = StopStringFilter(request.stop_sequences)
+    run_ahead = GenerationRunAhead(session, request, ticket, total_limit, carried)
     session.stream.route.reset()
     eos_token_id = session.model.eos_token_id
     session.decoder.add_context(input_ids)
-    ahead: Optional[StartedStep] = None  # the next step, started while a reply is on its way
+    ahead: Optional[StartedStep] = None  # the next step, started by the one before it
     while True:
-        chunk_tokens, chunk_text, finish_reason, chunk_logprobs = 0, "", None, []
-        while request.max_new_tokens is None or chunk_tokens < request.max_new_tokens:
+        chunk, finish_reason = _Chunk(request.sampling.logprobs is not None), None
+        while request.max_new_tokens is None or chunk.tokens < request.max_new_tokens:
             if session.stopped(ticket):
-                if ahead is not None:  # its token was chosen for a continuation that has not come
-                    session.carried_token = await session.finish_step(ahead)
-                    ahead = None
                 finish_reason = "cancelled"
+                if ahead is not None:
+                    session.carried = await _settle_steps_ahead(session, run_ahead, ahead, chunk)
+                    ahead = None
                 break
             if carried is not None:
-                token, carried = carried, None
+                result, carried = carried, None
             else:
-                if request.max_length is not None and session.length_with(input_ids) + 1 > total_limit:
-                    finish_reason = "length"  # the client's max_length is reached
-                    break
-                step, ahead = ahead or session.start_step(input_ids, request.sampling), None
-                token = await session.finish_step(step)
-                if request.sampling.logprobs is not None:  # no other step runs until this one is read
-                    chunk_logprobs.append(session.stream.last_logprobs)
+                if ahead is None:
+                    if request.max_length is not None and session.length_with(input_ids) + 1 > total_limit:
+                        finish_reason = "length"  # the client's max_length is reached
+                        break
+                    ahead = session.start_step(input_ids, request.sampling, run_ahead)
+                result = await run_ahead.take(ahead)
+                ahead = result.next_step
             input_ids = []
-            chunk_tokens += 1
-            chunk_text += session.decoder.push([token])
-            if token == eos_token_id:
+            chunk.add(result)
+            if result.token == eos_token_id:
                 finish_reason = "stop"
                 break
-        visible = stops.push(chunk_text)
+        visible = stops.push(chunk.text)
         if stops.matched:
             if stop_token_id is not None and stops.matched_stop != request.stop_sequence:
                 # The next turn must follow the stop token, as if the model had written it.
@@ -89,15 +91,85 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
             finish_reason = "length"  # the one reply has its max_new_tokens
         if finish_reason is not None:
             visible += stops.flush()
-        elif _room_for_a_step(session, request, total_limit):
-            # The swarm works on the next token while this reply travels to the client.
-            ahead = session.start_step([], request.sampling)
-        yield GenerationUpdate(outputs=chunk_text, stop=finish_reason is not None, token_count=chunk_tokens,
+        yield GenerationUpdate(outputs=chunk.text, stop=finish_reason is not None, token_count=chunk.tokens,
                                finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched,
-                               logprobs=tuple(chunk_logprobs),
+                               logprobs=tuple(chunk.logprobs),
                                route=session.stream.route.summary() if finish_reason and request.trace_route else None)
         if finish_reason is not None:
             return
+
+
+class _Chunk:
+    """The tokens of one reply as they come: their count, text and log-probabilities."""
+
+    def __init__(self, with_logprobs: bool):
+        self.tokens, self.text, self.logprobs = 0, "", []
+        self._with_logprobs = with_logprobs
+
+    def add(self, result: "StepResult") -> None:
+        self.tokens += 1
+        self.text += result.text
+        if self._with_logprobs and result.logprobs is not None:
+            self.logprobs.append(result.logprobs)
+
+
+async def _settle_steps_ahead(session: "ChatSession", run_ahead: "GenerationRunAhead", ahead: "StartedStep",
+                              chunk: _Chunk) -> "StepResult":
+    """Waits for the steps a stopped generation started ahead. A token that one of them fed is
+    sent with the last reply (the conversation holds it); the last one chosen, never fed, is
+    returned to be carried."""
+    result = await run_ahead.take(ahead)
+    while result.next_step is not None:
+        chunk.add(result)
+        result = await run_ahead.take(result.next_step)
+    return result
+
+
+class GenerationRunAhead:
+    """Lets a step start the next one from its worker thread when the generation surely goes on.
+
+    It says no wherever the generation might end after the token: end of sequence, a stop
+    asked for, the last token of a reply that is not streamed, a stop string completed (watched
+    here on the same text the generation cuts), no room left. And it keeps the steps at most one
+    ahead of the generation's own pace: a step whose result the generation has not taken yet
+    starts no other, so a slow reader slows the generation as before and a stop finds at most
+    two steps beyond the last token the generation took.
+    """
+
+    def __init__(self, session: "ChatSession", request: GenerationRequest, ticket: int, total_limit: int,
+                 carried: Optional["StepResult"]):
+        self._session = session
+        self._request = request
+        self._ticket = ticket
+        self._total_limit = total_limit
+        self._eos_token_id = session.model.eos_token_id
+        self._stop_lookout = StopStringFilter(request.stop_sequences)
+        # Tokens a reply that is not streamed still needs.
+        self._tokens_left = None if request.streaming else request.max_new_tokens
+        self._steps_done = 0  # counted in the worker threads
+        self._steps_taken = 0  # counted by the generation
+        if carried is not None:  # the generation's first token, chosen by the one before
+            self._count(carried.text)
+
+    def _count(self, text: str) -> None:
+        if self._tokens_left is not None:
+            self._tokens_left -= 1
+        self._stop_lookout.push(text)
+
+    async def take(self, step: "StartedStep") -> "StepResult":
+        """The result of ``step``, counted as taken by the generation."""
+        result = await self._session.finish_step(step)
+        self._steps_taken += 1
+        return result
+
+    def allows(self, token: int, text: str) -> bool:
+        """Whether the generation surely goes on after ``token`` (which adds ``text``)."""
+        self._count(text)
+        self._steps_done += 1
+        return (self._steps_done - self._steps_taken <= 1 and token != self._eos_token_id
+                and not self._session.stopped(self._ticket)
+                and (self._tokens_left is None or self._tokens_left > 0) and not self._stop_lookout.matched
+                and _room_for_a_step(self._session, self._request, self._total_limit))
 
 
 def _room_for_a_step(session: "ChatSession", request: GenerationRequest, total_limit: int) -> bool:

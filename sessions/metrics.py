@@ -6,7 +6,7 @@ several managers and every app shows the figures of its own manager.
 
 import gc
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -52,6 +52,7 @@ class SessionMetrics:
         self.input_tokens = Counter(
             "swarm_chat_input_tokens", "Prompt and follow-up tokens fed through the swarm", ["model"],
             registry=self.registry)
+        self._step_series: Dict[str, Tuple[Counter, Histogram, Counter, Counter]] = {}  # per model
         self.step_seconds = Histogram(
             "swarm_chat_step_seconds", "Time of one generation step, swarm round trip included", ["model"],
             buckets=STEP_SECONDS_BUCKETS, registry=self.registry)
@@ -101,10 +102,16 @@ class SessionMetrics:
 
     def observe_step(self, model: str, seconds: float, input_tokens: int) -> None:
         """Records one successful step: it fed ``input_tokens`` and generated one token."""
-        self.steps.labels(model, "ok").inc()
-        self.step_seconds.labels(model).observe(seconds)
-        self.generated_tokens.labels(model).inc()
-        self.input_tokens.labels(model).inc(input_tokens)
+        series = self._step_series.get(model)
+        if series is None:  # looked up once per model: this runs for every token
+            series = self._step_series[model] = (
+                self.steps.labels(model, "ok"), self.step_seconds.labels(model),
+                self.generated_tokens.labels(model), self.input_tokens.labels(model))
+        steps, step_seconds, generated_tokens, fed_tokens = series
+        steps.inc()
+        step_seconds.observe(seconds)
+        generated_tokens.inc()
+        fed_tokens.inc(input_tokens)
 
     def observe_server_step(self, server: str, seconds: float) -> None:
         """Records one server's part of one step."""

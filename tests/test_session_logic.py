@@ -6,6 +6,7 @@ test_manager.py and test_session_expiry.py.
 
 import asyncio
 import gc
+import time
 
 import pytest
 
@@ -253,6 +254,38 @@ async def test_a_token_chosen_ahead_opens_the_next_generation_when_the_model_goe
     # ... and going on without input starts from it, without a step for it.
     going_on = await collect(session.generate(GenerationRequest(max_new_tokens=3)))
     assert going_on[-1].outputs == "bcd" and stream.fed == [ord(char) for char in "xabc"]
+    await session.aclose("done")
+
+
+async def test_steps_go_on_in_the_worker_while_the_event_loop_is_busy_but_one_ahead_at_most(executor):
+    stream = FakeTokenStream("abcdefgh", step_seconds=0.02)
+    session = make_session(executor, stream)
+    updates = session.generate(GenerationRequest(inputs="x", max_new_tokens=1, stop_sequence="never"))
+    assert (await updates.__anext__()).outputs == "a"
+    time.sleep(0.3)  # the event loop is held: only the worker can start steps now
+    # "b" came without the loop; "c" was chosen, but nothing took "a"'s successor yet: no more.
+    assert stream.fed == [ord(char) for char in "xab"] and stream.pending == ord("c")
+    session.request_stop()
+    rest = [update async for update in updates]
+    # "b" was fed, so it is sent; "c" was not, and new input drops it.
+    assert [(update.outputs, update.finish_reason) for update in rest] == [("b", "cancelled")]
+    await collect(session.generate(GenerationRequest(inputs="y", max_new_tokens=1)))
+    assert stream.fed == [ord(char) for char in "xaby"]
+    await session.aclose("done")
+
+
+@pytest.mark.parametrize("reply, request_, fed", [
+    ("abcdef", GenerationRequest(inputs="x", max_new_tokens=3), "xab"),
+    ("Hello END more", GenerationRequest(inputs="x", max_new_tokens=1, stop_sequence="END"), "xHello EN"),
+    ("ab", GenerationRequest(inputs="x", max_new_tokens=1, stop_sequence="never"), "xab"),
+], ids=["max_new_tokens", "stop sequence", "end of sequence"])
+async def test_a_generation_that_ends_starts_no_step_beyond_its_last_token(executor, reply, request_, fed):
+    stream = FakeTokenStream(reply, step_seconds=0.005)
+    session = make_session(executor, stream)
+    replies = await collect(session.generate(request_))
+    await asyncio.sleep(0.05)  # a step started ahead would have fed the last token by now
+    assert replies[-1].finish_reason in ("length", "stop")
+    assert stream.fed == [ord(char) for char in fed] and not stream.steps_running
     await session.aclose("done")
 
 
