@@ -166,7 +166,9 @@ def start_server(model_source: str, peers, port: int, extra_args: Sequence[str] 
     process = subprocess.Popen(
         [sys.executable, "server.py", "--model", model_source, "--port", str(port), "--host", "127.0.0.1",
          "--initial-peers", *peers, "--torch-dtype", "float32", "--device", "cpu",
-         # every stream and idle session of this benchmark comes from one address
+         # every stream and idle session of this benchmark comes from one address, and the idle
+         # sessions come on top of the default limits
+         "--max-sessions", "100000", "--max-connections", "100000",
          "--max-sessions-per-client", "100000", "--max-connections-per-client", "100000", *extra_args],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300

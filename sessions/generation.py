@@ -5,9 +5,9 @@ into text, watches for stop sequences, end of sequence and length limits, and yi
 replies the request asked for (one per ``max_new_tokens`` tokens, or one per chunk until a
 stop when streaming). A step starts the next one itself, in its worker thread, when the
 generation surely goes on (``GenerationRunAhead``): turning a token into a reply and a frame
-never delays the swarm. If the generation is stopped while that next step runs, its token is
-kept unsent: it opens the next generation if the model just goes on, and is dropped if new
-input comes.
+never delays the swarm. If the generation is stopped while steps run ahead, a token one of
+them fed goes out with the last reply, and the last one chosen (never fed) is kept unsent: it
+opens the next generation if the model just goes on, and is dropped if new input comes.
 """
 
 from typing import TYPE_CHECKING, AsyncIterator, Optional
@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, AsyncIterator, Optional
 from sessions.admission import Admission
 from sessions.errors import InvalidRequest, MaxLengthExceeded
 from sessions.requests import GenerationRequest, GenerationUpdate
+from sessions.steps import StartedStep, StepResult
 from sessions.stops import StopStringFilter
 
 if TYPE_CHECKING:
-    from sessions.session import ChatSession, StartedStep, StepResult
+    from sessions.session import ChatSession
 
 
 async def run_generation(session: "ChatSession", request: GenerationRequest,
@@ -106,15 +107,15 @@ class _Chunk:
         self.tokens, self.text, self.logprobs = 0, "", []
         self._with_logprobs = with_logprobs
 
-    def add(self, result: "StepResult") -> None:
+    def add(self, result: StepResult) -> None:
         self.tokens += 1
         self.text += result.text
         if self._with_logprobs and result.logprobs is not None:
             self.logprobs.append(result.logprobs)
 
 
-async def _settle_steps_ahead(session: "ChatSession", run_ahead: "GenerationRunAhead", ahead: "StartedStep",
-                              chunk: _Chunk) -> "StepResult":
+async def _settle_steps_ahead(session: "ChatSession", run_ahead: "GenerationRunAhead", ahead: StartedStep,
+                              chunk: _Chunk) -> StepResult:
     """Waits for the steps a stopped generation started ahead. A token that one of them fed is
     sent with the last reply (the conversation holds it); the last one chosen, never fed, is
     returned to be carried."""
@@ -137,7 +138,7 @@ class GenerationRunAhead:
     """
 
     def __init__(self, session: "ChatSession", request: GenerationRequest, ticket: int, total_limit: int,
-                 carried: Optional["StepResult"]):
+                 carried: Optional[StepResult]):
         self._session = session
         self._request = request
         self._ticket = ticket
@@ -156,7 +157,7 @@ class GenerationRunAhead:
             self._tokens_left -= 1
         self._stop_lookout.push(text)
 
-    async def take(self, step: "StartedStep") -> "StepResult":
+    async def take(self, step: StartedStep) -> StepResult:
         """The result of ``step``, counted as taken by the generation."""
         result = await self._session.finish_step(step)
         self._steps_taken += 1

@@ -1,0 +1,140 @@
+"""A session's swarm steps in the executor: one at a time, each able to start the next itself.
+
+A step feeds tokens through the token stream and chooses the next token; the worker thread
+also turns that token into text. When the generation surely goes on (its ``RunAhead`` says),
+the step starts the next one before its result reaches the event loop, so the loop's work on a
+token (its reply, the frame) overlaps the next swarm step instead of delaying it.
+"""
+
+import asyncio
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+from sessions.decoding import IncrementalDecoder
+from sessions.errors import StepTimeout
+from sessions.executor import BlockingExecutor
+from sessions.requests import ChosenTokenLogprobs, SamplingParams
+
+
+@dataclass(frozen=True)
+class StartedStep:
+    """A step queued or running in the executor: its future, when it was started, how many
+    inputs it feeds."""
+
+    future: Future
+    started: float
+    input_tokens: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step chose: the token, the text it adds, its log-probabilities when asked for,
+    and the next step when this one started it (see ``RunAhead``)."""
+
+    token: int
+    text: str
+    logprobs: Optional[ChosenTokenLogprobs] = None
+    next_step: Optional[StartedStep] = None
+
+
+class RunAhead(Protocol):
+    """Decides, in the worker thread that just ran a step, whether the next one starts at once."""
+
+    def allows(self, token: int, text: str) -> bool:
+        """Whether the generation surely goes on after ``token`` (which adds ``text``)."""
+
+
+class StepRunner:
+    """Runs the steps of one token stream (``stream``, a ``TokenStream`` or a test's fake)
+    in ``executor``, one at a time, and waits for their results within ``step_timeout``.
+
+    The generation touches the stream and ``decoder`` only between steps, so the one step in
+    flight has them to itself.
+    """
+
+    def __init__(self, stream: Any, decoder: IncrementalDecoder, executor: BlockingExecutor, step_timeout: float):
+        self.stream = stream
+        self.decoder = decoder
+        self.step_timeout = step_timeout
+        self.in_flight: Optional[Future] = None  # the latest step started (done or not)
+        self._executor = executor
+        self._running_since: Optional[float] = None  # when the step in flight left the executor's queue
+
+    def start(self, new_input_ids: list, sampling: SamplingParams, run_ahead: Optional[RunAhead]) -> StartedStep:
+        """Queues a step feeding ``new_input_ids``; ``result`` waits for it."""
+        step = StartedStep(Future(), time.monotonic(), len(new_input_ids))
+        self._running_since = None
+        self.in_flight = step.future
+        self._queue(step, new_input_ids, sampling, run_ahead)
+        return step
+
+    def _queue(self, step: StartedStep, new_input_ids: list, sampling: SamplingParams,
+               run_ahead: Optional[RunAhead]) -> None:
+        job = self._executor.submit(self._run, step, new_input_ids, sampling, run_ahead)
+        # A call dropped while queued (the executor shutting down) never runs: its step ends too.
+        job.add_done_callback(lambda job: step.future.cancel() if job.cancelled() else None)
+
+    def _run(self, step: StartedStep, new_input_ids: list, sampling: SamplingParams,
+             run_ahead: Optional[RunAhead]) -> None:
+        # In a worker thread: runs ``step``, then each next one ``run_ahead`` allows, in this
+        # thread while no other call waits for one, else queued behind those calls.
+        while step.future.set_running_or_notify_cancel():
+            try:
+                self._running_since = time.monotonic()  # read by the event loop only once the timeout is due
+                token = self.stream.step(new_input_ids, sampling)
+                text = self.decoder.push([token])
+                logprobs = self.stream.last_logprobs if sampling.logprobs is not None else None
+                next_step = None
+                if run_ahead is not None and run_ahead.allows(token, text):
+                    next_step = StartedStep(Future(), time.monotonic(), 0)
+                    self._running_since = None
+                    self.in_flight = next_step.future  # before this step is seen to be done
+            except BaseException as error:
+                step.future.set_exception(error)
+                return
+            step.future.set_result(StepResult(token, text, logprobs, next_step))
+            if next_step is None:
+                return
+            if self._executor.queue_depth:  # another session waits for a thread: it goes first
+                try:
+                    self._queue(next_step, [], sampling, run_ahead)
+                except RuntimeError as error:  # the executor is shutting down
+                    next_step.future.set_exception(error)
+                return
+            step, new_input_ids = next_step, []
+
+    async def result(self, step: StartedStep) -> StepResult:
+        """The step's result; ``StepTimeout`` once it has run ``step_timeout`` seconds (time spent
+        waiting for an executor thread does not count)."""
+        loop = asyncio.get_running_loop()
+        outcome: "asyncio.Future[StepResult]" = loop.create_future()
+
+        def settle() -> None:  # on the event loop, once the step is done
+            if outcome.done():
+                return
+            if step.future.cancelled():
+                outcome.cancel()
+            elif step.future.exception() is not None:
+                outcome.set_exception(step.future.exception())
+            else:
+                outcome.set_result(step.future.result())
+
+        def check_time() -> None:
+            nonlocal timer
+            since = self._running_since
+            remaining = self.step_timeout if since is None else since + self.step_timeout - time.monotonic()
+            if remaining > 0:
+                timer = loop.call_later(remaining, check_time)
+            elif not outcome.done():
+                outcome.set_exception(StepTimeout(f"A generation step took longer than {self.step_timeout:.0f} s"))
+
+        # One hop from the worker thread to the waiting task: it is on the way from a step to
+        # its reply.
+        step.future.add_done_callback(lambda _: loop.is_closed() or loop.call_soon_threadsafe(settle))
+        timer = loop.call_later(self.step_timeout, check_time)
+        try:
+            return await outcome
+        finally:
+            timer.cancel()
