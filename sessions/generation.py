@@ -63,7 +63,7 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
             if session.stopped(ticket):
                 finish_reason = "cancelled"
                 if ahead is not None:
-                    session.carried = await _settle_steps_ahead(session, run_ahead, ahead, chunk)
+                    session.carried = await _settle_steps_ahead(run_ahead, ahead, chunk)
                     ahead = None
                 break
             if carried is not None:
@@ -114,8 +114,7 @@ class _Chunk:
             self.logprobs.append(result.logprobs)
 
 
-async def _settle_steps_ahead(session: "ChatSession", run_ahead: "GenerationRunAhead", ahead: StartedStep,
-                              chunk: _Chunk) -> StepResult:
+async def _settle_steps_ahead(run_ahead: "GenerationRunAhead", ahead: StartedStep, chunk: _Chunk) -> StepResult:
     """Waits for the steps a stopped generation started ahead. A token that one of them fed is
     sent with the last reply (the conversation holds it); the last one chosen, never fed, is
     returned to be carried."""
@@ -132,9 +131,9 @@ class GenerationRunAhead:
     It says no wherever the generation might end after the token: end of sequence, a stop
     asked for, the last token of a reply that is not streamed, a stop string completed (watched
     here on the same text the generation cuts), no room left. And it keeps the steps at most one
-    ahead of the generation's own pace: a step whose result the generation has not taken yet
-    starts no other, so a slow reader slows the generation as before and a stop finds at most
-    two steps beyond the last token the generation took.
+    ahead of the generation's own pace: a step starts no other while the generation has yet to
+    take the result of the step before it, so a slow reader slows the generation as before and
+    a stop finds at most two steps beyond the last token the generation took.
     """
 
     def __init__(self, session: "ChatSession", request: GenerationRequest, ticket: int, total_limit: int,

@@ -52,10 +52,10 @@ class SessionMetrics:
         self.input_tokens = Counter(
             "swarm_chat_input_tokens", "Prompt and follow-up tokens fed through the swarm", ["model"],
             registry=self.registry)
-        self._step_series: Dict[str, Tuple[Counter, Histogram, Counter, Counter]] = {}  # per model
         self.step_seconds = Histogram(
             "swarm_chat_step_seconds", "Time of one generation step, swarm round trip included", ["model"],
             buckets=STEP_SECONDS_BUCKETS, registry=self.registry)
+        self._step_series: Dict[str, Tuple[Counter, Histogram, Counter, Counter]] = {}  # per model
         self.gc_pause_seconds = Histogram(
             "swarm_chat_gc_pause_seconds", "Pauses of Python's garbage collector, by generation collected",
             ["generation"], buckets=GC_PAUSE_BUCKETS, registry=self.registry)
