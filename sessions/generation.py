@@ -57,47 +57,54 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
     eos_token_id = session.model.eos_token_id
     session.decoder.add_context(input_ids)
     ahead: Optional[StartedStep] = None  # the next step, started by the one before it
-    while True:
-        chunk, finish_reason = _Chunk(request.sampling.logprobs is not None), None
-        while request.max_new_tokens is None or chunk.tokens < request.max_new_tokens:
-            if session.stopped(ticket):
-                finish_reason = "cancelled"
-                if ahead is not None:
-                    session.carried = await _settle_steps_ahead(run_ahead, ahead, chunk)
-                    ahead = None
-                break
-            if carried is not None:
-                result, carried = carried, None
-            else:
-                if ahead is None:
-                    if request.max_length is not None and session.length_with(input_ids) + 1 > total_limit:
-                        finish_reason = "length"  # the client's max_length is reached
-                        break
-                    ahead = session.start_step(input_ids, request.sampling, run_ahead)
-                result = await run_ahead.take(ahead)
-                ahead = result.next_step
-            input_ids = []
-            chunk.add(result)
-            if result.token == eos_token_id:
-                finish_reason = "stop"
-                break
-        visible = stops.push(chunk.text)
-        if stops.matched:
-            if stop_token_id is not None and stops.matched_stop != request.stop_sequence:
-                # The next turn must follow the stop token, as if the model had written it.
-                session.stream.replace_pending(stop_token_id)
-            if finish_reason != "cancelled":
-                finish_reason = "stop"
-        elif finish_reason is None and not request.streaming:
-            finish_reason = "length"  # the one reply has its max_new_tokens
-        if finish_reason is not None:
-            visible += stops.flush()
-        yield GenerationUpdate(outputs=chunk.text, stop=finish_reason is not None, token_count=chunk.tokens,
-                               finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched,
-                               logprobs=tuple(chunk.logprobs),
-                               route=session.stream.route.summary() if finish_reason and request.trace_route else None)
-        if finish_reason is not None:
-            return
+    try:
+        while True:
+            chunk, finish_reason = _Chunk(request.sampling.logprobs is not None), None
+            while request.max_new_tokens is None or chunk.tokens < request.max_new_tokens:
+                if session.stopped(ticket):
+                    finish_reason = "cancelled"
+                    if ahead is not None:
+                        session.carried = await _settle_steps_ahead(run_ahead, ahead, chunk)
+                        ahead = None
+                    break
+                if carried is not None:
+                    result, carried = carried, None
+                else:
+                    if ahead is None:
+                        if request.max_length is not None and session.length_with(input_ids) + 1 > total_limit:
+                            finish_reason = "length"  # the client's max_length is reached
+                            break
+                        ahead = session.start_step(input_ids, request.sampling, run_ahead)
+                    step, ahead = ahead, None  # a step that fails is not waited for again
+                    result = await run_ahead.take(step)
+                    ahead = result.next_step
+                input_ids = []
+                chunk.add(result)
+                if result.token == eos_token_id:
+                    finish_reason = "stop"
+                    break
+            visible = stops.push(chunk.text)
+            if stops.matched:
+                if stop_token_id is not None and stops.matched_stop != request.stop_sequence:
+                    # The next turn must follow the stop token, as if the model had written it.
+                    session.stream.replace_pending(stop_token_id)
+                if finish_reason != "cancelled":
+                    finish_reason = "stop"
+            elif finish_reason is None and not request.streaming:
+                finish_reason = "length"  # the one reply has its max_new_tokens
+            if finish_reason is not None:
+                visible += stops.flush()
+            yield GenerationUpdate(outputs=chunk.text, stop=finish_reason is not None, token_count=chunk.tokens,
+                                   finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched,
+                                   logprobs=tuple(chunk.logprobs),
+                                   route=(session.stream.route.summary() if finish_reason and request.trace_route
+                                          else None))
+            if finish_reason is not None:
+                return
+    finally:
+        if ahead is not None:  # the generation was left early: its steps end before its turn does
+            run_ahead.halt()
+            session.carried = await _settle_steps_ahead(run_ahead, ahead, _Chunk(False))
 
 
 class _Chunk:
@@ -148,6 +155,7 @@ class GenerationRunAhead:
         self._tokens_left = None if request.streaming else request.max_new_tokens
         self._steps_done = 0  # counted in the worker threads
         self._steps_taken = 0  # counted by the generation
+        self._halted = False
         if carried is not None:  # the generation's first token, chosen by the one before
             self._count(carried.text)
 
@@ -162,11 +170,15 @@ class GenerationRunAhead:
         self._steps_taken += 1
         return result
 
+    def halt(self) -> None:
+        """No step starts another from now on (the generation ends without a stop asked for)."""
+        self._halted = True
+
     def allows(self, token: int, text: str) -> bool:
         """Whether the generation surely goes on after ``token`` (which adds ``text``)."""
         self._count(text)
         self._steps_done += 1
-        return (self._steps_done - self._steps_taken <= 1 and token != self._eos_token_id
+        return (not self._halted and self._steps_done - self._steps_taken <= 1 and token != self._eos_token_id
                 and not self._session.stopped(self._ticket)
                 and (self._tokens_left is None or self._tokens_left > 0) and not self._stop_lookout.matched
                 and _room_for_a_step(self._session, self._request, self._total_limit))

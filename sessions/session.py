@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable, List, Optional
 
 from sessions.admission import Slot
@@ -95,9 +96,11 @@ class ChatSession:
         try:
             async with self._turn:
                 self._check_open()
-                async for update in run_generation(self, request, ticket):
-                    tokens += update.token_count
-                    yield update
+                # Closed before the turn is given back: a step it started ahead ends first.
+                async with aclosing(run_generation(self, request, ticket)) as updates:
+                    async for update in updates:
+                        tokens += update.token_count
+                        yield update
             self.log.info("Generated %d tokens in %.2f s", tokens, time.monotonic() - started)
         except Exception as error:
             if not (isinstance(error, ServiceError) and error.session_survives):

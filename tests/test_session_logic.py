@@ -274,6 +274,19 @@ async def test_steps_go_on_in_the_worker_while_the_event_loop_is_busy_but_one_ah
     await session.aclose("done")
 
 
+async def test_a_generation_left_early_ends_its_steps_before_the_next_one_starts(executor):
+    stream = FakeTokenStream("abcdefgh", step_seconds=0.05)
+    session = make_session(executor, stream)
+    updates = session.generate(GenerationRequest(inputs="x", max_new_tokens=1, stop_sequence="never"))
+    assert (await updates.__anext__()).outputs == "a"
+    await updates.aclose()  # the reader went away mid-stream: the step started ahead still runs
+    assert not stream.steps_running
+    # Its token was never fed: new input drops it, and no two steps ever ran at once.
+    await collect(session.generate(GenerationRequest(inputs="y", max_new_tokens=1)))
+    assert stream.fed == [ord(char) for char in "xay"]
+    await session.aclose("done")
+
+
 @pytest.mark.parametrize("reply, request_, fed", [
     ("abcdef", GenerationRequest(inputs="x", max_new_tokens=3), "xab"),
     ("Hello END more", GenerationRequest(inputs="x", max_new_tokens=1, stop_sequence="END"), "xHello EN"),
