@@ -339,6 +339,12 @@ _PEER_FAILURE_MARKERS = ("P2PDaemonError", "P2PHandlerError", "ControlFailure", 
                          "Broken pipe", "stream reset", "TimeoutError")
 
 
+class SwarmCallFailed(Exception):
+    """Raised by a step when the swarm's part of it (petals and the network behind it) failed;
+    its ``__cause__`` is petals' exception. Any other exception in a step is this server's own
+    failure, and is reported as an internal error."""
+
+
 def from_petals_error(error: BaseException, model: str) -> ServiceError:
     """The client-facing error for an exception petals raised while running a step of ``model``."""
     if isinstance(error, ServiceError):

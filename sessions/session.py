@@ -8,7 +8,8 @@ from typing import Any, AsyncIterator, Callable, List, Optional
 
 from sessions.admission import Slot
 from sessions.decoding import IncrementalDecoder
-from sessions.errors import MaxLengthExceeded, ServiceError, SessionExpired, StepTimeout, from_petals_error
+from sessions.errors import (MaxLengthExceeded, ServiceError, SessionExpired, StepTimeout, SwarmCallFailed,
+                             from_petals_error)
 from sessions.executor import BlockingExecutor
 from sessions.generation import run_generation
 from sessions.logs import ConnectionLog
@@ -160,9 +161,12 @@ class ChatSession:
         except StepTimeout:
             self.metrics.observe_failed_step(model)
             raise
-        except Exception as error:
+        except SwarmCallFailed as error:
             self.metrics.observe_failed_step(model)
-            raise from_petals_error(error, model) from error
+            raise from_petals_error(error.__cause__, model) from error.__cause__
+        except Exception:  # our own code failed: an internal error, its text kept from the client
+            self.metrics.observe_failed_step(model)
+            raise
         self.metrics.observe_step(model, time.monotonic() - step.started, step.input_tokens)
         # The reservation made at opening counted one span; a route through several holds more.
         self._slot.reserve(self.max_length * self.model.state_bytes_per_token * max(1, self.stream.span_count))

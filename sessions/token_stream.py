@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from sessions.errors import SwarmCallFailed
 from sessions.models import LoadedModel
 from sessions.requests import ChosenTokenLogprobs, SamplingParams
 from sessions.token_chooser import TokenChooser
@@ -72,7 +73,10 @@ class TokenStream:
         input_ids = torch.tensor([feed], dtype=torch.int64)
         client = self.loaded.client
         with torch.inference_mode(), self._remote.use_session(self._session), recording(self.route):
-            hidden = client.transformer(input_ids=input_ids).last_hidden_state[:, -1:]
+            try:
+                hidden = client.transformer(input_ids=input_ids).last_hidden_state[:, -1:]
+            except Exception as error:  # the swarm's failure, told apart from one of our own code
+                raise SwarmCallFailed(error) from error
             logits = client.lm_head(hidden)[:, -1].float()
         self.token_ids = torch.cat([self.token_ids, torch.tensor([list(new_input_ids)], dtype=torch.int64)], dim=1)
         next_token = chooser.choose(self.token_ids, logits)

@@ -12,8 +12,8 @@ import pytest
 
 from config import ManagerSettings
 from sessions.admission import Admission
-from sessions.errors import (ClientLimit, InvalidRequest, MemoryBudgetExceeded, ServerBusy, SessionExpired,
-                             StepTimeout)
+from sessions.errors import (ClientLimit, InvalidRequest, MemoryBudgetExceeded, PeerFailure, ServerBusy,
+                             SessionExpired, StepTimeout, SwarmCallFailed, error_payload)
 from sessions.executor import BlockingExecutor
 from sessions.manager import SessionManager
 from sessions.metrics import SessionMetrics
@@ -118,6 +118,35 @@ async def test_a_step_timeout_breaks_the_session_and_the_stream_closes_after_the
         await collect(updates)
     assert session.closed_reason == "failed: step_timeout" and session.released
     assert stream.closed and not stream.closed_while_stepping
+
+
+class FailingStream(FakeTokenStream):
+    """A stream whose step raises ``error``."""
+
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def step(self, new_input_ids=(), sampling=None) -> int:
+        raise self.error
+
+
+async def test_only_the_swarm_s_own_failures_are_swarm_errors(executor):
+    # Our own code failing inside a step: an internal error that quotes nothing and is not retried.
+    session = make_session(executor, FailingStream(RuntimeError("Inplace update to inference tensor")))
+    with pytest.raises(RuntimeError) as raised:
+        await collect(session.generate(STREAM))
+    payload = error_payload(raised.value)
+    assert payload["code"] == "internal_error" and not payload["retryable"]
+    assert "Inplace" not in payload["traceback"]
+    assert session.closed_reason == "failed: internal error"
+    # The swarm failing: classified from petals' exception, retryable.
+    failure = SwarmCallFailed()
+    failure.__cause__ = ConnectionResetError("Connection reset by peer")
+    session = make_session(executor, FailingStream(failure))
+    with pytest.raises(PeerFailure):
+        await collect(session.generate(STREAM))
+    assert error_payload(PeerFailure("x"))["retryable"]
 
 
 async def test_a_bad_request_keeps_the_session(executor):
