@@ -12,7 +12,7 @@ import tornado.websocket
 
 from handlers.auth import SUBPROTOCOL, key_accepted
 from handlers.base import JSONErrors
-from handlers.clients import client_key
+from handlers.clients import DEFAULT_CLIENT_IP_HEADER, client_key
 from handlers.connection import GenerateConnection
 from sessions.errors import Unauthorized
 from sessions.logs import new_connection_id
@@ -57,13 +57,17 @@ class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
         # one back until the previous is acknowledged (up to the peer's delayed-ACK time).
         self.set_nodelay(True)
         origin = self.request.headers.get("Origin")
-        client = client_key(self.request, self.settings["trusted_proxies"])
+        client = client_key(self.request, self.settings["trusted_proxies"],
+                            self.settings.get("client_ip_header", DEFAULT_CLIENT_IP_HEADER))
         self.connection = GenerateConnection(
             new_connection_id(), self.manager, self._send, client, trusted=self._same_origin(origin),
             max_message_bytes=self.max_message_bytes, debug=bool(self.settings.get("serve_traceback")))
         self.open_connections.add(self)
         self.connection.log.info("Connected from %s (origin %s)", client, origin)
         if not await self.connection.admit():
+            # Refused: a client that ignores the close frame gets nothing served until Tornado
+            # gives up on the closing handshake.
+            self.connection = None
             self.close(TRY_AGAIN_LATER, "Too many connections")
 
     async def on_message(self, message: Union[str, bytes]) -> None:

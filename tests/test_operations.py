@@ -1,6 +1,7 @@
 """Operations: /health, /ready, /metrics, the swarm map, and the limits that refuse at once."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import threading
@@ -12,6 +13,7 @@ import swarm.petals_api  # noqa: F401  (the compatibility patch, before petals)
 from hivemind import PeerID
 from swarm.local import NODE_THROUGHPUT
 from tests.helpers import wait_for_no_sessions
+from tests.raw_websocket import CLOSE, TEXT, RawWebSocket
 from tests.ws_client import WSClient
 
 TINY = "tests/tiny-llama"
@@ -214,6 +216,25 @@ async def test_connections_per_client_are_capped_sessions_or_not(ws_port, manage
     finally:
         for client in held:
             client.close()
+
+
+async def test_a_refused_connection_that_ignores_the_close_is_served_nothing(ws_port, manager, limits):
+    limits(max_connections_per_client=1)
+    held = await WSClient.connect(ws_port)
+    refused = await RawWebSocket.connect(ws_port)
+    try:
+        opcode, payload = await refused.receive_frame()
+        assert opcode == TEXT and json.loads(payload)["code"] == "too_many_connections"
+        assert (await refused.receive_frame())[0] == CLOSE
+        # It does not answer the close and asks for a session all the same.
+        await refused.send({"type": "open_inference_session", "model": TINY, "max_length": 32, "resumable": True})
+        await refused.send({"type": "stop"})
+        with contextlib.suppress(asyncio.TimeoutError):  # silence, or the server drops the socket
+            assert await refused.receive_frame(timeout=2) is None, "a refused connection was answered"
+        assert manager.open_session_count == 0
+    finally:
+        refused.close()
+        held.close()
 
 
 async def test_messages_over_the_rate_are_dropped_with_an_error(ws_port, manager, limits):
