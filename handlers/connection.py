@@ -108,13 +108,19 @@ class GenerateConnection:
         self._check_no_session()
         session, replies = self.manager.resume(message.session_id, message.resume_token,
                                                lambda replies: replies.check_replayable(message.last_seq))
-        previous = replies.owner
-        await self._send(json.dumps({"ok": True, "session_id": session.session_id, "resumed": True,
-                                     "latest_seq": replies.seq}))
-        await replies.attach(self, self._send, message.last_seq)
-        if previous is not None and previous is not self:
-            previous.let_go(session)  # its connection has not noticed it is gone
-        self.session, self.replies = session, replies
+        try:
+            # Taken over before anything is awaited: a late close of the old connection finds it
+            # no longer holds the session, so it neither detaches nor closes it.
+            previous = replies.owner
+            replies.take(self)
+            self.session, self.replies = session, replies
+            if previous is not None and previous is not self:
+                previous.let_go(session)  # its connection has not noticed it is gone
+            await self._send(json.dumps({"ok": True, "session_id": session.session_id, "resumed": True,
+                                         "latest_seq": replies.seq}))
+            await replies.attach(self._send, message.last_seq)
+        finally:
+            self.manager.resumed(session)
         self.log.info("Resumed session %s after reply %d", session.session_id, message.last_seq)
 
     def _check_no_session(self) -> None:

@@ -22,9 +22,10 @@ Send = Callable[[str], Awaitable[None]]
 class ReplyChannel:
     """The replies of one session: sent through ``send`` while a connection holds it.
 
-    A ``numbered`` channel keeps its latest replies; ``detach`` holds them back until ``attach``
-    sends the missed ones to the new connection. ``on_full`` runs (once per detachment) when
-    replies pile up with no connection to take them.
+    A ``numbered`` channel keeps its latest replies; ``detach`` holds them back until a new
+    connection ``take``s the channel and ``attach`` sends it the missed ones. ``on_full`` runs
+    (once per detachment) when the replies kept since the connection dropped near the buffer's
+    size, with no connection to take them.
     """
 
     def __init__(self, send: Optional[Send], owner: Any = None, numbered: bool = False,
@@ -35,6 +36,7 @@ class ReplyChannel:
         self._send = send
         self._kept: Deque[Tuple[int, str]] = collections.deque(maxlen=KEPT_REPLIES if numbered else 0)
         self._on_full = on_full
+        self._kept_while_detached = 0  # replies kept since the connection dropped
         self._stopped_while_detached = False
 
     async def deliver(self, body: Dict[str, Any]) -> None:
@@ -43,10 +45,11 @@ class ReplyChannel:
             self.seq += 1
             frame = json.dumps(dict(body, seq=self.seq))
             self._kept.append((self.seq, frame))
-            if (self._send is None and not self._stopped_while_detached
-                    and len(self._kept) >= KEPT_REPLIES - KEPT_AFTER_STOP):
-                self._stopped_while_detached = True
-                self._on_full()
+            if self._send is None and self.owner is None:
+                self._kept_while_detached += 1
+                if not self._stopped_while_detached and self._kept_while_detached >= KEPT_REPLIES - KEPT_AFTER_STOP:
+                    self._stopped_while_detached = True
+                    self._on_full()
         else:
             frame = json.dumps(body)
         if self._send is not None:
@@ -55,6 +58,7 @@ class ReplyChannel:
     def detach(self) -> None:
         """The connection dropped: replies are kept until one attaches."""
         self._send, self.owner = None, None
+        self._kept_while_detached = 0
         self._stopped_while_detached = False
 
     def check_replayable(self, last_seq: int) -> None:
@@ -63,10 +67,14 @@ class ReplyChannel:
             raise ResumeRefused(f"Replies after {last_seq} are no longer kept (the latest is {self.seq}); "
                                 "open a new session")
 
-    async def attach(self, owner: Any, send: Send, last_seq: int) -> None:
-        """Hands the channel to a new connection: sends the replies after ``last_seq`` in order
-        (``check_replayable`` first), then every later one."""
-        self._send, self.owner = None, owner  # a connection that still held it gets nothing more
+    def take(self, owner: Any) -> None:
+        """A new connection holds the channel from now on; replies are kept for it until ``attach``
+        (a connection that still held it gets nothing more)."""
+        self._send, self.owner = None, owner
+
+    async def attach(self, send: Send, last_seq: int) -> None:
+        """Sends the replies after ``last_seq`` in order (``check_replayable`` first) to the
+        connection that took the channel, then every later one."""
         sent = last_seq
         while True:  # replies that come while the missed ones are sent queue behind them
             missed = [(seq, frame) for seq, frame in self._kept if seq > sent]

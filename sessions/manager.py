@@ -148,8 +148,12 @@ class SessionManager:
     def resume(self, session_id: object, token: object,
                check: Callable[[Any], None] = lambda attachment: None) -> Tuple[ChatSession, Any]:
         """The resumable session ``session_id`` and its attachment, if ``token`` is its resume token
-        (and ``check(attachment)`` passes)."""
+        (and ``check(attachment)`` passes). The caller takes it over at once, then calls ``resumed``."""
         return self.resumable.resume(session_id, token, check)
+
+    def resumed(self, session: ChatSession) -> None:
+        """The connection that resumed ``session`` has taken it over (see ``resume``)."""
+        self.resumable.resumed(session)
 
     async def open_for_request(self, connection_id: str, model_name: object, request: GenerationRequest,
                                client: str, trusted: bool = False) -> RequestSession:

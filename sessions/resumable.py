@@ -25,6 +25,7 @@ class _Resumable:
     token_hash: bytes
     attachment: Any
     detached_at: Optional[float] = None  # when its connection dropped; None while one holds it
+    resuming: bool = False  # a connection is taking it over (between ``resume`` and ``resumed``)
 
 
 def _hash(token: str) -> bytes:
@@ -60,15 +61,25 @@ class ResumableSessions:
                ) -> Tuple[Any, Any]:
         """The session and attachment for ``session_id`` when ``token`` is its resume token and
         ``check(attachment)`` does not raise; ``ResumeRefused`` otherwise (a wrong token and an
-        unknown id are refused alike)."""
+        unknown id are refused alike, and so is a second resume while one is under way).
+
+        The caller takes the session over at once and calls ``resumed`` once it has."""
         entry = self._by_id.get(session_id) if isinstance(session_id, str) else None
         valid = isinstance(token, str) and entry is not None and hmac.compare_digest(_hash(token), entry.token_hash)
         if not valid or entry.session.closed_reason is not None or self._expired(entry, self._clock()):
             raise ResumeRefused("No resumable session with this id and resume token; it may have closed or "
                                 "waited past its grace period. Open a new session")
+        if entry.resuming:
+            raise ResumeRefused("Another connection is resuming this session")
         check(entry.attachment)
-        entry.detached_at = None
+        entry.detached_at, entry.resuming = None, True
         return entry.session, entry.attachment
+
+    def resumed(self, session: Any) -> None:
+        """The connection that resumed ``session`` holds it: a later resume may take it over."""
+        entry = self._by_id.get(session.session_id)
+        if entry is not None and entry.session is session:
+            entry.resuming = False
 
     def forget(self, session: Any) -> None:
         """The session closed: it can no longer be resumed."""

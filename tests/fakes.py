@@ -8,9 +8,14 @@ code point), and id 0 is the end of sequence.
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
-from config import ChatSettings, FrontendSettings, ModelSpec
+from config import ChatSettings, FrontendSettings, ManagerSettings, ModelSpec
+from sessions.admission import Admission
+from sessions.executor import BlockingExecutor
+from sessions.manager import SessionManager
+from sessions.metrics import SessionMetrics
+from sessions.swarm_state import SwarmMonitor
 from swarm.route_trace import RouteRecorder
 
 EOS = 0
@@ -117,3 +122,16 @@ class FakeRegistry:
 
     async def close(self) -> None:
         pass
+
+
+def fake_manager(executor: BlockingExecutor, settings: ManagerSettings = ManagerSettings(),
+                 open_stream: Optional[Callable[[FakeModel, int], FakeTokenStream]] = None) -> SessionManager:
+    """A session manager over the fake model, its sessions on ``open_stream``'s fake streams
+    (by default each says "hello world"); ``start`` it before use."""
+    admission = Admission(settings)
+    metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
+                             reserved_state_bytes=lambda: admission.reserved_bytes,
+                             state_budget_bytes=admission.memory_budget)
+    registry = FakeRegistry(FakeModel())
+    return SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
+                          open_stream=open_stream or (lambda model, max_length: FakeTokenStream()))

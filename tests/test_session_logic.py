@@ -15,12 +15,10 @@ from sessions.admission import Admission
 from sessions.errors import (ClientLimit, InvalidRequest, MemoryBudgetExceeded, PeerFailure, ServerBusy,
                              SessionExpired, StepTimeout, SwarmCallFailed, error_payload)
 from sessions.executor import BlockingExecutor
-from sessions.manager import SessionManager
 from sessions.metrics import SessionMetrics
 from sessions.requests import GenerationRequest
 from sessions.session import ChatSession
-from sessions.swarm_state import SwarmMonitor
-from tests.fakes import FakeModel, FakeRegistry, FakeTokenStream
+from tests.fakes import FakeModel, FakeTokenStream, fake_manager
 
 STREAM = GenerationRequest(inputs="Hi", max_new_tokens=1, stop_sequence="never")
 
@@ -193,20 +191,13 @@ async def test_executor_queue_depth_counts_waiting_calls_only():
 
 
 async def test_the_reaper_closes_idle_sessions_only(executor):
-    settings = ManagerSettings(idle_timeout=0.3)
-    admission = Admission(settings)
-    metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
-                             reserved_state_bytes=lambda: admission.reserved_bytes,
-                             state_budget_bytes=admission.memory_budget)
     streams = []
 
     def open_stream(model, max_length):
         streams.append(FakeTokenStream("a" * 1000, step_seconds=0.01))
         return streams[-1]
 
-    registry = FakeRegistry(FakeModel())
-    manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
-                             open_stream=open_stream)
+    manager = fake_manager(executor, ManagerSettings(idle_timeout=0.3), open_stream)
     await manager.start()
     idle = await manager.open_session("idle", "fake", 64, "client")
     busy = await manager.open_session("busy", "fake", 256, "client")
