@@ -11,6 +11,7 @@ session holds back text that could begin one.
 import itertools
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import aclosing
@@ -28,6 +29,12 @@ from sessions.requests import ChosenTokenLogprobs, GenerationRequest, Generation
 logger = logging.getLogger(__name__)
 
 CORS_MAX_AGE_SECONDS = 600
+# Headers a page may always send, and how many more (and how long) a preflight may ask for:
+# OpenAI's JavaScript client adds about ten of its own (x-stainless-os, x-stainless-retry-count, ...).
+CORS_HEADERS = ("Authorization", "Content-Type")
+MAX_CORS_EXTRA_HEADERS = 32
+MAX_CORS_HEADER_CHARS = 64
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token, as HTTP defines header names
 # OpenAI's replies name the backend configuration that produced them; ours is this server.
 SYSTEM_FINGERPRINT = "fp_swarm_chat"
 
@@ -48,13 +55,29 @@ class OpenAIHandler(GenerationHandler):
             self.set_header("Vary", "Origin")
 
     def options(self) -> None:
-        """A browser's CORS preflight: which methods and headers a page may use."""
+        """A browser's CORS preflight: which methods and headers a page may use (the headers it
+        asks for, within bounds)."""
         self.set_status(204)
         self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        requested = self.request.headers.get("Access-Control-Request-Headers", "")
+        self.set_header("Access-Control-Allow-Headers", ", ".join(allowed_headers(requested)))
         self.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))
+        self.set_header("Vary", "Origin, Access-Control-Request-Headers")  # a cache must not answer others with it
         self.clear_header("Content-Type")
         self.finish()
+
+
+def allowed_headers(requested: str) -> List[str]:
+    """The headers a preflight allows: ours, then those of ``requested`` (a comma-separated list)
+    that are header names of at most ``MAX_CORS_HEADER_CHARS`` characters, the first
+    ``MAX_CORS_EXTRA_HEADERS`` of them. A header left out makes the browser refuse the request."""
+    allowed = {name.lower(): name for name in CORS_HEADERS}  # header names are case-insensitive
+    for name in (part.strip() for part in requested.split(",")):
+        if len(allowed) == len(CORS_HEADERS) + MAX_CORS_EXTRA_HEADERS:
+            break
+        if len(name) <= MAX_CORS_HEADER_CHARS and HEADER_NAME.fullmatch(name):
+            allowed.setdefault(name.lower(), name)
+    return list(allowed.values())
 
 
 class ModelListHandler(OpenAIHandler):
@@ -113,9 +136,12 @@ class CompletionHandler(OpenAIHandler):
         self.wants_logprobs = body.logprob_alternatives() is not None
         self.prepare_reply(body)
         loaded = self.manager.registry.find(body.model, trusted=False)
+        spec = loaded.spec
+        body.check_max_tokens(spec.max_new_tokens_limit)
         prompt, format_stops = self.prompt(body, loaded)
         prompt_ids = await self.manager.tokenize(loaded, prompt, self.client)
-        request = body.to_generation_request(prompt, prompt_ids, loaded.spec.chat.max_session_length, format_stops)
+        request = body.to_generation_request(prompt, prompt_ids, spec.chat.max_session_length,
+                                             min(spec.default_max_tokens, spec.max_new_tokens_limit), format_stops)
         prompt_tokens = len(prompt_ids)
         self.text_offset = len(prompt)  # where the reply's text starts, as completions' logprobs count
         self.started = int(time.time())
@@ -147,6 +173,8 @@ class CompletionHandler(OpenAIHandler):
                 pieces.append(last.text)
                 tokens += last.token_count
                 logprobs.extend(last.logprobs)
+        if self.client_left:  # maybe before anything was generated: nobody to answer
+            return
         choice = self.choice("".join(pieces), openai_finish_reason(last), logprobs if self.wants_logprobs else None)
         reply = self.envelope(model, self.object_name, [choice])
         reply["usage"] = self.usage(prompt_tokens, tokens)
@@ -183,6 +211,8 @@ class CompletionHandler(OpenAIHandler):
                             event["route"] = update.route
                         await self.send_event(event)
                         first = False
+            if self.client_left:  # maybe before anything was generated: nobody to answer
+                return
             if include_usage:
                 usage = self.envelope(model, self.chunk_object_name, [])
                 usage["usage"] = self.usage(prompt_tokens, tokens)

@@ -5,6 +5,7 @@ builds the ``GenerationRequest`` the session runs. Nothing here touches a model 
 """
 
 import json
+import math
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import pydantic
@@ -20,7 +21,7 @@ from handlers.openai_tools import (
     tools_called_for,
     written_call,
 )
-from sessions.errors import BadRequest, MaxLengthExceeded
+from sessions.errors import BadRequest, InvalidRequest, MaxLengthExceeded
 from sessions.requests import GenerationRequest, SamplingParams
 
 MAX_STOP_STRINGS = 4
@@ -33,6 +34,24 @@ NOT_SUPPORTED = {
 }
 
 RequestModel = TypeVar("RequestModel", bound="OpenAIRequest")
+
+
+def non_finite_number(value: Any) -> Optional[float]:
+    """The first infinite or NaN number in a parsed JSON value, at any depth; None if there is none.
+
+    Python's JSON parser reads ``Infinity``, ``NaN`` and ``1e999`` (infinite): no setting takes
+    them, and a JSON schema or tool parameters holding one cannot be written back as JSON.
+    """
+    pending = [value]
+    while pending:  # a loop, not recursion: the value may be nested as deep as the parser allows
+        item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return item
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -103,6 +122,10 @@ class OpenAIRequest(BaseModel):
             for field, off_values in NOT_SUPPORTED.items():
                 if field in body and body[field] not in off_values:
                     raise BadRequest(f"{field} is not supported by this server", param=field)
+            for field, value in body.items():
+                number = non_finite_number(value)
+                if number is not None:
+                    raise BadRequest(f"{field}: numbers must be finite, got {number}", param=field)
         return body
 
     @field_validator("logit_bias")
@@ -182,20 +205,38 @@ class OpenAIRequest(BaseModel):
         """How many alternatives each token's log-probabilities list; None: none asked for."""
         return None
 
+    @property
+    def asked_max_tokens(self) -> Optional[int]:
+        """The reply's token limit the client gave (``max_completion_tokens`` first), if any."""
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The name of the field that gave the limit, for errors."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
+    def check_max_tokens(self, limit: int) -> None:
+        """Raises ``InvalidRequest`` if the client asks for more than ``limit`` new tokens (checked
+        before the prompt is tokenized)."""
+        asked = self.asked_max_tokens
+        if asked is not None and asked > limit:
+            raise InvalidRequest(f"{self.max_tokens_field} {asked} exceeds this model's limit of {limit} "
+                                 "new tokens per request", param=self.max_tokens_field)
+
     def to_generation_request(self, prompt: str, prompt_ids: Sequence[int], context_length: int,
-                              format_stops: Tuple[str, ...] = ()) -> GenerationRequest:
+                              default_max_tokens: int, format_stops: Tuple[str, ...] = ()) -> GenerationRequest:
         """The generation to run (``prompt`` tokenized as ``prompt_ids``) in a model whose context
         holds ``context_length`` tokens: one token per reply, until a stop string, EOS or the token
-        limit (by default, what is left of the context)."""
+        limit (by default ``default_max_tokens``, or what is left of the context if less)."""
         room = context_length - len(prompt_ids)
         if room < 1:
             raise MaxLengthExceeded(f"The prompt is {len(prompt_ids)} tokens; this model's context holds "
                                     f"{context_length}, with no room left for a reply", param="messages")
-        max_tokens = self.max_completion_tokens or self.max_tokens or room
+        max_tokens = self.asked_max_tokens or min(room, default_max_tokens)
         if max_tokens > room:
-            raise MaxLengthExceeded(f"max_tokens {max_tokens} is more than the {room} tokens left in this "
-                                    f"model's context of {context_length} after the prompt's {len(prompt_ids)}",
-                                    param="max_tokens")
+            raise MaxLengthExceeded(f"{self.max_tokens_field} {max_tokens} is more than the {room} tokens left in "
+                                    f"this model's context of {context_length} after the prompt's "
+                                    f"{len(prompt_ids)}", param=self.max_tokens_field)
         return GenerationRequest(
             inputs=prompt,
             input_ids=tuple(prompt_ids),
@@ -271,7 +312,9 @@ class ChatMessage(BaseModel):
             return {"role": "user", "content": f"Result of the tool call{call}: {self.text}"}
         if self.role == "assistant" and self.tool_calls:
             return {"role": "assistant", "content": self.text + "".join(map(written_call, self.tool_calls))}
-        return {"role": self.role, "content": self.text}
+        # OpenAI's newer name for the system role (its reasoning models' instructions).
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text}
 
 
 class ChatCompletionRequest(OpenAIRequest):

@@ -5,6 +5,7 @@ names the field; nothing here touches a model or a session (nor imports torch or
 """
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
@@ -58,6 +59,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value: Union[int, float]) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def optional_int(params: Mapping[str, Any], name: str, minimum: int = 1) -> Optional[int]:
     """An integer field (JSON number or decimal string), at least ``minimum``, or None if absent."""
     value = params.get(name)
@@ -79,8 +87,8 @@ def optional_int(params: Mapping[str, Any], name: str, minimum: int = 1) -> Opti
 
 def optional_float(params: Mapping[str, Any], name: str, low: float, high: float = float("inf"),
                    low_inclusive: bool = False) -> Optional[float]:
-    """A number field within (low, high] (or [low, high]), or None if absent."""
-    value = params.get(name)
+    """A finite number field within (low, high] (or [low, high]), or None if absent."""
+    given = value = params.get(name)
     if value is None:
         return None
     if isinstance(value, str):
@@ -88,8 +96,12 @@ def optional_float(params: Mapping[str, Any], name: str, low: float, high: float
             value = float(value)
         except ValueError:
             raise BadRequest(f"{name} must be a number, got {shown(value)}") from None
-    if not _is_number(value) or value != value:
+    if not _is_number(value):
         raise BadRequest(f"{name} must be a number, got {shown(value)}")
+    # float() reads "inf", "nan" and "1e999" (infinite), and JSON has Infinity, NaN and integers of
+    # hundreds of digits: none of them is a setting.
+    if not _is_finite(value):
+        raise BadRequest(f"{name} must be a finite number, got {shown(given)}")
     above_low = value >= low if low_inclusive else value > low
     if not above_low or value > high:
         bracket = "[" if low_inclusive else "("

@@ -8,6 +8,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import tornado.httpserver
+import tornado.testing
+import tornado.web
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
@@ -645,5 +648,50 @@ async def test_swarm_map_page_shows_every_model_with_a_full_route(chromium, chat
             assert row.find_elements(By.TAG_NAME, "td")[1].text == f"0–{loaded.num_blocks - 1}"
         assert "Every model can run." in page.element("status").text
         page.screenshot(tmp_path / "swarm-map.png")
+
+    await drive(page, tmp_path, steps)
+
+
+# What OpenAI's JavaScript client sends with a request from a browser, besides the key and the type.
+JS_CLIENT_HEADERS = {"x-stainless-os": "Linux", "x-stainless-lang": "js", "x-stainless-package-version": "4.104.0",
+                     "x-stainless-runtime": "browser:chrome", "x-stainless-runtime-version": "139.0.0",
+                     "x-stainless-arch": "unknown", "x-stainless-retry-count": "0", "x-stainless-timeout": "600",
+                     "openai-organization": "org-test", "openai-project": "proj-test"}
+CALL_FROM_PAGE = """
+const [url, headers, body, done] = arguments;
+fetch(url, {method: "POST", headers, body: JSON.stringify(body)})
+  .then(async (response) => done({status: response.status, reply: await response.json()}),
+        (error) => done({error: String(error)}));
+"""
+
+
+@pytest.fixture
+def other_origin(io_loop):
+    """The URL of an empty page served on another port: another origin than the chat server's."""
+
+    class EmptyPage(tornado.web.RequestHandler):
+        def get(self):
+            self.write("<!doctype html><title>Another site</title>")
+
+    sock, port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([("/", EmptyPage)]))
+    server.add_socket(sock)
+    yield f"http://127.0.0.1:{port}/"
+    server.stop()
+    io_loop.run_sync(server.close_all_connections)
+
+
+async def test_a_page_on_another_origin_calls_the_openai_api_with_the_openai_clients_headers(
+        chromium, chat_server, other_origin, tmp_path):
+    page = ChatPage(chromium, other_origin)
+    headers = {"Authorization": "Bearer unused", "Content-Type": "application/json", **JS_CLIENT_HEADERS}
+    body = {"model": "tests/tiny-llama", "max_tokens": 3, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hello"}]}
+
+    def steps():
+        chromium.get(other_origin)
+        answer = chromium.execute_async_script(CALL_FROM_PAGE, chat_server.url + "v1/chat/completions", headers, body)
+        assert answer.get("status") == 200, answer  # the browser refused the call unless the preflight allowed it all
+        assert answer["reply"]["object"] == "chat.completion" and answer["reply"]["usage"]["completion_tokens"] == 3
 
     await drive(page, tmp_path, steps)

@@ -84,6 +84,12 @@ async def test_json_body_and_query_string(http_server_client):
          "must be an integer"),
         ("model=tests/tiny-bloom&inputs=Hi&max_new_tokens=2", "application/x-www-form-urlencoded", 403,
          "only served to this server's own chat page"),
+        ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=2&temperature=inf&repetition_penalty=inf",
+         "application/x-www-form-urlencoded", 400, "temperature must be a finite number"),
+        ("model=tests/tiny-llama&inputs=Hi&max_new_tokens=2&top_p=1e999", "application/x-www-form-urlencoded", 400,
+         "top_p must be a finite number"),
+        ('{"model": "tl", "inputs": "Hi", "max_new_tokens": 2, "repetition_penalty": NaN}', "application/json", 400,
+         "repetition_penalty must be a finite number"),
     ],
 )
 async def test_malformed_requests(http_server_client, manager, body, content_type, status, expected):
@@ -168,3 +174,42 @@ async def test_an_upload_cut_off_or_over_the_limit_ends_its_request(manager, io_
         TrackedGenerateHandler.started.clear()
         server.stop()
         await server.close_all_connections()
+
+
+async def test_max_length_alone_may_not_ask_for_more_new_tokens_than_the_limit(http_server_client, manager,
+                                                                              monkeypatch):
+    """Without max_new_tokens the reply runs up to max_length: its new tokens count against the limit."""
+    import dataclasses
+
+    loaded = manager.registry.find(TINY)
+    monkeypatch.setattr(loaded, "spec", dataclasses.replace(loaded.spec, max_new_tokens_limit=8))
+    prompt_tokens = len(loaded.encode("A cat sat on"))
+    code, reply = await post(http_server_client, json.dumps({"model": TINY, "inputs": "A cat sat on",
+                                                             "max_length": prompt_tokens + 9}), "application/json")
+    assert code == 400 and reply["code"] == "invalid_request"
+    assert f"leaves room for 9 new tokens after the prompt's {prompt_tokens}" in reply["traceback"]
+    assert "limit of 8" in reply["traceback"]
+    await wait_for_no_sessions(manager)
+    for fits in ({"max_length": prompt_tokens + 8}, {"max_length": 100, "max_new_tokens": 8}):
+        code, reply = await post(http_server_client, json.dumps({"model": TINY, "inputs": "A cat sat on", **fits}),
+                                 "application/json")
+        assert code == 200 and reply["ok"], fits
+
+
+def test_the_new_tokens_a_request_may_generate_are_checked_once_its_prompt_is_counted():
+    from config import FrontendSettings, ModelSpec
+    from sessions.admission import Admission
+    from sessions.errors import InvalidRequest
+    from sessions.requests import GenerationRequest
+
+    spec = ModelSpec(repository="a/b", family="b", frontend=FrontendSettings(name="b"), max_new_tokens_limit=10)
+    prompt = tuple(range(5))
+    for fits in (GenerationRequest(input_ids=prompt, max_length=15),
+                 GenerationRequest(input_ids=prompt, max_length=100, max_new_tokens=10),
+                 GenerationRequest(input_ids=prompt, max_new_tokens=10)):
+        Admission.check_new_tokens(spec, fits)
+    # Streamed (until a stop or max_length): max_new_tokens bounds each reply, not the generation.
+    for too_many in (GenerationRequest(input_ids=prompt, max_length=16),
+                     GenerationRequest(input_ids=prompt, max_length=16, max_new_tokens=1, until_length=True)):
+        with pytest.raises(InvalidRequest, match="leaves room for 11 new tokens after the prompt's 5"):
+            Admission.check_new_tokens(spec, too_many)

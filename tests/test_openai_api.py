@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 
 import jsonschema
 import openai
@@ -308,3 +309,160 @@ async def test_a_client_at_its_session_limit_is_refused_before_its_prompt_is_tok
     with pytest.raises(openai.RateLimitError) as caught:
         await client.completions.create(model=TINY, prompt="A cat sat on the mat", max_tokens=2)
     assert caught.value.body["code"] == "too_many_sessions" and tokenized == []
+
+
+def with_spec(monkeypatch, loaded, **changes):
+    """Declares ``loaded``'s model with ``changes`` (e.g. a lower token limit) for one test."""
+    import dataclasses
+
+    monkeypatch.setattr(loaded, "spec", dataclasses.replace(loaded.spec, **changes))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", "Infinity"), ("top_p", "NaN"), ("presence_penalty", "-Infinity"), ("seed", "1e999"),
+    ("max_tokens", "Infinity"), ("logit_bias", '{"5": Infinity}'), ("logit_bias", '{"5": 1e999}'),
+    ("response_format", '{"type": "json_schema", "json_schema": {"schema": {"type": "number", "maximum": NaN}}}'),
+    ("tools", '[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": '
+              '{"x": {"type": "number", "minimum": -Infinity}}}}}]'),
+])
+def test_a_number_that_is_not_finite_is_refused_anywhere_in_the_body(field, value):
+    """Python's JSON parser reads Infinity, NaN and 1e999 (as infinity); no field takes them."""
+    from handlers.openai_protocol import ChatCompletionRequest
+    from sessions.errors import BadRequest
+
+    body = json.loads('{"model": "m", "messages": [{"role": "user", "content": "Hi"}], "%s": %s}' % (field, value))
+    with pytest.raises(BadRequest, match="numbers must be finite") as refused:
+        ChatCompletionRequest.parse(body)
+    assert refused.value.param == field
+
+
+async def test_a_body_with_a_number_that_is_not_finite_is_a_400_naming_its_field(http_server_client, manager):
+    body = '{"model": "%s", "prompt": "Hi", "max_tokens": 2, "logit_bias": {"5": 1e999}}' % TINY
+    response = await http_server_client.fetch("/v1/completions", method="POST", body=body, raise_error=False,
+                                              headers={"Content-Type": "application/json"})
+    error = json.loads(response.body)["error"]
+    assert response.code == 400 and error["param"] == "logit_bias" and "finite" in error["message"]
+    assert manager.open_session_count == 0
+
+
+async def test_max_tokens_over_the_models_limit_is_refused_by_name(client, manager, monkeypatch):
+    with_spec(monkeypatch, manager.registry.find(TINY), max_new_tokens_limit=8)
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model=TINY, messages=QUESTION, temperature=0, **{field: 9})
+        assert caught.value.body["param"] == field and "limit of 8" in caught.value.body["message"]
+        assert caught.value.body["code"] == "invalid_request"
+    reply = await client.completions.create(model=TINY, prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert reply.usage.completion_tokens == 8
+    await wait_for_no_sessions(manager)
+
+
+async def test_a_request_without_max_tokens_stops_at_the_default(client, manager, monkeypatch):
+    """Not at the end of the context: the default cap of the model's declaration, then the limit."""
+    loaded = manager.registry.find(TINY)
+    with_spec(monkeypatch, loaded, default_max_tokens=3)
+    reply = await client.completions.create(model=TINY, prompt="Once upon a time", temperature=0)
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+    with_spec(monkeypatch, loaded, default_max_tokens=512, max_new_tokens_limit=4)
+    stream = await client.chat.completions.create(model=TINY, messages=QUESTION, temperature=0, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage.completion_tokens == 4 and chunks[-2].choices[0].finish_reason == "length"
+
+
+async def test_a_developer_message_is_a_system_message(client):
+    instructions = "You answer in French only."
+    replies = [await client.chat.completions.create(
+        model=DEFAULT, temperature=0, max_tokens=12,
+        messages=[{"role": role, "content": instructions}, *QUESTION]) for role in ("system", "developer")]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    assert replies[0].usage.prompt_tokens == replies[1].usage.prompt_tokens
+
+
+def errors_answered(manager) -> float:
+    """Errors answered to clients so far, of every code."""
+    return sum(sample.value for metric in manager.metrics.registry.collect() if metric.name == "swarm_chat_errors"
+               for sample in metric.samples if sample.name == "swarm_chat_errors_total")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["full", "streamed"])
+async def test_a_client_that_leaves_while_its_prompt_is_tokenized_gets_nothing_and_no_error(
+        ws_port, manager, monkeypatch, caplog, stream):
+    """Its generation never starts: nothing is written, and no error is counted or logged."""
+    import threading
+
+    from handlers.openai_api import CompletionHandler
+
+    loaded = manager.registry.find(TINY)
+    encode, tokenizing, left = loaded.encode, threading.Event(), threading.Event()
+
+    def encode_until_the_client_left(text):
+        tokenizing.set()
+        left.wait(30)
+        return encode(text)
+
+    handlers = []
+    prepare, on_finish = CompletionHandler.prepare, CompletionHandler.on_finish
+    monkeypatch.setattr(loaded, "encode", encode_until_the_client_left)
+    monkeypatch.setattr(CompletionHandler, "prepare", lambda handler: handlers.append(handler) or prepare(handler))
+    monkeypatch.setattr(CompletionHandler, "on_finish", lambda handler: setattr(handler, "ended", True) or
+                        on_finish(handler))
+    errors = errors_answered(manager)
+    body = json.dumps({"model": TINY, "prompt": "A cat sat on the mat", "max_tokens": 4, "stream": stream})
+    reader, writer = await asyncio.open_connection("127.0.0.1", ws_port)
+    writer.write((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    await writer.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not tokenizing.is_set():
+        assert loop.time() < deadline, "the prompt was never tokenized"
+        await asyncio.sleep(0.01)
+    writer.close()
+    [handler] = handlers
+    while not handler.client_left:
+        assert loop.time() < deadline, "the server never saw the client leave"
+        await asyncio.sleep(0.01)
+    left.set()
+    while not getattr(handler, "ended", False):
+        assert loop.time() < deadline, "the request never ended"
+        await asyncio.sleep(0.01)
+    assert errors_answered(manager) == errors
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    await wait_for_no_sessions(manager)
+
+
+# The headers OpenAI's JavaScript client adds to each request (the last two when configured).
+JS_CLIENT_HEADERS = ["x-stainless-os", "x-stainless-lang", "x-stainless-package-version", "x-stainless-runtime",
+                     "x-stainless-runtime-version", "x-stainless-arch", "x-stainless-retry-count",
+                     "x-stainless-timeout", "openai-organization", "openai-project"]
+
+
+async def preflight(http_server_client, requested: str):
+    """The answer to a browser's CORS preflight for a POST with the ``requested`` headers."""
+    return await http_server_client.fetch("/v1/chat/completions", method="OPTIONS", headers={
+        "Origin": "https://app.example.org", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": requested})
+
+
+def allowed(response) -> list:
+    return [name.strip().lower() for name in response.headers["Access-Control-Allow-Headers"].split(",")]
+
+
+async def test_a_preflight_allows_the_headers_it_asks_for(http_server_client):
+    response = await preflight(http_server_client, ",".join(["authorization", "content-type", *JS_CLIENT_HEADERS]))
+    assert response.code == 204 and response.headers["Access-Control-Allow-Origin"] == "*"
+    assert allowed(response) == ["authorization", "content-type", *JS_CLIENT_HEADERS]
+    assert {"Origin", "Access-Control-Request-Headers"} <= {
+        name.strip() for name in response.headers["Vary"].split(",")}  # a cache must not answer others with it
+
+
+async def test_a_preflight_allows_only_header_names_and_few_of_them(http_server_client):
+    from handlers.openai_api import MAX_CORS_EXTRA_HEADERS, MAX_CORS_HEADER_CHARS
+
+    names = ["bad name", "bad\"quote", "x-" + "a" * MAX_CORS_HEADER_CHARS, "x-fine"]
+    response = await preflight(http_server_client, ", ".join(names))
+    assert allowed(response) == ["authorization", "content-type", "x-fine"]
+    many = [f"x-header-{index}" for index in range(MAX_CORS_EXTRA_HEADERS + 10)]
+    response = await preflight(http_server_client, ",".join(many))
+    assert allowed(response) == ["authorization", "content-type", *many[:MAX_CORS_EXTRA_HEADERS]]

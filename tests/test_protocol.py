@@ -116,3 +116,20 @@ def test_a_logged_error_is_cut_short():
     log.addHandler(Recorder())
     log_error(log, "context", InvalidRequest("x" * 100_000))
     assert len(logged[0]) < 600 and logged[0].endswith("(100000 characters)")
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", ["inf", "Infinity", "-inf", "nan", "1e999", float("inf"), float("-inf"),
+                                   float("nan"), 10 ** 400])
+def test_a_number_that_is_not_finite_is_refused_by_name(field, value):
+    """Form strings and JSON numbers alike: float() reads "inf", "nan" and "1e999" (infinite)."""
+    with pytest.raises(BadRequest, match=f"^{field} must be a finite number"):
+        generation_request({"max_new_tokens": 1, field: value})
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_a_generate_message_with_a_json_number_that_is_not_finite_is_refused(literal):
+    """Python's JSON parser reads these (the last as infinity)."""
+    raw = '{"type": "generate", "inputs": "Hi", "max_new_tokens": 1, "temperature": %s}' % literal
+    with pytest.raises(BadRequest, match="^temperature must be a finite number"):
+        parse_message(raw, LIMIT)
