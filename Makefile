@@ -7,6 +7,7 @@ PIP := $(VENV_PYTHON) -m pip install --disable-pip-version-check -q
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
 BROWSER_STAMP := $(VENV)/.browser-installed
+NGINX_STAMP := $(VENV)/.nginx-installed
 # Root installs system packages directly (as CI does); anyone else through sudo.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -34,12 +35,20 @@ $(BROWSER_STAMP): | $(VENV_PYTHON)
 		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }
 	touch $@
 
+# The reverse-proxy test runs a real nginx in front of the server. Debian installs it in
+# /usr/sbin, which is not on every user's PATH. Installed only when missing.
+$(NGINX_STAMP): | $(VENV_PYTHON)
+	PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v nginx >/dev/null || \
+		{ $(SUDO) apt-get update && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; }
+	touch $@
+
 setup: $(RUNTIME_STAMP)
 
 run: $(RUNTIME_STAMP)
 	$(VENV_PYTHON) server.py $(ARGS)
 
-test: $(TEST_STAMP) $(BROWSER_STAMP)
+test: $(TEST_STAMP) $(BROWSER_STAMP) $(NGINX_STAMP)
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple
@@ -21,6 +22,8 @@ PUBLIC_SWARM = "public"
 MIB = 1024 * 1024
 DEFAULT_MODEL_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_FOLDER = "SmolLM2-135M-Instruct"
+# What a header name may be (an RFC 9110 token).
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class ModelSpec:
     aliases: Tuple[str, ...] = ()
     public_api: bool = True
     max_new_tokens_limit: int = 2048  # most tokens one request may ask for; chat.max_session_length caps max_length
+    default_max_tokens: int = 512  # a /v1 reply's limit when the request sets none (less if the context is fuller)
 
     @property
     def key(self) -> str:
@@ -141,6 +145,7 @@ class ManagerSettings:
     max_connections: int = 10_000  # open WebSocket connections, all clients together
     max_connections_per_client: int = 64  # open WebSocket connections of one client, with or without a session
     max_messages_per_second: float = 20.0  # WebSocket messages one connection may send, on average
+    max_client_bytes_per_second: int = MIB  # WebSocket bytes one client's connections may send together
     idle_timeout: float = 300.0  # seconds before an unused session is closed
     step_timeout: float = 300.0  # seconds one generation step may take, retries included
     request_timeout: float = 30.0  # seconds one server may stay silent before petals routes around it
@@ -181,13 +186,15 @@ class Settings:
     max_connections: int = 10_000
     max_connections_per_client: int = 64
     max_messages_per_second: float = 20.0
+    max_client_bytes_per_second: int = MIB
     session_memory_budget_mib: int = 0  # client-side state of all sessions; 0: a quarter of the RAM
     warm_sessions: int = 16  # finished stateless sessions kept for prefix reuse; 0: reuse off
     warm_session_ttl: float = 60.0  # seconds one waits for a request that continues it
     warm_memory_mib: int = 256  # client-side state the warm sessions may hold
     reuse_headroom_tokens: int = 1024  # extra room a stateless session opens with, for the next turn
     resume_grace: float = 60.0  # seconds a resumable WebSocket session outlives its connection
-    trusted_proxies: Tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For / X-Real-IP is believed
+    trusted_proxies: Tuple[str, ...] = ()  # addresses or networks whose client_ip_header is believed
+    client_ip_header: str = "X-Forwarded-For"  # the only header read for the client behind them
     executor_workers: int = 8
     models_dir: Path = REPO_ROOT / ".models"
     swarm_threads: int = 0  # torch threads per embedded swarm node; 0: split the CPU with the server
@@ -205,6 +212,7 @@ class Settings:
                                max_connections=self.max_connections,
                                max_connections_per_client=self.max_connections_per_client,
                                max_messages_per_second=self.max_messages_per_second,
+                               max_client_bytes_per_second=self.max_client_bytes_per_second,
                                idle_timeout=self.idle_timeout, step_timeout=self.step_timeout,
                                request_timeout=self.request_timeout,
                                routing_update_period=self.routing_update_period,
@@ -306,14 +314,19 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         default=defaults.idle_timeout)
     add("--max-sessions", "open inference sessions, all clients together (more are refused with 503)", type=int,
         default=defaults.max_sessions)
-    add("--max-sessions-per-client", "open inference sessions per client address (more are refused with 429)",
+    add("--max-sessions-per-client", "open inference sessions per client address, and HTTP generation requests "
+        "one client may have in flight (more are refused with 429)",
         type=int, default=defaults.max_sessions_per_client)
     add("--max-connections", "open WebSocket connections, all clients together (more are refused)", type=int,
         default=defaults.max_connections)
     add("--max-connections-per-client", "open WebSocket connections per client, with or without a session "
         "(more are refused)", type=int, default=defaults.max_connections_per_client)
     add("--max-messages-per-second", "WebSocket messages one connection may send per second on average (a burst "
-        "of twice that is allowed; more are refused)", type=float, default=defaults.max_messages_per_second)
+        "of twice that is allowed; the server reads more only as the rate allows)", type=float,
+        default=defaults.max_messages_per_second)
+    add("--max-client-bytes-per-second", "bytes one client's WebSocket connections may send per second together "
+        "(a second's worth at once); the server reads more only as this allows", type=int,
+        default=defaults.max_client_bytes_per_second)
     add("--session-memory-budget-mib", "MiB of client-side state (each token's hidden states per server span) all "
         "sessions together may hold; new sessions are refused past it (0: a quarter of this machine's RAM)",
         type=int, default=defaults.session_memory_budget_mib)
@@ -328,8 +341,11 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "the conversation's next turn fits in it", type=int, default=defaults.reuse_headroom_tokens)
     add("--resume-grace", "seconds a resumable WebSocket session waits for its client to reconnect", type=float,
         default=defaults.resume_grace)
-    add("--trusted-proxies", "addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For or X-Real-IP "
-        "names the client; none: the peer address is the client", nargs="*", default=[], metavar="CIDR")
+    add("--trusted-proxies", "addresses or networks (CIDR) of reverse proxies whose --client-ip-header names the "
+        "client; none: the peer address is the client", nargs="*", default=[], metavar="CIDR")
+    add("--client-ip-header", "the header the trusted proxies set to the client address: X-Forwarded-For (its "
+        "right-most hop that is not a trusted proxy), X-Real-IP, Forwarded (its for=) or another; no other "
+        "header is read", default=defaults.client_ip_header, metavar="HEADER")
     add("--executor-workers", "threads that run blocking Petals calls", type=int, default=defaults.executor_workers)
     add("--models-dir", "where converted local models are cached", type=Path, default=defaults.models_dir)
     add("--swarm-threads", "torch threads per embedded swarm node (0: automatic)", type=int,
@@ -356,7 +372,7 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
     else:
         models = (default_model(args.models_dir),)
     for flag in ("executor_workers", "max_sessions", "max_sessions_per_client", "max_body_bytes", "max_connections",
-                 "max_connections_per_client"):
+                 "max_connections_per_client", "max_client_bytes_per_second"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
     for flag in ("session_memory_budget_mib", "warm_sessions", "warm_memory_mib", "reuse_headroom_tokens"):
@@ -375,4 +391,6 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise SystemExit(f"--trusted-proxies: {network!r} is not an address or a network") from None
+    if not HEADER_NAME.fullmatch(args.client_ip_header):
+        raise SystemExit(f"--client-ip-header: {args.client_ip_header!r} is not a header name")
     return Settings(models=models, **values)

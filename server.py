@@ -84,6 +84,7 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
         config=config,
         websockets=websockets,
         trusted_proxies=parse_networks(config.trusted_proxies),
+        client_ip_header=config.client_ip_header,
         api_key=config.api_key,
         allowed_origins=config.allowed_origins,
     )

@@ -8,7 +8,8 @@ import tornado.httputil
 import tornado.web
 
 from handlers.auth import key_accepted
-from handlers.clients import client_key
+from handlers.clients import DEFAULT_CLIENT_IP_HEADER, client_key
+from sessions.admission import Slot
 from sessions.errors import (BadRequest, HTTPStatusError, PayloadTooLarge, ServiceError, Unauthorized, classify,
                              error_payload)
 from sessions.logs import new_connection_id
@@ -94,7 +95,9 @@ class GenerationHandler(APIHandler):
     """A request that runs one generation in a session of its own, closed if the client leaves.
 
     The body is read only when its announced length is within ``max_body_bytes`` (413 otherwise),
-    and never past it.
+    and never past it, and only while the client has fewer requests in flight than it may (429
+    otherwise): the request's place is taken before anything is read or tokenized, and given back
+    once the reply is written.
     """
 
     connection_prefix = "http-"
@@ -103,6 +106,9 @@ class GenerationHandler(APIHandler):
     def initialize(self, manager: SessionManager, max_body_bytes: int) -> None:
         super().initialize(manager)
         self.max_body_bytes = max_body_bytes
+        self._request_slot: Optional[Slot] = None  # the request's place among its client's requests in flight
+        self._body = bytearray()
+        self._body_parsed = False  # the handler method has taken the whole body
 
     def prepare(self) -> None:
         super().prepare()
@@ -110,9 +116,10 @@ class GenerationHandler(APIHandler):
         self.session: Optional[ChatSession] = None
         self.cached_tokens = 0
         self.client_left = False
-        self.client = client_key(self.request, self.settings["trusted_proxies"])  # whose limits it counts against
-        self._body = bytearray()
-        self._body_parsed = False
+        self.client = client_key(self.request, self.settings["trusted_proxies"],  # whose limits it counts against
+                                 self.settings.get("client_ip_header", DEFAULT_CLIENT_IP_HEADER))
+        if self.request.method in ("POST", "PUT", "PATCH"):
+            self._request_slot = self.manager.admission.admit_request(self.client)
         try:
             announced = int(self.request.headers.get("Content-Length", "0"))
         except ValueError:
@@ -121,6 +128,10 @@ class GenerationHandler(APIHandler):
             raise PayloadTooLarge(f"The body is {announced} bytes; this server accepts at most {self.max_body_bytes}")
         if self.request.method in ("POST", "PUT", "PATCH"):
             self.request.connection.set_max_body_size(self.max_body_bytes)  # a chunked body stops there
+
+    def on_finish(self) -> None:
+        if self._request_slot is not None:
+            self._request_slot.release()
 
     def data_received(self, chunk: bytes) -> None:
         self._body += chunk
@@ -160,12 +171,14 @@ class GenerationHandler(APIHandler):
                 yield update
         finally:
             reason = "client disconnected" if self.client_left else "request done"
-            await self.manager.finish_request(self.session, ran_to_end and not self.client_left, reason)
+            self.manager.finish_request(self.session, ran_to_end and not self.client_left, reason)
 
     def on_connection_close(self) -> None:
         # Tornado's own ends the wait for a body cut off mid-upload (else the handler and the
         # part of the body it holds stay forever).
         super().on_connection_close()
+        if not self._body_parsed and self._request_slot is not None:
+            self._request_slot.release()  # cut off before its body was whole: the handler never runs
         # The client went away mid-request: stop generating for nobody.
         self.client_left = True
         if self.session is not None:

@@ -10,6 +10,7 @@ their replies are kept (``handlers.replies``), and a new connection that brings 
 id and resume token continues it where the client stopped reading.
 """
 
+import asyncio
 import json
 import logging
 from contextlib import aclosing
@@ -62,6 +63,7 @@ class GenerateConnection:
         self.replies = ReplyChannel(send, owner=self)  # the session's, once a resumable one is opened or resumed
         self._slot: Optional[Slot] = None
         self._rate = manager.admission.message_rate()
+        self._received = manager.admission.received_bytes(client)
 
     async def admit(self) -> bool:
         """Takes the connection's place within the limits; False (after an error reply) if it has none."""
@@ -73,9 +75,16 @@ class GenerateConnection:
         return True
 
     async def on_message(self, raw: Union[str, bytes]) -> None:
-        """Handles one frame; answers errors with an error reply."""
+        """Handles one frame; answers errors with an error reply. A frame over the connection's
+        message rate or its client's bytes per second waits until the budget allows it: the
+        socket is not read meanwhile (Tornado reads the next frame once this returns), so a
+        flood is slowed to the rate instead of being read, parsed and answered."""
+        wait = max(self._rate.delay(), self._received.delay(len(raw)))
+        if wait:
+            await asyncio.sleep(wait)
+            if self.closed:
+                return
         try:
-            self._rate.check()
             message = parse_message(raw, self.max_message_bytes)
             if isinstance(message, OpenSessionMessage):
                 await self._open_session(message)

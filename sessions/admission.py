@@ -4,12 +4,14 @@ Per server (open sessions, the memory their client-side state may take, and WebS
 connections in all), per client (those of one client),
 per connection (messages per second, generations waiting in its session) and per request
 (``max_length``, ``max_new_tokens``, stop sequences and text length against the model's limits). At a limit a request is
-refused at once with an error that names it; nothing waits in a queue.
+refused at once with an error that names it; nothing waits in a queue. The exception is what a
+WebSocket client sends: past its message rate or its client's bytes per second it is not answered
+but slowed (``Budget.delay``), the server reading its next message only once the budget allows.
 """
 
 import collections
 import time
-from typing import Callable, Counter
+from typing import Callable, Counter, Dict
 
 from config import MIB, ManagerSettings, ModelSpec
 from sessions.errors import (
@@ -18,9 +20,9 @@ from sessions.errors import (
     MaxLengthExceeded,
     MemoryBudgetExceeded,
     QueueFull,
-    RateLimited,
     ServerBusy,
     TooManyConnections,
+    TooManyRequests,
 )
 from sessions.requests import GenerationRequest
 
@@ -56,12 +58,14 @@ class Slot:
 
 
 class _Tally:
-    """How many of a thing are held, in all and per client, and the memory they reserve."""
+    """How many of a thing are held, in all and per client, and the memory they reserve;
+    ``on_last_released(client)`` runs when a client holds none any more."""
 
-    def __init__(self):
+    def __init__(self, on_last_released: Callable[[str], None] = lambda client: None):
         self.total = 0
         self.reserved_bytes = 0
         self.by_client: Counter[str] = collections.Counter()
+        self._on_last_released = on_last_released
 
     def take(self, client: str, reserved_bytes: int = 0) -> Slot:
         self.total += 1
@@ -75,26 +79,26 @@ class _Tally:
         self.by_client[client] -= 1
         if not self.by_client[client]:
             del self.by_client[client]
+            self._on_last_released(client)
 
 
-class MessageRate:
-    """A token bucket: ``per_second`` messages on average, bursts of twice that."""
+class Budget:
+    """A token bucket that lends: ``per_second`` units on average, bursts of ``burst``; what is
+    spent beyond the bucket is paid back by waiting."""
 
-    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, per_second: float, burst: float, clock: Callable[[], float] = time.monotonic):
         self.per_second = per_second
-        self.burst = 2 * per_second
+        self.burst = burst
         self._clock = clock
-        self._tokens = self.burst
+        self._tokens = burst
         self._last = clock()
 
-    def check(self) -> None:
-        """Takes one message's token, or raises ``RateLimited``."""
+    def delay(self, cost: float = 1.0) -> float:
+        """Spends ``cost`` units; returns the seconds to wait before acting on it (0 within the budget)."""
         now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second)
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second) - cost
         self._last = now
-        if self._tokens < 1:
-            raise RateLimited(f"Too many messages: at most {self.per_second:g} per second; this one was dropped")
-        self._tokens -= 1
+        return max(0.0, -self._tokens / self.per_second)
 
 
 class Admission:
@@ -105,7 +109,9 @@ class Admission:
         self.settings = settings
         self.memory_budget = settings.session_memory_budget_bytes
         self._sessions = _Tally()
-        self._connections = _Tally()
+        self._connections = _Tally(on_last_released=self._forget_received)
+        self._requests = _Tally()
+        self._received: Dict[str, Budget] = {}  # bytes per second, per client with connections
 
     @property
     def open_sessions(self) -> int:
@@ -152,9 +158,32 @@ class Admission:
                                      "connections, the most one client may; close one first")
         return self._connections.take(client)
 
-    def message_rate(self) -> MessageRate:
-        """A new connection's message budget."""
-        return MessageRate(self.settings.max_messages_per_second)
+    def admit_request(self, client: str) -> Slot:
+        """Takes the place of one HTTP generation request of ``client``, from before its body is read
+        until its reply is written (as many as the sessions one client may hold), or raises
+        ``TooManyRequests``: a request still being read or tokenized holds no session yet."""
+        limit = self.settings.max_sessions_per_client
+        if self._requests.by_client[client] >= limit:
+            raise TooManyRequests(f"This client already has {limit} requests in flight, the most one client may; "
+                                  "wait for a reply first")
+        return self._requests.take(client)
+
+    def message_rate(self) -> Budget:
+        """A new connection's message budget: the rate on average, bursts of twice that."""
+        rate = self.settings.max_messages_per_second
+        return Budget(rate, 2 * rate)
+
+    def received_bytes(self, client: str) -> Budget:
+        """The bytes per second all WebSocket connections of ``client`` may send together (bursts
+        of a second's worth); kept while the client has a connection."""
+        budget = self._received.get(client)
+        if budget is None:
+            rate = self.settings.max_client_bytes_per_second
+            budget = self._received[client] = Budget(rate, rate)
+        return budget
+
+    def _forget_received(self, client: str) -> None:
+        self._received.pop(client, None)
 
     @staticmethod
     def check_session_length(spec: ModelSpec, max_length: int) -> None:
@@ -181,6 +210,20 @@ class Admission:
             raise InvalidRequest(f"{len(stops)} stop sequences given; at most {MAX_STOP_SEQUENCES} are allowed")
         if any(len(stop) > MAX_STOP_SEQUENCE_CHARS for stop in stops):
             raise InvalidRequest(f"A stop sequence may be at most {MAX_STOP_SEQUENCE_CHARS} characters long")
+
+    @staticmethod
+    def check_new_tokens(spec: ModelSpec, request: GenerationRequest) -> None:
+        """Raises if a request whose prompt is tokenized (``input_ids``) may generate more new tokens
+        than the model allows: with no ``max_new_tokens`` bounding its one reply, it goes on up to
+        ``max_length``, prompt included."""
+        if request.max_length is None or (request.max_new_tokens is not None and not request.streaming):
+            return
+        limit, prompt_tokens = spec.max_new_tokens_limit, len(request.input_ids or ())
+        new_tokens = request.max_length - prompt_tokens
+        if new_tokens > limit:
+            raise InvalidRequest(f"max_length {request.max_length} leaves room for {new_tokens} new tokens after "
+                                 f"the prompt's {prompt_tokens}, more than this model's limit of {limit} new tokens "
+                                 "per request; lower max_length or set max_new_tokens")
 
     @staticmethod
     def check_waiting(unfinished_generations: int) -> None:

@@ -142,6 +142,16 @@ class ClientLimit(ClientError):
     meaning = "this client address holds its maximum of sessions"
 
 
+class TooManyRequests(ClientError):
+    """This client has as many requests in flight on the HTTP APIs as one client may."""
+
+    code = "too_many_requests"
+    status = 429
+    retryable = True
+    openai_type = "rate_limit_error"
+    meaning = "the client has its maximum of HTTP generation requests in flight; its body was not read"
+
+
 class TooManyConnections(ClientError):
     """This server, or this client, holds as many WebSocket connections as allowed."""
 
@@ -150,17 +160,6 @@ class TooManyConnections(ClientError):
     retryable = True
     openai_type = "rate_limit_error"
     meaning = "the client (or the server in all) holds its maximum of WebSocket connections"
-
-
-class RateLimited(ClientError):
-    """The connection sends messages faster than allowed; the message was not handled."""
-
-    code = "rate_limited"
-    status = 429
-    retryable = True
-    openai_type = "rate_limit_error"
-    log_level = logging.DEBUG  # a flood must not become a flood of log lines
-    meaning = "the connection sent messages faster than `--max-messages-per-second`; the message was dropped"
 
 
 class QueueFull(ClientError):

@@ -29,6 +29,10 @@ from sessions.warm_pool import WarmPool
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Threads that tokenize prompts: apart from the step executor, so that a flood of long prompts
+# delays other prompts at most, never anyone's steps.
+TOKENIZER_THREADS = 2
+
 
 class RequestSession(NamedTuple):
     """A stateless request's session, the request as it runs there (its prompt tokenized, without
@@ -62,10 +66,12 @@ class SessionManager:
     def __init__(self, registry: ModelRegistry, admission: Admission, executor: BlockingExecutor,
                  monitor: SwarmMonitor, metrics: SessionMetrics, settings: ManagerSettings,
                  warm: Optional[WarmPool] = None, server_latency: Optional[ServerLatency] = None,
+                 tokenizer_pool: Optional[BlockingExecutor] = None,
                  open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
         self.registry = registry
         self.admission = admission
         self.executor = executor
+        self.tokenizer_pool = tokenizer_pool or executor  # prompts are tokenized apart from the steps
         self.monitor = monitor
         self.metrics = metrics
         self.settings = settings
@@ -76,11 +82,13 @@ class SessionManager:
         self._sessions: Set[ChatSession] = set()
         self._tasks: Set[asyncio.Task] = set()
         self._reaper: Optional[asyncio.Task] = None
+        self._loop_watch: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
         """Connects every model to the swarm and starts the idle reaper."""
         await self.registry.load()
         self._reaper = self.spawn(self._expire_idle_sessions(), "idle-reaper")
+        self._loop_watch = self.spawn(self.metrics.watch_event_loop(), "event-loop-lag")
         self.metrics.watch_gc()
 
     @property
@@ -124,7 +132,7 @@ class SessionManager:
             slot.release()
             raise
         session = ChatSession(connection_id, loaded, stream, max_length, self.executor, self.settings.step_timeout,
-                              self.metrics, slot, on_closed=self._session_closed)
+                              self.metrics, slot, on_closed=self._session_closed, tokenizer_pool=self.tokenizer_pool)
         self._sessions.add(session)
         self.metrics.sessions_opened.labels(loaded.spec.key).inc()
         session.log.info("Opened a session on %s for %s, max_length %d", loaded.spec.key, client, max_length)
@@ -169,8 +177,10 @@ class SessionManager:
         self.admission.check_request(loaded.spec, request)
         if request.input_ids is None:
             request = dataclasses.replace(request, input_ids=tuple(await self.tokenize(loaded, request.inputs, client)))
+        self.admission.check_new_tokens(loaded.spec, request)
         needed = request.max_length or len(request.input_ids) + request.max_new_tokens
         model = loaded.spec.key
+        # The warm pool is matched before any limit may close a warm session to make room.
         warm = self.warm.take(client, model, request.input_ids, needed) if self.warm.enabled else None
         if warm is not None:
             cached = warm.continue_for(connection_id)
@@ -182,24 +192,35 @@ class SessionManager:
         session = await self.open_session(connection_id, model, max_length, client, trusted=True)
         return RequestSession(session, request, 0)
 
-    async def finish_request(self, session: ChatSession, reusable: bool, reason: str) -> None:
+    def finish_request(self, session: ChatSession, reusable: bool, reason: str) -> None:
         """Ends a stateless request's use of ``session``: kept warm for a request that continues it
-        when ``reusable`` (it ran to its end) and the pool has room, closed otherwise."""
+        when ``reusable`` (it ran to its end) and the pool has room, else closed in the background,
+        so that the reply never waits for the swarm to release it."""
         leaving = self.warm.park(session) if reusable else [session]
         for other in leaving:
-            if other is not session:
-                self.close_in_background(other, "made room in the warm pool")
-        if session in leaving:
-            await session.aclose(reason)
+            self.close_in_background(other, reason if other is session else "made room in the warm pool")
 
     async def tokenize(self, loaded: LoadedModel, text: str, client: str) -> List[int]:
         """The token ids of the prompt ``text`` of ``client``, who is about to open a session
-        (tokenized in the executor). Refused without tokenizing when the client may not open a
-        session now, or when the text is longer in characters than the model's longest session
-        could hold."""
-        await self._within_limits(client, lambda: self.admission.check_capacity(client))
+        (tokenized in the tokenizer pool, never ahead of anyone's steps). Refused without
+        tokenizing when the client may not open a session now, or when the text is longer in
+        characters than the model's longest session could hold."""
+        self._check_room(client)
         self.admission.check_text_length(text, loaded.spec.chat.max_session_length, loaded.max_token_chars)
-        return await self.executor.run(loaded.encode, text)
+        return await self.tokenizer_pool.run(loaded.encode, text)
+
+    def _check_room(self, client: str) -> None:
+        """Raises unless ``client`` may open a session now. A warm session counts as room (of the
+        client's own for its limit, anyone's for the server's): the request may continue it, and
+        otherwise it is closed to make room only once the request's prompt is known."""
+        try:
+            self.admission.check_capacity(client)
+        except ClientLimit:
+            if not self.warm.holds(client):
+                raise
+        except ServerBusy:
+            if not len(self.warm):
+                raise
 
     async def _within_limits(self, client: str, admit: Callable[[], T]) -> T:
         """``admit()``, after closing warm sessions (the client's own first) while a limit refuses it."""
@@ -238,8 +259,9 @@ class SessionManager:
         interrupted, and its session must outlive it. Tasks still running after ``grace``
         seconds are cancelled.
         """
-        if self._reaper is not None:
-            self._reaper.cancel()
+        for task in (self._reaper, self._loop_watch):
+            if task is not None:
+                task.cancel()
         self.warm.drain()
         for session in list(self._sessions):
             self.close_in_background(session, "server shutdown")
@@ -251,6 +273,7 @@ class SessionManager:
         await self.registry.close()
         self.monitor.close()
         self.executor.shutdown()
+        self.tokenizer_pool.shutdown()
         self.metrics.unwatch_gc()
 
 
@@ -267,6 +290,7 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
     server_latency = ServerLatency(metrics.observe_server_step)
     manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
                              server_latency=server_latency,
+                             tokenizer_pool=BlockingExecutor(TOKENIZER_THREADS, "tokenize"),
                              open_stream=functools.partial(TokenStream, observe_server_step=server_latency.observe))
     metrics.state_bytes.set_function(manager.session_state_bytes)
     metrics.warm_sessions.set_function(lambda: len(manager.warm))

@@ -4,6 +4,7 @@ Each manager has a registry of its own (not the process-wide default), so tests 
 several managers and every app shows the figures of its own manager.
 """
 
+import asyncio
 import gc
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -13,6 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Steps take ~10 ms on a tiny local model and seconds on a large public one.
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GC_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# How often the event loop's lag is sampled: often enough to see short stalls, rarely enough to cost nothing.
+LOOP_LAG_INTERVAL = 0.1
 
 
 class SessionMetrics:
@@ -80,6 +84,19 @@ class SessionMetrics:
             registry=self.registry)
         self.errors = Counter(
             "swarm_chat_errors", "Errors answered to clients, by error code", ["code"], registry=self.registry)
+        self.event_loop_lag_seconds = Histogram(
+            "swarm_chat_event_loop_lag_seconds",
+            f"How late a callback due every {LOOP_LAG_INTERVAL} s runs on the event loop", buckets=LOOP_LAG_BUCKETS,
+            registry=self.registry)
+
+    async def watch_event_loop(self, interval: float = LOOP_LAG_INTERVAL) -> None:
+        """Samples, until cancelled, how late the event loop runs a callback due every ``interval``
+        seconds into ``swarm_chat_event_loop_lag_seconds`` (whatever holds the loop delays it)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.event_loop_lag_seconds.observe(max(0.0, loop.time() - due))
 
     def watch_gc(self) -> None:
         """Starts timing the interpreter's garbage collections (each one pauses every thread,

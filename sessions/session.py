@@ -35,13 +35,13 @@ class ChatSession:
     slot. An error that leaves the session unusable closes it too.
 
     ``model`` is a ``LoadedModel`` and ``stream`` a ``TokenStream`` (tests pass fakes);
-    blocking calls run in ``executor``.
+    steps run in ``executor``, tokenizing in ``tokenizer_pool`` (the executor when not given).
     """
 
     def __init__(self, session_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
                  step_timeout: float, metrics: SessionMetrics, slot: Slot,
                  on_closed: Callable[["ChatSession"], None] = lambda session: None,
-                 close_timeout: float = CLOSE_TIMEOUT):
+                 close_timeout: float = CLOSE_TIMEOUT, tokenizer_pool: Optional[BlockingExecutor] = None):
         self.session_id = session_id
         self.model = model
         self.stream = stream
@@ -52,6 +52,7 @@ class ChatSession:
         self.decoder = IncrementalDecoder(model.tokenizer)
         self._steps = StepRunner(stream, self.decoder, executor, step_timeout)
         self._executor = executor
+        self._tokenizer_pool = tokenizer_pool or executor
         self._slot = slot
         self._on_closed = on_closed
         self._turn = asyncio.Lock()
@@ -135,8 +136,8 @@ class ChatSession:
                                  "open a new inference session")
 
     def encode(self, text: str) -> "asyncio.Future[List[int]]":
-        """Token ids of ``text`` (tokenized in the executor)."""
-        return self._executor.run(self.model.encode, text)
+        """Token ids of ``text`` (tokenized in the tokenizer pool)."""
+        return self._tokenizer_pool.run(self.model.encode, text)
 
     def length_with(self, new_input_ids: list) -> int:
         """Tokens in the conversation once ``new_input_ids`` are added, the pending one included."""

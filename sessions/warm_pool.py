@@ -108,6 +108,10 @@ class WarmPool:
         self._warm.clear()
         return sessions
 
+    def holds(self, client: str) -> bool:
+        """Whether a session of ``client`` is waiting here."""
+        return self._count(client) > 0
+
     def _count(self, client: str) -> int:
         return sum(warm.session.client == client for warm in self._warm.values())
 

@@ -5,8 +5,7 @@ import tornado.httputil
 
 from config import parse_settings
 from handlers.clients import client_key, parse_networks
-from sessions.admission import MessageRate
-from sessions.errors import RateLimited
+from sessions.admission import Budget
 
 PROXIES = parse_networks(["10.0.0.0/8", "::1"])
 
@@ -92,15 +91,14 @@ def test_what_is_not_a_header_name_is_refused(name):
         parse_settings(["--client-ip-header", name], environ={})
 
 
-def test_message_rate_allows_bursts_and_refills():
+def test_a_budget_allows_bursts_then_makes_the_sender_wait_what_it_overspent():
     now = [0.0]
-    rate = MessageRate(2.0, clock=lambda: now[0])
-    for _ in range(4):
-        rate.check()
-    with pytest.raises(RateLimited):
-        rate.check()
+    rate = Budget(2.0, 4.0, clock=lambda: now[0])
+    assert [rate.delay() for _ in range(4)] == [0.0] * 4
+    assert rate.delay() == pytest.approx(0.5)  # one message beyond the burst: half a second at 2/s
+    assert rate.delay() == pytest.approx(1.0)  # the debt adds up
     now[0] += 1.0
-    rate.check()
-    rate.check()
-    with pytest.raises(RateLimited):
-        rate.check()
+    assert rate.delay() == pytest.approx(0.5)
+    now[0] += 10.0
+    assert rate.delay(3.0) == 0.0  # refilled up to the burst, no further
+    assert rate.delay(2.0) == pytest.approx(0.5)

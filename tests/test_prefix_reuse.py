@@ -1,6 +1,8 @@
 """Prefix reuse on the real swarm: a stateless request that continues a finished one feeds only
 its new tokens, and answers exactly as a fresh session would."""
 
+import dataclasses
+
 import openai
 import pytest
 
@@ -72,3 +74,20 @@ async def test_a_warm_session_expires_and_is_released(client, manager, warm_pool
     assert len(pool) == 1 and manager.open_session_count == 1
     assert await wait_for_no_sessions(manager, timeout=10) > 0.3
     assert len(pool) == 0
+
+
+async def test_a_client_at_its_session_limit_still_continues_its_warm_session(client, manager, warm_pool,
+                                                                               monkeypatch):
+    await wait_for_no_sessions(manager)
+    pool = warm_pool(max_sessions=4)
+    monkeypatch.setattr(manager.admission, "settings",
+                        dataclasses.replace(manager.admission.settings, max_sessions_per_client=1))
+    prompt = "Once upon a time"
+    first = await client.completions.create(model=TINY, prompt=prompt, max_tokens=4, temperature=0)
+    assert len(pool) == 1  # the client's one session, waiting
+    hit = await client.completions.create(model=TINY, prompt=prompt + first.choices[0].text + " and then",
+                                          max_tokens=4, temperature=0)
+    assert hit.usage.prompt_tokens_details.cached_tokens > 0
+    other = await client.completions.create(model=TINY, prompt="Something else entirely", max_tokens=2,
+                                            temperature=0)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # the warm one made room for it

@@ -367,3 +367,20 @@ def test_garbage_collections_are_timed_while_watched():
         metrics.unwatch_gc()
     gc.collect()
     assert full_collections() == 2
+
+
+async def test_the_event_loop_s_lag_is_measured_while_watched():
+    metrics = SessionMetrics(open_sessions=lambda: 0, executor_queue_depth=lambda: 0,
+                             reserved_state_bytes=lambda: 0, state_budget_bytes=0)
+    watch = asyncio.ensure_future(metrics.watch_event_loop(interval=0.05))
+    await asyncio.sleep(0.12)
+    time.sleep(0.3)  # something holds the event loop
+    await asyncio.sleep(0.12)
+    watch.cancel()
+
+    def sample(name: str, **labels) -> float:
+        return metrics.registry.get_sample_value(f"swarm_chat_event_loop_lag_seconds_{name}", labels)
+
+    assert sample("count") >= 3
+    assert sample("bucket", le="0.1") == sample("count") - 1  # only one sample was late past 100 ms
+    assert sample("sum") >= 0.2

@@ -1,0 +1,127 @@
+"""The stateless APIs' requests against their client's limits, on a fake model: a request's place
+is taken before its body is read, and its reply never waits for the swarm to let go of it.
+
+Generation itself is proven on the real swarm elsewhere; the last test here checks on it that
+prompts are tokenized apart from the steps.
+"""
+
+import asyncio
+import dataclasses
+import json
+import threading
+
+import pytest
+import tornado.httpclient
+import tornado.httpserver
+import tornado.testing
+
+from config import ManagerSettings, Settings, WarmPoolLimits
+from server import make_app
+from sessions.executor import BlockingExecutor
+from tests.fakes import FakeTokenStream, fake_manager
+from tests.helpers import wait_for_no_sessions
+
+TINY = "tests/tiny-llama"
+# Sessions are closed after each request, not kept warm for the next.
+NOT_KEPT = ManagerSettings(warm_pool=WarmPoolLimits(max_sessions=0))
+
+
+@pytest.fixture
+def fake_server(io_loop):
+    """``await fake_server(settings, streams)``: the port of the real app over a fake manager whose
+    sessions each take the next stream of ``streams`` (a list the test fills)."""
+    started = []
+
+    async def serve(settings: ManagerSettings, streams: list):
+        executor = BlockingExecutor(2, "fake")
+        manager = fake_manager(executor, settings, lambda model, max_length: streams.pop(0))
+        await manager.start()
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(make_app(Settings(models=()), manager))
+        server.add_socket(sock)
+        started.append((server, manager))
+        return port, manager
+
+    yield serve
+    for server, manager in started:
+        server.stop()
+        io_loop.run_sync(server.close_all_connections)
+        io_loop.run_sync(lambda: manager.close(grace=1))
+
+
+async def post_generate(port: int, body: dict):
+    response = await tornado.httpclient.AsyncHTTPClient().fetch(
+        f"http://127.0.0.1:{port}/api/v1/generate", method="POST", body=json.dumps(body),
+        headers={"Content-Type": "application/json"}, raise_error=False, request_timeout=10)
+    return response.code, json.loads(response.body)
+
+
+async def test_the_reply_is_written_before_the_swarm_session_is_released(fake_server):
+    hung = FakeTokenStream("abc")
+    hung.hold_close.clear()  # the swarm never confirms the release, as a hung server would
+    port, manager = await fake_server(NOT_KEPT, [hung])
+    code, reply = await post_generate(port, {"inputs": "x", "max_new_tokens": 3})
+    assert code == 200 and reply["outputs"] == "abc"
+    assert manager.open_session_count == 1 and not hung.closed  # still being released, in the background
+    hung.hold_close.set()
+    await wait_for_no_sessions(manager)
+
+
+async def test_requests_in_flight_count_against_their_client_before_their_body_is_read(fake_server):
+    port, manager = await fake_server(dataclasses.replace(NOT_KEPT, max_sessions_per_client=2),
+                                      [FakeTokenStream("ok")])
+    body = json.dumps({"inputs": "x", "max_new_tokens": 2}).encode()
+    uploading = []
+    for _ in range(2):  # bodies announced and never sent in full
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+        uploading.append(writer)
+    await asyncio.sleep(0.2)
+    code, reply = await post_generate(port, {"inputs": "x", "max_new_tokens": 2})
+    assert code == 429 and reply["code"] == "too_many_requests" and reply["retryable"] is True
+    for writer in uploading:  # the clients give up: their places come back
+        writer.close()
+    for _ in range(50):
+        code, reply = await post_generate(port, {"inputs": "x", "max_new_tokens": 2})
+        if code != 429:
+            break
+        await asyncio.sleep(0.1)
+    assert code == 200 and reply["outputs"] == "ok"
+
+
+async def test_a_request_whose_client_leaves_mid_generation_gives_its_place_back(fake_server):
+    held = FakeTokenStream("a" * 50)
+    held.hold.clear()  # its first step waits
+    port, manager = await fake_server(dataclasses.replace(NOT_KEPT, max_sessions_per_client=1),
+                                      [held, FakeTokenStream("ok")])
+    body = json.dumps({"inputs": "x", "max_new_tokens": 40}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    while not held.steps_running:
+        await asyncio.sleep(0.01)
+    writer.close()  # gone while its generation runs
+    await asyncio.sleep(0.2)
+    held.hold.set()
+    await wait_for_no_sessions(manager)
+    code, reply = await post_generate(port, {"inputs": "x", "max_new_tokens": 2})
+    assert code == 200 and reply["outputs"] == "ok"
+
+
+async def test_prompts_are_tokenized_apart_from_the_steps(http_server_client, manager, monkeypatch):
+    loaded = manager.registry.find(TINY)
+    threads = []
+    original = loaded.encode
+
+    def encode(text):
+        threads.append(threading.current_thread().name)
+        return original(text)
+
+    monkeypatch.setattr(loaded, "encode", encode)
+    response = await http_server_client.fetch("/api/v1/generate", method="POST", raise_error=False,
+                                              body=json.dumps({"model": TINY, "inputs": "Hi", "max_new_tokens": 2}),
+                                              headers={"Content-Type": "application/json"})
+    assert response.code == 200
+    assert threads and all(name.startswith("tokenize") for name in threads), threads
+    await wait_for_no_sessions(manager)
