@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sessions.grammar import check_schema
+
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_INSTRUCTIONS = (
     "You can call the tools below. To call one, reply with only this, and nothing else:\n"
@@ -96,11 +98,13 @@ def closed(parameters: Dict[str, Any]) -> Dict[str, Any]:
 
 def tool_grammar(tools: List[Tool], required: bool) -> str:
     """A grammar (llguidance's Lark dialect) for a reply that is one call of ``tools``, or, unless
-    ``required``, free text that does not begin with "<"."""
+    ``required``, free text that does not begin with "<". ``InvalidRequest`` naming ``tools`` when
+    their schemas together are over the server's limits on a JSON schema."""
     call_schema = {"anyOf": [
         {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
          "properties": {"name": {"const": tool.function.name}, "arguments": closed(tool.function.parameters)}}
         for tool in tools], "x-guidance": {"whitespace_flexible": False}}
+    check_schema(call_schema, param="tools")  # here, where the schemas are still data
     rules = [f"call: {json.dumps(CALL_OPEN)} call_json {json.dumps(CALL_CLOSE)}",
              f"call_json: %json {json.dumps(call_schema)}"]
     if required:

@@ -3,17 +3,20 @@
 It feeds the new input, steps the session's token stream one token at a time, turns tokens
 into text, watches for stop sequences, end of sequence and length limits, and yields the
 replies the request asked for (one per ``max_new_tokens`` tokens, or one per chunk until a
-stop when streaming). A step starts the next one itself, in its worker thread, when the
-generation surely goes on (``GenerationRunAhead``): turning a token into a reply and a frame
-never delays the swarm. If the generation is stopped while steps run ahead, a token one of
-them fed goes out with the last reply, and the last one chosen (never fed) is kept unsent: it
-opens the next generation if the model just goes on, and is dropped if new input comes.
+stop when streaming). A constrained generation's JSON schema or grammar is compiled first, off
+the step executor, so that no step waits on it. A step starts the next one itself, in its
+worker thread, when the generation surely goes on (``GenerationRunAhead``): turning a token
+into a reply and a frame never delays the swarm. If the generation is stopped while steps run
+ahead, a token one of them fed goes out with the last reply, and the last one chosen (never
+fed) is kept unsent: it opens the next generation if the model just goes on, and is dropped if
+new input comes.
 """
 
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 from sessions.admission import Admission
 from sessions.errors import InvalidRequest, MaxLengthExceeded
+from sessions.grammar import constrained
 from sessions.requests import GenerationRequest, GenerationUpdate
 from sessions.steps import StartedStep, StepResult
 from sessions.stops import StopStringFilter
@@ -28,6 +31,8 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
     if session.stopped(ticket):
         yield GenerationUpdate(outputs="", stop=True, token_count=0, finish_reason="cancelled")
         return
+    if constrained(request.sampling):  # refused, it leaves the session as it was
+        await session.stream.prepare(request.sampling)
     stop_token_id = await _stop_token_id(session, request)
     if request.input_ids is not None:
         input_ids = list(request.input_ids)

@@ -2,18 +2,15 @@
 
 In order: the client's logit bias, OpenAI's presence and frequency penalties (on the tokens
 this generation chose), transformers' repetition penalty, the constraint of a JSON schema or a
-grammar (tokens that cannot continue valid output are masked out), then greedy choice or sampling with
-temperature, top-k, top-p and min-p, from a seeded generator when a seed is given. All of it
-runs on this machine: none of it costs the swarm any work.
+grammar (tokens that cannot continue valid output are masked out; the constraint comes compiled,
+see ``sessions.grammar``), then greedy choice or sampling with temperature, top-k, top-p and
+min-p, from a seeded generator when a seed is given. All of it runs on this machine: none of it
+costs the swarm any work.
 """
 
 import collections
-import functools
-import json
 from typing import Counter, Optional
 
-import llguidance
-import llguidance.hf
 import llguidance.numpy
 import numpy
 import torch
@@ -26,6 +23,7 @@ from transformers import (
 )
 
 from sessions.errors import InvalidRequest
+from sessions.grammar import Constraint, constrained
 from sessions.requests import ChosenTokenLogprobs, SamplingParams, TokenLogprob
 
 
@@ -42,43 +40,14 @@ def logits_processors(sampling: SamplingParams) -> LogitsProcessorList:
     return processors
 
 
-@functools.lru_cache(maxsize=8)
-def guidance_tokenizer(tokenizer) -> "llguidance.LLTokenizer":
-    """The constraint library's view of a model's vocabulary (built once per tokenizer)."""
-    return llguidance.hf.from_tokenizer(tokenizer)
-
-
-def constraint_matcher(tokenizer, sampling: SamplingParams) -> "llguidance.LLMatcher":
-    """A matcher that accepts only JSON valid against ``sampling.json_schema``, or only text of
-    ``sampling.lark_grammar``; ``InvalidRequest`` naming the request field at fault when the
-    constraint is not one this server can enforce."""
-    param = "response_format" if sampling.json_schema else "tools"
-    try:
-        if sampling.json_schema:
-            schema = json.loads(sampling.json_schema)
-            if isinstance(schema, dict):
-                # Compact JSON: free whitespace would let a model pad its output with blanks forever.
-                schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
-        else:
-            grammar = llguidance.LLMatcher.grammar_from_lark(sampling.lark_grammar)
-        # An error makes the schema unusable; a warning names a keyword that would go unenforced.
-        problems = [llguidance.LLMatcher.validate_grammar(grammar, None),
-                    *llguidance.LLMatcher.validate_grammar_with_warnings(grammar, None)[1]]
-    except (ValueError, TypeError, RuntimeError) as error:
-        problems = [str(error)]
-    if any(problems):
-        raise InvalidRequest(f"{param}: unsupported JSON schema: {'; '.join(filter(None, problems))}", param=param)
-    matcher = llguidance.LLMatcher(guidance_tokenizer(tokenizer), grammar)
-    if matcher.is_error():
-        raise InvalidRequest(f"{param}: unsupported JSON schema: {matcher.get_error()}", param=param)
-    return matcher
-
-
 class TokenChooser:
-    """The token choices of one generation: its sampling settings and what it has chosen so far."""
+    """The token choices of one generation: its sampling settings and what it has chosen so far.
 
-    def __init__(self, sampling: SamplingParams, tokenizer, vocab_size: int):
+    ``vocab_size`` is the size of the model's logits; a constrained generation brings its
+    ``constraint``, compiled beforehand.
+    """
+
+    def __init__(self, sampling: SamplingParams, tokenizer, vocab_size: int, constraint: Optional[Constraint] = None):
         self.sampling = sampling
         self.tokenizer = tokenizer
         self.last_logprobs: Optional[ChosenTokenLogprobs] = None  # of the last choice, when asked for
@@ -97,15 +66,23 @@ class TokenChooser:
                                          f"(0 to {vocab_size - 1})", param="logit_bias")
                 self._bias[token_id] = bias
         self._chosen: Counter[int] = collections.Counter()
-        constrained = sampling.json_schema or sampling.lark_grammar
-        self._matcher = constraint_matcher(tokenizer, sampling) if constrained else None
-        self._mask = llguidance.numpy.allocate_token_bitmask(1, vocab_size) if self._matcher else None
+        if constrained(sampling) and constraint is None:
+            raise ValueError("a constrained generation needs its constraint compiled beforehand")
+        self._constraint = constraint if constrained(sampling) else None
+        # The mask has the library's vocabulary size, which may differ from the logits'.
+        self._mask = (llguidance.numpy.allocate_token_bitmask(1, self._constraint.vocab_size)
+                      if self._constraint is not None else None)
 
-    def _allowed_tokens(self, vocab_size: int) -> torch.Tensor:
-        """Which tokens may come next under the JSON constraint (one bit per token from the matcher)."""
-        llguidance.numpy.fill_next_token_bitmask(self._matcher, self._mask, 0)
-        allowed = numpy.unpackbits(self._mask.view(numpy.uint8), bitorder="little")[:vocab_size]
-        return torch.from_numpy(allowed.astype(bool))
+    def _allowed_tokens(self, logits_size: int) -> torch.Tensor:
+        """Which of the ``logits_size`` tokens may come next under the constraint (one bit per
+        token from the matcher). Tokens past the tokenizer's vocabulary (models pad their output
+        layer) never are."""
+        llguidance.numpy.fill_next_token_bitmask(self._constraint.matcher, self._mask, 0)
+        known = numpy.unpackbits(self._mask.view(numpy.uint8), bitorder="little")[:self._constraint.vocab_size]
+        allowed = numpy.zeros(logits_size, dtype=bool)
+        shared = min(logits_size, len(known))
+        allowed[:shared] = known[:shared]
+        return torch.from_numpy(allowed)
 
     def choose(self, token_ids: torch.Tensor, logits: torch.Tensor) -> int:
         """The next token, given every token so far and the next token's logits (1 × vocabulary)."""
@@ -118,7 +95,7 @@ class TokenChooser:
             scores[0, ids] -= sampling.frequency_penalty * counts + sampling.presence_penalty
         if self._repetition is not None:
             scores = self._repetition(token_ids, scores)
-        if self._matcher is not None:
+        if self._constraint is not None:
             scores = scores.masked_fill(~self._allowed_tokens(scores.shape[-1]), float("-inf"))
         if sampling.greedy:
             token = int(scores.argmax(dim=-1)[0])
@@ -129,8 +106,8 @@ class TokenChooser:
                 probabilities = torch.where(probabilities < sampling.min_p * probabilities.max(), 0.0, probabilities)
             token = int(torch.multinomial(probabilities, num_samples=1, generator=self._generator)[0, 0])
         self._chosen[token] += 1
-        if self._matcher is not None:
-            self._matcher.consume_token(token)
+        if self._constraint is not None:
+            self._constraint.matcher.consume_token(token)
         if sampling.logprobs is not None:
             self.last_logprobs = self._logprobs(logits, token, sampling.logprobs)
         return token

@@ -2,14 +2,16 @@
 
 ``TokenStream`` feeds tokens through the swarm one step at a time and picks the next token
 on this machine (embeddings and the output head are local). Its methods block: the session
-manager runs them in its executor.
+manager runs them in its executor; ``prepare``, awaited on the event loop before a constrained
+generation's first step, compiles its constraint in the grammar compiler's own threads.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from sessions.errors import SwarmCallFailed
+from sessions.grammar import Constraint, GrammarCompiler, constrained, shared_compiler
 from sessions.models import LoadedModel
 from sessions.requests import ChosenTokenLogprobs, SamplingParams
 from sessions.token_chooser import TokenChooser
@@ -25,13 +27,16 @@ class TokenStream:
     """
 
     def __init__(self, loaded: LoadedModel, max_length: int,
-                 observe_server_step: Optional[Callable[[str, float], None]] = None):
+                 observe_server_step: Optional[Callable[[str, float], None]] = None,
+                 grammars: Optional[GrammarCompiler] = None):
         self.loaded = loaded
         self._remote = loaded.client.transformer.h
         self._session = InferenceSession(self._remote.sequence_manager, max_length)
         self.token_ids = torch.empty((1, 0), dtype=torch.int64)  # every token, fed or pending
         self.pending: Optional[int] = None  # chosen but not yet fed through the swarm
         self._chooser: Optional[TokenChooser] = None  # the running generation's, kept across its steps
+        self._grammars = grammars or shared_compiler()
+        self._prepared: Optional[Tuple[SamplingParams, Constraint]] = None  # for the next generation's steps
         self.route = RouteRecorder(observe_server_step)  # the servers of each step, per generation
 
     @property
@@ -64,6 +69,13 @@ class TokenStream:
                 held += history.numel() * history.element_size()
         return held
 
+    async def prepare(self, sampling: SamplingParams) -> None:
+        """Compiles the constraint of ``sampling`` (a JSON schema or a grammar) for the steps of the
+        generation that passes it; nothing to do for free text. ``InvalidRequest`` naming the
+        request field when the constraint is refused, ``ServerBusy`` when too many compiles wait."""
+        if constrained(sampling):
+            self._prepared = (sampling, await self._grammars.compile(self.loaded.tokenizer, sampling))
+
     def step(self, new_input_ids: Sequence[int] = (), sampling: SamplingParams = SamplingParams()) -> int:
         """Feeds the pending token and ``new_input_ids`` through the swarm; returns the next token."""
         feed = ([self.pending] if self.pending is not None else []) + list(new_input_ids)
@@ -87,7 +99,13 @@ class TokenStream:
     def _chooser_for(self, sampling: SamplingParams) -> TokenChooser:
         # One generation passes the same SamplingParams to each of its steps; a new one starts afresh.
         if self._chooser is None or self._chooser.sampling is not sampling:
-            self._chooser = TokenChooser(sampling, self.loaded.tokenizer, self.loaded.client.config.vocab_size)
+            constraint = None
+            if constrained(sampling):
+                if self._prepared is None or self._prepared[0] is not sampling:
+                    raise ValueError("a constrained generation's steps need prepare() first")
+                (_, constraint), self._prepared = self._prepared, None  # its matcher follows this generation
+            self._chooser = TokenChooser(sampling, self.loaded.tokenizer, self.loaded.client.config.vocab_size,
+                                         constraint)
         return self._chooser
 
     def discard_pending(self) -> None:
