@@ -10,6 +10,7 @@ Prints tokens/s for each, their ratio, and whether both chose the same tokens.
 """
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import statistics
@@ -52,6 +53,7 @@ def greedy_local(model, prompt_ids, new_tokens: int) -> tuple:
 def greedy_swarm(loaded, prompt_ids, new_tokens: int, sampling: SamplingParams = SamplingParams()) -> tuple:
     """The server's own path: one TokenStream step per token through the swarm; returns (ids, seconds)."""
     stream = TokenStream(loaded, max_length=len(prompt_ids) + new_tokens + 1)
+    asyncio.run(stream.prepare(sampling))  # a schema or grammar is compiled before the first step, as the server does
     started = time.perf_counter()
     try:
         tokens = [stream.step(prompt_ids, sampling)]

@@ -138,9 +138,11 @@ class CompletionHandler(OpenAIHandler):
         loaded = self.manager.registry.find(body.model, trusted=False)
         spec = loaded.spec
         body.check_max_tokens(spec.max_new_tokens_limit)
+        sampling = body.sampling_params()
+        await self.manager.check_constraint(loaded, sampling)  # a schema is refused before the prompt is tokenized
         prompt, format_stops = self.prompt(body, loaded)
         prompt_ids = await self.manager.tokenize(loaded, prompt, self.client)
-        request = body.to_generation_request(prompt, prompt_ids, spec.chat.max_session_length,
+        request = body.to_generation_request(prompt, prompt_ids, sampling, spec.chat.max_session_length,
                                              min(spec.default_max_tokens, spec.max_new_tokens_limit), format_stops)
         prompt_tokens = len(prompt_ids)
         self.text_offset = len(prompt)  # where the reply's text starts, as completions' logprobs count

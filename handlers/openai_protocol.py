@@ -223,11 +223,13 @@ class OpenAIRequest(BaseModel):
             raise InvalidRequest(f"{self.max_tokens_field} {asked} exceeds this model's limit of {limit} "
                                  "new tokens per request", param=self.max_tokens_field)
 
-    def to_generation_request(self, prompt: str, prompt_ids: Sequence[int], context_length: int,
-                              default_max_tokens: int, format_stops: Tuple[str, ...] = ()) -> GenerationRequest:
-        """The generation to run (``prompt`` tokenized as ``prompt_ids``) in a model whose context
-        holds ``context_length`` tokens: one token per reply, until a stop string, EOS or the token
-        limit (by default ``default_max_tokens``, or what is left of the context if less)."""
+    def to_generation_request(self, prompt: str, prompt_ids: Sequence[int], sampling: SamplingParams,
+                              context_length: int, default_max_tokens: int,
+                              format_stops: Tuple[str, ...] = ()) -> GenerationRequest:
+        """The generation to run (``prompt`` tokenized as ``prompt_ids``, tokens chosen as
+        ``sampling`` says, from ``sampling_params``) in a model whose context holds
+        ``context_length`` tokens: one token per reply, until a stop string, EOS or the token limit
+        (by default ``default_max_tokens``, or what is left of the context if less)."""
         room = context_length - len(prompt_ids)
         if room < 1:
             raise MaxLengthExceeded(f"The prompt is {len(prompt_ids)} tokens; this model's context holds "
@@ -242,7 +244,7 @@ class OpenAIRequest(BaseModel):
             input_ids=tuple(prompt_ids),
             max_length=len(prompt_ids) + max_tokens,
             max_new_tokens=1,
-            sampling=self.sampling_params(),
+            sampling=sampling,
             extra_stop_sequences=tuple(dict.fromkeys(self.stop_strings + format_stops)),
             until_length=True,
             trace_route=self.trace_route,

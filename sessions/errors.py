@@ -181,12 +181,12 @@ class Unavailable(ServiceError):
 
 
 class ServerBusy(Unavailable):
-    """This server holds as many sessions as it is configured to."""
+    """This server holds as many sessions as it is configured to, or as many schema compiles wait."""
 
     code = "server_busy"
     session_survives = True
     log_level = logging.INFO
-    meaning = "the server holds its maximum of sessions"
+    meaning = "the server holds its maximum of sessions, or of JSON schemas waiting to be compiled"
 
 
 class MemoryBudgetExceeded(Unavailable):

@@ -15,10 +15,11 @@ from config import PUBLIC_SWARM, ManagerSettings, ModelSpec
 from sessions.admission import Admission
 from sessions.errors import ClientLimit, InvalidRequest, MemoryBudgetExceeded, ServerBusy
 from sessions.executor import BlockingExecutor
+from sessions.grammar import GrammarCompiler, constrained
 from sessions.metrics import SessionMetrics
 from sessions.models import LoadedModel
 from sessions.registry import ModelRegistry
-from sessions.requests import GenerationRequest
+from sessions.requests import GenerationRequest, SamplingParams
 from sessions.resumable import ResumableSessions
 from sessions.server_latency import ServerLatency
 from sessions.session import ChatSession
@@ -66,12 +67,13 @@ class SessionManager:
     def __init__(self, registry: ModelRegistry, admission: Admission, executor: BlockingExecutor,
                  monitor: SwarmMonitor, metrics: SessionMetrics, settings: ManagerSettings,
                  warm: Optional[WarmPool] = None, server_latency: Optional[ServerLatency] = None,
-                 tokenizer_pool: Optional[BlockingExecutor] = None,
+                 tokenizer_pool: Optional[BlockingExecutor] = None, grammars: Optional[GrammarCompiler] = None,
                  open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
         self.registry = registry
         self.admission = admission
         self.executor = executor
         self.tokenizer_pool = tokenizer_pool or executor  # prompts are tokenized apart from the steps
+        self.grammars = grammars or GrammarCompiler()  # JSON schemas and grammars, compiled apart from the steps
         self.monitor = monitor
         self.metrics = metrics
         self.settings = settings
@@ -200,6 +202,13 @@ class SessionManager:
         for other in leaving:
             self.close_in_background(other, reason if other is session else "made room in the warm pool")
 
+    async def check_constraint(self, loaded: LoadedModel, sampling: SamplingParams) -> None:
+        """Compiles the JSON schema or grammar ``sampling`` constrains output with, if any (in the
+        compiler's pool, and kept there for the generation): ``InvalidRequest`` naming the field
+        when it is refused, before the request costs a session or a tokenization."""
+        if constrained(sampling):
+            await self.grammars.compile(loaded.tokenizer, sampling)
+
     async def tokenize(self, loaded: LoadedModel, text: str, client: str) -> List[int]:
         """The token ids of the prompt ``text`` of ``client``, who is about to open a session
         (tokenized in the tokenizer pool, never ahead of anyone's steps). Refused without
@@ -274,6 +283,7 @@ class SessionManager:
         self.monitor.close()
         self.executor.shutdown()
         self.tokenizer_pool.shutdown()
+        self.grammars.shutdown()
         self.metrics.unwatch_gc()
 
 
@@ -288,10 +298,12 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)
     server_latency = ServerLatency(metrics.observe_server_step)
+    grammars = GrammarCompiler()
     manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
                              server_latency=server_latency,
-                             tokenizer_pool=BlockingExecutor(TOKENIZER_THREADS, "tokenize"),
-                             open_stream=functools.partial(TokenStream, observe_server_step=server_latency.observe))
+                             tokenizer_pool=BlockingExecutor(TOKENIZER_THREADS, "tokenize"), grammars=grammars,
+                             open_stream=functools.partial(TokenStream, observe_server_step=server_latency.observe,
+                                                           grammars=grammars))
     metrics.state_bytes.set_function(manager.session_state_bytes)
     metrics.warm_sessions.set_function(lambda: len(manager.warm))
     metrics.detached_sessions.set_function(lambda: manager.resumable.detached)

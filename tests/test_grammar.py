@@ -262,3 +262,15 @@ async def test_two_requests_with_one_schema_compile_it_once_in_the_compiler_s_th
         assert set(json.loads(reply.choices[0].message.content)) == set(schema["required"])
     assert len(compiled.threads) == 1 and compiled.threads[0].startswith("grammar")
     await wait_for_no_sessions(manager)
+
+
+async def test_a_schema_the_compiler_refuses_is_a_400_before_the_prompt_is_tokenized(client, manager, monkeypatch):
+    loaded = manager.registry.find(TINY)
+    tokenized = []
+    original = loaded.encode
+    monkeypatch.setattr(loaded, "encode", lambda text: tokenized.append(text) or original(text))
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                             response_format=schema_format({"not": {"type": "string"}}))
+    assert refused.value.body["param"] == "response_format" and "not" in refused.value.body["message"]
+    assert tokenized == [] and manager.open_session_count == 0

@@ -35,7 +35,7 @@ async def test_chat_completion(client, manager):
     assert reply.system_fingerprint
     assert reply.usage.completion_tokens > 3 and reply.usage.prompt_tokens > 10
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
-    assert manager.open_session_count == 0
+    await wait_for_no_sessions(manager)  # released after the reply, in the background
 
 
 async def test_streamed_chat_completion_matches_the_plain_one(client):
@@ -301,13 +301,18 @@ async def test_a_client_at_its_session_limit_is_refused_before_its_prompt_is_tok
                                                                                         monkeypatch):
     import dataclasses
 
+    await wait_for_no_sessions(manager)
     loaded = manager.registry.find(TINY)
     tokenized = []
     monkeypatch.setattr(loaded, "encode", lambda text: tokenized.append(text) or [])
     monkeypatch.setattr(manager.admission, "settings",
-                        dataclasses.replace(manager.admission.settings, max_sessions_per_client=0))
-    with pytest.raises(openai.RateLimitError) as caught:
-        await client.completions.create(model=TINY, prompt="A cat sat on the mat", max_tokens=2)
+                        dataclasses.replace(manager.admission.settings, max_sessions_per_client=1))
+    held = await manager.open_session("held", TINY, 32, "127.0.0.1")  # the client's one session
+    try:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.completions.create(model=TINY, prompt="A cat sat on the mat", max_tokens=2)
+    finally:
+        await held.aclose("test done")
     assert caught.value.body["code"] == "too_many_sessions" and tokenized == []
 
 
