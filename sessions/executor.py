@@ -1,13 +1,15 @@
-"""The bounded thread pool that runs every blocking Petals call and every tokenization.
+"""The bounded thread pools that run every blocking Petals call and every tokenization.
 
-One instance is built at start-up and handed to whoever needs it (the model registry, the
-sessions), so nothing blocking ever runs on the event loop.
+One ``BlockingExecutor`` for the steps and the swarm's calls, and one ``TakingTurns`` for
+tokenizing prompts, are built at start-up and handed to whoever needs them (the model registry,
+the sessions), so nothing blocking ever runs on the event loop.
 """
 
 import asyncio
+import collections
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, Counter, Deque, Dict, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -60,4 +62,83 @@ class BlockingExecutor:
 
     def shutdown(self) -> None:
         """Drops queued calls; running ones finish in their threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TakingTurns:
+    """Blocking calls of many clients in ``workers`` threads, taking turns between the clients.
+
+    Each client's calls wait in a line of their own. A free thread takes the next call of the
+    client with the fewest calls running, and among those of the one whose turn came longest ago
+    (a newcomer's first): a client with many calls waiting delays another's by at most one of its
+    own per thread, however many it sends. Used from the event loop only (its bookkeeping is not
+    locked).
+    """
+
+    def __init__(self, workers: int, name: str):
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._lines: Dict[str, Deque[Tuple[asyncio.Future, Callable, tuple]]] = {}  # clients with calls waiting
+        self._running: Counter[str] = collections.Counter()  # calls running, per client
+        self._last_turn: Dict[str, int] = {}  # when each client with calls waiting or running last had a turn
+        self._turns = 0
+
+    @property
+    def queue_depth(self) -> int:
+        """Calls waiting for a thread, all clients together."""
+        return sum(len(line) for line in self._lines.values())
+
+    def run(self, client: str, function: Callable[..., T], *args) -> "asyncio.Future[T]":
+        """``function(*args)`` in a worker thread when ``client``'s turn comes; await its result."""
+        future = asyncio.get_running_loop().create_future()
+        self._lines.setdefault(client, collections.deque()).append((future, function, args))
+        self._start_next()
+        return future
+
+    def _start_next(self) -> None:
+        while sum(self._running.values()) < self.workers and self._lines:
+            client = min(self._lines, key=lambda name: (self._running[name], self._last_turn.get(name, -1)))
+            line = self._lines[client]
+            future, function, args = line.popleft()
+            if not line:
+                del self._lines[client]
+            if future.cancelled():  # its caller left before its turn
+                self._forget_if_idle(client)
+                continue
+            try:
+                job = self._pool.submit(function, *args)
+            except RuntimeError as error:  # shut down
+                future.set_exception(error)
+                self._forget_if_idle(client)
+                continue
+            self._turns += 1
+            self._last_turn[client] = self._turns
+            self._running[client] += 1
+            loop = asyncio.get_running_loop()
+            job.add_done_callback(lambda job, future=future, client=client: loop.is_closed() or
+                                  loop.call_soon_threadsafe(self._finished, client, job, future))
+
+    def _finished(self, client: str, job: "Future", future: "asyncio.Future") -> None:
+        self._running[client] -= 1
+        if not self._running[client]:
+            del self._running[client]
+        self._forget_if_idle(client)
+        if not future.done():
+            if job.exception() is not None:
+                future.set_exception(job.exception())
+            else:
+                future.set_result(job.result())
+        self._start_next()
+
+    def _forget_if_idle(self, client: str) -> None:
+        if client not in self._lines and not self._running[client]:
+            self._running.pop(client, None)
+            self._last_turn.pop(client, None)
+
+    def shutdown(self) -> None:
+        """Drops waiting calls; running ones finish in their threads."""
+        for line in self._lines.values():
+            for future, _, _ in line:
+                future.cancel()
+        self._lines.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Sequenc
 from config import PUBLIC_SWARM, ManagerSettings, ModelSpec
 from sessions.admission import Admission
 from sessions.errors import ClientLimit, InvalidRequest, MemoryBudgetExceeded, ServerBusy
-from sessions.executor import BlockingExecutor
+from sessions.executor import BlockingExecutor, TakingTurns
 from sessions.grammar import GrammarCompiler, constrained
 from sessions.metrics import SessionMetrics
 from sessions.models import LoadedModel
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Threads that tokenize prompts: apart from the step executor, so that a flood of long prompts
-# delays other prompts at most, never anyone's steps.
+# never delays anyone's steps, and other clients' prompts by one prompt per thread at most.
 TOKENIZER_THREADS = 2
 
 
@@ -67,12 +67,13 @@ class SessionManager:
     def __init__(self, registry: ModelRegistry, admission: Admission, executor: BlockingExecutor,
                  monitor: SwarmMonitor, metrics: SessionMetrics, settings: ManagerSettings,
                  warm: Optional[WarmPool] = None, server_latency: Optional[ServerLatency] = None,
-                 tokenizer_pool: Optional[BlockingExecutor] = None, grammars: Optional[GrammarCompiler] = None,
+                 tokenizer_pool: Optional[TakingTurns] = None, grammars: Optional[GrammarCompiler] = None,
                  open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
         self.registry = registry
         self.admission = admission
         self.executor = executor
-        self.tokenizer_pool = tokenizer_pool or executor  # prompts are tokenized apart from the steps
+        # Prompts are tokenized apart from the steps, clients taking turns.
+        self.tokenizer_pool = tokenizer_pool or TakingTurns(TOKENIZER_THREADS, "tokenize")
         self.grammars = grammars or GrammarCompiler()  # JSON schemas and grammars, compiled apart from the steps
         self.monitor = monitor
         self.metrics = metrics
@@ -133,8 +134,8 @@ class SessionManager:
         except BaseException:
             slot.release()
             raise
-        session = ChatSession(connection_id, loaded, stream, max_length, self.executor, self.settings.step_timeout,
-                              self.metrics, slot, on_closed=self._session_closed, tokenizer_pool=self.tokenizer_pool)
+        session = ChatSession(connection_id, loaded, stream, max_length, self.executor, self.tokenizer_pool,
+                              self.settings.step_timeout, self.metrics, slot, on_closed=self._session_closed)
         self._sessions.add(session)
         self.metrics.sessions_opened.labels(loaded.spec.key).inc()
         session.log.info("Opened a session on %s for %s, max_length %d", loaded.spec.key, client, max_length)
@@ -211,12 +212,12 @@ class SessionManager:
 
     async def tokenize(self, loaded: LoadedModel, text: str, client: str) -> List[int]:
         """The token ids of the prompt ``text`` of ``client``, who is about to open a session
-        (tokenized in the tokenizer pool, never ahead of anyone's steps). Refused without
+        (tokenized in the tokenizer pool, taking turns with other clients). Refused without
         tokenizing when the client may not open a session now, or when the text is longer in
         characters than the model's longest session could hold."""
         self._check_room(client)
         self.admission.check_text_length(text, loaded.spec.chat.max_session_length, loaded.max_token_chars)
-        return await self.tokenizer_pool.run(loaded.encode, text)
+        return await self.tokenizer_pool.run(client, loaded.encode, text)
 
     def _check_room(self, client: str) -> None:
         """Raises unless ``client`` may open a session now. A warm session counts as room (of the
@@ -301,7 +302,7 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
     grammars = GrammarCompiler()
     manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
                              server_latency=server_latency,
-                             tokenizer_pool=BlockingExecutor(TOKENIZER_THREADS, "tokenize"), grammars=grammars,
+                             grammars=grammars,
                              open_stream=functools.partial(TokenStream, observe_server_step=server_latency.observe,
                                                            grammars=grammars))
     metrics.state_bytes.set_function(manager.session_state_bytes)

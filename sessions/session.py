@@ -10,7 +10,7 @@ from sessions.admission import Slot
 from sessions.decoding import IncrementalDecoder
 from sessions.errors import (MaxLengthExceeded, ServiceError, SessionExpired, StepTimeout, SwarmCallFailed,
                              from_petals_error)
-from sessions.executor import BlockingExecutor
+from sessions.executor import BlockingExecutor, TakingTurns
 from sessions.generation import run_generation
 from sessions.logs import ConnectionLog
 from sessions.metrics import SessionMetrics
@@ -35,13 +35,13 @@ class ChatSession:
     slot. An error that leaves the session unusable closes it too.
 
     ``model`` is a ``LoadedModel`` and ``stream`` a ``TokenStream`` (tests pass fakes);
-    steps run in ``executor``, tokenizing in ``tokenizer_pool`` (the executor when not given).
+    steps run in ``executor``, tokenizing in ``tokenizer_pool``.
     """
 
     def __init__(self, session_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
-                 step_timeout: float, metrics: SessionMetrics, slot: Slot,
+                 tokenizer_pool: TakingTurns, step_timeout: float, metrics: SessionMetrics, slot: Slot,
                  on_closed: Callable[["ChatSession"], None] = lambda session: None,
-                 close_timeout: float = CLOSE_TIMEOUT, tokenizer_pool: Optional[BlockingExecutor] = None):
+                 close_timeout: float = CLOSE_TIMEOUT):
         self.session_id = session_id
         self.model = model
         self.stream = stream
@@ -52,7 +52,7 @@ class ChatSession:
         self.decoder = IncrementalDecoder(model.tokenizer)
         self._steps = StepRunner(stream, self.decoder, executor, step_timeout)
         self._executor = executor
-        self._tokenizer_pool = tokenizer_pool or executor
+        self._tokenizer_pool = tokenizer_pool
         self._slot = slot
         self._on_closed = on_closed
         self._turn = asyncio.Lock()
@@ -137,7 +137,7 @@ class ChatSession:
 
     def encode(self, text: str) -> "asyncio.Future[List[int]]":
         """Token ids of ``text`` (tokenized in the tokenizer pool)."""
-        return self._tokenizer_pool.run(self.model.encode, text)
+        return self._tokenizer_pool.run(self.client, self.model.encode, text)
 
     def length_with(self, new_input_ids: list) -> int:
         """Tokens in the conversation once ``new_input_ids`` are added, the pending one included."""

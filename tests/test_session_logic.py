@@ -6,6 +6,7 @@ test_manager.py and test_session_expiry.py.
 
 import asyncio
 import gc
+import threading
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from config import ManagerSettings
 from sessions.admission import Admission
 from sessions.errors import (ClientLimit, InvalidRequest, MemoryBudgetExceeded, PeerFailure, ServerBusy,
                              SessionExpired, StepTimeout, SwarmCallFailed, error_payload)
-from sessions.executor import BlockingExecutor
+from sessions.executor import BlockingExecutor, TakingTurns
 from sessions.metrics import SessionMetrics
 from sessions.requests import GenerationRequest
 from sessions.session import ChatSession
@@ -35,8 +36,9 @@ def make_session(executor, stream=None, step_timeout=10.0, max_length=256, admis
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)
-    return ChatSession("s1", FakeModel(), stream or FakeTokenStream(), max_length, executor, step_timeout, metrics,
-                       admission.admit("client"), close_timeout=close_timeout)
+    return ChatSession("s1", FakeModel(), stream or FakeTokenStream(), max_length, executor,
+                       TakingTurns(1, "fake-tokenize"), step_timeout, metrics, admission.admit("client"),
+                       close_timeout=close_timeout)
 
 
 async def collect(updates):
@@ -384,3 +386,22 @@ async def test_the_event_loop_s_lag_is_measured_while_watched():
     assert sample("count") >= 3
     assert sample("bucket", le="0.1") == sample("count") - 1  # only one sample was late past 100 ms
     assert sample("sum") >= 0.2
+
+
+async def test_clients_take_turns_for_the_tokenizer_however_many_calls_one_sends():
+    pool = TakingTurns(1, "turns")
+    started, release = [], threading.Event()
+
+    def call(name: str) -> str:
+        started.append(name)
+        release.wait(5)
+        return name
+
+    flood = [pool.run("flooder", call, f"f{index}") for index in range(5)]
+    await asyncio.sleep(0.05)  # f0 runs; f1 to f4 wait in the flooder's line
+    polite = pool.run("polite", call, "p")
+    assert pool.queue_depth == 5
+    release.set()
+    assert await polite == "p" and [await future for future in flood] == [f"f{index}" for index in range(5)]
+    assert started == ["f0", "p", "f1", "f2", "f3", "f4"]  # the polite call came second, not sixth
+    pool.shutdown()
