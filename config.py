@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple
 
+from swarm.prefix import dht_prefix_for
+
 REPO_ROOT = Path(__file__).resolve().parent
 ENV_PREFIX = "SWARM_CHAT_"
 PUBLIC_SWARM = "public"
@@ -52,7 +54,8 @@ class ModelSpec:
 
     ``repository`` is the model's name on the hub; ``path`` is a local folder holding the same
     weights (config, tokenizer, embeddings) when the hub cannot be reached. ``dht_prefix`` is
-    the swarm's name for the model's blocks (petals derives it from a hub name, not from a path).
+    the swarm's name for the model's blocks, when it is not the one derived from the repository
+    (``swarm_prefix``).
     With an ``adapter``, clients address the model by the adapter's repository.
     """
 
@@ -74,6 +77,11 @@ class ModelSpec:
         return self.adapter or self.repository
 
     @property
+    def swarm_prefix(self) -> str:
+        """The swarm's name for the model's blocks, under which nodes announce them and clients look."""
+        return self.dht_prefix or dht_prefix_for(self.repository)
+
+    @property
     def weights(self) -> str:
         """Where the weights are loaded from: the local folder if any, else the hub."""
         return str(self.path) if self.path is not None else self.repository
@@ -89,7 +97,6 @@ def default_model(models_dir: Path) -> ModelSpec:
         repository=DEFAULT_MODEL_REPOSITORY,
         family="SmolLM2",
         path=models_dir / DEFAULT_MODEL_FOLDER,
-        dht_prefix="SmolLM2-135M-Instruct",
         aliases=("smollm2", "default"),
         frontend=FrontendSettings(
             name="SmolLM2 135M Instruct",
@@ -114,7 +121,6 @@ def model_from_source(source: str) -> ModelSpec:
             repository=path.name,
             family=path.name,
             path=path.resolve(),
-            dht_prefix=path.name,
             frontend=FrontendSettings(name=path.name),
         )
     return ModelSpec(

@@ -130,7 +130,7 @@ def start_embedded_swarm(config: Settings, device: str, torch_dtype: str):
     try:
         models = []
         for spec in config.models:
-            model = SwarmModel(path=spec.weights, dht_prefix=spec.dht_prefix or spec.repository.split("/")[-1],
+            model = SwarmModel(path=spec.weights, dht_prefix=spec.swarm_prefix,
                                num_blocks=count_blocks(spec.weights))
             logger.info("Loading %d blocks of %s into the embedded swarm", model.num_blocks, spec.key)
             swarm.add_node(model)

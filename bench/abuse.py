@@ -1534,7 +1534,8 @@ def main() -> int:
         log_dir = args.log_dir or Path(workdir) / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         model_path = make_tiny_llama(Path(workdir) / "tiny-llama", ensure_default_model(REPO_ROOT / ".models"))
-        swarm_model = SwarmModel(str(model_path), model_path.name, count_blocks(str(model_path)))
+        swarm_model = SwarmModel(str(model_path), model_from_source(str(model_path)).swarm_prefix,
+                                 count_blocks(str(model_path)))
         with LocalSwarm(log_dir, threads=1) as running_swarm:
             nodes = [running_swarm.add_node(swarm_model, extra_options=["--attn-cache-tokens",
                                                                         str(ATTENTION_CACHE_TOKENS)])

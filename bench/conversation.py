@@ -164,7 +164,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     spec = default_model(REPO_ROOT / ".models")
     path = ensure_default_model(spec.path.parent)
-    swarm_model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+    swarm_model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
     served = model_from_source(str(path)).key
     ports = {"reuse": args.port, "no reuse": args.port + 1}
     with tempfile.TemporaryDirectory() as logs, LocalSwarm(Path(logs), threads=1) as running_swarm:

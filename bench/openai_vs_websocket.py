@@ -81,7 +81,7 @@ def main() -> None:
     spec = default_model(REPO_ROOT / ".models")
     path = ensure_default_model(spec.path.parent)
     served = model_from_source(str(path)).key
-    swarm_model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+    swarm_model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
     with tempfile.TemporaryDirectory() as logs, LocalSwarm(Path(logs), threads=1) as running_swarm:
         running_swarm.add_node(swarm_model)
         running_swarm.wait_until_ready([swarm_model])

@@ -75,7 +75,7 @@ def default_model_on_a_local_swarm(question: str) -> Iterator[Tuple[object, obje
     path = ensure_default_model(spec.path.parent)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+    model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
     with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=node_threads) as swarm:
         swarm.add_node(model)
         swarm.wait_until_ready([model])
@@ -105,7 +105,7 @@ def main() -> None:
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     local = AutoModelForCausalLM.from_pretrained(path, torch_dtype=getattr(torch, args.torch_dtype)).eval()
-    model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+    model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
     local_seconds, swarm_seconds = [], []
     with tempfile.TemporaryDirectory() as log_dir, \
             LocalSwarm(Path(log_dir), torch_dtype=args.torch_dtype, threads=node_threads) as running_swarm:

@@ -206,7 +206,7 @@ def main() -> None:
         else:
             spec = default_model(models_dir)
             path = spec.path
-        swarm_model = SwarmModel(str(path), spec.dht_prefix, count_blocks(str(path)))
+        swarm_model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
         with LocalSwarm(Path(workdir) / "logs", threads=1) as running_swarm:
             running_swarm.add_node(swarm_model)
             running_swarm.wait_until_ready([swarm_model])

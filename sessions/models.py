@@ -90,9 +90,7 @@ def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch
     tokenizer = AutoTokenizer.from_pretrained(spec.weights)
     options = {"initial_peers": list(initial_peers), "torch_dtype": getattr(torch, torch_dtype),
                "max_retries": MAX_RETRIES, "request_timeout": settings.request_timeout,
-               "update_period": settings.routing_update_period}
-    if spec.dht_prefix is not None:
-        options["dht_prefix"] = spec.dht_prefix
+               "update_period": settings.routing_update_period, "dht_prefix": spec.swarm_prefix}
     if spec.adapter is not None:
         options["active_adapter"] = spec.adapter
     client = AutoDistributedModelForCausalLM.from_pretrained(spec.weights, **options).to(device)

@@ -2,7 +2,7 @@
 
 A thin front for petals' own ``run_server`` that runs through the compatibility layer,
 accepts ``--dash-style`` as well as petals' ``--underscore_style`` options, derives the DHT
-prefix of a local model folder from its name, and shuts down cleanly on SIGTERM as on Ctrl-C
+prefix by the clients' rule (``swarm.prefix``), and shuts down cleanly on SIGTERM as on Ctrl-C
 (so the node's own child processes, its DHT and p2p daemon, go with it).
 """
 
@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import List, Sequence
+
+from swarm.prefix import dht_prefix_for
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,8 @@ def petals_argv(model: str, options: Sequence[str]) -> List[str]:
             name, sep, value = option.partition("=")
             option = "--" + name[2:].replace("-", "_") + sep + value
         translated.append(option)
-    if Path(model).is_dir() and not any(opt.split("=")[0] == "--dht_prefix" for opt in translated):
-        translated += ["--dht_prefix", Path(model).resolve().name]
+    if not any(opt.split("=")[0] == "--dht_prefix" for opt in translated):
+        translated += ["--dht_prefix", dht_prefix_for(str(Path(model).resolve()) if Path(model).is_dir() else model)]
     return [model, *translated]
 
 

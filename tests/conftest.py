@@ -76,7 +76,7 @@ def model_specs(tiny_model_specs, models_dir, default_model_dir):
 @pytest.fixture(scope="session")
 def local_swarm(tmp_path_factory, model_specs):
     """One real swarm on loopback for the whole run, one server process per model."""
-    swarm_models = [SwarmModel(str(spec.path), spec.dht_prefix, count_blocks(str(spec.path))) for spec in model_specs]
+    swarm_models = [SwarmModel(str(spec.path), spec.swarm_prefix, count_blocks(str(spec.path))) for spec in model_specs]
     with LocalSwarm(tmp_path_factory.mktemp("swarm-logs"), threads=1) as running_swarm:
         for model in swarm_models:
             running_swarm.add_node(model)

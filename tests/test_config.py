@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from config import DEFAULT_MODEL_REPOSITORY, choose_dtype, parse_settings
+from swarm.node import petals_argv
+from swarm.prefix import dht_prefix_for
 
 
 def test_defaults_start_an_embedded_swarm_on_the_default_model():
@@ -30,8 +32,19 @@ def test_model_flag_accepts_a_local_folder_and_a_repository(tmp_path):
     folder.mkdir()
     settings = parse_settings(["--model", str(folder), "org/Big-Model"], environ={})
     local, hub = settings.models
-    assert local.path == folder.resolve() and local.dht_prefix == "my-model"
+    assert local.path == folder.resolve() and local.swarm_prefix == "my-model-hf"
     assert hub.path is None and hub.key == "org/Big-Model" and hub.weights == "org/Big-Model"
+    assert hub.swarm_prefix == "Big-Model-hf"
+
+
+@pytest.mark.parametrize("source, prefix", [
+    ("meta-llama/Llama-2-70b-chat-hf", "Llama-2-70b-chat-hf"),  # what petals' public servers announce
+    ("meta-llama/Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3-1-8B-Instruct-hf"),  # a dot would split a block's name
+    ("/data/Qwen2.5-0.5B-Instruct/", "Qwen2-5-0-5B-Instruct-hf"),
+])
+def test_nodes_and_clients_share_one_prefix_rule(source, prefix):
+    assert dht_prefix_for(source) == prefix
+    assert petals_argv(source, [])[-2:] == ["--dht_prefix", prefix]
 
 
 def test_models_from_the_environment_are_replaced_by_the_flag():
