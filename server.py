@@ -39,6 +39,9 @@ WEBSOCKET_PING_INTERVAL = 25
 # Messages up to this many times --max-message-bytes get an error reply; larger ones close the socket.
 HARD_MESSAGE_SIZE_FACTOR = 4
 SHUTDOWN_TIMEOUT = 10
+# Connections the kernel queues before the server accepts them (Tornado's default: 128). A burst
+# of connections past the queue is dropped, and each dropped client retries only a second later.
+LISTEN_BACKLOG = 1024
 
 
 class NotFoundHandler(APIHandler):
@@ -185,7 +188,7 @@ async def serve(config: Settings, initial_peers: Sequence[str], device: str, tor
     try:
         await manager.start()
         freeze_start_up_heap()
-        sockets = tornado.netutil.bind_sockets(config.port, config.host)
+        sockets = tornado.netutil.bind_sockets(config.port, config.host, backlog=LISTEN_BACKLOG)
         app = make_app(config, manager)
         http_server = tornado.httpserver.HTTPServer(app)
         http_server.add_sockets(sockets)

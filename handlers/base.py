@@ -1,5 +1,6 @@
 """The base of every JSON endpoint: collaborators from ``initialize``, every error as JSON."""
 
+import asyncio
 import json
 import logging
 from typing import Any, AsyncIterator, Dict, Optional
@@ -97,7 +98,8 @@ class GenerationHandler(APIHandler):
     The body is read only when its announced length is within ``max_body_bytes`` (413 otherwise),
     and never past it, and only while the client has fewer requests in flight than it may (429
     otherwise): the request's place is taken before anything is read or tokenized, and given back
-    once the reply is written.
+    once the reply is written. A client refused (4xx) more often than ``REFUSALS_PER_SECOND``
+    has its next requests wait their turn at that pace before they are read.
     """
 
     connection_prefix = "http-"
@@ -109,15 +111,39 @@ class GenerationHandler(APIHandler):
         self._request_slot: Optional[Slot] = None  # the request's place among its client's requests in flight
         self._body = bytearray()
         self._body_parsed = False  # the handler method has taken the whole body
+        self.client: Optional[str] = None
+        self.client_left = False
 
-    def prepare(self) -> None:
-        super().prepare()
+    async def _take_turn_if_often_refused(self) -> None:
+        """Waits, before anything is read, while the client is refused more often than allowed:
+        a flood of requests that would be refused is read at the pace of a polite client."""
+        admission = self.manager.admission
+        wait = admission.refusal_wait(self.client)
+        if wait is None:  # it already has the most requests waiting: not even read
+            self.request.connection.close()
+            raise tornado.web.Finish()
+        if wait:
+            slot = admission.slowed(self.client)
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                slot.release()
+            if self.client_left:
+                raise tornado.web.Finish()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        super().write_error(status_code, **kwargs)
+        if 400 <= self.get_status() < 500 and self.client is not None:
+            self.manager.admission.refused(self.client)  # its next requests may have to wait their turn
+
+    async def prepare(self) -> None:
         self.connection_id = new_connection_id(self.connection_prefix)
         self.session: Optional[ChatSession] = None
         self.cached_tokens = 0
-        self.client_left = False
         self.client = client_key(self.request, self.settings["trusted_proxies"],  # whose limits it counts against
                                  self.settings.get("client_ip_header", DEFAULT_CLIENT_IP_HEADER))
+        await self._take_turn_if_often_refused()
+        super().prepare()
         if self.request.method in ("POST", "PUT", "PATCH"):
             self._request_slot = self.manager.admission.admit_request(self.client)
         try:

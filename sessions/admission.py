@@ -11,7 +11,7 @@ but slowed (``Budget.delay``), the server reading its next message only once the
 
 import collections
 import time
-from typing import Callable, Counter, Dict
+from typing import Callable, Counter, Dict, Optional
 
 from config import MIB, ManagerSettings, ModelSpec
 from sessions.errors import (
@@ -28,6 +28,14 @@ from sessions.requests import GenerationRequest
 
 # Generations one session may hold waiting behind its running one.
 MAX_WAITING_GENERATIONS = 4
+# A client whose HTTP requests keep being refused is read more slowly: this many refusals a
+# second on average (bursts of twice that), then each of its requests waits its turn at that
+# pace before it is read. A flood of refused requests then costs what a polite client costs.
+REFUSALS_PER_SECOND = 5.0
+# Requests of one client waiting so; a client with more has its next connections closed unread.
+MAX_SLOWED_REQUESTS = 256
+# Clients whose refusals are remembered (the least recently refused are forgotten first).
+REMEMBERED_REFUSED_CLIENTS = 10_000
 # Stop sequences of one generation, and the length of each: every generated character is
 # checked against each of them.
 MAX_STOP_SEQUENCES = 16
@@ -100,6 +108,11 @@ class Budget:
         self._last = now
         return max(0.0, -self._tokens / self.per_second)
 
+    @property
+    def in_debt(self) -> bool:
+        """Whether more was spent than the budget has given back so far."""
+        return self._tokens + (self._clock() - self._last) * self.per_second < 0
+
 
 class Admission:
     """Counts open sessions and connections, per server and per client, and checks requests
@@ -112,6 +125,8 @@ class Admission:
         self._connections = _Tally(on_last_released=self._forget_received)
         self._requests = _Tally()
         self._received: Dict[str, Budget] = {}  # bytes per second, per client with connections
+        self._refusals: "collections.OrderedDict[str, Budget]" = collections.OrderedDict()
+        self._slowed = _Tally()  # HTTP requests waiting for their client's turn
 
     @property
     def open_sessions(self) -> int:
@@ -167,6 +182,29 @@ class Admission:
             raise TooManyRequests(f"This client already has {limit} requests in flight, the most one client may; "
                                   "wait for a reply first")
         return self._requests.take(client)
+
+    def refused(self, client: str) -> None:
+        """Notes that a request of ``client`` was refused (a 4xx answer)."""
+        budget = self._refusals.pop(client, None) or Budget(REFUSALS_PER_SECOND, 2 * REFUSALS_PER_SECOND)
+        self._refusals[client] = budget
+        budget.delay()
+        if len(self._refusals) > REMEMBERED_REFUSED_CLIENTS:
+            self._refusals.popitem(last=False)
+
+    def refusal_wait(self, client: str) -> Optional[float]:
+        """How long a new request of ``client`` waits before it is read: 0 unless the client was
+        refused more often than ``REFUSALS_PER_SECOND``, then its turn at that pace; None when
+        the client already has ``MAX_SLOWED_REQUESTS`` waiting (close the connection unread)."""
+        budget = self._refusals.get(client)
+        if budget is None or not budget.in_debt:
+            return 0.0
+        if self._slowed.by_client[client] >= MAX_SLOWED_REQUESTS:
+            return None
+        return budget.delay()
+
+    def slowed(self, client: str) -> Slot:
+        """Counts a request of ``client`` as waiting its turn until the slot is released."""
+        return self._slowed.take(client)
 
     def message_rate(self) -> Budget:
         """A new connection's message budget: the rate on average, bursts of twice that."""

@@ -14,7 +14,9 @@ from transformers import AutoTokenizer
 from handlers.openai_protocol import ChatCompletionRequest
 from sessions import grammar
 from sessions.errors import InvalidRequest, ServerBusy
-from sessions.grammar import CompiledGrammar, GrammarCompiler, check_schema, compile_grammar, grammar_for
+from sessions.grammar import CompiledGrammar, GrammarCompiler, compile_grammar, grammar_for
+from sessions import schema_limits
+from sessions.schema_limits import check_schema
 from sessions.requests import SamplingParams
 from sessions.token_chooser import TokenChooser
 from tests.helpers import wait_for_no_sessions
@@ -107,7 +109,7 @@ def chain(levels: int) -> dict:
 @pytest.mark.parametrize("schema, problem", [
     ({"type": "object", "properties": {f"p{index}": {"type": "integer"} for index in range(3000)}}, "bytes"),
     ({"$defs": {"a": {"type": "integer"}}, "type": "array",
-      "prefixItems": [{"$ref": "#/$defs/a"}] * (grammar.MAX_REFS + 1)}, r"\$ref"),
+      "prefixItems": [{"$ref": "#/$defs/a"}] * (schema_limits.MAX_REFS + 1)}, r"\$ref"),
     (chain(200), "nests deeper"),  # the library's own compile overflows its stack near 1,000
     # allOf over anyOf: every combination of branches is intersected (10^4 of them here).
     ({"allOf": [{"anyOf": [{"type": "string", "format": "uri", "minLength": branch} for branch in range(10)]}] * 4},

@@ -13,10 +13,13 @@ import threading
 import pytest
 import tornado.httpclient
 import tornado.httpserver
+import tornado.simple_httpclient
 import tornado.testing
 
 from config import ManagerSettings, Settings, WarmPoolLimits
 from server import make_app
+import sessions.admission as admission_module
+from sessions.admission import MAX_SLOWED_REQUESTS, REFUSALS_PER_SECOND, Admission
 from sessions.executor import BlockingExecutor
 from tests.fakes import FakeTokenStream, fake_manager
 from tests.helpers import wait_for_no_sessions
@@ -125,3 +128,47 @@ async def test_prompts_are_tokenized_apart_from_the_steps(http_server_client, ma
     assert response.code == 200
     assert threads and all(name.startswith("tokenize") for name in threads), threads
     await wait_for_no_sessions(manager)
+
+
+def test_a_client_refused_too_often_waits_its_turn_and_at_most_so_many_wait():
+    admission = Admission(ManagerSettings())
+    assert admission.refusal_wait("client") == 0.0
+    for _ in range(int(2 * REFUSALS_PER_SECOND)):  # the burst
+        admission.refused("client")
+    assert admission.refusal_wait("client") == 0.0
+    admission.refused("client")
+    first, second = admission.refusal_wait("client"), admission.refusal_wait("client")
+    assert 0 < first < second  # each waiting request takes the next turn
+    assert admission.refusal_wait("another client") == 0.0
+    slots = [admission.slowed("client") for _ in range(MAX_SLOWED_REQUESTS)]
+    assert admission.refusal_wait("client") is None  # closed unread
+    slots[0].release()
+    assert admission.refusal_wait("client") > 0
+
+
+async def test_a_flood_of_refused_requests_is_read_at_a_polite_pace(fake_server):
+    port, manager = await fake_server(NOT_KEPT, [])
+
+    async def refused(count: int) -> None:
+        replies = await asyncio.gather(*(post_generate(port, {"inputs": "x"}) for _ in range(count)))
+        assert all(code == 400 and reply["code"] == "bad_request" for code, reply in replies)
+
+    await refused(int(2 * REFUSALS_PER_SECOND) + 1)  # the burst, and one more: now the client owes
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await refused(5)
+    # Each is read in its turn, one every 1 / REFUSALS_PER_SECOND seconds at best.
+    assert loop.time() - started >= 0.9 * 5 / REFUSALS_PER_SECOND
+
+
+async def test_past_the_most_waiting_requests_a_refused_client_s_connections_are_closed_unread(fake_server,
+                                                                                              monkeypatch):
+    monkeypatch.setattr(admission_module, "MAX_SLOWED_REQUESTS", 0)
+    port, manager = await fake_server(NOT_KEPT, [FakeTokenStream("ok")])
+    for _ in range(int(2 * REFUSALS_PER_SECOND) + 1):
+        assert (await post_generate(port, {"inputs": "x"}))[0] == 400
+    with pytest.raises(tornado.simple_httpclient.HTTPStreamClosedError):  # closed without an answer
+        await post_generate(port, {"inputs": "x"})
+    await asyncio.sleep(0.5)  # it owes nothing any more once its turn has come
+    code, reply = await post_generate(port, {"inputs": "x", "max_new_tokens": 2})
+    assert code == 200 and reply["outputs"] == "ok"
