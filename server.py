@@ -6,6 +6,8 @@ SIGINT and SIGTERM stop the server, disconnect from the swarm and stop the embed
 """
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
 import os
@@ -171,6 +173,21 @@ def freeze_start_up_heap() -> None:
                 gc.get_freeze_count(), 1000 * (time.perf_counter() - started))
 
 
+# glibc's malloc: allocations from this size up are mapped apart and unmapped when freed.
+MMAP_THRESHOLD_BYTES = 128 * 1024
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number
+
+
+def return_large_buffers_to_the_system() -> None:
+    """Fixes glibc's mmap threshold. By default it rises to the size of the largest buffer freed
+    (up to 32 MiB), after which request bodies and long prompts are carved from the heap and
+    their memory stays with the process once freed; at a fixed threshold they go back at once."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        pass
+
+
 def public_url(host: str, port: int) -> str:
     """A URL a browser on this machine can open."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
@@ -220,6 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Runs the server; returns the exit status."""
     config = parse_settings(argv)
     configure_logging(config.log_level)
+    return_large_buffers_to_the_system()
     # Until the event loop takes over, SIGTERM stops start-up the way Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     device = choose_device(config.device)

@@ -7,19 +7,35 @@ the sessions), so nothing blocking ever runs on the event loop.
 
 import asyncio
 import collections
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Counter, Deque, Dict, Tuple, TypeVar
 
 T = TypeVar("T")
 
+# The CPU niceness of threads that do work on a client's behalf before any swarm step (tokenizing
+# prompts, compiling schemas): when the CPU is short, the event loop and the steps go first.
+BACKGROUND_NICENESS = 10
+
+
+def run_in_background() -> None:
+    """Lowers the calling thread's CPU priority to ``BACKGROUND_NICENESS`` (Linux sets it per
+    thread; elsewhere, or when refused, the thread keeps its priority)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
 
 class BlockingExecutor:
-    """A fixed number of threads for blocking calls; ``queue_depth`` counts calls not yet started."""
+    """A fixed number of threads for blocking calls; ``queue_depth`` counts calls not yet started.
+    ``background`` threads run at a lower CPU priority (``run_in_background``)."""
 
-    def __init__(self, workers: int, name: str = "petals"):
+    def __init__(self, workers: int, name: str = "petals", background: bool = False):
         self.workers = workers
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
+                                        initializer=run_in_background if background else None)
         self._waiting = 0
         self._lock = threading.Lock()
 
@@ -71,13 +87,13 @@ class TakingTurns:
     Each client's calls wait in a line of their own. A free thread takes the next call of the
     client with the fewest calls running, and among those of the one whose turn came longest ago
     (a newcomer's first): a client with many calls waiting delays another's by at most one of its
-    own per thread, however many it sends. Used from the event loop only (its bookkeeping is not
-    locked).
+    own per thread, however many it sends. Its threads run at a lower CPU priority
+    (``run_in_background``). Used from the event loop only (its bookkeeping is not locked).
     """
 
     def __init__(self, workers: int, name: str):
         self.workers = workers
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=run_in_background)
         self._lines: Dict[str, Deque[Tuple[asyncio.Future, Callable, tuple]]] = {}  # clients with calls waiting
         self._running: Counter[str] = collections.Counter()  # calls running, per client
         self._last_turn: Dict[str, int] = {}  # when each client with calls waiting or running last had a turn

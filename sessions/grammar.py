@@ -129,7 +129,7 @@ class GrammarCompiler:
 
     def __init__(self, workers: int = COMPILE_THREADS, max_waiting: int = MAX_WAITING_COMPILES,
                  cache_entries: int = CACHED_GRAMMARS):
-        self._pool = BlockingExecutor(workers, name="grammar")
+        self._pool = BlockingExecutor(workers, name="grammar", background=True)
         self._max_waiting = max_waiting
         self._cache_entries = cache_entries
         self._cache: "collections.OrderedDict[tuple, CompiledGrammar]" = collections.OrderedDict()

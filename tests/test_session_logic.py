@@ -6,6 +6,7 @@ test_manager.py and test_session_expiry.py.
 
 import asyncio
 import gc
+import os
 import threading
 import time
 
@@ -15,7 +16,7 @@ from config import ManagerSettings
 from sessions.admission import Admission
 from sessions.errors import (ClientLimit, InvalidRequest, MemoryBudgetExceeded, PeerFailure, ServerBusy,
                              SessionExpired, StepTimeout, SwarmCallFailed, error_payload)
-from sessions.executor import BlockingExecutor, TakingTurns
+from sessions.executor import BACKGROUND_NICENESS, BlockingExecutor, TakingTurns
 from sessions.metrics import SessionMetrics
 from sessions.requests import GenerationRequest
 from sessions.session import ChatSession
@@ -405,3 +406,15 @@ async def test_clients_take_turns_for_the_tokenizer_however_many_calls_one_sends
     assert await polite == "p" and [await future for future in flood] == [f"f{index}" for index in range(5)]
     assert started == ["f0", "p", "f1", "f2", "f3", "f4"]  # the polite call came second, not sixth
     pool.shutdown()
+
+
+async def test_tokenizer_threads_yield_the_cpu_to_the_event_loop_and_the_steps():
+    pool = TakingTurns(1, "turns")
+
+    def own_niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    try:
+        assert await pool.run("client", own_niceness) == BACKGROUND_NICENESS > own_niceness()
+    finally:
+        pool.shutdown()
