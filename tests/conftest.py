@@ -60,9 +60,9 @@ def tiny_model_specs(tmp_path_factory, default_model_dir):
     bloom = make_tiny_bloom(root / "tiny-bloom", default_model_dir)
     chat = ChatSettings(max_session_length=512, sep_token="\n", stop_token="<|im_end|>")
     return (
-        ModelSpec(repository="tests/tiny-llama", family="Tiny", path=llama, dht_prefix="tiny-llama",
+        ModelSpec(repository="tests/tiny-llama", family="Tiny", path=llama,
                   aliases=("tl",), frontend=FrontendSettings(name="Tiny Llama"), chat=chat),
-        ModelSpec(repository="tests/tiny-bloom", family="Tiny", path=bloom, dht_prefix="tiny-bloom",
+        ModelSpec(repository="tests/tiny-bloom", family="Tiny", path=bloom,
                   frontend=FrontendSettings(name="Tiny BLOOM"), chat=chat, public_api=False),
     )
 

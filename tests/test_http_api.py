@@ -139,9 +139,9 @@ class TrackedGenerateHandler(GenerateHandler):
 
     started = []
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         type(self).started.append(self)
-        super().prepare()
+        await super().prepare()
 
 
 @pytest.mark.parametrize("chunks", [[b"x" * 100], [b"x" * 600, b"x" * 600]], ids=["cut-off", "over-the-limit"])

@@ -57,7 +57,7 @@ def test_embedded_swarm_serves_and_stops_cleanly(tiny_model_specs):
     )
     try:
         url, log = read_until_ready(process)
-        assert any("Blocks announced for tiny-llama: 4/4" in line for line in log)
+        assert any("Blocks announced for tiny-llama-hf: 4/4" in line for line in log)
         assert any("start-up objects out of garbage collection" in line for line in log)
         with urllib.request.urlopen(url + "api/v1/models", timeout=10) as response:
             body = json.load(response)
