@@ -113,6 +113,8 @@ class GenerationHandler(APIHandler):
         self._body_parsed = False  # the handler method has taken the whole body
         self.client: Optional[str] = None
         self.client_left = False
+        self.session: Optional[ChatSession] = None
+        self.cached_tokens = 0
 
     async def _take_turn_if_often_refused(self) -> None:
         """Waits, before anything is read, while the client is refused more often than allowed:
@@ -138,8 +140,6 @@ class GenerationHandler(APIHandler):
 
     async def prepare(self) -> None:
         self.connection_id = new_connection_id(self.connection_prefix)
-        self.session: Optional[ChatSession] = None
-        self.cached_tokens = 0
         self.client = client_key(self.request, self.settings["trusted_proxies"],  # whose limits it counts against
                                  self.settings.get("client_ip_header", DEFAULT_CLIENT_IP_HEADER))
         await self._take_turn_if_often_refused()
