@@ -141,9 +141,12 @@ def serve_with(settings, manager, io_loop):
 @pytest.fixture
 def warm_pool(manager, io_loop):
     """``warm_pool(**limits)`` turns prefix reuse on in the shared manager for one test (its
-    warm sessions are closed after it)."""
+    warm sessions are closed after it), once earlier tests' sessions are released."""
     from config import WarmPoolLimits
     from sessions.warm_pool import WarmPool
+    from tests.helpers import wait_for_no_sessions
+
+    io_loop.run_sync(lambda: wait_for_no_sessions(manager))
 
     original = manager.warm
 

@@ -86,12 +86,13 @@ async def test_the_right_key_opens_the_http_apis(keyed_port, manager):
 
 
 async def test_the_websocket_refuses_the_handshake_without_the_key(keyed_port, manager):
+    before = manager.open_session_count  # an earlier test's sessions may still be closing
     for attempt in ({}, {"headers": {"Authorization": "Bearer guess"}},
                     {"subprotocols": [SUBPROTOCOL, key_subprotocol("guess")]}):
         with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
             await WSClient.connect(keyed_port, **attempt)
         assert refused.value.code == 401, attempt
-    assert manager.open_session_count == 0
+    assert manager.open_session_count <= before
 
 
 @pytest.mark.parametrize("attempt", [{"headers": {"Authorization": f"Bearer {KEY}"}},

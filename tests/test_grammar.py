@@ -271,8 +271,9 @@ async def test_a_schema_the_compiler_refuses_is_a_400_before_the_prompt_is_token
     tokenized = []
     original = loaded.encode
     monkeypatch.setattr(loaded, "encode", lambda text: tokenized.append(text) or original(text))
+    before = manager.open_session_count  # an earlier test's sessions may still be closing
     with pytest.raises(openai.BadRequestError) as refused:
         await client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
                                              response_format=schema_format({"not": {"type": "string"}}))
     assert refused.value.body["param"] == "response_format" and "not" in refused.value.body["message"]
-    assert tokenized == [] and manager.open_session_count == 0
+    assert tokenized == [] and manager.open_session_count <= before

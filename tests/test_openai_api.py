@@ -342,12 +342,13 @@ def test_a_number_that_is_not_finite_is_refused_anywhere_in_the_body(field, valu
 
 
 async def test_a_body_with_a_number_that_is_not_finite_is_a_400_naming_its_field(http_server_client, manager):
+    before = manager.open_session_count  # an earlier test's sessions may still be closing
     body = '{"model": "%s", "prompt": "Hi", "max_tokens": 2, "logit_bias": {"5": 1e999}}' % TINY
     response = await http_server_client.fetch("/v1/completions", method="POST", body=body, raise_error=False,
                                               headers={"Content-Type": "application/json"})
     error = json.loads(response.body)["error"]
     assert response.code == 400 and error["param"] == "logit_bias" and "finite" in error["message"]
-    assert manager.open_session_count == 0
+    assert manager.open_session_count <= before
 
 
 async def test_max_tokens_over_the_models_limit_is_refused_by_name(client, manager, monkeypatch):
