@@ -32,6 +32,7 @@ from handlers.openai_api import ChatCompletionHandler, CompletionHandler, ModelL
 from handlers.swarm import SwarmHandler
 from handlers.websocket import GenerateWebSocket
 from sessions.manager import SessionManager, build_manager
+from swarm.families import UnsupportedModel, check_servable
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +97,17 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
 
 
 def prepare_embedded_weights(config: Settings) -> None:
-    """Makes sure every model the embedded swarm hosts is on disk (converting the default once)."""
+    """Makes sure every model the embedded swarm hosts is on disk (converting the default once)
+    and of a family it can serve (``UnsupportedModel`` otherwise, before any node starts)."""
     from config import DEFAULT_MODEL_FOLDER
     from swarm.default_model import ensure_default_model
 
     for spec in config.models:
-        if spec.path is None:
-            continue  # a hub model: petals downloads it
         if spec.path == config.models_dir / DEFAULT_MODEL_FOLDER:
             ensure_default_model(config.models_dir)
-        elif not Path(spec.path).is_dir():
+        elif spec.path is not None and not Path(spec.path).is_dir():
             raise SystemExit(f"model folder {spec.path} does not exist")
+        check_servable(spec.weights)  # a hub model's config comes from the hub, as petals' would
 
 
 def split_cpu_threads(requested_node_threads: int) -> tuple:
@@ -255,6 +256,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         asyncio.run(serve(config, initial_peers, device, torch_dtype))
     except KeyboardInterrupt:
         logger.info("Interrupted")
+    except UnsupportedModel as error:  # one clear line, not a traceback
+        logger.error("%s", error)
+        return 1
     finally:
         if swarm is not None:
             swarm.stop()

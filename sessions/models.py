@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from config import ManagerSettings, ModelSpec
 from sessions.chat_format import ChatFormat
+from swarm.families import check_servable
 from swarm.petals_api import AutoDistributedModelForCausalLM, RemoteExpertWorker
 
 logger = logging.getLogger(__name__)
@@ -81,12 +82,14 @@ class LoadedModel:
 
 def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch_dtype: str,
                settings: ManagerSettings = ManagerSettings()) -> LoadedModel:
-    """Loads the tokenizer and connects the Petals client of ``spec`` (blocking: run it in the executor).
+    """Loads the tokenizer and connects the Petals client of ``spec`` (blocking: run it in the executor);
+    ``UnsupportedModel`` for a model this server cannot serve correctly.
 
     A server silent for ``settings.request_timeout`` seconds counts as failed, and petals routes
     around it; the client refreshes its routing table every ``settings.routing_update_period``.
     """
     logger.info("Loading %s from %s (%s, %s)", spec.key, spec.weights, device, torch_dtype)
+    check_servable(spec.weights)
     tokenizer = AutoTokenizer.from_pretrained(spec.weights)
     options = {"initial_peers": list(initial_peers), "torch_dtype": getattr(torch, torch_dtype),
                "max_retries": MAX_RETRIES, "request_timeout": settings.request_timeout,

@@ -11,11 +11,17 @@ from petals import AutoDistributedModelForCausalLM
 from petals.client.inference_session import InferenceSession, _ServerInferenceSession
 from petals.constants import PUBLIC_INITIAL_PEERS
 from petals.data_structures import ServerState
+from petals.utils.auto_config import _CLASS_MAPPING
 from petals.utils.dht import get_remote_module_infos
 
 from swarm.route_trace import recording, trace_server_steps
 
 trace_server_steps(_ServerInferenceSession)
 
+
+def supported_model_types() -> frozenset:
+    """The model types petals has classes for (its registry of families)."""
+    return frozenset(_CLASS_MAPPING)
+
 __all__ = ["DHT", "RemoteExpertWorker", "AutoDistributedModelForCausalLM", "InferenceSession",
-           "PUBLIC_INITIAL_PEERS", "ServerState", "get_remote_module_infos", "recording"]
+           "PUBLIC_INITIAL_PEERS", "ServerState", "get_remote_module_infos", "recording", "supported_model_types"]
