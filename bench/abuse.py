@@ -454,6 +454,16 @@ async def attack_queue_flood(target: Target) -> AttackOutcome:
 
 # --- large bodies ------------------------------------------------------------------------------
 
+async def _end_upload(sender: asyncio.Task, writer: asyncio.StreamWriter) -> None:
+    """Stops a body still being sent and closes its connection."""
+    sender.cancel()
+    writer.close()
+    try:
+        await sender
+    except (asyncio.CancelledError, OSError):
+        pass  # the server closed the connection mid-body, or the answer came first: both end the upload
+
+
 async def _large_body(target: Target, path: str, size: int, chunked: bool) -> Tuple[str, float]:
     """One POST of a ``size``-byte body; returns (what the server answered, MB written until then)."""
     reader, writer = await asyncio.open_connection(target.host, target.port, local_addr=(LARGE_BODIES_ADDRESS, 0))
@@ -482,12 +492,7 @@ async def _large_body(target: Target, path: str, size: int, chunked: bool) -> Tu
     except OSError as error:
         answer = describe(error)
     finally:
-        sender.cancel()
-        writer.close()
-    try:
-        await sender
-    except (asyncio.CancelledError, OSError):
-        pass  # the server closed the connection mid-body, or the answer came first: both end the upload
+        await _end_upload(sender, writer)
     return answer, written / MB
 
 
@@ -818,12 +823,7 @@ async def raw_post(target: Target, source: str, path: str, body: bytes) -> str:
     except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as error:
         return describe(error)
     finally:
-        sender.cancel()
-        writer.close()
-        try:
-            await sender
-        except (asyncio.CancelledError, OSError):
-            pass  # the answer came first, or the server closed the connection mid-body
+        await _end_upload(sender, writer)
 
 
 def long_prompt(chars: int) -> str:

@@ -9,7 +9,7 @@ import tornado.httputil
 import tornado.web
 
 from handlers.auth import key_accepted
-from handlers.clients import DEFAULT_CLIENT_IP_HEADER, client_key
+from handlers.clients import client_key
 from sessions.admission import Slot
 from sessions.errors import (BadRequest, HTTPStatusError, PayloadTooLarge, ServiceError, Unauthorized, classify,
                              error_payload)
@@ -141,7 +141,7 @@ class GenerationHandler(APIHandler):
     async def prepare(self) -> None:
         self.connection_id = new_connection_id(self.connection_prefix)
         self.client = client_key(self.request, self.settings["trusted_proxies"],  # whose limits it counts against
-                                 self.settings.get("client_ip_header", DEFAULT_CLIENT_IP_HEADER))
+                                 self.settings["client_ip_header"])
         await self._take_turn_if_often_refused()
         super().prepare()
         if self.request.method in ("POST", "PUT", "PATCH"):

@@ -8,7 +8,6 @@ import tornado.httputil
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-DEFAULT_CLIENT_IP_HEADER = "X-Forwarded-For"  # Settings.client_ip_header's default
 # IPv6 clients usually get a whole /64 each: counted per address, one could rotate past every limit.
 IPV6_CLIENT_PREFIX = 64
 # The client of a request from a trusted proxy that does not say whom it forwards for (no header,
@@ -69,7 +68,7 @@ def _key(address: Address) -> str:
 
 
 def client_key(request: tornado.httputil.HTTPServerRequest, trusted_proxies: Sequence[Network],
-               header: str = DEFAULT_CLIENT_IP_HEADER) -> str:
+               header: str) -> str:
     """The client a request counts against (IPv6 clients by /64, IPv4-mapped ones as IPv4).
 
     A peer that is not a trusted proxy is the client, whatever its headers say. From a trusted

@@ -11,7 +11,6 @@ session holds back text that could begin one.
 import itertools
 import json
 import logging
-import re
 import time
 import uuid
 from contextlib import aclosing
@@ -19,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import tornado.iostream
 
+from config import HEADER_NAME
 from handlers.base import GenerationHandler
 from handlers.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from handlers.openai_tools import CALL_OPEN, parse_call
@@ -34,7 +34,6 @@ CORS_MAX_AGE_SECONDS = 600
 CORS_HEADERS = ("Authorization", "Content-Type")
 MAX_CORS_EXTRA_HEADERS = 32
 MAX_CORS_HEADER_CHARS = 64
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token, as HTTP defines header names
 # OpenAI's replies name the backend configuration that produced them; ours is this server.
 SYSTEM_FINGERPRINT = "fp_swarm_chat"
 

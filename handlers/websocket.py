@@ -12,7 +12,7 @@ import tornado.websocket
 
 from handlers.auth import SUBPROTOCOL, key_accepted
 from handlers.base import JSONErrors
-from handlers.clients import DEFAULT_CLIENT_IP_HEADER, client_key
+from handlers.clients import client_key
 from handlers.connection import GenerateConnection
 from sessions.errors import Unauthorized
 from sessions.logs import new_connection_id
@@ -58,7 +58,7 @@ class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         origin = self.request.headers.get("Origin")
         client = client_key(self.request, self.settings["trusted_proxies"],
-                            self.settings.get("client_ip_header", DEFAULT_CLIENT_IP_HEADER))
+                            self.settings["client_ip_header"])
         self.connection = GenerateConnection(
             new_connection_id(), self.manager, self._send, client, trusted=self._same_origin(origin),
             max_message_bytes=self.max_message_bytes, debug=bool(self.settings.get("serve_traceback")))

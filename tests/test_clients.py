@@ -79,7 +79,7 @@ def test_client_key(peer, header, headers, expected):
 def test_the_header_defaults_to_x_forwarded_for_and_is_set_by_flag_or_environment():
     assert parse_settings([], environ={}).client_ip_header == XFF
     assert client_key(request("10.1.2.3", X_Forwarded_For="198.51.100.1", X_Real_IP="6.6.6.6"),
-                      PROXIES) == "198.51.100.1"
+                      PROXIES, parse_settings([], environ={}).client_ip_header) == "198.51.100.1"
     environ = {"SWARM_CHAT_CLIENT_IP_HEADER": REAL_IP}
     assert parse_settings([], environ=environ).client_ip_header == REAL_IP
     assert parse_settings(["--client-ip-header", FORWARDED], environ=environ).client_ip_header == FORWARDED

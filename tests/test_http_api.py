@@ -12,7 +12,7 @@ import tornado.web
 
 from handlers.http_generate import GenerateHandler
 
-from tests.helpers import wait_for_no_sessions
+from tests.helpers import send_raw_post, wait_for_no_sessions
 
 TINY = "tests/tiny-llama"
 
@@ -103,10 +103,8 @@ async def test_malformed_requests(http_server_client, manager, body, content_typ
 
 async def test_client_leaving_mid_request_frees_its_session(ws_port, manager):
     body = "model=smollm2&inputs=Once+upon+a+time&max_new_tokens=200"
-    reader, writer = await asyncio.open_connection("127.0.0.1", ws_port)
-    writer.write((f"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
-    await writer.drain()
+    reader, writer = await send_raw_post(ws_port, "/api/v1/generate", body.encode(),
+                                         "application/x-www-form-urlencoded")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
     while manager.open_session_count == 0:
@@ -150,7 +148,7 @@ class TrackedGenerateHandler(GenerateHandler):
 async def test_an_upload_cut_off_or_over_the_limit_ends_its_request(manager, io_loop, chunks):
     """Chunked bodies: the handler, and the part of the body it holds, must not wait forever."""
     app = tornado.web.Application([("/generate", TrackedGenerateHandler, {"manager": manager, "max_body_bytes": 1000})],
-                                  trusted_proxies=())
+                                  trusted_proxies=(), client_ip_header="X-Forwarded-For")
     sock, port = tornado.testing.bind_unused_port()
     server = tornado.httpserver.HTTPServer(app)
     server.add_socket(sock)

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from sessions.stops import StopStringFilter
-from tests.helpers import wait_for_no_sessions
+from tests.helpers import send_raw_post, wait_for_no_sessions
 
 DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY = "tests/tiny-llama"
@@ -415,10 +415,7 @@ async def test_a_client_that_leaves_while_its_prompt_is_tokenized_gets_nothing_a
                         on_finish(handler))
     errors = errors_answered(manager)
     body = json.dumps({"model": TINY, "prompt": "A cat sat on the mat", "max_tokens": 4, "stream": stream})
-    reader, writer = await asyncio.open_connection("127.0.0.1", ws_port)
-    writer.write((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
-    await writer.drain()
+    reader, writer = await send_raw_post(ws_port, "/v1/completions", body.encode())
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while not tokenizing.is_set():

@@ -22,7 +22,7 @@ import sessions.admission as admission_module
 from sessions.admission import MAX_SLOWED_REQUESTS, REFUSALS_PER_SECOND, Admission
 from sessions.executor import BlockingExecutor
 from tests.fakes import FakeTokenStream, fake_manager
-from tests.helpers import wait_for_no_sessions
+from tests.helpers import send_raw_post, wait_for_no_sessions
 
 TINY = "tests/tiny-llama"
 # Sessions are closed after each request, not kept warm for the next.
@@ -76,9 +76,7 @@ async def test_requests_in_flight_count_against_their_client_before_their_body_i
     body = json.dumps({"inputs": "x", "max_new_tokens": 2}).encode()
     uploading = []
     for _ in range(2):  # bodies announced and never sent in full
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+        _, writer = await send_raw_post(port, "/api/v1/generate", body[:5], length=len(body))
         uploading.append(writer)
     await asyncio.sleep(0.2)
     code, reply = await post_generate(port, {"inputs": "x", "max_new_tokens": 2})
@@ -99,9 +97,7 @@ async def test_a_request_whose_client_leaves_mid_generation_gives_its_place_back
     port, manager = await fake_server(dataclasses.replace(NOT_KEPT, max_sessions_per_client=1),
                                       [held, FakeTokenStream("ok")])
     body = json.dumps({"inputs": "x", "max_new_tokens": 40}).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    _, writer = await send_raw_post(port, "/api/v1/generate", body)
     while not held.steps_running:
         await asyncio.sleep(0.01)
     writer.close()  # gone while its generation runs
