@@ -21,6 +21,9 @@ And a server that failed a request (dead, or hung past the request timeout) leav
 at once: petals drops it from its table of servers but keeps routing through it until the next
 routing update (a minute later by default), so every retry went back to the same server.
 
+It sizes a server's attention caches by the config's ``head_dim`` (Qwen3's differs from
+``hidden_size / heads``), for the model families ``swarm.families`` adds.
+
 Import it before the first ``import petals`` in every process that uses petals.
 """
 
@@ -33,6 +36,7 @@ import threading
 
 import hivemind
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.utils.tensor_descr import TensorDescriptor
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +198,25 @@ def reroute_around_failed_servers() -> None:
     RemoteSequenceManager.on_request_failure = on_request_failure
 
 
+def size_caches_by_head_dim() -> None:
+    """Makes a server's attention caches as wide as the heads are: petals assumes every head is
+    ``hidden_size / heads`` wide, which a config's own ``head_dim`` may contradict."""
+    from petals.server.backend import TransformerBackend
+
+    def get_inference_cache_descriptors(self, batch_size: int, max_length: int):
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        cache_tensors = []
+        for device, num_heads in zip(self.module.devices, self.shard_num_heads):
+            num_heads //= self.config.num_key_value_groups
+            cache_tensors.append(TensorDescriptor((batch_size, num_heads, head_dim, max_length), dtype=self.dtype,
+                                                  device=device))
+            cache_tensors.append(TensorDescriptor((batch_size, num_heads, max_length, head_dim), dtype=self.dtype,
+                                                  device=device))
+        return cache_tensors
+
+    TransformerBackend.get_inference_cache_descriptors = get_inference_cache_descriptors
+
+
 os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
 restore_hivemind_exports()
 silence_version_check()
@@ -201,3 +224,4 @@ make_worker_reentrant()
 replay_history_on_takeover()
 bound_server_session_close()
 reroute_around_failed_servers()
+size_caches_by_head_dim()

@@ -82,7 +82,7 @@ def serve(argv: Sequence[str]) -> None:
     signal.signal(signal.SIGINT, _start_shutdown)
     # Forked helpers (the node's DHT process) keep the defaults: multiprocessing ends them with SIGTERM.
     os.register_at_fork(after_in_child=_restore_default_signals)
-    import swarm.compat  # noqa: F401  (must precede petals)
+    import swarm.petals_api  # noqa: F401  (must precede petals; registers our model families)
     import torch
     from petals.cli import run_server
 

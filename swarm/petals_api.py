@@ -1,7 +1,7 @@
 """The petals (and hivemind) names this project uses, imported once the compatibility patch is in.
 
 Import petals through this module only: ``swarm.compat`` must run before petals is first
-imported, and here it always does. Server steps are traced from here on (``swarm.route_trace``).
+imported, and here it always does; then our model families are registered (``swarm.families``). Server steps are traced from here on (``swarm.route_trace``).
 """
 
 import swarm.compat  # noqa: F401  (must precede petals)
@@ -14,9 +14,11 @@ from petals.data_structures import ServerState
 from petals.utils.auto_config import _CLASS_MAPPING
 from petals.utils.dht import get_remote_module_infos
 
+from swarm.families.registry import register_families
 from swarm.route_trace import recording, trace_server_steps
 
 trace_server_steps(_ServerInferenceSession)
+register_families()
 
 
 def supported_model_types() -> frozenset:
