@@ -8,6 +8,10 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
 BROWSER_STAMP := $(VENV)/.browser-installed
 NGINX_STAMP := $(VENV)/.nginx-installed
+# A current transformers in a folder of its own: the tests' independent reference for the model
+# families' math (tests/reference/build_families.py). Nothing else imports it.
+REFERENCE_DIR := .reference/transformers-4.57.6
+REFERENCE_STAMP := $(REFERENCE_DIR)/.installed
 # Root installs system packages directly (as CI does); anyone else through sudo.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -43,12 +47,16 @@ $(NGINX_STAMP): | $(VENV_PYTHON)
 		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; }
 	touch $@
 
+$(REFERENCE_STAMP): | $(RUNTIME_STAMP)
+	$(PIP) --target $(REFERENCE_DIR) transformers==4.57.6
+	touch $@
+
 setup: $(RUNTIME_STAMP)
 
 run: $(RUNTIME_STAMP)
 	$(VENV_PYTHON) server.py $(ARGS)
 
-test: $(TEST_STAMP) $(BROWSER_STAMP) $(NGINX_STAMP)
+test: $(TEST_STAMP) $(BROWSER_STAMP) $(NGINX_STAMP) $(REFERENCE_STAMP)
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)

@@ -1,7 +1,9 @@
 """Shared fixtures: one real local Petals swarm for the whole run, and a connected manager.
 
-The swarm runs on 127.0.0.1 and serves three models: two tiny random ones the suite builds
-(a Llama and a BLOOM) and the real default chat model, SmolLM2-135M-Instruct.
+The swarm runs on 127.0.0.1 and serves: two tiny random models the suite builds (a Llama and a
+BLOOM), a tiny random model of each family built by a current transformers as the reference
+(Llama 3.x, Mistral, Qwen2.5, Qwen3; each split over two nodes), and the real default chat
+model, SmolLM2-135M-Instruct.
 """
 
 import asyncio
@@ -19,6 +21,7 @@ from swarm.petals_api import RemoteExpertWorker  # noqa: E402
 from config import ChatSettings, FrontendSettings, ModelSpec, Settings, default_model  # noqa: E402
 from swarm.default_model import DEFAULT_CACHE_DIR, ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
+from tests.family_reference import SWARM_FAMILIES, build_reference, serving_folder  # noqa: E402
 from tests.tiny_models import make_tiny_bloom, make_tiny_llama  # noqa: E402
 
 SWARM_READY_TIMEOUT = 300
@@ -68,18 +71,43 @@ def tiny_model_specs(tmp_path_factory, default_model_dir):
 
 
 @pytest.fixture(scope="session")
-def model_specs(tiny_model_specs, models_dir, default_model_dir):
-    """Every model the test swarm serves."""
-    return (*tiny_model_specs, default_model(models_dir))
+def family_reference_dir(models_dir, default_model_dir) -> Path:
+    """The families' reference checkpoints and what a current transformers computes for them (cached)."""
+    return build_reference(models_dir, default_model_dir)
 
 
 @pytest.fixture(scope="session")
-def local_swarm(tmp_path_factory, model_specs):
-    """One real swarm on loopback for the whole run, one server process per model."""
+def family_model_specs(tmp_path_factory, family_reference_dir, default_model_dir):
+    """The families' tiny reference models as the server declares them (``tests/tiny-<family>``)."""
+    root = tmp_path_factory.mktemp("families")
+    chat = ChatSettings(max_session_length=512, sep_token="\n", stop_token="<|im_end|>")
+    return tuple(
+        ModelSpec(repository=f"tests/tiny-{family}", family=family, chat=chat,
+                  path=serving_folder(family_reference_dir, family, default_model_dir, root / family),
+                  frontend=FrontendSettings(name=f"Tiny {family}"))
+        for family in SWARM_FAMILIES)
+
+
+@pytest.fixture(scope="session")
+def model_specs(tiny_model_specs, family_model_specs, models_dir, default_model_dir):
+    """Every model the test swarm serves."""
+    return (*tiny_model_specs, *family_model_specs, default_model(models_dir))
+
+
+@pytest.fixture(scope="session")
+def local_swarm(tmp_path_factory, model_specs, family_model_specs):
+    """One real swarm on loopback for the whole run: one server process per model, two for each
+    family's reference model (each running half of its blocks)."""
     swarm_models = [SwarmModel(str(spec.path), spec.swarm_prefix, count_blocks(str(spec.path))) for spec in model_specs]
+    split = {str(spec.path) for spec in family_model_specs}
     with LocalSwarm(tmp_path_factory.mktemp("swarm-logs"), threads=1) as running_swarm:
         for model in swarm_models:
-            running_swarm.add_node(model)
+            if model.path in split:
+                half = model.num_blocks // 2
+                running_swarm.add_node(model, block_indices=f"0:{half}")
+                running_swarm.add_node(model, block_indices=f"{half}:{model.num_blocks}")
+            else:
+                running_swarm.add_node(model)
         running_swarm.wait_until_ready(swarm_models, timeout=SWARM_READY_TIMEOUT)
         yield running_swarm
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,13 +40,19 @@ def load_reference(folder: Path) -> Dict[str, torch.Tensor]:
     return load_file(str(folder / "reference.safetensors"))
 
 
+def reference_prompt(folder: Path, prompt: str) -> str:
+    """The text of the reference's ``prompt`` ("short" or "long")."""
+    with safe_open(str(folder / "reference.safetensors"), framework="pt") as reference:
+        return reference.metadata()[f"{prompt}_prompt"]
+
+
 def our_logits(folder: Path, ids: Sequence[int], chunks: Sequence[int]) -> torch.Tensor:
     """The logits of every position of ``ids`` computed here with our blocks, fed ``chunks`` tokens
     at a time through petals' cache layout (the way a swarm server runs them)."""
     import swarm.petals_api  # noqa: F401  (registers the families)
-    from transformers import AutoConfig
+    from petals.utils.auto_config import AutoDistributedConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoDistributedConfig.from_pretrained(folder)
     weights = load_file(str(folder / "model.safetensors"))
     blocks: List[torch.nn.Module] = []
     for index in range(config.num_hidden_layers):
@@ -67,3 +74,28 @@ def our_logits(folder: Path, ids: Sequence[int], chunks: Sequence[int]) -> torch
             outputs.append((norm_weight * hidden * torch.rsqrt(variance + eps)) @ head.T)
             start += size
     return torch.cat(outputs, dim=1)[0]
+
+
+CHAT_TEMPLATES = REPO_ROOT / "tests" / "chat_templates"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def serving_folder(reference_dir: Path, family: str, tokenizer_dir: Path, dest: Path) -> Path:
+    """A servable folder of ``family``'s reference checkpoint: its weights, the tokenizer the
+    reference used, and the family's chat template when the tests have one
+    (``tests/chat_templates/<family>.jinja``)."""
+    import json
+    import shutil
+
+    dest.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(reference_dir / family / name, dest / name)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, dest / name)
+    template = CHAT_TEMPLATES / f"{family}.jinja"
+    if template.exists():
+        tokenizer_config = json.loads((dest / "tokenizer_config.json").read_text())
+        tokenizer_config["chat_template"] = template.read_text()
+        (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return dest

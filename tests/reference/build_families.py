@@ -6,7 +6,7 @@ Run it with the reference release first on the path (``make`` installs it in ``.
     PYTHONPATH=.reference/transformers-4.57.6 .venv/bin/python tests/reference/build_families.py OUT TOKENIZER_DIR
 
 For every family, ``OUT/<name>/`` gets the checkpoint (``config.json``, ``model.safetensors``)
-and ``reference.safetensors``: the token ids of a short and a long prompt (longer than the
+and ``reference.safetensors``: the prompts (in its metadata), their token ids of a short and a long prompt (longer than the
 RoPE scaling's original context and than Mistral's window), the logits of every position of
 each, and each prompt's 32-token greedy continuation, decoded step by step with the cache, as
 ``generate`` does. The prompts are tokenized with ``TOKENIZER_DIR``'s tokenizer, whose
@@ -98,7 +98,8 @@ def build(name: str, out: Path, tokenizer) -> None:
             record[f"{prompt_name}_logits"] = model(ids).logits[0].contiguous()
             record[f"{prompt_name}_greedy"] = _greedy(model, ids)
     save_file(record, str(folder / "reference.safetensors"),
-              metadata={"transformers": transformers.__version__, "torch": torch.__version__})
+              metadata={"transformers": transformers.__version__, "torch": torch.__version__,
+                        "short_prompt": SHORT_PROMPT, "long_prompt": LONG_PROMPT})
     print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, long prompt "
           f"{record['long_ids'].numel()} tokens", flush=True)
 
