@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from config import ManagerSettings, ModelSpec
 from sessions.chat_format import ChatFormat
+from sessions.tokenizer_files import load_tokenizer
 from swarm.families import check_servable
 from swarm.petals_api import AutoDistributedModelForCausalLM, RemoteExpertWorker
 
@@ -90,7 +91,7 @@ def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch
     """
     logger.info("Loading %s from %s (%s, %s)", spec.key, spec.weights, device, torch_dtype)
     check_servable(spec.weights)
-    tokenizer = AutoTokenizer.from_pretrained(spec.weights)
+    tokenizer = load_tokenizer(spec.weights)
     options = {"initial_peers": list(initial_peers), "torch_dtype": getattr(torch, torch_dtype),
                "max_retries": MAX_RETRIES, "request_timeout": settings.request_timeout,
                "update_period": settings.routing_update_period, "dht_prefix": spec.swarm_prefix}
