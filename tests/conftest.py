@@ -25,6 +25,8 @@ from tests.family_reference import SWARM_FAMILIES, build_reference, serving_fold
 from tests.tiny_models import make_tiny_bloom, make_tiny_llama  # noqa: E402
 
 SWARM_READY_TIMEOUT = 300
+FAMILY_MODEL_NAMES = {"llama3": "Tiny Llama 3", "mistral": "Tiny Mistral", "qwen2": "Tiny Qwen2.5",
+                      "qwen3": "Tiny Qwen3"}
 
 
 @pytest.fixture(scope="session")
@@ -82,9 +84,9 @@ def family_model_specs(tmp_path_factory, family_reference_dir, default_model_dir
     root = tmp_path_factory.mktemp("families")
     chat = ChatSettings(max_session_length=512, sep_token="\n", stop_token="<|im_end|>")
     return tuple(
-        ModelSpec(repository=f"tests/tiny-{family}", family=family, chat=chat,
+        ModelSpec(repository=f"tests/tiny-{family}", family="Families", chat=chat,
                   path=serving_folder(family_reference_dir, family, default_model_dir, root / family),
-                  frontend=FrontendSettings(name=f"Tiny {family}"))
+                  frontend=FrontendSettings(name=FAMILY_MODEL_NAMES[family]))
         for family in SWARM_FAMILIES)
 
 

@@ -18,6 +18,7 @@ from config import ManagerSettings
 from server import make_app
 from sessions.chat_format import ChatFormat
 from sessions.manager import build_manager
+from tests.conftest import FAMILY_MODEL_NAMES
 from tests.helpers import wait_for_no_sessions
 from tests.browser import DESKTOP_SIZE, FINISHED_BLOCK_RECORDER, PHONE_SIZE, REPLY_LENGTH_RECORDER, SCREENSHOT_DIR, \
     ChatPage, ChatServer, drive, start_chromium
@@ -90,7 +91,8 @@ async def test_streams_a_reply_token_by_token_and_stops_at_once(page, tmp_path):
         groups = page.chromium.execute_script(
             "return [...document.querySelectorAll('#model optgroup')].map((group) =>"
             " [group.label, [...group.children].map((option) => option.text)])")
-        assert groups == [["Tiny", ["Tiny Llama", "Tiny BLOOM"]], ["SmolLM2", [DEFAULT_NAME]]]
+        assert groups == [["Tiny", ["Tiny Llama", "Tiny BLOOM"]], ["Families", list(FAMILY_MODEL_NAMES.values())],
+                          ["SmolLM2", [DEFAULT_NAME]]]
         assert page.model_name() == "Tiny Llama"
         assert page.messages() == [{"role": "assistant", "text": "Hi! How can I help you today?"}]
 
@@ -505,6 +507,30 @@ async def test_the_page_writes_the_conversation_as_the_server_formats_it(page, m
         assert shown[0] == greeting
         assert shown[1:] == ["".join(reply["text"] for reply in group).strip() for group in replies]
         assert shown[1] and stop_token not in shown[1] and stop_token not in shown[2]
+
+    await drive(page, tmp_path, steps)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MODEL_NAMES))
+async def test_each_family_chats_on_the_page_in_its_own_format(page, manager, tmp_path, family):
+    loaded = manager.registry.find(f"tests/tiny-{family}")
+
+    def steps():
+        page.open()
+        page.choose_model(FAMILY_MODEL_NAMES[family])
+        page.send("Hello there")
+        page.wait_for_reply_updates(5)
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        assert page.error_text() == ""
+        (opened,) = page.sent("open_inference_session")
+        assert opened["model"] == f"tests/tiny-{family}"
+        (generate,) = page.sent("generate")
+        # The page writes the turn in the format the server derives from this model's template.
+        chat_format = loaded.chat_format
+        user = chat_format.roles["user"]
+        assert generate["inputs"].endswith(user.prefix + "Hello there" + user.suffix + chat_format.generation_prefix)
+        assert any(reply.get("outputs") for reply in page.received())
 
     await drive(page, tmp_path, steps)
 
