@@ -198,10 +198,19 @@ def reroute_around_failed_servers() -> None:
     RemoteSequenceManager.on_request_failure = on_request_failure
 
 
+def key_value_width_ratio(config) -> float:
+    """How much wider a config's keys and values are than petals assumes (``hidden_size / heads``
+    per head): ``head_dim * heads / hidden_size``, 1 for a config without a ``head_dim`` of its own."""
+    head_dim = getattr(config, "head_dim", None)
+    return head_dim * config.num_attention_heads / config.hidden_size if head_dim else 1.0
+
+
 def size_caches_by_head_dim() -> None:
-    """Makes a server's attention caches as wide as the heads are: petals assumes every head is
-    ``hidden_size / heads`` wide, which a config's own ``head_dim`` may contradict."""
+    """Makes a server's attention caches, its cache budget and the free cache it announces follow
+    the config's ``head_dim``: petals assumes every head is ``hidden_size / heads`` wide, which a
+    config may contradict (Qwen3 0.6B's heads are twice that)."""
     from petals.server.backend import TransformerBackend
+    from petals.server.server import ModuleAnnouncerThread, Server
 
     def get_inference_cache_descriptors(self, batch_size: int, max_length: int):
         head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
@@ -214,7 +223,25 @@ def size_caches_by_head_dim() -> None:
                                                   device=device))
         return cache_tensors
 
+    original_server_init = Server.__init__
+    original_announcer_init = ModuleAnnouncerThread.__init__
+
+    def server_init(self, *args, **kwargs) -> None:
+        original_server_init(self, *args, **kwargs)
+        ratio = key_value_width_ratio(self.block_config)
+        if ratio != 1.0:
+            self._cache_bytes_per_block = int(self._cache_bytes_per_block * ratio)
+            self.attn_cache_bytes = self._cache_bytes_per_block * self.num_blocks
+            logger.info("Attention cache resized for head_dim %d: up to %.2f GiB", self.block_config.head_dim,
+                        self.attn_cache_bytes / 1024**3)
+
+    def announcer_init(self, *args, block_config, **kwargs) -> None:
+        original_announcer_init(self, *args, block_config=block_config, **kwargs)
+        self.bytes_per_token = int(self.bytes_per_token * key_value_width_ratio(block_config))
+
     TransformerBackend.get_inference_cache_descriptors = get_inference_cache_descriptors
+    Server.__init__ = server_init
+    ModuleAnnouncerThread.__init__ = announcer_init
 
 
 os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")

@@ -88,3 +88,14 @@ def test_a_server_sizes_the_attention_caches_by_the_configs_head_dim(tmp_path):
                               shard_num_heads=[16], dtype=torch.bfloat16)
     keys, values = TransformerBackend.get_inference_cache_descriptors(backend, batch_size=1, max_length=10)
     assert tuple(keys.size) == (1, 8, 128, 10) and tuple(values.size) == (1, 8, 10, 128)  # not 1024 / 16 = 64
+
+
+def test_a_server_announces_its_free_cache_by_the_configs_head_dim(tmp_path):
+    from petals.server.server import ModuleAnnouncerThread
+    from petals.utils.auto_config import AutoDistributedConfig
+
+    config = AutoDistributedConfig.from_pretrained(_folder(tmp_path, QWEN3_06B), dht_prefix="Qwen3-0-6B-hf")
+    announcer = ModuleAnnouncerThread(["Qwen3-0-6B-hf.0"], None, SimpleNamespace(torch_dtype="bfloat16"), None,
+                                      block_config=config,
+                                      memory_cache=None, update_period=1, expiration=1)
+    assert announcer.bytes_per_token == 8 * 128 * 2  # key/value heads x head_dim x 2 bytes, not 1024 / 2 x 2
