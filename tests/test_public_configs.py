@@ -99,3 +99,13 @@ def test_a_server_announces_its_free_cache_by_the_configs_head_dim(tmp_path):
                                       block_config=config,
                                       memory_cache=None, update_period=1, expiration=1)
     assert announcer.bytes_per_token == 8 * 128 * 2  # key/value heads x head_dim x 2 bytes, not 1024 / 2 x 2
+
+
+def test_announcements_of_newer_petals_servers_are_read():
+    from petals.data_structures import ServerInfo, ServerState
+
+    announced = (2, 812.5, {"start_block": 0, "end_block": 16, "version": "2.3.0.dev2", "torch_dtype": "bfloat16",
+                            "quant_type": "nf4", "cache_tokens_left": 262144, "inference_rps": 41.0,
+                            "a_field_of_a_later_release": {"x": 1}})
+    info = ServerInfo.from_tuple(announced)
+    assert (info.state, info.start_block, info.end_block, info.cache_tokens_left) == (ServerState.ONLINE, 0, 16, 262144)
