@@ -13,6 +13,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from swarm.families.rope import RotaryEmbedding, rotate
@@ -79,13 +80,11 @@ class SelfAttention(nn.Module):
         queries, keys = rotate(queries.transpose(1, 2), cos, sin), rotate(keys.transpose(1, 2), cos, sin)
         if past is not None:
             keys, values = torch.cat((past[0], keys), dim=2), torch.cat((past[1], values), dim=2)
-        groups = self.num_heads // self.num_key_value_heads
-        expanded_keys = keys.repeat_interleave(groups, dim=1)
-        expanded_values = values.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(queries, expanded_keys.transpose(2, 3)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~self._mask(length, past_length, scores.device), torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
-        output = torch.matmul(weights, expanded_values).transpose(1, 2).reshape(batch, length, -1)
+        mask = None
+        if length > 1 or self.window is not None:  # a lone new token sees every position before it
+            mask = self._mask(length, past_length, queries.device)
+        output = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
+        output = output.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(output), (keys, values)
 
 
