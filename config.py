@@ -53,7 +53,8 @@ class ModelSpec:
     """One model served by the swarm.
 
     ``repository`` is the model's name on the hub; ``path`` is a local folder holding the same
-    weights (config, tokenizer, embeddings) when the hub cannot be reached. ``dht_prefix`` is
+    weights (config, tokenizer, embeddings) when the hub cannot be reached, or a GGUF file that
+    start-up converts once into such a folder (``path`` then names the folder). ``dht_prefix`` is
     the swarm's name for the model's blocks, when it is not the one derived from the repository
     (``swarm_prefix``).
     With an ``adapter``, clients address the model by the adapter's repository.
@@ -86,9 +87,19 @@ class ModelSpec:
         """Where the weights are loaded from: the local folder if any, else the hub."""
         return str(self.path) if self.path is not None else self.repository
 
+    @property
+    def gguf(self) -> bool:
+        """Whether ``path`` is a GGUF file, still to be converted into a folder."""
+        return self.path is not None and is_gguf(self.path)
+
     def names(self) -> Tuple[str, ...]:
         """Every name that selects this model."""
         return (self.key, *self.aliases)
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether ``path`` names a GGUF file (by its extension; a folder so named is a folder)."""
+    return path.suffix.lower() == ".gguf" and not path.is_dir()
 
 
 def default_model(models_dir: Path) -> ModelSpec:
@@ -114,14 +125,18 @@ def default_model(models_dir: Path) -> ModelSpec:
 
 
 def model_from_source(source: str) -> ModelSpec:
-    """A model named on the command line: a hub repository or a local folder."""
+    """A model named on the command line: a hub repository, a local folder or a GGUF file (named
+    after the file, and converted at start-up); default settings, no aliases."""
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() or is_gguf(path):
+        if not path.exists():
+            raise SystemExit(f"--model {source}: no such file")
+        name = path.stem if is_gguf(path) else path.name
         return ModelSpec(
-            repository=path.name,
-            family=path.name,
+            repository=name,
+            family=name,
             path=path.resolve(),
-            frontend=FrontendSettings(name=path.name),
+            frontend=FrontendSettings(name=name),
         )
     return ModelSpec(
         repository=source,
@@ -178,6 +193,7 @@ class Settings:
     """Every run-time setting of the server."""
 
     models: Tuple[ModelSpec, ...]
+    models_file: Optional[Path] = None  # a TOML file declaring the models (see models.example.toml)
     host: str = "0.0.0.0"
     port: int = 5000
     initial_peers: Tuple[str, ...] = ()  # empty: start an embedded swarm on 127.0.0.1
@@ -266,6 +282,14 @@ def _env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
+class ExtendFlagDefault(argparse.Action):
+    """Each use of the flag adds its values; the first replaces the default (the environment's)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*(current if current is not self.default else ()), *values])
+
+
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     """The command line of ``server.py``; each flag's default comes from its environment variable."""
     defaults = Settings(models=())
@@ -298,12 +322,17 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     )
     add(
         "--model",
-        "models to serve instead of the configured ones: hub repositories or local folders",
+        "models to serve instead of the default one, with default settings: hub repositories, local folders "
+        "or .gguf files (converted once into --models-dir); may be repeated; not with --models-file",
         nargs="+",
+        action=ExtendFlagDefault,
         default=None,
         dest="models",
         metavar="REPO_OR_PATH",
     )
+    add("--models-file", "a TOML file declaring the models to serve and their settings (names, aliases, chat "
+        "settings, limits; see models.example.toml); not with --model", type=Path, default=defaults.models_file,
+        metavar="PATH")
     add("--device", "device for embeddings and the embedded swarm: auto, cpu, cuda, cuda:N", default=defaults.device)
     add(
         "--torch-dtype",
@@ -370,13 +399,32 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     return parser
 
 
+def declared_models(args: argparse.Namespace) -> Tuple[ModelSpec, ...]:
+    """The models to serve: the models file's, ``--model``'s (default settings), or the default one."""
+    from models_file import ModelsFileError, read_models_file  # it builds on this module's ModelSpec
+
+    if args.models and args.models_file is not None:
+        raise SystemExit(f"--model and --models-file both name the models to serve (flags, or {_env_name('--model')} "
+                         f"and {_env_name('--models-file')}): use one; a models file can declare every model")
+    if args.models_file is not None:
+        try:
+            return read_models_file(args.models_file)
+        except ModelsFileError as error:
+            raise SystemExit(str(error)) from None
+    if not args.models:
+        return (default_model(args.models_dir),)
+    models = tuple(model_from_source(source) for source in args.models)
+    keys = [spec.key for spec in models]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise SystemExit(f"--model names {key!r} twice")
+    return models
+
+
 def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.environ) -> Settings:
     """Settings from defaults, environment variables and flags, in increasing precedence."""
     args = build_parser(environ).parse_args(argv)
-    if args.models:
-        models = tuple(model_from_source(source) for source in args.models)
-    else:
-        models = (default_model(args.models_dir),)
+    models = declared_models(args)
     for flag in ("executor_workers", "max_sessions", "max_sessions_per_client", "max_body_bytes", "max_connections",
                  "max_connections_per_client", "max_client_bytes_per_second"):
         if getattr(args, flag) < 1:

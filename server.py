@@ -1,13 +1,17 @@
 """Builds the Tornado application and runs the server.
 
-With no ``--initial-peers`` the server first starts an embedded Petals swarm on 127.0.0.1
-that hosts every configured model, waits until all blocks are announced, then serves.
+Start-up first makes every declared model ready (a GGUF file converted once) and checks that it
+can be served: one that cannot is refused in one log line, and listed as unavailable; with none
+left the server exits with status 1. With no ``--initial-peers`` the server then starts an
+embedded Petals swarm on 127.0.0.1 that hosts every servable model, waits until all blocks are
+announced, then serves.
 SIGINT and SIGTERM stop the server, disconnect from the swarm and stop the embedded swarm.
 """
 
 import asyncio
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import logging
 import os
@@ -15,13 +19,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Set
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from config import REPO_ROOT, Settings, choose_device, choose_dtype, parse_settings
+from config import DEFAULT_MODEL_FOLDER, REPO_ROOT, ModelSpec, Settings, choose_device, choose_dtype, parse_settings
 from handlers.base import APIHandler
 from handlers.clients import parse_networks
 from handlers.health import HealthHandler, ReadyHandler
@@ -96,18 +100,44 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
     )
 
 
-def prepare_embedded_weights(config: Settings) -> None:
-    """Makes sure every model the embedded swarm hosts is on disk (converting the default once)
-    and of a family it can serve (``UnsupportedModel`` otherwise, before any node starts)."""
-    from config import DEFAULT_MODEL_FOLDER
+def prepare_weights(spec: ModelSpec, models_dir: Path) -> ModelSpec:
+    """``spec`` with its weights on disk: the default model converted once from its package, a GGUF
+    file converted once into a folder under ``models_dir`` (the spec then names the folder);
+    ``UnsupportedModel`` for a GGUF file the converter cannot read as a model it knows."""
     from swarm.default_model import ensure_default_model
 
+    if spec.path == models_dir / DEFAULT_MODEL_FOLDER:
+        ensure_default_model(models_dir)
+    elif spec.gguf:
+        from swarm.convert_gguf import convert_gguf_once
+
+        logger.info("Converting %s into %s (once)", spec.path, models_dir)
+        try:
+            return dataclasses.replace(spec, path=convert_gguf_once(spec.path, models_dir))
+        except ValueError as error:  # what the converter refuses: another architecture or tokenizer
+            raise UnsupportedModel(f"Cannot serve {spec.path}: {error}") from None
+    elif spec.path is not None and not Path(spec.path).is_dir():
+        raise SystemExit(f"model folder {spec.path} does not exist")
+    return spec
+
+
+def prepare_models(config: Settings) -> Tuple[Tuple[ModelSpec, ...], Dict[str, str]]:
+    """Every declared model made ready before any node starts: its weights on disk (``prepare_weights``)
+    and its family and config checked (a hub model's config comes from the hub, as petals' would).
+
+    Returns the models (a GGUF one naming its converted folder) and the refused ones: the key of each
+    model this server cannot serve with why, each logged in one line."""
+    models: List[ModelSpec] = []
+    refusals: Dict[str, str] = {}
     for spec in config.models:
-        if spec.path == config.models_dir / DEFAULT_MODEL_FOLDER:
-            ensure_default_model(config.models_dir)
-        elif spec.path is not None and not Path(spec.path).is_dir():
-            raise SystemExit(f"model folder {spec.path} does not exist")
-        check_servable(spec.weights)  # a hub model's config comes from the hub, as petals' would
+        try:
+            spec = prepare_weights(spec, config.models_dir)
+            check_servable(spec.weights)
+        except UnsupportedModel as refusal:
+            logger.error("%s", refusal)
+            refusals[spec.key] = str(refusal)
+        models.append(spec)
+    return tuple(models), refusals
 
 
 def split_cpu_threads(requested_node_threads: int) -> tuple:
@@ -121,8 +151,8 @@ def split_cpu_threads(requested_node_threads: int) -> tuple:
     return node_threads, max(1, cores - node_threads)
 
 
-def start_embedded_swarm(config: Settings, device: str, torch_dtype: str):
-    """Starts a local swarm hosting every configured model and waits until it is complete."""
+def start_embedded_swarm(config: Settings, models: Sequence[ModelSpec], device: str, torch_dtype: str):
+    """Starts a local swarm hosting ``models`` and waits until it is complete."""
     from swarm.local import LocalSwarm, SwarmModel, count_blocks
 
     node_threads = config.swarm_threads
@@ -134,18 +164,18 @@ def start_embedded_swarm(config: Settings, device: str, torch_dtype: str):
         logger.info("CPU threads: %d per swarm node, %d for the server", node_threads, client_threads)
     swarm = LocalSwarm(LOG_DIR, device=device, torch_dtype=torch_dtype, threads=node_threads).start()
     try:
-        models = []
-        for spec in config.models:
+        swarm_models = []
+        for spec in models:
             model = SwarmModel(path=spec.weights, dht_prefix=spec.swarm_prefix,
                                num_blocks=count_blocks(spec.weights))
             logger.info("Loading %d blocks of %s into the embedded swarm", model.num_blocks, spec.key)
             swarm.add_node(model)
-            models.append(model)
+            swarm_models.append(model)
 
         def report(model, announced):
             logger.info("Blocks announced for %s: %d/%d", model.dht_prefix, announced, model.num_blocks)
 
-        swarm.wait_until_ready(models, on_progress=report)
+        swarm.wait_until_ready(swarm_models, on_progress=report)
     except BaseException:
         swarm.stop()
         raise
@@ -195,14 +225,17 @@ def public_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/"
 
 
-async def serve(config: Settings, initial_peers: Sequence[str], device: str, torch_dtype: str) -> None:
-    """Connects to the swarm, serves until SIGINT or SIGTERM, then disconnects."""
+async def serve(config: Settings, initial_peers: Sequence[str], device: str, torch_dtype: str,
+                refusals: Mapping[str, str]) -> None:
+    """Connects to the swarm, serves until SIGINT or SIGTERM, then disconnects. The ``refusals``
+    (model key: why it cannot be served) are listed as unavailable and refused with that reason."""
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop_requested.set)
     manager = build_manager(config.models, initial_peers, device, torch_dtype,
-                            executor_workers=config.executor_workers, settings=config.manager_settings)
+                            executor_workers=config.executor_workers, settings=config.manager_settings,
+                            refusals=refusals)
     try:
         await manager.start()
         freeze_start_up_heap()
@@ -246,14 +279,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.monotonic()
     swarm = None
     try:
+        models, refusals = prepare_models(config)
+        servable = [spec for spec in models if spec.key not in refusals]
+        if not servable:  # each refusal is logged in its one line
+            return 1
+        config = dataclasses.replace(config, models=models)
         if config.embedded_swarm:
-            prepare_embedded_weights(config)
-            swarm = start_embedded_swarm(config, device, torch_dtype)
+            swarm = start_embedded_swarm(config, servable, device, torch_dtype)
             initial_peers = swarm.initial_peers
         else:
             initial_peers = list(config.initial_peers)
         logger.info("Swarm ready after %.1f s; connecting the clients", time.monotonic() - started)
-        asyncio.run(serve(config, initial_peers, device, torch_dtype))
+        asyncio.run(serve(config, initial_peers, device, torch_dtype, refusals))
     except KeyboardInterrupt:
         logger.info("Interrupted")
     except UnsupportedModel as error:  # one clear line, not a traceback

@@ -105,6 +105,14 @@ class UnknownModel(ClientError):
         super().__init__(f"Unknown model {name!r}; this server serves: {', '.join(known)}")
 
 
+class ModelUnavailable(ClientError):
+    """The client named a declared model that start-up refused (a family or config it cannot serve)."""
+
+    code = "model_unavailable"
+    param = "model"
+    meaning = "the model is declared but cannot be served; the message says why"
+
+
 class SessionStateError(ClientError):
     """The request does not fit the connection's state (no session yet, or one already open)."""
 

@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
+from typing import Any, Awaitable, Callable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
 
 from config import PUBLIC_SWARM, ManagerSettings, ModelSpec
 from sessions.admission import Admission
@@ -289,10 +289,13 @@ class SessionManager:
 
 
 def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], device: str, torch_dtype: str,
-                  executor_workers: int = 8, settings: ManagerSettings = ManagerSettings()) -> SessionManager:
-    """A session manager and its collaborators, ready to ``start``."""
+                  executor_workers: int = 8, settings: ManagerSettings = ManagerSettings(),
+                  refusals: Optional[Mapping[str, str]] = None) -> SessionManager:
+    """A session manager and its collaborators, ready to ``start``; the ``refusals`` (a declared
+    model's key: why it cannot be served) are not loaded, and requests naming them get the reason."""
     executor = BlockingExecutor(executor_workers)
-    registry = ModelRegistry(models, resolve_initial_peers(initial_peers), device, torch_dtype, settings, executor)
+    registry = ModelRegistry(models, resolve_initial_peers(initial_peers), device, torch_dtype, settings, executor,
+                             refusals)
     admission = Admission(settings)
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions,
                              executor_queue_depth=lambda: executor.queue_depth,

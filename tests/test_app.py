@@ -12,6 +12,7 @@ async def test_models_lists_every_served_model(http_server_client, model_specs):
     assert response.code == 200
     assert body["ok"] is True
     assert [entry["model"] for entry in body["models"]] == [spec.key for spec in model_specs]
+    assert all(entry["available"] is True and "error" not in entry for entry in body["models"])
     by_key = {entry["model"]: entry for entry in body["models"]}
     llama = by_key["tests/tiny-llama"]
     assert llama["aliases"] == ["tl"]
@@ -53,5 +54,10 @@ def test_find_model_by_alias_and_unknown(manager):
     from sessions.errors import UnknownModel
 
     assert manager.registry.find("tl").spec.key == "tests/tiny-llama"
-    with pytest.raises(UnknownModel, match="nope"):
+    with pytest.raises(UnknownModel, match="nope") as unknown:
         manager.registry.find("nope")
+    assert "tests/tiny-llama" in str(unknown.value)
+    # A caller that may use only public models is told only of them.
+    with pytest.raises(UnknownModel) as unknown:
+        manager.registry.find("nope", trusted=False)
+    assert "tests/tiny-llama" in str(unknown.value) and "tests/tiny-bloom" not in str(unknown.value)

@@ -53,6 +53,25 @@ def test_models_from_the_environment_are_replaced_by_the_flag():
     assert [spec.key for spec in parse_settings(["--model", "org/C"], environ=environ).models] == ["org/C"]
 
 
+def test_the_model_flag_may_be_repeated_and_replaces_the_environment():
+    environ = {"SWARM_CHAT_MODEL": "org/A"}
+    settings = parse_settings(["--model", "org/B", "--model", "org/C", "org/D"], environ=environ)
+    assert [spec.key for spec in settings.models] == ["org/B", "org/C", "org/D"]
+    with pytest.raises(SystemExit, match="--model names 'org/B' twice"):
+        parse_settings(["--model", "org/B", "--model", "org/B"], environ={})
+
+
+def test_a_gguf_file_is_a_model_named_after_it_converted_at_start_up(tmp_path):
+    gguf_file = tmp_path / "Tiny-Chat.Q4_1.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    (spec,) = parse_settings(["--model", str(gguf_file)], environ={}).models
+    assert spec.gguf and spec.path == gguf_file.resolve()
+    assert spec.key == "Tiny-Chat.Q4_1" and spec.swarm_prefix == "Tiny-Chat-Q4_1-hf"
+    assert spec.frontend.name == "Tiny-Chat.Q4_1" and spec.aliases == ()
+    with pytest.raises(SystemExit, match="missing.gguf: no such file"):
+        parse_settings(["--model", str(tmp_path / "missing.gguf")], environ={})
+
+
 def test_models_dir_moves_the_default_model():
     settings = parse_settings(["--models-dir", "/somewhere"], environ={})
     assert settings.models[0].path == Path("/somewhere/SmolLM2-135M-Instruct")

@@ -25,7 +25,7 @@ export class ChatError extends Error {
   }
 }
 
-/** The served models, in the server's order. */
+/** The declared models, in the server's order (those it cannot serve have `available: false`). */
 export async function fetchModels() {
   let body;
   try {

@@ -55,7 +55,7 @@ const ui = {
 };
 
 const state = {
-  models: [],
+  models: [], // the entries of /api/v1/models the server serves (available)
   model: null, // the chosen entry of /api/v1/models
   format: null, // the model's chat format, as the server serves it
   conversation: emptyConversation(), // the message tree (tree.js)
@@ -401,6 +401,16 @@ function selectModel(key) {
   showConversation(conversation);
 }
 
+/** The picker's entry for `model`: greyed out, with the server's reason as its tooltip, when the
+ * server declares it but cannot serve it. */
+function modelOption(model) {
+  if (model.available) return new Option(model.frontend.name, model.model);
+  const option = new Option(`${model.frontend.name} (unavailable)`, model.model);
+  option.disabled = true;
+  option.title = model.error;
+  return option;
+}
+
 function fillModelPicker(models) {
   const families = new Map();
   for (const model of models) {
@@ -410,7 +420,7 @@ function fillModelPicker(models) {
   const groups = [...families].map(([family, members]) => {
     const group = document.createElement("optgroup");
     group.label = family;
-    for (const model of members) group.append(new Option(model.frontend.name, model.model));
+    for (const model of members) group.append(modelOption(model));
     return group;
   });
   ui.model.replaceChildren(...groups);
@@ -427,18 +437,20 @@ function askForApiKey() {
 
 async function loadModels() {
   hideError();
+  let declared;
   try {
-    state.models = await fetchModels();
+    declared = await fetchModels();
   } catch (error) {
     if (error.code === "unauthorized") askForApiKey();
     else showError(error.message, { retry: loadModels });
     return;
   }
+  state.models = declared.filter((model) => model.available);
   if (!state.models.length) {
     showError("The server serves no model yet.", { retry: loadModels });
     return;
   }
-  fillModelPicker(state.models);
+  fillModelPicker(declared);
   selectModel(savedModel());
 }
 
