@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from swarm.convert_gguf import convert_gguf, unpermute_qk
+from swarm.convert_gguf import convert_gguf
+from swarm.gguf_tensors import unpermute_qk
 
 ROUND_TRIP_TEXTS = [
     "12345 and 3.14159",
