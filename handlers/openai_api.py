@@ -21,10 +21,12 @@ import tornado.iostream
 from config import HEADER_NAME
 from handlers.base import GenerationHandler
 from handlers.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from handlers.openai_tools import CALL_OPEN, parse_call
-from sessions.errors import error_payload, log_error
+from handlers.openai_tools import openai_tool_call
+from sessions.chat_template import ChatTemplateError
+from sessions.errors import InvalidRequest, error_payload, log_error
+from sessions.grammar import constrained
 from sessions.models import LoadedModel
-from sessions.requests import ChosenTokenLogprobs, GenerationRequest, GenerationUpdate, TokenLogprob
+from sessions.requests import ChosenTokenLogprobs, GenerationRequest, GenerationUpdate, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,8 @@ class CompletionHandler(OpenAIHandler):
     chunk_object_name = "text_completion"
     id_prefix = "cmpl-"
 
-    def prompt(self, body: OpenAIRequest, loaded: LoadedModel) -> Tuple[str, Tuple[str, ...]]:
+    async def prompt(self, body: OpenAIRequest, loaded: LoadedModel,
+                     sampling: SamplingParams) -> Tuple[str, Tuple[str, ...]]:
         """The prompt text, and the stop strings its format adds (the end-of-sequence token's text,
         which the reply must not show)."""
         eos_token = loaded.tokenizer.eos_token
@@ -133,13 +136,13 @@ class CompletionHandler(OpenAIHandler):
     async def post(self) -> None:
         body = self.request_model.parse(self.json_body())
         self.wants_logprobs = body.logprob_alternatives() is not None
-        self.prepare_reply(body)
         loaded = self.manager.registry.find(body.model, trusted=False)
+        self.prepare_reply(body, loaded)
         spec = loaded.spec
         body.check_max_tokens(spec.max_new_tokens_limit)
-        sampling = body.sampling_params()
+        sampling = body.sampling_params(loaded.tool_syntax)
         await self.manager.check_constraint(loaded, sampling)  # a schema is refused before the prompt is tokenized
-        prompt, format_stops = self.prompt(body, loaded)
+        prompt, format_stops = await self.prompt(body, loaded, sampling)
         prompt_ids = await self.manager.tokenize(loaded, prompt, self.client)
         request = body.to_generation_request(prompt, prompt_ids, sampling, spec.chat.max_session_length,
                                              min(spec.default_max_tokens, spec.max_new_tokens_limit), format_stops)
@@ -152,8 +155,8 @@ class CompletionHandler(OpenAIHandler):
         else:
             await self.full_reply(loaded.spec.key, request, prompt_tokens)
 
-    def prepare_reply(self, body: OpenAIRequest) -> None:
-        """Notes what the reply's shape depends on in the request, before generating."""
+    def prepare_reply(self, body: OpenAIRequest, loaded: LoadedModel) -> None:
+        """Notes what the reply's shape depends on in the request and the model, before generating."""
 
     def envelope(self, model: str, object_name: str, choices: List[Dict[str, Any]]) -> Dict[str, Any]:
         """The fields every reply and event has."""
@@ -237,20 +240,36 @@ class ChatCompletionHandler(CompletionHandler):
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def prompt(self, body: ChatCompletionRequest, loaded: LoadedModel) -> Tuple[str, Tuple[str, ...]]:
-        chat_format = loaded.chat_format
-        return chat_format.render(body.conversation()), tuple(chat_format.stop_sequences)
+    async def prompt(self, body: ChatCompletionRequest, loaded: LoadedModel,
+                     sampling: SamplingParams) -> Tuple[str, Tuple[str, ...]]:
+        """The conversation through the model's chat template when it describes tools, else in the
+        model's chat format; rendered in the tokenizer's threads (CPU work on the client's text)."""
+        chat_format, template = loaded.chat_format, loaded.tool_template
 
-    def prepare_reply(self, body: ChatCompletionRequest) -> None:
+        def render() -> str:
+            if template is None:
+                return chat_format.render(body.conversation())
+            # A reply held to a grammar or schema has no room for thinking first.
+            return template.render(body.template_messages(), body.template_tools(), add_generation_prompt=True,
+                                   thinking=not constrained(sampling))
+
+        try:
+            prompt = await self.manager.tokenizer_pool.run(self.client, render)
+        except ChatTemplateError as error:
+            raise InvalidRequest(f"messages: {error}", param="messages") from None
+        return prompt, tuple(chat_format.stop_sequences)
+
+    def prepare_reply(self, body: ChatCompletionRequest, loaded: LoadedModel) -> None:
         self.may_call_tools = bool(body.callable_tools())
+        self.tool_syntax = loaded.tool_syntax
         self.calling: Optional[bool] = None  # streaming: whether the reply is a tool call (known from its start)
         self.call_text = ""
 
     def choice(self, text: str, finish_reason: Optional[str],
                logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
-        call = parse_call(text) if self.may_call_tools else None
+        call = self.tool_syntax.parse(text) if self.may_call_tools else None
         if call is not None:
-            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            message = {"role": "assistant", "content": None, "tool_calls": [openai_tool_call(call)]}
             finish_reason = "tool_calls"
         else:
             message = {"role": "assistant", "content": text}
@@ -262,13 +281,13 @@ class ChatCompletionHandler(CompletionHandler):
         delta: Dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
         if self.may_call_tools:
             if self.calling is None and text:
-                self.calling = text.startswith(CALL_OPEN[0])  # free text never begins with it
+                self.calling = self.tool_syntax.starts_call(text)  # free text never begins like a call
             if self.calling:  # the call is sent whole, once written
                 self.call_text += text
-                call = parse_call(self.call_text) if finish_reason is not None else None
+                call = self.tool_syntax.parse(self.call_text) if finish_reason is not None else None
                 delta = {"role": "assistant"} if first else {}
                 if call is not None:
-                    delta["tool_calls"] = [dict(call, index=0)]
+                    delta["tool_calls"] = [dict(openai_tool_call(call), index=0)]
                     finish_reason = "tool_calls"
                 elif finish_reason is not None:
                     delta["content"] = self.call_text  # cut short (max_tokens): the text as written

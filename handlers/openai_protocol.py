@@ -16,13 +16,14 @@ from handlers.openai_tools import (
     Tool,
     ToolCall,
     ToolChoice,
-    tool_grammar,
+    functions_of,
     tool_instructions,
     tools_called_for,
     written_call,
 )
 from sessions.errors import BadRequest, InvalidRequest, MaxLengthExceeded
 from sessions.requests import GenerationRequest, SamplingParams
+from sessions.tool_syntax import SERVER, ToolSyntax
 
 MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS_ENTRIES = 1024
@@ -181,11 +182,12 @@ class OpenAIRequest(BaseModel):
         """Whether a stream ends with a usage event."""
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self) -> SamplingParams:
-        """Greedy at temperature 0, else sampled; every other choice setting as given."""
+    def sampling_params(self, tool_syntax: ToolSyntax = SERVER) -> SamplingParams:
+        """Greedy at temperature 0, else sampled; every other choice setting as given. A tool call
+        is held to ``tool_syntax``, the model's."""
         temperature = 1.0 if self.temperature is None else self.temperature
         schema = self.response_format.schema_text() if self.response_format is not None else None
-        grammar = self.grammar()
+        grammar = self.grammar(tool_syntax)
         if grammar is not None and schema is not None:
             raise BadRequest("response_format cannot be combined with tools that may be called",
                              param="response_format")
@@ -197,8 +199,8 @@ class OpenAIRequest(BaseModel):
             logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
             seed=self.seed, json_schema=schema, lark_grammar=grammar, logprobs=self.logprob_alternatives())
 
-    def grammar(self) -> Optional[str]:
-        """The grammar the reply must follow (tool calls); None: free."""
+    def grammar(self, tool_syntax: ToolSyntax) -> Optional[str]:
+        """The grammar the reply must follow (tool calls written in ``tool_syntax``); None: free."""
         return None
 
     def logprob_alternatives(self) -> Optional[int]:
@@ -297,6 +299,7 @@ class ChatMessage(BaseModel):
 
     role: str
     content: Union[str, List[ContentPart], None] = None
+    name: Optional[str] = None
     tool_calls: Optional[List[ToolCall]] = None
     tool_call_id: Optional[str] = None
 
@@ -314,9 +317,26 @@ class ChatMessage(BaseModel):
             return {"role": "user", "content": f"Result of the tool call{call}: {self.text}"}
         if self.role == "assistant" and self.tool_calls:
             return {"role": "assistant", "content": self.text + "".join(map(written_call, self.tool_calls))}
-        # OpenAI's newer name for the system role (its reasoning models' instructions).
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text}
+        return {"role": self.chat_role, "content": self.text}
+
+    @property
+    def chat_role(self) -> str:
+        """The role as chat formats and templates know it: OpenAI's newer name for the system role (its
+        reasoning models' instructions) is the system role."""
+        return "system" if self.role == "developer" else self.role
+
+    def template_message(self, called: Dict[str, str]) -> Dict[str, Any]:
+        """The message as a chat template takes it; ``called`` names the function of each earlier
+        call by its id (a tool result's ``name``, unless the client gave one)."""
+        message: Dict[str, Any] = {"role": self.chat_role, "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.template_call() for call in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+            name = self.name or called.get(self.tool_call_id)
+            if name:
+                message["name"] = name
+        return message
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -352,15 +372,28 @@ class ChatCompletionRequest(OpenAIRequest):
         """The tools the reply may call (none unless ``tools`` are given; all of them by default)."""
         return tools_called_for(self.tools or [], self.tool_choice or "auto")
 
-    def grammar(self) -> Optional[str]:
+    def grammar(self, tool_syntax: ToolSyntax) -> Optional[str]:
         tools = self.callable_tools()
         if not tools:
             return None
-        return tool_grammar(tools, required=self.tool_choice == "required"
-                            or isinstance(self.tool_choice, NamedToolChoice))
+        return tool_syntax.grammar(functions_of(tools), required=self.tool_choice == "required"
+                                   or isinstance(self.tool_choice, NamedToolChoice))
+
+    def template_messages(self) -> List[Dict[str, Any]]:
+        """The messages as a model's chat template takes them (OpenAI's shape, a call's arguments as
+        an object, a tool result with the name of the function that gave it)."""
+        called = {call.id: call.function.name for message in self.messages for call in message.tool_calls or ()
+                  if call.id is not None}
+        return [message.template_message(called) for message in self.messages]
+
+    def template_tools(self) -> Optional[List[Dict[str, Any]]]:
+        """The tools the reply may call, as a chat template takes them (None: no tools)."""
+        tools = self.callable_tools()
+        return [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
 
     def conversation(self) -> List[Dict[str, str]]:
-        """The messages as ``{"role", "content"}`` turns, the tools described in the system message."""
+        """The messages as ``{"role", "content"}`` turns of the server's own chat format, the tools
+        described in the system message (for a model whose chat template knows no tools)."""
         turns = [message.as_turn() for message in self.messages]
         tools = self.callable_tools()
         if tools:

@@ -1,11 +1,12 @@
-"""Tool calling for ``/v1/chat/completions``, in a prompt format of this server's own.
+"""Tool calling for ``/v1/chat/completions``: the request's tools and calls, and OpenAI's shapes.
 
-The tools are described to the model in a system message; a call is the whole reply, written
-``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``. Decoding is constrained by a
-grammar, so that a call always names one of the tools and its arguments always satisfy that
-tool's parameter schema: with ``tool_choice`` "auto" the reply is either free text (which does
-not begin with "<") or one call; with "required" or a named function it is a call. Earlier calls
-and their results go back into the conversation in the same format.
+How a call is written (the grammar that holds a reply to one, reading it back, writing an earlier
+one) is the model's tool syntax (``sessions.tool_syntax``): its chat template's when the template
+describes tools, else this server's own (``SERVER``), for which the tools are described to the
+model in a system message of this module's. Decoding is constrained by the syntax's grammar, so
+that a call always names one of the tools and its arguments always satisfy that tool's parameter
+schema: with ``tool_choice`` "auto" the reply is either free text (which does not begin like a
+call) or one call; with "required" or a named function it is a call.
 """
 
 import json
@@ -14,12 +15,11 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sessions.schema_limits import check_schema
+from sessions.tool_syntax import SERVER, Functions, ParsedCall
 
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_INSTRUCTIONS = (
     "You can call the tools below. To call one, reply with only this, and nothing else:\n"
-    + CALL_OPEN + '{"name": "<tool name>", "arguments": {<its arguments>}}' + CALL_CLOSE
+    + SERVER.opening + '{"name": "<tool name>", "arguments": {<its arguments>}}' + SERVER.closing
     + "\nOtherwise, answer normally.\n\nTools:\n")
 
 
@@ -58,6 +58,14 @@ class CalledFunction(BaseModel):
     name: str
     arguments: str = "{}"
 
+    @property
+    def value(self) -> Any:
+        """The arguments as an object, or the text as sent when it is not JSON."""
+        try:
+            return json.loads(self.arguments)
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
+            return self.arguments
+
 
 class ToolCall(BaseModel):
     """A call an earlier assistant message made (sent back by the client)."""
@@ -67,6 +75,14 @@ class ToolCall(BaseModel):
     id: Optional[str] = None
     type: Literal["function"] = "function"
     function: CalledFunction
+
+    def template_call(self) -> Dict[str, Any]:
+        """The call as a chat template takes it: its arguments as an object."""
+        call: Dict[str, Any] = {"type": "function",
+                                "function": {"name": self.function.name, "arguments": self.function.value}}
+        if self.id is not None:
+            call["id"] = self.id
+        return call
 
 
 def tools_called_for(tools: List[Tool], choice: ToolChoice) -> List[Tool]:
@@ -82,49 +98,23 @@ def tools_called_for(tools: List[Tool], choice: ToolChoice) -> List[Tool]:
 
 
 def tool_instructions(tools: List[Tool]) -> str:
-    """The system text that describes the tools to the model."""
+    """The system text that describes the tools to a model that calls them in this server's format."""
     lines = [f"- {tool.function.name}: {tool.function.description or 'no description'}. Parameters (JSON "
              f"schema): {json.dumps(tool.function.parameters)}" for tool in tools]
     return TOOL_INSTRUCTIONS + "\n".join(lines)
 
 
-def closed(parameters: Dict[str, Any]) -> Dict[str, Any]:
-    """A parameters schema that allows only the arguments it names, unless it says otherwise: a
-    model left free to add arguments invents them."""
-    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
-        return {**parameters, "additionalProperties": False}
-    return parameters
-
-
-def tool_grammar(tools: List[Tool], required: bool) -> str:
-    """A grammar (llguidance's Lark dialect) for a reply that is one call of ``tools``, or, unless
-    ``required``, free text that does not begin with "<". ``InvalidRequest`` naming ``tools`` when
-    their schemas together are over the server's limits on a JSON schema."""
-    call_schema = {"anyOf": [
-        {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-         "properties": {"name": {"const": tool.function.name}, "arguments": closed(tool.function.parameters)}}
-        for tool in tools], "x-guidance": {"whitespace_flexible": False}}
-    check_schema(call_schema, param="tools")  # here, where the schemas are still data
-    rules = [f"call: {json.dumps(CALL_OPEN)} call_json {json.dumps(CALL_CLOSE)}",
-             f"call_json: %json {json.dumps(call_schema)}"]
-    if required:
-        return "\n".join(["start: call", *rules])
-    return "\n".join(["start: call | TEXT", *rules, r"TEXT: /[^<][\s\S]*/"])
+def functions_of(tools: List[Tool]) -> Functions:
+    """The name and parameter schema of each tool, as a tool syntax's grammar takes them."""
+    return [(tool.function.name, tool.function.parameters) for tool in tools]
 
 
 def written_call(call: ToolCall) -> str:
-    """An earlier call as the model wrote it."""
-    try:
-        arguments = json.loads(call.function.arguments)
-    except ValueError:
-        arguments = call.function.arguments
-    return CALL_OPEN + json.dumps({"name": call.function.name, "arguments": arguments}) + CALL_CLOSE
+    """An earlier call as a model that calls tools in this server's format wrote it."""
+    return SERVER.write(call.function.name, call.function.value)
 
 
-def parse_call(text: str) -> Optional[Dict[str, Any]]:
-    """The reply as OpenAI's ``tool_calls`` entry, if it is a call; None for free text."""
-    if not (text.startswith(CALL_OPEN) and text.endswith(CALL_CLOSE)):
-        return None
-    call = json.loads(text[len(CALL_OPEN):-len(CALL_CLOSE)])
+def openai_tool_call(call: ParsedCall) -> Dict[str, Any]:
+    """A call read from a reply as OpenAI's ``tool_calls`` entry (with a new id)."""
     return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}

@@ -1,10 +1,11 @@
 """How a conversation is written as one model's input: the one chat format the server owns.
 
-The OpenAI-compatible chat API renders requests with it, and ``GET /api/v1/models`` describes
-it to the chat page, which builds its prompts from that description alone. A model whose
-tokenizer has a chat template gets the template's role markers, found by rendering sample
-conversations; one without a template (or with a template this model of per-role prefixes and
-suffixes cannot reproduce) gets plain ``Role: text`` turns separated by ``chat.sep_token``.
+The OpenAI-compatible chat API renders requests with it (unless the model's template describes
+tools, see ``sessions.chat_template``), and ``GET /api/v1/models`` describes it to the chat page,
+which builds its prompts from that description alone. A model whose tokenizer has a chat template
+gets the template's role markers, found by rendering sample conversations; one without a template
+(or with a template this model of per-role prefixes and suffixes cannot reproduce) gets plain
+``Role: text`` turns separated by ``chat.sep_token``.
 """
 
 import logging
@@ -13,6 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from config import ChatSettings
+from sessions.chat_template import ChatTemplate, ChatTemplateError
 from sessions.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -82,19 +84,31 @@ class ChatFormat:
     def for_model(cls, tokenizer: "PreTrainedTokenizerBase", chat: ChatSettings, stop_token: str) -> "ChatFormat":
         """The format of a model: its tokenizer's chat template when it has one that this class
         reproduces exactly, else the declared ``Role: text`` format of ``chat``."""
-        stop_sequences = tuple(dict.fromkeys(filter(None, (stop_token, *chat.extra_stop_sequences))))
-        if getattr(tokenizer, "chat_template", None):
+        model = getattr(tokenizer, "name_or_path", "a model")
+        try:
+            template = ChatTemplate.for_tokenizer(tokenizer)
+        except ChatTemplateError as error:
+            logger.warning("The chat template of %s is not used (%s)", model, error)
+            template = None
+        return cls.for_template(template, chat, stop_token, model)
 
-            def template(messages: Messages, add_generation_prompt: bool) -> str:
-                return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                     add_generation_prompt=add_generation_prompt)
+    @classmethod
+    def for_template(cls, template: Optional[ChatTemplate], chat: ChatSettings, stop_token: str,
+                     model: str = "a model") -> "ChatFormat":
+        """The format ``template`` writes when this class reproduces it exactly, else (or with no
+        template) the declared ``Role: text`` format of ``chat``."""
+        stop_sequences = tuple(dict.fromkeys(filter(None, (stop_token, *chat.extra_stop_sequences))))
+        if template is not None:
+
+            def render(messages: Messages, add_generation_prompt: bool) -> str:
+                return template.render(messages, add_generation_prompt=add_generation_prompt)
 
             try:
-                return cls.from_template(template, stop_token, stop_sequences)
-            # A template may refuse a sample (e.g. no system role) with any exception of its own.
-            except Exception as error:
-                logger.warning("The chat template of %s does not fit role prefixes and suffixes (%s); "
-                               "using the declared format", getattr(tokenizer, "name_or_path", "a model"), error)
+                return cls.from_template(render, stop_token, stop_sequences)
+            # A template may refuse a sample (e.g. no system role), or write what markers cannot.
+            except (ChatTemplateError, TemplateMismatch) as error:
+                logger.warning("The chat template of %s does not fit role prefixes and suffixes (%s); using the "
+                               "declared format", model, error)
         return cls.declared(chat, stop_token, stop_sequences)
 
     @classmethod
@@ -137,7 +151,10 @@ class ChatFormat:
                                              system_suffix + user_message, "the user's message")
         chat_format = cls(roles=MappingProxyType(roles), generation_prefix=generation_prefix,
                           default_system=default_system, stop_token=stop_token, stop_sequences=stop_sequences)
-        for sample in _SAMPLE_CONVERSATIONS:
+        # Exact for every conversation that ends with a turn to answer, which is what the page and
+        # /v1 send: a template may write the reply after the last question apart (Qwen3 puts its
+        # thinking there), which no per-role markers can.
+        for sample in (sample for sample in _SAMPLE_CONVERSATIONS if sample[-1]["role"] != "assistant"):
             for add_generation_prompt in (False, True):
                 if chat_format.render(sample, add_generation_prompt) != template(sample, add_generation_prompt):
                     raise TemplateMismatch(f"rendering {[m['role'] for m in sample]} differs from the template's")

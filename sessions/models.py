@@ -14,7 +14,9 @@ from transformers import PreTrainedTokenizerBase
 
 from config import ManagerSettings, ModelSpec
 from sessions.chat_format import ChatFormat
+from sessions.chat_template import ChatTemplate, ChatTemplateError
 from sessions.tokenizer_files import load_tokenizer
+from sessions.tool_syntax import SERVER, ToolSyntax
 from swarm.families import check_servable
 from swarm.petals_api import AutoDistributedModelForCausalLM, RemoteExpertWorker
 
@@ -38,9 +40,30 @@ class LoadedModel:
         return self.spec.chat.stop_token or self.tokenizer.eos_token
 
     @functools.cached_property
+    def chat_template(self) -> Optional[ChatTemplate]:
+        """The tokenizer's chat template, compiled (None: it has none, or none that compiles)."""
+        try:
+            return ChatTemplate.for_tokenizer(self.tokenizer)
+        except ChatTemplateError as error:
+            logger.warning("The chat template of %s is not used (%s)", self.spec.key, error)
+            return None
+
+    @functools.cached_property
     def chat_format(self) -> ChatFormat:
         """How a conversation is written for this model (role markers, stop sequences)."""
-        return ChatFormat.for_model(self.tokenizer, self.spec.chat, self.stop_token)
+        return ChatFormat.for_template(self.chat_template, self.spec.chat, self.stop_token, self.spec.key)
+
+    @functools.cached_property
+    def tool_template(self) -> Optional[ChatTemplate]:
+        """The chat template when it describes tools and writes calls in a syntax the server knows:
+        the OpenAI chat API then renders conversations through it. None: the model's chat format."""
+        template = self.chat_template
+        return template if template is not None and template.tool_syntax is not None else None
+
+    @property
+    def tool_syntax(self) -> ToolSyntax:
+        """How this model writes a tool call: as its chat template does, else in the server's format."""
+        return self.tool_template.tool_syntax if self.tool_template is not None else SERVER
 
     @functools.cached_property
     def max_token_chars(self) -> int:
@@ -103,6 +126,7 @@ def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch
     # Computed here, in the executor, rather than on first use on the event loop.
     loaded.max_token_chars  # noqa: B018
     loaded.chat_format  # noqa: B018
+    loaded.tool_template  # noqa: B018
     loaded.state_bytes_per_token  # noqa: B018
     logger.info("Connected %s: %d blocks served by the swarm", spec.key, loaded.num_blocks)
     return loaded

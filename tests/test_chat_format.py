@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -94,14 +95,27 @@ def test_without_a_template_the_declared_format_is_used(bare_tokenizer):
     "{% elif m['role'] == 'user' %}{% if loop.index0 == 0 or messages[loop.index0 - 1]['role'] != 'system' %}"
     "{{ '[INST] ' }}{% endif %}{{ m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' </s>' }}"
     "{% endif %}{% endfor %}",
-    # Markers the sentinels find, but no reply is opened after an assistant message.
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt and messages[-1]['role'] == 'user' %}{{ '<|assistant|>' }}{% endif %}",
-], ids=["bos-first", "no-system-role", "system-inside-user", "prompt-only-after-user"])
+], ids=["bos-first", "no-system-role", "system-inside-user"])
 def test_a_template_that_prefixes_and_suffixes_cannot_reproduce_falls_back(bare_tokenizer, template):
     bare_tokenizer.chat_template = template
     chat_format = ChatFormat.for_model(bare_tokenizer, DECLARED_CHAT, "</s>")
     assert chat_format == ChatFormat.declared(DECLARED_CHAT, "</s>", ("</s>", "\nUser:"))
+
+
+def test_a_template_that_writes_the_last_reply_apart_is_derived_for_conversations_that_end_with_a_turn(
+        bare_tokenizer):
+    # Qwen3's shape: a reply after the last question opens with its thinking, earlier ones do not.
+    bare_tokenizer.chat_template = (
+        "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}"
+        "{{ '<|' + m['role'] + '|>' }}{% if m['role'] == 'assistant' and loop.index0 > ns.last %}"
+        "{{ '<think></think>' }}{% endif %}{{ m['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    chat_format = ChatFormat.for_model(bare_tokenizer, DECLARED_CHAT, "</s>")
+    assert chat_format.roles["assistant"] == RoleMarkers("<|assistant|>", "<|end|>")
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "Bye"}]
+    assert chat_format.render(conversation) == "<|user|>Hi<|end|><|assistant|>Hello<|end|><|user|>Bye<|end|><|assistant|>"
 
 
 def test_a_template_of_role_markers_is_derived(bare_tokenizer):
@@ -114,6 +128,17 @@ def test_a_template_of_role_markers_is_derived(bare_tokenizer):
     for conversation in CONVERSATIONS:
         assert chat_format.render(conversation) == bare_tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=True)
+
+
+def test_a_template_written_for_the_hub_s_environment_is_derived(bare_tokenizer):
+    # Loop controls and ``strftime_now``, as templates on the model hub use them.
+    bare_tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|system|>' + strftime_now('%Y') + '\n' + m['content'] "
+        "+ '<|end|>\n' }}{% continue %}{% endif %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+    chat_format = ChatFormat.for_model(bare_tokenizer, DECLARED_CHAT, "</s>")
+    assert chat_format.roles["system"] == RoleMarkers(f"<|system|>{datetime.now().year}\n", "<|end|>\n")
+    assert chat_format.roles["user"] == RoleMarkers("<|user|>\n", "<|end|>\n")
 
 
 def test_describe_round_trips_through_json(smollm2, smollm2_format):
