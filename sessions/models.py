@@ -6,7 +6,7 @@ transformer blocks are run by the swarm.
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -104,6 +104,16 @@ class LoadedModel:
         manager.dht.shutdown()
 
 
+def within_context(spec: ModelSpec, context_length: Optional[int]) -> ModelSpec:
+    """``spec`` with sessions no longer than the model's ``context_length`` (None: not known): past
+    it a model was never trained, and writes nonsense."""
+    if context_length is None or spec.chat.max_session_length <= context_length:
+        return spec
+    logger.warning("%s: sessions of %d tokens are declared, but the model's context is %d tokens; using %d",
+                   spec.key, spec.chat.max_session_length, context_length, context_length)
+    return replace(spec, chat=replace(spec.chat, max_session_length=context_length))
+
+
 def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch_dtype: str,
                settings: ManagerSettings = ManagerSettings()) -> LoadedModel:
     """Loads the tokenizer and connects the Petals client of ``spec`` (blocking: run it in the executor);
@@ -122,6 +132,7 @@ def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch
         options["active_adapter"] = spec.adapter
     client = AutoDistributedModelForCausalLM.from_pretrained(spec.weights, **options).to(device)
     client.eval()
+    spec = within_context(spec, getattr(client.config, "context_length", None))
     loaded = LoadedModel(spec=spec, tokenizer=tokenizer, client=client)
     # Computed here, in the executor, rather than on first use on the event loop.
     loaded.max_token_chars  # noqa: B018

@@ -109,3 +109,23 @@ def test_announcements_of_newer_petals_servers_are_read():
                             "a_field_of_a_later_release": {"x": 1}})
     info = ServerInfo.from_tuple(announced)
     assert (info.state, info.start_block, info.end_block, info.cache_tokens_left) == (ServerState.ONLINE, 0, 16, 262144)
+
+
+@pytest.mark.parametrize("config, context", [
+    (LLAMA_31_8B_INSTRUCT, 131072), (QWEN3_06B, 40960),
+    ({**MISTRAL_7B_INSTRUCT_V03, "max_position_embeddings": 4096, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     8192),  # dynamic scaling stretches the context it was trained for
+])
+def test_sessions_are_held_within_the_models_context(tmp_path, config, context):
+    from petals.utils.auto_config import AutoDistributedConfig
+
+    from config import ChatSettings, FrontendSettings, ModelSpec
+    from sessions.models import within_context
+
+    loaded = AutoDistributedConfig.from_pretrained(_folder(tmp_path, config), dht_prefix="x-hf")
+    assert loaded.context_length == context
+    spec = ModelSpec(repository="org/model", family="x", frontend=FrontendSettings(name="x"),
+                     chat=ChatSettings(max_session_length=context * 2))
+    assert within_context(spec, loaded.context_length).chat.max_session_length == context
+    shorter = ModelSpec(repository="org/model", family="x", frontend=FrontendSettings(name="x"))
+    assert within_context(shorter, loaded.context_length) is shorter  # 2048 fits: unchanged

@@ -20,7 +20,7 @@ from petals.client.ptune import PTuneConfig
 from transformers import LlamaConfig
 
 from swarm.families.block import DecoderBlock, SelfAttention
-from swarm.families.rope import validate_scaling
+from swarm.families.rope import scaling_type, validate_scaling
 from swarm.prefix import dht_prefix_for
 
 
@@ -72,6 +72,15 @@ class FamilyConfig(LlamaConfig, ClientConfig, PTuneConfig, LMHeadConfig):
     def unservable_reason(self) -> Optional[str]:
         """Why our blocks cannot run this config exactly, or None when they can."""
         return None
+
+    @property
+    def context_length(self) -> int:
+        """The most positions the model was made for: ``max_position_embeddings``, which ``dynamic``
+        RoPE scaling stretches by its factor (the other scalings' configs give the stretched length)."""
+        scaling = self.rope_scaling or {}
+        if scaling_type(scaling) == "dynamic":
+            return int(self.max_position_embeddings * scaling["factor"])
+        return self.max_position_embeddings
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: Union[str, os.PathLike, None], *args,

@@ -47,8 +47,8 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM, dict(
         num_hidden_layers=4, head_dim=32, sliding_window=24, max_position_embeddings=1024)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(
-        num_hidden_layers=4, max_position_embeddings=128, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})),
+        num_hidden_layers=4, max_position_embeddings=1024, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 32})),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(
         num_hidden_layers=4, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=False)),
     "llama-linear": (LlamaConfig, LlamaForCausalLM, dict(
