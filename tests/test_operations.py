@@ -64,7 +64,9 @@ async def test_ready_when_every_model_has_a_full_route(http_server_client, manag
     assert [model["model"] for model in body["models"]] == [loaded.spec.key for loaded in manager.registry.models]
     for model, loaded in zip(body["models"], manager.registry.models):
         assert model["ready"] is True and model["missing_blocks"] == []
-        assert model["num_blocks"] == loaded.num_blocks and model["online_servers"] == 1
+        # The families' models are split over two nodes.
+        assert model["num_blocks"] == loaded.num_blocks
+        assert model["online_servers"] == (2 if loaded.spec.family == "Families" else 1)
 
 
 async def test_not_ready_while_the_executor_is_saturated(http_server_client, manager):
@@ -90,14 +92,20 @@ async def test_not_ready_while_the_executor_is_saturated(http_server_client, man
 async def test_swarm_map_names_the_peer_of_every_block(http_server_client, manager):
     code, body = await get_json(http_server_client, "/api/v1/swarm")
     assert code == 200 and body["ok"] is True
+    peers = []
     for model, loaded in zip(body["models"], manager.registry.models):
         assert model["full_route"] is True and model["missing_blocks"] == [] and model["error"] is None
-        [server] = model["servers"]  # the test swarm runs one node per model
-        assert (server["start"], server["end"], server["state"]) == (0, loaded.num_blocks, "online")
-        assert server["throughput"] == NODE_THROUGHPUT
-        assert PeerID.from_base58(server["peer_id"]).to_base58() == server["peer_id"]
-    peers = {model["servers"][0]["peer_id"] for model in body["models"]}
-    assert len(peers) == len(body["models"])
+        # The test swarm runs one node per model, two for each family's model (half of the blocks each).
+        half = loaded.num_blocks // 2
+        spans = [(0, half), (half, loaded.num_blocks)] if loaded.spec.family == "Families" else [(0, loaded.num_blocks)]
+        servers = sorted(model["servers"], key=lambda server: server["start"])
+        assert [(server["start"], server["end"], server["state"]) for server in servers] == [
+            (start, end, "online") for start, end in spans]
+        for server in servers:
+            assert server["throughput"] == NODE_THROUGHPUT
+            assert PeerID.from_base58(server["peer_id"]).to_base58() == server["peer_id"]
+            peers.append(server["peer_id"])
+    assert len(set(peers)) == len(peers)
 
 
 async def test_swarm_page_is_served(http_server_client):
