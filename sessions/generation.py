@@ -9,23 +9,45 @@ worker thread, when the generation surely goes on (``GenerationRunAhead``): turn
 into a reply and a frame never delays the swarm. If the generation is stopped while steps run
 ahead, a token one of them fed goes out with the last reply, and the last one chosen (never
 fed) is kept unsent: it opens the next generation if the model just goes on, and is dropped if
-new input comes.
+new input comes (the session's ``SessionPositions`` keeps it, and checks every length).
 """
 
-from typing import TYPE_CHECKING, AsyncIterator, Optional
+import asyncio
+from typing import Any, AsyncIterator, List, Optional, Protocol
 
 from sessions.admission import Admission
-from sessions.errors import InvalidRequest, MaxLengthExceeded
+from sessions.decoding import IncrementalDecoder
+from sessions.errors import InvalidRequest
 from sessions.grammar import constrained
-from sessions.requests import GenerationRequest, GenerationUpdate
-from sessions.steps import StartedStep, StepResult
+from sessions.positions import SessionPositions
+from sessions.requests import GenerationRequest, GenerationUpdate, SamplingParams
+from sessions.steps import RunAhead, StartedStep, StepResult
 from sessions.stops import StopStringFilter
 
-if TYPE_CHECKING:
-    from sessions.session import ChatSession
+
+class GeneratingSession(Protocol):
+    """What a generation needs of the session it runs in (a ``ChatSession``)."""
+
+    model: Any  # a ``LoadedModel``: its end of sequence, its longest token in characters
+    stream: Any  # a ``TokenStream``: its constraint compiler and route recorder
+    decoder: IncrementalDecoder
+    positions: SessionPositions
+
+    def stopped(self, ticket: int) -> bool:
+        """Whether the generation holding ``ticket`` must end now."""
+
+    def encode(self, text: str) -> "asyncio.Future[List[int]]":
+        """Token ids of ``text``."""
+
+    def start_step(self, new_input_ids: list, sampling: SamplingParams,
+                   run_ahead: Optional[RunAhead] = None) -> StartedStep:
+        """Starts one step; ``MaxLengthExceeded`` if the session cannot hold what it feeds."""
+
+    async def finish_step(self, step: StartedStep) -> StepResult:
+        """The result of a started step, once it is done."""
 
 
-async def run_generation(session: "ChatSession", request: GenerationRequest,
+async def run_generation(session: GeneratingSession, request: GenerationRequest,
                          ticket: int) -> AsyncIterator[GenerationUpdate]:
     """Runs one generation in ``session`` (whose turn it is); the last reply has ``stop=True``."""
     if session.stopped(ticket):
@@ -34,30 +56,23 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
     if constrained(request.sampling):  # refused, it leaves the session as it was
         await session.stream.prepare(request.sampling)
     stop_token_id = await _stop_token_id(session, request)
+    positions = session.positions
     if request.input_ids is not None:
         input_ids = list(request.input_ids)
     elif request.inputs:
-        Admission.check_text_length(request.inputs, session.max_length, session.model.max_token_chars)
+        Admission.check_text_length(request.inputs, positions.max_length, session.model.max_token_chars)
         input_ids = await session.encode(request.inputs)
     else:
         input_ids = []
     # A token a stopped generation chose ahead of need, never sent: the next token if the model
     # just goes on, but new input follows the token before it.
-    carried, session.carried = session.carried, None
-    if carried is not None and input_ids:
-        session.stream.discard_pending()
-        carried = None
-    if not input_ids and session.stream.pending is None:
+    carried = positions.take_carried(input_ids)
+    if not input_ids and positions.pending is None:
         raise InvalidRequest("inputs are required to start a session")
-    total_limit = min(session.max_length, request.max_length or session.max_length)
-    needed = session.length_with(input_ids)
-    if needed > session.max_length or (input_ids and request.max_length is not None and needed + 1 > total_limit):
-        # Refused before anything is fed: the session and its decoder stay as they were.
-        raise MaxLengthExceeded(f"Maximum length exceeded: prefix {session.stream.position} + current "
-                                f"{needed - session.stream.position} leaves no room for a new token within "
-                                f"the maximum {total_limit}")
+    # Refused before anything is fed: the session and its decoder stay as they were.
+    positions.check_input(input_ids, request.max_length)
     stops = StopStringFilter(request.stop_sequences)
-    run_ahead = GenerationRunAhead(session, request, ticket, total_limit, carried)
+    run_ahead = GenerationRunAhead(session, request, ticket, carried)
     session.stream.route.reset()
     eos_token_id = session.model.eos_token_id
     session.decoder.add_context(input_ids)
@@ -69,14 +84,14 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
                 if session.stopped(ticket):
                     finish_reason = "cancelled"
                     if ahead is not None:
-                        session.carried = await _settle_steps_ahead(run_ahead, ahead, chunk)
+                        positions.carry(await _settle_steps_ahead(run_ahead, ahead, chunk))
                         ahead = None
                     break
                 if carried is not None:
                     result, carried = carried, None
                 else:
                     if ahead is None:
-                        if request.max_length is not None and session.length_with(input_ids) + 1 > total_limit:
+                        if request.max_length is not None and not positions.fits(input_ids, request.max_length):
                             finish_reason = "length"  # the client's max_length is reached
                             break
                         ahead = session.start_step(input_ids, request.sampling, run_ahead)
@@ -92,7 +107,7 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
             if stops.matched:
                 if stop_token_id is not None and stops.matched_stop != request.stop_sequence:
                     # The next turn must follow the stop token, as if the model had written it.
-                    session.stream.replace_pending(stop_token_id)
+                    positions.replace_pending(stop_token_id)
                 if finish_reason != "cancelled":
                     finish_reason = "stop"
             elif finish_reason is None and not request.streaming:
@@ -109,7 +124,7 @@ async def run_generation(session: "ChatSession", request: GenerationRequest,
     finally:
         if ahead is not None:  # the generation was left early: its steps end before its turn does
             run_ahead.halt()
-            session.carried = await _settle_steps_ahead(run_ahead, ahead, _Chunk(False))
+            positions.carry(await _settle_steps_ahead(run_ahead, ahead, _Chunk(False)))
 
 
 class _Chunk:
@@ -148,12 +163,11 @@ class GenerationRunAhead:
     a stop finds at most two steps beyond the last token the generation took.
     """
 
-    def __init__(self, session: "ChatSession", request: GenerationRequest, ticket: int, total_limit: int,
+    def __init__(self, session: GeneratingSession, request: GenerationRequest, ticket: int,
                  carried: Optional[StepResult]):
         self._session = session
         self._request = request
         self._ticket = ticket
-        self._total_limit = total_limit
         self._eos_token_id = session.model.eos_token_id
         self._stop_lookout = StopStringFilter(request.stop_sequences)
         # Tokens a reply that is not streamed still needs.
@@ -186,17 +200,10 @@ class GenerationRunAhead:
         return (not self._halted and self._steps_done - self._steps_taken <= 1 and token != self._eos_token_id
                 and not self._session.stopped(self._ticket)
                 and (self._tokens_left is None or self._tokens_left > 0) and not self._stop_lookout.matched
-                and _room_for_a_step(self._session, self._request, self._total_limit))
+                and self._session.positions.fits([], self._request.max_length))
 
 
-def _room_for_a_step(session: "ChatSession", request: GenerationRequest, total_limit: int) -> bool:
-    """Whether the session and the request's ``max_length`` allow another step."""
-    if request.max_length is not None and session.length_with([]) + 1 > total_limit:
-        return False
-    return session.length_with([]) <= session.max_length
-
-
-async def _stop_token_id(session: "ChatSession", request: GenerationRequest) -> Optional[int]:
+async def _stop_token_id(session: GeneratingSession, request: GenerationRequest) -> Optional[int]:
     """The single token of ``stop_sequence``, required when extra stop sequences are given."""
     if not request.extra_stop_sequences or request.stop_sequence is None:
         return None

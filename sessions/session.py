@@ -8,12 +8,12 @@ from typing import Any, AsyncIterator, Callable, List, Optional
 
 from sessions.admission import Slot
 from sessions.decoding import IncrementalDecoder
-from sessions.errors import (MaxLengthExceeded, ServiceError, SessionExpired, StepTimeout, SwarmCallFailed,
-                             from_petals_error)
+from sessions.errors import ServiceError, SessionExpired, StepTimeout, SwarmCallFailed, from_petals_error
 from sessions.executor import BlockingExecutor, TakingTurns
 from sessions.generation import run_generation
 from sessions.logs import ConnectionLog
 from sessions.metrics import SessionMetrics
+from sessions.positions import SessionPositions
 from sessions.requests import GenerationRequest, GenerationUpdate, SamplingParams
 from sessions.steps import RunAhead, StartedStep, StepResult, StepRunner
 
@@ -35,7 +35,8 @@ class ChatSession:
     slot. An error that leaves the session unusable closes it too.
 
     ``model`` is a ``LoadedModel`` and ``stream`` a ``TokenStream`` (tests pass fakes);
-    steps run in ``executor``, tokenizing in ``tokenizer_pool``.
+    steps run in ``executor``, tokenizing in ``tokenizer_pool``. ``positions`` owns where the
+    stream stands and the token carried between generations: only it moves them.
     """
 
     def __init__(self, session_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
@@ -45,12 +46,12 @@ class ChatSession:
         self.session_id = session_id
         self.model = model
         self.stream = stream
-        self.max_length = max_length
+        self.positions = SessionPositions(stream, max_length)
         self.close_timeout = close_timeout
         self.metrics = metrics
         self.log = ConnectionLog(logger, session_id)
         self.decoder = IncrementalDecoder(model.tokenizer)
-        self._steps = StepRunner(stream, self.decoder, executor, step_timeout)
+        self._steps = StepRunner(stream, self.positions, self.decoder, executor, step_timeout)
         self._executor = executor
         self._tokenizer_pool = tokenizer_pool
         self._slot = slot
@@ -60,9 +61,13 @@ class ChatSession:
         self._tickets_finished = 0
         self._stopped_through = 0  # generations with a ticket up to this one stop
         self._closing: Optional["asyncio.Future[None]"] = None
-        self.carried: Optional[StepResult] = None  # chosen ahead by a stopped generation, not yet sent
         self.last_active = time.monotonic()
         self.closed_reason: Optional[str] = None
+
+    @property
+    def max_length(self) -> int:
+        """The most tokens the session holds (its swarm servers allocated that many)."""
+        return self.positions.max_length
 
     @property
     def client(self) -> str:
@@ -116,11 +121,10 @@ class ChatSession:
         """Takes the session, left by a finished request, for another request (``connection_id``)
         whose prompt continues its tokens; returns how many of them the swarm already holds.
         The token chosen last was never fed: the new prompt says what follows."""
-        self.stream.discard_pending()
-        self.carried = None
+        self.positions.discard_pending()
         self.last_active = time.monotonic()
-        self.log.info("Continues as %s, %d tokens already in the swarm", connection_id, self.stream.position)
-        return self.stream.position
+        self.log.info("Continues as %s, %d tokens already in the swarm", connection_id, self.positions.position)
+        return self.positions.position
 
     def request_stop(self) -> None:
         """Ends every generation requested so far, before its next step."""
@@ -139,19 +143,12 @@ class ChatSession:
         """Token ids of ``text`` (tokenized in the tokenizer pool)."""
         return self._tokenizer_pool.run(self.client, self.model.encode, text)
 
-    def length_with(self, new_input_ids: list) -> int:
-        """Tokens in the conversation once ``new_input_ids`` are added, the pending one included."""
-        return self.stream.position + (self.stream.pending is not None) + len(new_input_ids)
-
     def start_step(self, new_input_ids: list, sampling: SamplingParams,
                    run_ahead: Optional[RunAhead] = None) -> StartedStep:
         """Starts one step in the executor; ``finish_step`` waits for its result. When
-        ``run_ahead`` allows, the step starts the one after it as soon as it is done."""
-        if self.length_with(new_input_ids) > self.max_length:
-            needed = self.length_with(new_input_ids) - self.stream.position
-            raise MaxLengthExceeded(
-                f"Maximum length exceeded: prefix {self.stream.position} + current {needed} exceeds "
-                f"pre-allocated maximum {self.max_length}")
+        ``run_ahead`` allows, the step starts the one after it as soon as it is done.
+        ``MaxLengthExceeded`` if the session cannot hold what it feeds."""
+        self.positions.check_step(new_input_ids)
         return self._steps.start(new_input_ids, sampling, run_ahead)
 
     async def finish_step(self, step: StartedStep) -> StepResult:

@@ -1,9 +1,10 @@
 """A session's swarm steps in the executor: one at a time, each able to start the next itself.
 
-A step feeds tokens through the token stream and chooses the next token; the worker thread
-also turns that token into text. When the generation surely goes on (its ``RunAhead`` says),
-the step starts the next one before its result reaches the event loop, so the loop's work on a
-token (its reply, the frame) overlaps the next swarm step instead of delaying it.
+A step feeds tokens through the token stream and chooses the next token, through the session's
+positions (the one code that moves them); the worker thread also turns that token into text.
+When the generation surely goes on (its ``RunAhead`` says), the step starts the next one before
+its result reaches the event loop, so the loop's work on a token (its reply, the frame)
+overlaps the next swarm step instead of delaying it.
 """
 
 import asyncio
@@ -46,16 +47,26 @@ class RunAhead(Protocol):
         """Whether the generation surely goes on after ``token`` (which adds ``text``)."""
 
 
+class Advancing(Protocol):
+    """What moves a token stream on by one step (a session's ``SessionPositions``)."""
+
+    def advance(self, new_input_ids: list, sampling: SamplingParams) -> int:
+        """Feeds the pending token and ``new_input_ids``; returns the next token, now pending."""
+
+
 class StepRunner:
-    """Runs the steps of one token stream (``stream``, a ``TokenStream`` or a test's fake)
-    in ``executor``, one at a time, and waits for their results within ``step_timeout``.
+    """Runs the steps of one token stream (``stream``, a ``TokenStream`` or a test's fake), each
+    one ``positions.advance``, in ``executor``, one at a time, and waits for their results within
+    ``step_timeout``.
 
     The generation touches the stream and ``decoder`` only between steps, so the one step in
     flight has them to itself.
     """
 
-    def __init__(self, stream: Any, decoder: IncrementalDecoder, executor: BlockingExecutor, step_timeout: float):
+    def __init__(self, stream: Any, positions: Advancing, decoder: IncrementalDecoder, executor: BlockingExecutor,
+                 step_timeout: float):
         self.stream = stream
+        self.positions = positions
         self.decoder = decoder
         self.step_timeout = step_timeout
         self.in_flight: Optional[Future] = None  # the latest step started (done or not)
@@ -83,7 +94,7 @@ class StepRunner:
         while step.future.set_running_or_notify_cancel():
             try:
                 self._running_since = time.monotonic()  # read by the event loop only once the timeout is due
-                token = self.stream.step(new_input_ids, sampling)
+                token = self.positions.advance(new_input_ids, sampling)
                 text = self.decoder.push([token])
                 logprobs = self.stream.last_logprobs if sampling.logprobs is not None else None
                 next_step = None

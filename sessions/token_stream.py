@@ -23,7 +23,8 @@ class TokenStream:
     """One inference session on the swarm and the tokens that went through it.
 
     The last chosen token is not fed through the swarm until the next ``step``, which sends
-    it together with any new input; so one step costs one round trip through the swarm.
+    it together with any new input; so one step costs one round trip through the swarm. In a
+    chat session only its ``SessionPositions`` calls the methods that move the stream.
     """
 
     def __init__(self, loaded: LoadedModel, max_length: int,

@@ -1,4 +1,5 @@
-"""The chat session's logic against a fake token stream: tickets, stops, queueing, teardown, reaping.
+"""The chat session's logic against a fake token stream: tickets, stops, queueing, teardown, reaping,
+its positions and the length rule.
 
 Pure logic only; the same behaviours are proven on the real swarm in test_websocket.py,
 test_manager.py and test_session_expiry.py.
@@ -7,6 +8,8 @@ test_manager.py and test_session_expiry.py.
 import asyncio
 import gc
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,12 +17,14 @@ import pytest
 
 from config import ManagerSettings
 from sessions.admission import Admission
-from sessions.errors import (ClientLimit, InvalidRequest, MemoryBudgetExceeded, PeerFailure, ServerBusy,
-                             SessionExpired, StepTimeout, SwarmCallFailed, error_payload)
+from sessions.errors import (ClientLimit, InvalidRequest, MaxLengthExceeded, MemoryBudgetExceeded, PeerFailure,
+                             ServerBusy, SessionExpired, StepTimeout, SwarmCallFailed, error_payload)
 from sessions.executor import BACKGROUND_NICENESS, BlockingExecutor, TakingTurns
 from sessions.metrics import SessionMetrics
+from sessions.positions import SessionPositions
 from sessions.requests import GenerationRequest
 from sessions.session import ChatSession
+from sessions.steps import StepResult
 from tests.fakes import FakeModel, FakeTokenStream, fake_manager
 
 STREAM = GenerationRequest(inputs="Hi", max_new_tokens=1, stop_sequence="never")
@@ -274,6 +279,7 @@ async def test_a_token_chosen_ahead_opens_the_next_generation_when_the_model_goe
     assert (await updates.__anext__()).outputs == "a"
     session.request_stop()
     assert [update.finish_reason async for update in updates] == ["cancelled"]
+    assert session.positions.carried.token == ord("b") == stream.pending  # kept by the session's positions
     # ... and going on without input starts from it, without a step for it.
     going_on = await collect(session.generate(GenerationRequest(max_new_tokens=3)))
     assert going_on[-1].outputs == "bcd" and stream.fed == [ord(char) for char in "xabc"]
@@ -323,6 +329,80 @@ async def test_a_generation_that_ends_starts_no_step_beyond_its_last_token(execu
     assert replies[-1].finish_reason in ("length", "stop")
     assert stream.fed == [ord(char) for char in fed] and not stream.steps_running
     await session.aclose("done")
+
+
+def positions_at(position: int, pending, max_length: int) -> SessionPositions:
+    stream = FakeTokenStream()
+    stream.position, stream.pending = position, pending
+    return SessionPositions(stream, max_length)
+
+
+def test_the_length_rule_counts_the_pending_token_and_the_client_s_max_length_leaves_room_for_one_more():
+    positions = positions_at(5, ord("a"), max_length=8)  # 5 held, "a" to be fed: 6 with it
+    assert positions.length_with([1, 2]) == 8
+    assert positions.fits([1, 2]) and not positions.fits([1, 2, 3])  # the session holds what a step feeds
+    assert positions.fits([1], 9) and not positions.fits([1, 2], 9)  # ... and the request the token it chooses
+    assert positions.fits([], 7) and not positions.fits([1], 7)  # the lower of the two maxima counts
+    assert not positions_at(8, ord("a"), max_length=8).fits([])
+    assert positions_at(8, None, max_length=8).fits([])
+
+
+def test_a_length_refusal_says_what_the_swarm_holds_what_comes_and_which_maximum():
+    positions = positions_at(5, ord("a"), max_length=8)
+    positions.check_step([1, 2])
+    with pytest.raises(MaxLengthExceeded) as refused:
+        positions.check_step([1, 2, 3])
+    assert str(refused.value) == "Maximum length exceeded: prefix 5 + current 4 exceeds pre-allocated maximum 8"
+    positions.check_input([1], 9)
+    with pytest.raises(MaxLengthExceeded) as refused:
+        positions.check_input([1, 2], 9)
+    assert str(refused.value) == ("Maximum length exceeded: prefix 5 + current 3 leaves no room for a new token "
+                                  "within the maximum 8")
+    with pytest.raises(MaxLengthExceeded, match="within the maximum 6$"):
+        positions.check_input([1], 6)
+    positions.check_input([], 6)  # going on without input: the client's max_length ends the generation instead
+    with pytest.raises(MaxLengthExceeded, match="prefix 8 \\+ current 1 leaves no room .* maximum 8$"):
+        positions_at(8, ord("a"), max_length=8).check_input([], None)
+
+
+def test_a_carried_token_opens_the_next_generation_unless_new_input_drops_it():
+    stream = FakeTokenStream()
+    stream.position, stream.pending = 3, ord("b")
+    positions = SessionPositions(stream, max_length=16)
+    chosen = StepResult(ord("b"), "b")
+    positions.carry(chosen)
+    assert positions.take_carried([]) is chosen and positions.carried is None
+    assert positions.take_carried([]) is None and positions.pending == ord("b")  # taken once only
+    positions.carry(chosen)
+    assert positions.take_carried([ord("y")]) is None
+    assert positions.carried is None and positions.pending is None and positions.length_with([]) == 3
+    positions.carry(StepResult(ord("c"), "c"))
+    stream.pending = ord("c")
+    positions.discard_pending()  # a continuing request says what follows: both go
+    assert positions.carried is None and positions.pending is None
+
+
+async def test_a_generation_ends_at_the_client_s_max_length_and_fails_past_the_session_s(executor):
+    stream = FakeTokenStream("abcdefghij")
+    session = make_session(executor, stream, max_length=6)
+    replies = await collect(session.generate(GenerationRequest(inputs="xy", max_new_tokens=10, max_length=5)))
+    # "xy" and three tokens make 5: the third is chosen but, within max_length, never fed.
+    assert replies[-1].outputs == "abc" and replies[-1].finish_reason == "length"
+    assert stream.fed == [ord(char) for char in "xyab"]
+    with pytest.raises(MaxLengthExceeded, match="^Maximum length exceeded: prefix 6 \\+ current 1 exceeds "
+                                                "pre-allocated maximum 6$"):
+        await collect(session.generate(GenerationRequest(max_new_tokens=10)))
+    assert stream.fed == [ord(char) for char in "xyabcd"] and session.closed_reason is None
+    with pytest.raises(MaxLengthExceeded, match="prefix 6 \\+ current 2 leaves no room"):
+        await collect(session.generate(GenerationRequest(inputs="z", max_new_tokens=1)))
+    await session.aclose("done")
+
+
+def test_the_generation_loop_does_not_import_the_session():
+    loaded = subprocess.run([sys.executable, "-c", "import sys, sessions.generation; "
+                             "print('sessions.session' in sys.modules)"],
+                            capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert loaded.stdout.strip() == "False"
 
 
 def test_sessions_are_refused_past_the_memory_budget():
