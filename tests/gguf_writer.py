@@ -5,7 +5,8 @@ Architecture names, metadata keys and tensor names are llama.cpp's (through the 
 package's own tables); the llama architecture's query and key rows are permuted as llama.cpp
 permutes them; Llama 3.1's RoPE scaling becomes the ``rope_freqs.weight`` factors. Every tensor
 is written as F32, so that a round trip is exact. The tokenizer is the default model's byte-level
-BPE vocabulary, with the pre-tokenizer name the caller gives.
+BPE vocabulary, with the pre-tokenizer name the caller gives (``write_gguf``), or a SentencePiece
+model's pieces, scores and types (``write_sentencepiece_gguf``).
 
 Two things llama.cpp's converter would lose are kept, so that the file describes the same model:
 the Llama 3 factors use the rope_scaling's ``original_max_position_embeddings`` (llama.cpp reads a
@@ -17,10 +18,11 @@ sliding window is written under the GGUF key other architectures use for it
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import gguf
 import numpy as np
+import sentencepiece
 from safetensors.numpy import load_file
 
 # config.json's model_type -> the GGUF architecture llama.cpp writes it as.
@@ -139,18 +141,54 @@ def _tensors(checkpoint: Path, config: dict, arch: gguf.MODEL_ARCH) -> Dict[str,
     return tensors
 
 
-def write_gguf(checkpoint: Path, tokenizer_dir: Path, out: Path, pre: str, architecture: Optional[str] = None,
-               rope_freqs: Optional[np.ndarray] = None) -> Path:
-    """Writes the checkpoint folder ``checkpoint`` (config.json, model.safetensors) with the tokenizer of
-    ``tokenizer_dir`` and the pre-tokenizer name ``pre`` as the GGUF file ``out``.
+def write_sentencepiece_tokenizer(writer: gguf.GGUFWriter, model_file: Path, vocab_size: int, add_bos: bool = True,
+                                  add_space_prefix: Optional[bool] = None,
+                                  token_types: Optional[Mapping[int, int]] = None,
+                                  order: Optional[Sequence[int]] = None) -> None:
+    """The SentencePiece model ``model_file`` as llama.cpp's converter writes it (``_set_vocab_sentencepiece``):
+    each piece with its score and type, padded to ``vocab_size`` with unused pieces; the model's BOS, EOS
+    and unknown ids. ``add_space_prefix`` is written only when given (llama.cpp writes it for a few models
+    only); ``token_types`` overrides the types of some ids, for files the converter must refuse; ``order``
+    lists the model's ids in the order the file gives them (by default, the model's)."""
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    tokens, scores, types = [], [], []
+    for index in range(processor.get_piece_size()):
+        tokens.append(processor.id_to_piece(index))
+        scores.append(processor.get_score(index))
+        kind = gguf.TokenType.NORMAL
+        for test, marked in ((processor.is_unknown, gguf.TokenType.UNKNOWN),
+                             (processor.is_control, gguf.TokenType.CONTROL),
+                             (processor.is_unused, gguf.TokenType.UNUSED), (processor.is_byte, gguf.TokenType.BYTE)):
+            if test(index):
+                kind = marked
+                break
+        types.append((token_types or {}).get(index, kind))
+    order = list(order if order is not None else range(len(tokens)))
+    tokens, scores, types = ([values[index] for index in order] for values in (tokens, scores, types))
+    for index in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{index}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(order.index(processor.bos_id()))
+    writer.add_eos_token_id(order.index(processor.eos_id()))
+    writer.add_unk_token_id(order.index(processor.unk_id()))
+    writer.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
 
-    ``architecture`` overrides the GGUF architecture name and ``rope_freqs`` the Llama 3 factors,
-    for files the converter must refuse."""
+
+def _write_file(checkpoint: Path, out: Path, write_tokenizer: Callable[[gguf.GGUFWriter, dict], None],
+                architecture: Optional[str] = None, rope_freqs: Optional[np.ndarray] = None) -> Path:
     config = json.loads((checkpoint / "config.json").read_text())
     arch = ARCHITECTURES[config["model_type"]]
     writer = gguf.GGUFWriter(str(out), architecture or gguf.MODEL_ARCH_NAMES[arch])
     _write_parameters(writer, config, arch)
-    _write_tokenizer(writer, tokenizer_dir, config, pre)
+    write_tokenizer(writer, config)
     for name, array in _tensors(checkpoint, config, arch).items():
         writer.add_tensor(name, array)
     scaling = config.get("rope_scaling") or {}
@@ -163,3 +201,21 @@ def write_gguf(checkpoint: Path, tokenizer_dir: Path, out: Path, pre: str, archi
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def write_gguf(checkpoint: Path, tokenizer_dir: Path, out: Path, pre: str, architecture: Optional[str] = None,
+               rope_freqs: Optional[np.ndarray] = None) -> Path:
+    """Writes the checkpoint folder ``checkpoint`` (config.json, model.safetensors) with the tokenizer of
+    ``tokenizer_dir`` and the pre-tokenizer name ``pre`` as the GGUF file ``out``.
+
+    ``architecture`` overrides the GGUF architecture name and ``rope_freqs`` the Llama 3 factors,
+    for files the converter must refuse."""
+    return _write_file(checkpoint, out, lambda writer, config: _write_tokenizer(writer, tokenizer_dir, config, pre),
+                       architecture, rope_freqs)
+
+
+def write_sentencepiece_gguf(checkpoint: Path, model_file: Path, out: Path, **options) -> Path:
+    """Writes the checkpoint folder ``checkpoint`` with the SentencePiece model ``model_file`` as its tokenizer
+    as the GGUF file ``out``; ``options`` go to ``write_sentencepiece_tokenizer``."""
+    return _write_file(checkpoint, out, lambda writer, config: write_sentencepiece_tokenizer(
+        writer, model_file, config["vocab_size"], **options))
