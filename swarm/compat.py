@@ -24,6 +24,9 @@ routing update (a minute later by default), so every retry went back to the same
 It sizes a server's attention caches by the config's ``head_dim`` (Qwen3's differs from
 ``hidden_size / heads``), for the model families ``swarm.families`` adds.
 
+A node whose own announcement lapsed from the DHT under load keeps serving its blocks instead of
+failing petals' block-selection assertion and exiting.
+
 Import it before the first ``import petals`` in every process that uses petals.
 """
 
@@ -244,6 +247,28 @@ def size_caches_by_head_dim() -> None:
     ModuleAnnouncerThread.__init__ = announcer_init
 
 
+def keep_blocks_when_own_announcement_lapsed() -> None:
+    """Keeps a node serving its blocks when the DHT has lost its own announcement.
+
+    A node that chose its blocks itself checks now and then whether the swarm would be better
+    served by other blocks, and petals asserts that its own span is announced: on a machine so
+    loaded that the announcement lapsed before it was renewed, every such node exited at once.
+    It keeps its blocks instead, and its next announcement puts the span back.
+    """
+    from petals.server.server import Server
+
+    original_check = Server._should_choose_other_blocks
+
+    def _should_choose_other_blocks(self) -> bool:
+        try:
+            return original_check(self)
+        except AssertionError as error:  # only block selection's check of the node's own span
+            logger.warning("Keeping the blocks this node serves: %s (its next announcement restores it)", error)
+            return False
+
+    Server._should_choose_other_blocks = _should_choose_other_blocks
+
+
 os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
 restore_hivemind_exports()
 silence_version_check()
@@ -252,3 +277,4 @@ replay_history_on_takeover()
 bound_server_session_close()
 reroute_around_failed_servers()
 size_caches_by_head_dim()
+keep_blocks_when_own_announcement_lapsed()

@@ -136,3 +136,22 @@ def test_a_failed_server_leaves_the_routes_at_once():
         lock_changes=threading.Lock(), ready=threading.Event(), update=lambda wait: None)
     RemoteSequenceManager.on_request_failure(manager, hung)
     assert [[span.peer_id for span in spans] for spans in info.spans_containing_block] == [[healthy], [healthy]]
+
+
+def test_a_node_whose_own_announcement_lapsed_keeps_its_blocks(monkeypatch):
+    from types import SimpleNamespace
+
+    import petals.server.server as petals_server
+    from hivemind.p2p import PeerID
+    from petals.data_structures import RemoteModuleInfo, ServerInfo, ServerState
+
+    own, other = PeerID(b"own-node-peer-id"), PeerID(b"other-node-peer-id")
+    # The DHT lists another server for both blocks, and nothing of this node's own.
+    infos = [RemoteModuleInfo(f"m-hf.{index}", {other: ServerInfo(ServerState.ONLINE, 100.0, start_block=0,
+                                                                   end_block=2)}) for index in range(2)]
+    monkeypatch.setattr(petals_server, "get_remote_module_infos", lambda *args, **kwargs: infos)
+    node = SimpleNamespace(strict_block_indices=None, dht=SimpleNamespace(peer_id=own), module_uids=["m-hf.0", "m-hf.1"],
+                           balance_quality=0.75)
+    assert petals_server.Server._should_choose_other_blocks(node) is False  # petals asserted here, and the node exited
+    infos[0].servers[own] = infos[1].servers[own] = ServerInfo(ServerState.ONLINE, 1.0, start_block=0, end_block=2)
+    assert petals_server.Server._should_choose_other_blocks(node) is False  # announced: petals' own answer
