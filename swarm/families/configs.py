@@ -2,8 +2,8 @@
 
 Every family here is a Llama-style decoder (``swarm.families.block``). Its config class reads
 the family's ``config.json`` (with that family's defaults for fields a checkpoint leaves out)
-and declares the block's variations as properties: ``qkv_bias``, ``output_bias``,
-``mlp_bias``, ``qk_norm``, ``head_dim`` and ``attention_window``. ``unservable_reason`` names a
+and declares the block's variations, as properties or, where a family fixes one, a class value:
+``qkv_bias``, ``output_bias``, ``mlp_bias``, ``qk_norm``, ``head_dim`` and ``attention_window``. ``unservable_reason`` names a
 config option the block cannot apply, so that such a model is refused instead of served wrong.
 
 They are built on transformers' ``LlamaConfig`` (which every family's fields extend) and on
@@ -106,14 +106,7 @@ class MistralFamilyConfig(FamilyConfig):
 
     model_type = "mistral"
     family_defaults = {"max_position_embeddings": 4096 * 32, "sliding_window": 4096, "num_key_value_heads": 8}
-
-    @property
-    def qkv_bias(self) -> bool:
-        return False
-
-    @property
-    def output_bias(self) -> bool:
-        return False
+    qkv_bias = output_bias = False  # whatever attention_bias says
 
     @property
     def attention_window(self) -> Optional[int]:
@@ -138,14 +131,7 @@ class Qwen2FamilyConfig(_QwenConfig):
     """Qwen2 and Qwen2.5: biases on the query, key and value projections."""
 
     model_type = "qwen2"
-
-    @property
-    def qkv_bias(self) -> bool:
-        return True
-
-    @property
-    def output_bias(self) -> bool:
-        return False
+    qkv_bias, output_bias = True, False
 
 
 class Qwen3FamilyConfig(_QwenConfig):
@@ -153,10 +139,7 @@ class Qwen3FamilyConfig(_QwenConfig):
 
     model_type = "qwen3"
     family_defaults = {**_QwenConfig.family_defaults, "head_dim": 128}
-
-    @property
-    def qk_norm(self) -> bool:
-        return True
+    qk_norm = True
 
 
 FAMILY_CONFIGS = (LlamaFamilyConfig, MistralFamilyConfig, Qwen2FamilyConfig, Qwen3FamilyConfig)
