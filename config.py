@@ -176,6 +176,7 @@ class ManagerSettings:
     session_memory_budget: int = 0
     warm_pool: WarmPoolLimits = WarmPoolLimits()  # prefix reuse for the stateless APIs
     resume_grace: float = 60.0  # seconds a resumable WebSocket session waits for its client to come back
+    draft_tokens: int = 16  # the longest draft a step verifies (speculative decoding); 0: off
 
     @property
     def session_memory_budget_bytes(self) -> int:
@@ -215,6 +216,7 @@ class Settings:
     warm_memory_mib: int = 256  # client-side state the warm sessions may hold
     reuse_headroom_tokens: int = 1024  # extra room a stateless session opens with, for the next turn
     resume_grace: float = 60.0  # seconds a resumable WebSocket session outlives its connection
+    draft_tokens: int = 16  # the longest draft a step verifies (speculative decoding); 0: off
     trusted_proxies: Tuple[str, ...] = ()  # addresses or networks whose client_ip_header is believed
     client_ip_header: str = "X-Forwarded-For"  # the only header read for the client behind them
     executor_workers: int = 8
@@ -245,7 +247,7 @@ class Settings:
                                                         max_per_client=min(WarmPoolLimits.max_per_client,
                                                                            self.max_sessions_per_client),
                                                         headroom_tokens=self.reuse_headroom_tokens),
-                               resume_grace=self.resume_grace)
+                               resume_grace=self.resume_grace, draft_tokens=self.draft_tokens)
 
     @property
     def embedded_swarm(self) -> bool:
@@ -376,6 +378,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         "the conversation's next turn fits in it", type=int, default=defaults.reuse_headroom_tokens)
     add("--resume-grace", "seconds a resumable WebSocket session waits for its client to reconnect", type=float,
         default=defaults.resume_grace)
+    add("--draft-tokens", "the most tokens one swarm step verifies ahead (speculative decoding, drafted from the "
+        "conversation and the request's prediction; the output is unchanged); 0 turns it off", type=int,
+        default=defaults.draft_tokens)
     add("--trusted-proxies", "addresses or networks (CIDR) of reverse proxies whose --client-ip-header names the "
         "client; none: the peer address is the client", nargs="*", default=[], metavar="CIDR")
     add("--client-ip-header", "the header the trusted proxies set to the client address: X-Forwarded-For (its "
@@ -429,7 +434,8 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
                  "max_connections_per_client", "max_client_bytes_per_second"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("session_memory_budget_mib", "warm_sessions", "warm_memory_mib", "reuse_headroom_tokens"):
+    for flag in ("session_memory_budget_mib", "warm_sessions", "warm_memory_mib", "reuse_headroom_tokens",
+                 "draft_tokens"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must not be negative")
     for flag in ("step_timeout", "request_timeout", "routing_update_period", "idle_timeout",

@@ -13,15 +13,17 @@ new input comes (the session's ``SessionPositions`` keeps it, and checks every l
 """
 
 import asyncio
-from typing import Any, AsyncIterator, List, Optional, Protocol
+import collections
+from typing import Any, AsyncIterator, Deque, List, Optional, Protocol, Sequence
 
 from sessions.admission import Admission
 from sessions.decoding import IncrementalDecoder
 from sessions.errors import InvalidRequest
 from sessions.grammar import constrained
 from sessions.positions import SessionPositions
-from sessions.requests import GenerationRequest, GenerationUpdate, SamplingParams
-from sessions.steps import RunAhead, StartedStep, StepResult
+from sessions.requests import GenerationRequest, GenerationUpdate, PredictionTokens, SamplingParams
+from sessions.speculation import PREDICTION, GenerationSpeculation
+from sessions.steps import ChosenToken, RunAhead, StartedStep, StepResult
 from sessions.stops import StopStringFilter
 
 
@@ -32,6 +34,8 @@ class GeneratingSession(Protocol):
     stream: Any  # a ``TokenStream``: its constraint compiler and route recorder
     decoder: IncrementalDecoder
     positions: SessionPositions
+    metrics: Any  # a ``SessionMetrics``: drafts are counted there
+    draft_tokens: int  # the longest draft a step verifies (0: no speculation)
 
     def stopped(self, ticket: int) -> bool:
         """Whether the generation holding ``ticket`` must end now."""
@@ -72,24 +76,24 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
     # Refused before anything is fed: the session and its decoder stay as they were.
     positions.check_input(input_ids, request.max_length)
     stops = StopStringFilter(request.stop_sequences)
-    run_ahead = GenerationRunAhead(session, request, ticket, carried)
+    speculation = await _speculation(session, request)
+    run_ahead = GenerationRunAhead(session, request, ticket, carried, speculation)
     session.stream.route.reset()
     eos_token_id = session.model.eos_token_id
     session.decoder.add_context(input_ids)
     ahead: Optional[StartedStep] = None  # the next step, started by the one before it
+    ready: Deque[ChosenToken] = collections.deque(carried.tokens if carried is not None else ())
     try:
         while True:
             chunk, finish_reason = _Chunk(request.sampling.logprobs is not None), None
             while request.max_new_tokens is None or chunk.tokens < request.max_new_tokens:
-                if session.stopped(ticket):
-                    finish_reason = "cancelled"
-                    if ahead is not None:
-                        positions.carry(await _settle_steps_ahead(run_ahead, ahead, chunk))
-                        ahead = None
-                    break
-                if carried is not None:
-                    result, carried = carried, None
-                else:
+                if not ready:  # the tokens of a step that are verified go out whatever happens next
+                    if session.stopped(ticket):
+                        finish_reason = "cancelled"
+                        if ahead is not None:
+                            positions.carry(await _settle_steps_ahead(run_ahead, ahead, chunk))
+                            ahead = None
+                        break
                     if ahead is None:
                         if request.max_length is not None and not positions.fits(input_ids, request.max_length):
                             finish_reason = "length"  # the client's max_length is reached
@@ -98,33 +102,42 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
                     step, ahead = ahead, None  # a step that fails is not waited for again
                     result = await run_ahead.take(step)
                     ahead = result.next_step
-                input_ids = []
-                chunk.add(result)
-                if result.token == eos_token_id:
+                    ready.extend(result.tokens)
+                    input_ids = []
+                token = ready.popleft()
+                chunk.add(token)
+                if token.token == eos_token_id:
                     finish_reason = "stop"
                     break
             visible = stops.push(chunk.text)
-            if stops.matched:
-                if stop_token_id is not None and stops.matched_stop != request.stop_sequence:
-                    # The next turn must follow the stop token, as if the model had written it.
-                    positions.replace_pending(stop_token_id)
-                if finish_reason != "cancelled":
-                    finish_reason = "stop"
+            if stops.matched and finish_reason != "cancelled":
+                finish_reason = "stop"
             elif finish_reason is None and not request.streaming:
                 finish_reason = "length"  # the one reply has its max_new_tokens
             if finish_reason is not None:
                 visible += stops.flush()
+                if ready:  # the step chose more than the generation takes: the conversation ends here
+                    positions.give_back(len(ready))
+                    ready.clear()
+                if stops.matched and stop_token_id is not None and stops.matched_stop != request.stop_sequence:
+                    # The next turn must follow the stop token, as if the model had written it.
+                    positions.replace_pending(stop_token_id)
+                if speculation is not None:
+                    session.metrics.observe_drafts(session.model.spec.key, speculation.counts)
             yield GenerationUpdate(outputs=chunk.text, stop=finish_reason is not None, token_count=chunk.tokens,
                                    finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched,
                                    logprobs=tuple(chunk.logprobs),
                                    route=(session.stream.route.summary() if finish_reason and request.trace_route
-                                          else None))
+                                          else None),
+                                   prediction_tokens=(_prediction_tokens(speculation) if finish_reason else None))
             if finish_reason is not None:
                 return
     finally:
         if ahead is not None:  # the generation was left early: its steps end before its turn does
             run_ahead.halt()
             positions.carry(await _settle_steps_ahead(run_ahead, ahead, _Chunk(False)))
+        elif ready:  # left early with tokens verified but not taken: the conversation ends before them
+            positions.give_back(len(ready))
 
 
 class _Chunk:
@@ -134,22 +147,46 @@ class _Chunk:
         self.tokens, self.text, self.logprobs = 0, "", []
         self._with_logprobs = with_logprobs
 
-    def add(self, result: StepResult) -> None:
+    def add(self, token: ChosenToken) -> None:
         self.tokens += 1
-        self.text += result.text
-        if self._with_logprobs and result.logprobs is not None:
-            self.logprobs.append(result.logprobs)
+        self.text += token.text
+        if self._with_logprobs and token.logprobs is not None:
+            self.logprobs.append(token.logprobs)
 
 
 async def _settle_steps_ahead(run_ahead: "GenerationRunAhead", ahead: StartedStep, chunk: _Chunk) -> StepResult:
-    """Waits for the steps a stopped generation started ahead. A token that one of them fed is
-    sent with the last reply (the conversation holds it); the last one chosen, never fed, is
-    returned to be carried."""
+    """Waits for the steps a stopped generation started ahead. The tokens they fed are sent with
+    the last reply (the conversation holds them); the last one chosen, never fed, is returned to
+    be carried."""
     result = await run_ahead.take(ahead)
-    while result.next_step is not None:
-        chunk.add(result)
+    while True:
+        for token in result.tokens[:-1]:
+            chunk.add(token)
+        if result.next_step is None:
+            return StepResult((result.last,))
+        chunk.add(result.last)
         result = await run_ahead.take(result.next_step)
-    return result
+
+
+async def _speculation(session: GeneratingSession, request: GenerationRequest) -> Optional[GenerationSpeculation]:
+    """The drafts of this generation, unless the request or the server turned them off."""
+    if not request.speculative or session.draft_tokens <= 0:
+        return None
+    prediction_ids: List[int] = []
+    if request.prediction:
+        Admission.check_text_length(request.prediction, session.positions.max_length, session.model.max_token_chars)
+        prediction_ids = await session.encode(request.prediction)
+    positions = session.positions
+    return GenerationSpeculation(
+        session.draft_tokens, lambda new_tokens: positions.room(new_tokens, request.max_length), prediction_ids)
+
+
+def _prediction_tokens(speculation: Optional[GenerationSpeculation]) -> Optional[PredictionTokens]:
+    if speculation is None:
+        return None
+    counts = speculation.counts
+    return PredictionTokens(accepted=counts.accepted[PREDICTION],
+                            rejected=counts.drafted[PREDICTION] - counts.accepted[PREDICTION])
 
 
 class GenerationRunAhead:
@@ -164,7 +201,8 @@ class GenerationRunAhead:
     """
 
     def __init__(self, session: GeneratingSession, request: GenerationRequest, ticket: int,
-                 carried: Optional[StepResult]):
+                 carried: Optional[StepResult], speculation: Optional[GenerationSpeculation] = None):
+        self.speculation = speculation
         self._session = session
         self._request = request
         self._ticket = ticket
@@ -176,12 +214,12 @@ class GenerationRunAhead:
         self._steps_taken = 0  # counted by the generation
         self._halted = False
         if carried is not None:  # the generation's first token, chosen by the one before
-            self._count(carried.text)
+            self._count(carried.tokens)
 
-    def _count(self, text: str) -> None:
+    def _count(self, tokens: Sequence[ChosenToken]) -> None:
         if self._tokens_left is not None:
-            self._tokens_left -= 1
-        self._stop_lookout.push(text)
+            self._tokens_left -= len(tokens)
+        self._stop_lookout.push("".join(token.text for token in tokens))
 
     async def take(self, step: StartedStep) -> StepResult:
         """The result of ``step``, counted as taken by the generation."""
@@ -193,11 +231,12 @@ class GenerationRunAhead:
         """No step starts another from now on (the generation ends without a stop asked for)."""
         self._halted = True
 
-    def allows(self, token: int, text: str) -> bool:
-        """Whether the generation surely goes on after ``token`` (which adds ``text``)."""
-        self._count(text)
+    def allows(self, tokens: Sequence[ChosenToken]) -> bool:
+        """Whether the generation surely goes on after ``tokens``."""
+        self._count(tokens)
         self._steps_done += 1
-        return (not self._halted and self._steps_done - self._steps_taken <= 1 and token != self._eos_token_id
+        return (not self._halted and self._steps_done - self._steps_taken <= 1
+                and all(token.token != self._eos_token_id for token in tokens)
                 and not self._session.stopped(self._ticket)
                 and (self._tokens_left is None or self._tokens_left > 0) and not self._stop_lookout.matched
                 and self._session.positions.fits([], self._request.max_length))

@@ -135,7 +135,8 @@ class SessionManager:
             slot.release()
             raise
         session = ChatSession(connection_id, loaded, stream, max_length, self.executor, self.tokenizer_pool,
-                              self.settings.step_timeout, self.metrics, slot, on_closed=self._session_closed)
+                              self.settings.step_timeout, self.metrics, slot, on_closed=self._session_closed,
+                              draft_tokens=self.settings.draft_tokens)
         self._sessions.add(session)
         self.metrics.sessions_opened.labels(loaded.spec.key).inc()
         session.log.info("Opened a session on %s for %s, max_length %d", loaded.spec.key, client, max_length)

@@ -7,7 +7,7 @@ several managers and every app shows the figures of its own manager.
 import asyncio
 import gc
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -60,6 +60,12 @@ class SessionMetrics:
             "swarm_chat_step_seconds", "Time of one generation step, swarm round trip included", ["model"],
             buckets=STEP_SECONDS_BUCKETS, registry=self.registry)
         self._step_series: Dict[str, Tuple[Counter, Histogram, Counter, Counter]] = {}  # per model
+        self.drafted_tokens = Counter(
+            "swarm_chat_drafted_tokens", "Draft tokens steps verified (speculative decoding), by draft source",
+            ["model", "source"], registry=self.registry)
+        self.accepted_draft_tokens = Counter(
+            "swarm_chat_accepted_draft_tokens", "Draft tokens the model chose too, by draft source",
+            ["model", "source"], registry=self.registry)
         self.gc_pause_seconds = Histogram(
             "swarm_chat_gc_pause_seconds", "Pauses of Python's garbage collector, by generation collected",
             ["generation"], buckets=GC_PAUSE_BUCKETS, registry=self.registry)
@@ -117,8 +123,8 @@ class SessionMetrics:
             self.gc_pause_seconds.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
             self._gc_started = None
 
-    def observe_step(self, model: str, seconds: float, input_tokens: int) -> None:
-        """Records one successful step: it fed ``input_tokens`` and generated one token."""
+    def observe_step(self, model: str, seconds: float, input_tokens: int, tokens: int = 1) -> None:
+        """Records one successful step: it fed ``input_tokens`` and generated ``tokens``."""
         series = self._step_series.get(model)
         if series is None:  # looked up once per model: this runs for every token
             series = self._step_series[model] = (
@@ -127,8 +133,15 @@ class SessionMetrics:
         steps, step_seconds, generated_tokens, fed_tokens = series
         steps.inc()
         step_seconds.observe(seconds)
-        generated_tokens.inc()
+        generated_tokens.inc(tokens)
         fed_tokens.inc(input_tokens)
+
+    def observe_drafts(self, model: str, counts: Any) -> None:
+        """Adds a generation's draft tokens and accepted ones (a ``DraftCounts``), by source."""
+        for source, drafted in counts.drafted.items():
+            if drafted:
+                self.drafted_tokens.labels(model, source).inc(drafted)
+                self.accepted_draft_tokens.labels(model, source).inc(counts.accepted[source])
 
     def observe_server_step(self, server: str, seconds: float) -> None:
         """Records one server's part of one step."""

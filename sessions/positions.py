@@ -3,16 +3,19 @@
 ``SessionPositions`` owns a session's positions: the tokens the swarm holds (its token
 stream's position), the token chosen but not yet fed (the stream's pending one) and the token
 carried from a stopped generation to the next. It is the only code that moves them: a step
-advances them, a generation carries a token or takes the carried one, new input after a
-carried token or a continuing request discards the pending token, a stop token replaces it.
+advances them (by several tokens when it verified a draft), a generation that took fewer tokens
+than its step chose gives the rest back, a client may cut the conversation back, a generation
+carries a token or takes the carried one, new input after a carried token or a continuing
+request discards the pending token, a stop token replaces it.
 The length rule (``fits``) and the ``MaxLengthExceeded`` it raises are here too, so every
 check counts the same tokens and words its refusal the same way.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from sessions.errors import MaxLengthExceeded
 from sessions.requests import SamplingParams
+from sessions.speculation import Speculation
 from sessions.steps import StepResult
 
 
@@ -57,6 +60,12 @@ class SessionPositions:
             return length <= self.max_length
         return length + 1 <= min(self.max_length, request_max_length)
 
+    def room(self, new_tokens: int, request_max_length: Optional[int] = None) -> int:
+        """How many tokens a step feeding ``new_tokens`` of new input (after the pending token) may
+        choose, so that the conversation fits the session (and the request's ``max_length``)."""
+        limit = min(self.max_length, request_max_length or self.max_length)
+        return limit - (self.position + (self.pending is not None) + new_tokens)
+
     def check_step(self, new_input_ids: list) -> None:
         """Raises ``MaxLengthExceeded`` unless the session can hold a step feeding ``new_input_ids``."""
         if not self.fits(new_input_ids):
@@ -75,10 +84,24 @@ class SessionPositions:
         return MaxLengthExceeded(f"Maximum length exceeded: prefix {self.position} + current "
                                  f"{self.length_with(new_input_ids) - self.position} {beyond}")
 
-    def advance(self, new_input_ids: list, sampling: SamplingParams) -> int:
-        """One step (in a worker thread): feeds the pending token and ``new_input_ids`` through the
-        swarm and returns the next token, now the pending one."""
-        return self._stream.step(new_input_ids, sampling)
+    def advance(self, new_input_ids: list, sampling: SamplingParams,
+                speculation: Optional[Speculation] = None) -> Sequence[int]:
+        """One step (in a worker thread): feeds the pending token and ``new_input_ids`` (and a
+        draft of ``speculation``'s) through the swarm and returns the tokens chosen, the last
+        one now pending."""
+        return self._stream.step(new_input_ids, sampling, speculation)
+
+    def give_back(self, count: int) -> None:
+        """Forgets the last ``count`` tokens chosen (a step chose more than the generation took):
+        the last token kept becomes the pending one again."""
+        if count:
+            self._stream.truncate(self.position + 1 - count)
+
+    def truncate(self, length: int) -> None:
+        """Keeps the first ``length`` tokens of the conversation, the last one pending (the next
+        generation continues after it); the carried token goes."""
+        self._carried = None
+        self._stream.truncate(length)
 
     def carry(self, result: StepResult) -> None:
         """Keeps ``result``, chosen ahead by a generation that stopped and never sent, for the next one."""

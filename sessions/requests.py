@@ -66,6 +66,8 @@ class GenerationRequest:
     until_length: bool = False  # keep replying until a stop, EOS or max_length, even without stop_sequence
     visible_text: bool = False  # also give each reply's text with stop sequences cut and held back
     trace_route: bool = False  # the last reply carries the generation's route through the swarm
+    prediction: Optional[str] = None  # text the output is expected to resemble: drafts are taken from it
+    speculative: bool = True  # steps may verify drafts (the output is the same either way)
 
     @property
     def streaming(self) -> bool:
@@ -76,6 +78,14 @@ class GenerationRequest:
     def stop_sequences(self) -> Tuple[str, ...]:
         """Every text that ends the generation."""
         return tuple(filter(None, (self.stop_sequence, *self.extra_stop_sequences)))
+
+
+@dataclass(frozen=True)
+class PredictionTokens:
+    """How many tokens drafted from a request's ``prediction`` the model took, and turned down."""
+
+    accepted: int = 0
+    rejected: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,3 +104,4 @@ class GenerationUpdate:
     stopped_by_sequence: bool = False  # on the last reply: a stop sequence (not EOS or a limit) ended it
     logprobs: Tuple[ChosenTokenLogprobs, ...] = ()  # per token of ``outputs``, when the request asked
     route: Optional[Dict[str, Any]] = None  # on the last reply, when the request asked: the route trace
+    prediction_tokens: Optional[PredictionTokens] = None  # on the last reply, when steps verified drafts

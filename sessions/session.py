@@ -36,18 +36,20 @@ class ChatSession:
 
     ``model`` is a ``LoadedModel`` and ``stream`` a ``TokenStream`` (tests pass fakes);
     steps run in ``executor``, tokenizing in ``tokenizer_pool``. ``positions`` owns where the
-    stream stands and the token carried between generations: only it moves them.
+    stream stands and the token carried between generations: only it moves them. A step verifies
+    drafts of up to ``draft_tokens`` tokens (0: none).
     """
 
     def __init__(self, session_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
                  tokenizer_pool: TakingTurns, step_timeout: float, metrics: SessionMetrics, slot: Slot,
                  on_closed: Callable[["ChatSession"], None] = lambda session: None,
-                 close_timeout: float = CLOSE_TIMEOUT):
+                 close_timeout: float = CLOSE_TIMEOUT, draft_tokens: int = 0):
         self.session_id = session_id
         self.model = model
         self.stream = stream
         self.positions = SessionPositions(stream, max_length)
         self.close_timeout = close_timeout
+        self.draft_tokens = draft_tokens
         self.metrics = metrics
         self.log = ConnectionLog(logger, session_id)
         self.decoder = IncrementalDecoder(model.tokenizer)
@@ -165,7 +167,7 @@ class ChatSession:
         except Exception:  # our own code failed: an internal error, its text kept from the client
             self.metrics.observe_failed_step(model)
             raise
-        self.metrics.observe_step(model, time.monotonic() - step.started, step.input_tokens)
+        self.metrics.observe_step(model, time.monotonic() - step.started, step.input_tokens, len(result.tokens))
         # The reservation made at opening counted one span; a route through several holds more.
         self._slot.reserve(self.max_length * self.model.state_bytes_per_token * max(1, self.stream.span_count))
         return result

@@ -1,7 +1,8 @@
 """A session's swarm steps in the executor: one at a time, each able to start the next itself.
 
-A step feeds tokens through the token stream and chooses the next token, through the session's
-positions (the one code that moves them); the worker thread also turns that token into text.
+A step feeds tokens through the token stream and chooses the next token (or several, when it
+verifies a draft), through the session's positions (the one code that moves them); the worker
+thread also turns those tokens into text.
 When the generation surely goes on (its ``RunAhead`` says), the step starts the next one before
 its result reaches the event loop, so the loop's work on a token (its reply, the frame)
 overlaps the next swarm step instead of delaying it.
@@ -11,12 +12,13 @@ import asyncio
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence, Tuple
 
 from sessions.decoding import IncrementalDecoder
 from sessions.errors import StepTimeout
 from sessions.executor import BlockingExecutor
 from sessions.requests import ChosenTokenLogprobs, SamplingParams
+from sessions.speculation import Speculation
 
 
 @dataclass(frozen=True)
@@ -30,28 +32,46 @@ class StartedStep:
 
 
 @dataclass(frozen=True)
-class StepResult:
-    """What one step chose: the token, the text it adds, its log-probabilities when asked for,
-    and the next step when this one started it (see ``RunAhead``)."""
+class ChosenToken:
+    """One token a step chose: its id, the text it adds, its log-probabilities when asked for."""
 
     token: int
     text: str
     logprobs: Optional[ChosenTokenLogprobs] = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step chose: its tokens in order (one, or more when the step verified a draft:
+    the swarm holds every one but the last, which is pending), and the next step when this one
+    started it (see ``RunAhead``)."""
+
+    tokens: Tuple[ChosenToken, ...]
     next_step: Optional[StartedStep] = None
+
+    @property
+    def last(self) -> ChosenToken:
+        """The step's last token: the one chosen but not yet fed."""
+        return self.tokens[-1]
 
 
 class RunAhead(Protocol):
-    """Decides, in the worker thread that just ran a step, whether the next one starts at once."""
+    """Decides, in the worker thread that just ran a step, whether the next one starts at once;
+    it may also give the steps a draft to verify."""
 
-    def allows(self, token: int, text: str) -> bool:
-        """Whether the generation surely goes on after ``token`` (which adds ``text``)."""
+    speculation: Optional[Speculation]
+
+    def allows(self, tokens: Sequence[ChosenToken]) -> bool:
+        """Whether the generation surely goes on after ``tokens``."""
 
 
 class Advancing(Protocol):
     """What moves a token stream on by one step (a session's ``SessionPositions``)."""
 
-    def advance(self, new_input_ids: list, sampling: SamplingParams) -> int:
-        """Feeds the pending token and ``new_input_ids``; returns the next token, now pending."""
+    def advance(self, new_input_ids: list, sampling: SamplingParams,
+                speculation: Optional[Speculation] = None) -> Sequence[int]:
+        """Feeds the pending token and ``new_input_ids`` (and a draft ``speculation`` proposes);
+        returns the tokens chosen, the last one now pending."""
 
 
 class StepRunner:
@@ -94,18 +114,20 @@ class StepRunner:
         while step.future.set_running_or_notify_cancel():
             try:
                 self._running_since = time.monotonic()  # read by the event loop only once the timeout is due
-                token = self.positions.advance(new_input_ids, sampling)
-                text = self.decoder.push([token])
-                logprobs = self.stream.last_logprobs if sampling.logprobs is not None else None
+                speculation = run_ahead.speculation if run_ahead is not None else None
+                token_ids = self.positions.advance(new_input_ids, sampling, speculation)
+                logprobs = self.stream.last_logprobs if sampling.logprobs is not None else [None] * len(token_ids)
+                chosen = tuple(ChosenToken(token, self.decoder.push([token]), token_logprobs)
+                               for token, token_logprobs in zip(token_ids, logprobs))
                 next_step = None
-                if run_ahead is not None and run_ahead.allows(token, text):
+                if run_ahead is not None and run_ahead.allows(chosen):
                     next_step = StartedStep(Future(), time.monotonic(), 0)
                     self._running_since = None
                     self.in_flight = next_step.future  # before this step is seen to be done
             except BaseException as error:
                 step.future.set_exception(error)
                 return
-            step.future.set_result(StepResult(token, text, logprobs, next_step))
+            step.future.set_result(StepResult(chosen, next_step))
             if next_step is None:
                 return
             if self._executor.queue_depth:  # another session waits for a thread: it goes first

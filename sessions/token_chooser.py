@@ -84,8 +84,13 @@ class TokenChooser:
         allowed[:shared] = known[:shared]
         return torch.from_numpy(allowed)
 
-    def choose(self, token_ids: torch.Tensor, logits: torch.Tensor) -> int:
-        """The next token, given every token so far and the next token's logits (1 × vocabulary)."""
+    def choose(self, token_ids: torch.Tensor, logits: torch.Tensor, draft: Optional[int] = None) -> int:
+        """The next token, given every token so far and the next token's logits (1 × vocabulary).
+
+        With ``draft`` (a guess of the next token, made without looking at these logits) the
+        choice keeps the output's distribution: greedy choice is what it would be anyway, and
+        sampling takes the guess with its probability, else samples from the other tokens
+        (renormalized), the standard acceptance rule for a guess that was certain."""
         sampling = self.sampling
         scores = logits + self._bias if self._bias is not None else logits
         if self._chosen and (sampling.presence_penalty or sampling.frequency_penalty):
@@ -104,7 +109,14 @@ class TokenChooser:
             probabilities = torch.softmax(scores, dim=-1)
             if sampling.min_p:
                 probabilities = torch.where(probabilities < sampling.min_p * probabilities.max(), 0.0, probabilities)
-            token = int(torch.multinomial(probabilities, num_samples=1, generator=self._generator)[0, 0])
+            if draft is not None and (float(torch.rand(1, generator=self._generator))
+                                      < float(probabilities[0, draft] / probabilities.sum())):
+                token = draft
+            else:
+                if draft is not None:  # the guess was turned down: any token but it
+                    probabilities = probabilities.clone()
+                    probabilities[0, draft] = 0.0
+                token = int(torch.multinomial(probabilities, num_samples=1, generator=self._generator)[0, 0])
         self._chosen[token] += 1
         if self._constraint is not None:
             self._constraint.matcher.consume_token(token)

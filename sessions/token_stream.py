@@ -1,12 +1,18 @@
 """One Petals inference session driven token by token.
 
 ``TokenStream`` feeds tokens through the swarm one step at a time and picks the next token
-on this machine (embeddings and the output head are local). Its methods block: the session
-manager runs them in its executor; ``prepare``, awaited on the event loop before a constrained
-generation's first step, compiles its constraint in the grammar compiler's own threads.
+on this machine (embeddings and the output head are local). A step may also verify a draft
+(``sessions.speculation``): the draft's tokens go through the swarm with the pending one, the
+model's choice at each position is taken for as long as it agrees with the draft, and the
+swarm forgets the rest, which needs every server on the route to roll back (``swarm.rollback``).
+Going back is lazy: the stream only lowers its position, and the next step starts there.
+
+Its methods block: the session manager runs them in its executor; ``prepare``, awaited on the
+event loop before a constrained generation's first step, compiles its constraint in the grammar
+compiler's own threads.
 """
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,8 +20,9 @@ from sessions.errors import SwarmCallFailed
 from sessions.grammar import Constraint, GrammarCompiler, constrained, shared_compiler
 from sessions.models import LoadedModel
 from sessions.requests import ChosenTokenLogprobs, SamplingParams
+from sessions.speculation import Draft, Speculation
 from sessions.token_chooser import TokenChooser
-from swarm.petals_api import InferenceSession, recording
+from swarm.petals_api import InferenceSession, recording, route_rollback
 from swarm.route_trace import RouteRecorder
 
 
@@ -35,6 +42,8 @@ class TokenStream:
         self._session = InferenceSession(self._remote.sequence_manager, max_length)
         self.token_ids = torch.empty((1, 0), dtype=torch.int64)  # every token, fed or pending
         self.pending: Optional[int] = None  # chosen but not yet fed through the swarm
+        self._fed = 0  # tokens the swarm's caches hold and the next step builds on (the swarm may hold more)
+        self.last_logprobs: List[Optional[ChosenTokenLogprobs]] = []  # of the last step's choices
         self._chooser: Optional[TokenChooser] = None  # the running generation's, kept across its steps
         self._grammars = grammars or shared_compiler()
         self._prepared: Optional[Tuple[SamplingParams, Constraint]] = None  # for the next generation's steps
@@ -42,17 +51,17 @@ class TokenStream:
 
     @property
     def position(self) -> int:
-        """How many tokens the swarm holds attention caches for."""
-        return self._session.position
+        """How many tokens the swarm holds attention caches for (that the next step builds on)."""
+        return self._fed
 
     def fed_token_ids(self) -> list:
         """The tokens the swarm holds attention caches for, in order."""
         return self.token_ids[0, :self.position].tolist()
 
-    @property
-    def last_logprobs(self) -> Optional[ChosenTokenLogprobs]:
-        """The log-probabilities of the last step's choice, when its sampling asked for them."""
-        return self._chooser.last_logprobs if self._chooser is not None else None
+    def rolls_back(self) -> bool:
+        """Whether the session may go back cheaply: every server on its route rolls back in
+        place. Blocking: it may ask a server (once per server and process)."""
+        return bool(self._session._server_sessions) and route_rollback.route_rolls_back(self._session)
 
     @property
     def span_count(self) -> int:
@@ -77,25 +86,44 @@ class TokenStream:
         if constrained(sampling):
             self._prepared = (sampling, await self._grammars.compile(self.loaded.tokenizer, sampling))
 
-    def step(self, new_input_ids: Sequence[int] = (), sampling: SamplingParams = SamplingParams()) -> int:
-        """Feeds the pending token and ``new_input_ids`` through the swarm; returns the next token."""
+    def step(self, new_input_ids: Sequence[int] = (), sampling: SamplingParams = SamplingParams(),
+             speculation: Optional[Speculation] = None) -> List[int]:
+        """Feeds the pending token and ``new_input_ids`` through the swarm, with a draft from
+        ``speculation`` when the route can take it back; returns the tokens chosen: the draft's
+        tokens the model chose too, then the model's own next token (now the pending one)."""
         feed = ([self.pending] if self.pending is not None else []) + list(new_input_ids)
         if not feed:
             raise ValueError("nothing to feed: give input ids to start a session")
         chooser = self._chooser_for(sampling)  # before any swarm work: it checks the request
-        input_ids = torch.tensor([feed], dtype=torch.int64)
+        if self._session.position > self._fed:  # the stream went back since the swarm's last step
+            route_rollback.roll_back(self._session, self._fed)
+        draft = Draft()
+        if speculation is not None and self.pending is not None and self.rolls_back():
+            draft = speculation.propose(self.token_ids[0].tolist() + list(new_input_ids), len(new_input_ids))
+        input_ids = torch.tensor([feed + list(draft.tokens)], dtype=torch.int64)
         client = self.loaded.client
         with torch.inference_mode(), self._remote.use_session(self._session), recording(self.route):
             try:
-                hidden = client.transformer(input_ids=input_ids).last_hidden_state[:, -1:]
+                hidden = client.transformer(input_ids=input_ids).last_hidden_state[:, -1 - len(draft.tokens):]
             except Exception as error:  # the swarm's failure, told apart from one of our own code
                 raise SwarmCallFailed(error) from error
-            logits = client.lm_head(hidden)[:, -1].float()
+            logits = client.lm_head(hidden)[0].float()
         self.token_ids = torch.cat([self.token_ids, torch.tensor([list(new_input_ids)], dtype=torch.int64)], dim=1)
-        next_token = chooser.choose(self.token_ids, logits)
-        self.pending = next_token
-        self.token_ids = torch.cat([self.token_ids, torch.tensor([[next_token]])], dim=1)
-        return next_token
+        chosen, self.last_logprobs = [], []
+        for position, guess in enumerate((*draft.tokens, None)):
+            token = chooser.choose(self.token_ids, logits[position:position + 1], draft=guess)
+            chosen.append(token)
+            self.last_logprobs.append(chooser.last_logprobs)
+            self.token_ids = torch.cat([self.token_ids, torch.tensor([[token]])], dim=1)
+            if token != guess:
+                break
+        if draft.tokens:
+            speculation.observe(draft, len(chosen) - 1)
+        # The swarm holds the pending token, the new input and the draft; the draft's tokens
+        # after the last one taken are forgotten at the next step.
+        self._fed += len(feed) + len(chosen) - 1
+        self.pending = chosen[-1]
+        return chosen
 
     def _chooser_for(self, sampling: SamplingParams) -> TokenChooser:
         # One generation passes the same SamplingParams to each of its steps; a new one starts afresh.
@@ -119,6 +147,15 @@ class TokenStream:
         """Feeds ``token_id`` instead of the pending token at the next step (e.g. a stop token)."""
         self.pending = token_id
         self.token_ids[0, -1] = token_id
+
+    def truncate(self, length: int) -> None:
+        """Keeps the first ``length`` tokens of the conversation; the last one kept becomes the
+        pending one, so the next step chooses what follows it. The swarm goes back at that step."""
+        if not 1 <= length <= self.token_ids.shape[1]:
+            raise ValueError(f"cannot keep {length} of {self.token_ids.shape[1]} tokens")
+        self.token_ids = self.token_ids[:, :length]
+        self.pending = int(self.token_ids[0, -1])
+        self._fed = length - 1
 
     def close(self) -> None:
         """Releases the attention caches the swarm holds for this session."""

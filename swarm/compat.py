@@ -38,6 +38,7 @@ import os
 import threading
 
 import hivemind
+import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.tensor_descr import TensorDescriptor
 
@@ -118,6 +119,8 @@ def replay_history_on_takeover() -> None:
     When the failed span is taken over by several servers, the first one's outputs for the
     whole history are the next one's history, and so on down the replacements: petals itself
     hands the history to the first replacement only, and the others would run without context.
+    A session reopened by a rollback holds, as ``replay_prefix``, the history up to the position
+    rolled back to, without this step's inputs: it replays that, then this step.
     """
     from petals.client.inference_session import _ServerInferenceSession
 
@@ -126,7 +129,11 @@ def replay_history_on_takeover() -> None:
     def step(self, inputs, prompts, hypo_ids, *, step_id):
         new_tokens = inputs.shape[1]
         inherited = self.history
-        if self.stepped or inherited is None or inherited.shape[1] == self._position + new_tokens:
+        kept = getattr(self, "replay_prefix", None)
+        if kept is not None:  # reopened by a rollback (swarm.rollback): the kept history, then this step
+            self.replay_prefix = None
+            inherited = torch.cat([kept, inputs[:, -new_tokens:]], dim=1)
+        elif self.stepped or inherited is None or inherited.shape[1] == self._position + new_tokens:
             return original_step(self, inputs, prompts, hypo_ids, step_id=step_id)
         self.history = None
         outputs = original_step(self, inherited, prompts, hypo_ids, step_id=step_id)

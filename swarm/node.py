@@ -2,7 +2,8 @@
 
 A thin front for petals' own ``run_server`` that runs through the compatibility layer,
 accepts ``--dash-style`` as well as petals' ``--underscore_style`` options, derives the DHT
-prefix by the clients' rule (``swarm.prefix``), and shuts down cleanly on SIGTERM as on Ctrl-C
+prefix by the clients' rule (``swarm.prefix``), lets a session's step start at an earlier
+position (``swarm.rollback``), and shuts down cleanly on SIGTERM as on Ctrl-C
 (so the node's own child processes, its DHT and p2p daemon, go with it).
 """
 
@@ -76,6 +77,12 @@ def serve(argv: Sequence[str]) -> None:
     )
     parser.add_argument("model", help="hub repository or local folder of the model")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for this node (0: automatic)")
+    parser.add_argument("--without-rollback", action="store_true",
+                        help="serve steps as a stock petals 2.2 node does: no step may start at an earlier position "
+                        "(for testing clients against such nodes)")
+    parser.add_argument("--added-step-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="sleep this long before each inference step's reply: a simulated network trip, "
+                        "for benchmarks")
     args, rest = parser.parse_known_args(argv)
 
     signal.signal(signal.SIGTERM, _start_shutdown)
@@ -84,6 +91,15 @@ def serve(argv: Sequence[str]) -> None:
     os.register_at_fork(after_in_child=_restore_default_signals)
     import swarm.petals_api  # noqa: F401  (must precede petals; registers our model families)
     import torch
+    from swarm.rollback import serve_added_delay_only, serve_rollback
+
+    if args.added_step_delay < 0:
+        parser.error("--added-step-delay must be 0 or more")
+    if args.without_rollback:
+        if args.added_step_delay:
+            serve_added_delay_only(args.added_step_delay)
+    else:
+        serve_rollback(args.added_step_delay)
     from petals.cli import run_server
 
     if args.threads > 0:

@@ -15,6 +15,7 @@ from sessions.admission import Admission
 from sessions.executor import BlockingExecutor
 from sessions.manager import SessionManager
 from sessions.metrics import SessionMetrics
+from sessions.speculation import Draft
 from sessions.swarm_state import SwarmMonitor
 from swarm.route_trace import RouteRecorder
 
@@ -52,7 +53,8 @@ class FakeModel:
 
 
 class FakeTokenStream:
-    """Answers each step with the next character of ``reply`` (then EOS), after ``step_seconds``.
+    """Answers each step with the next character of ``reply`` (then EOS), after ``step_seconds``;
+    a step given a draft keeps the draft's characters that ``reply`` has next, as a greedy model would.
 
     ``hold`` blocks every step until it is set, so a test can keep a step in flight;
     ``hold_close`` does the same for ``close``.
@@ -74,19 +76,34 @@ class FakeTokenStream:
         self._next = 0
         self.span_count = 1
         self.route = RouteRecorder()
+        self.drafts: List[tuple] = []  # the drafts steps verified
+        self.last_logprobs: List[None] = []
 
-    def step(self, new_input_ids: Sequence[int] = (), sampling=None) -> int:
+    def step(self, new_input_ids: Sequence[int] = (), sampling=None, speculation=None) -> List[int]:
         self.steps_running += 1
         try:
             self.hold.wait()
             time.sleep(self.step_seconds)
             feed = ([self.pending] if self.pending is not None else []) + list(new_input_ids)
+            draft = Draft()
+            if speculation is not None and self.pending is not None:
+                draft = speculation.propose(self.fed + feed, len(new_input_ids))
+                self.drafts.append(draft.tokens)
             self.fed.extend(feed)
             self.position += len(feed)
-            token = ord(self.reply[self._next]) if self._next < len(self.reply) else EOS
-            self._next += 1
-            self.pending = token
-            return token
+            chosen = []
+            for guess in (*draft.tokens, None):
+                chosen.append(ord(self.reply[self._next]) if self._next < len(self.reply) else EOS)
+                self._next += 1
+                if chosen[-1] != guess:
+                    break
+            if draft.tokens:
+                speculation.observe(draft, len(chosen) - 1)
+            self.fed.extend(chosen[:-1])
+            self.position += len(chosen) - 1
+            self.pending = chosen[-1]
+            self.last_logprobs = [None] * len(chosen)
+            return chosen
         finally:
             self.steps_running -= 1
 
@@ -97,6 +114,12 @@ class FakeTokenStream:
         if self.pending is not None:
             self.pending = None
             self._next -= 1  # as with a greedy model, the same token comes next again
+
+    def truncate(self, length: int) -> None:
+        conversation = self.fed + ([self.pending] if self.pending is not None else [])
+        self._next -= len(conversation) - length  # the reply's tokens cut come again, as with a greedy model
+        self.fed, self.pending = conversation[:length - 1], conversation[length - 1]
+        self.position = length - 1
 
     def close(self) -> None:
         self.closed_while_stepping = self.steps_running > 0

@@ -24,7 +24,7 @@ from sessions.metrics import SessionMetrics
 from sessions.positions import SessionPositions
 from sessions.requests import GenerationRequest
 from sessions.session import ChatSession
-from sessions.steps import StepResult
+from sessions.steps import ChosenToken, StepResult
 from tests.fakes import FakeModel, FakeTokenStream, fake_manager
 
 STREAM = GenerationRequest(inputs="Hi", max_new_tokens=1, stop_sequence="never")
@@ -37,14 +37,15 @@ def executor():
     pool.shutdown()
 
 
-def make_session(executor, stream=None, step_timeout=10.0, max_length=256, admission=None, close_timeout=10.0):
+def make_session(executor, stream=None, step_timeout=10.0, max_length=256, admission=None, close_timeout=10.0,
+                 draft_tokens=0):
     admission = admission or Admission(ManagerSettings())
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)
     return ChatSession("s1", FakeModel(), stream or FakeTokenStream(), max_length, executor,
                        TakingTurns(1, "fake-tokenize"), step_timeout, metrics, admission.admit("client"),
-                       close_timeout=close_timeout)
+                       close_timeout=close_timeout, draft_tokens=draft_tokens)
 
 
 async def collect(updates):
@@ -133,7 +134,7 @@ class FailingStream(FakeTokenStream):
         super().__init__()
         self.error = error
 
-    def step(self, new_input_ids=(), sampling=None) -> int:
+    def step(self, new_input_ids=(), sampling=None, speculation=None) -> list:
         raise self.error
 
 
@@ -279,7 +280,7 @@ async def test_a_token_chosen_ahead_opens_the_next_generation_when_the_model_goe
     assert (await updates.__anext__()).outputs == "a"
     session.request_stop()
     assert [update.finish_reason async for update in updates] == ["cancelled"]
-    assert session.positions.carried.token == ord("b") == stream.pending  # kept by the session's positions
+    assert session.positions.carried.last.token == ord("b") == stream.pending  # kept by the session's positions
     # ... and going on without input starts from it, without a step for it.
     going_on = await collect(session.generate(GenerationRequest(max_new_tokens=3)))
     assert going_on[-1].outputs == "bcd" and stream.fed == [ord(char) for char in "xabc"]
@@ -369,14 +370,14 @@ def test_a_carried_token_opens_the_next_generation_unless_new_input_drops_it():
     stream = FakeTokenStream()
     stream.position, stream.pending = 3, ord("b")
     positions = SessionPositions(stream, max_length=16)
-    chosen = StepResult(ord("b"), "b")
+    chosen = StepResult((ChosenToken(ord("b"), "b"),))
     positions.carry(chosen)
     assert positions.take_carried([]) is chosen and positions.carried is None
     assert positions.take_carried([]) is None and positions.pending == ord("b")  # taken once only
     positions.carry(chosen)
     assert positions.take_carried([ord("y")]) is None
     assert positions.carried is None and positions.pending is None and positions.length_with([]) == 3
-    positions.carry(StepResult(ord("c"), "c"))
+    positions.carry(StepResult((ChosenToken(ord("c"), "c"),)))
     stream.pending = ord("c")
     positions.discard_pending()  # a continuing request says what follows: both go
     assert positions.carried is None and positions.pending is None

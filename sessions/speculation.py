@@ -1,0 +1,175 @@
+"""Drafts for speculative decoding: cheap guesses of the next tokens, for one step to verify.
+
+A step that feeds a draft along with its pending token gets the model's logits at every
+position in one trip through the swarm; the token stream then keeps the draft's tokens for as
+long as the model chooses them too (``sessions.token_chooser``), plus the model's own next
+token, and the swarm rolls back the rest (``swarm.rollback``). A draft costs little when it is
+wrong, and saves a trip for each token it gets right.
+
+Drafts come from prompt lookup: the last few tokens are looked up in what the client predicted
+the output to be (OpenAI's ``prediction``) and in the conversation so far, and the tokens that
+followed them there are the guess. The draft length adapts to how the last drafts fared: it
+doubles while they are taken whole, shrinks to what was taken when one is cut short, and
+drafting pauses for a while (longer each time) when drafts keep failing.
+"""
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+# n-gram sizes looked up, longest first: a longer match is a better guess. A single token is
+# looked up in the prediction only (the output is expected to follow it).
+PREDICTION_NGRAMS = (3, 2, 1)
+CONTEXT_NGRAMS = (3, 2)
+FIRST_DRAFT_TOKENS = 4
+# Drafts that got nothing right, in a row, before drafting pauses; the longest pause, in steps.
+MISSES_BEFORE_PAUSE = 2
+LONGEST_PAUSE = 32
+
+PREDICTION = "prediction"
+PROMPT_LOOKUP = "prompt_lookup"
+DRAFT_SOURCES = (PREDICTION, PROMPT_LOOKUP)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Tokens guessed to come next, and where the guess came from."""
+
+    tokens: Tuple[int, ...] = ()
+    source: Optional[str] = None
+
+
+class NgramIndex:
+    """Where each short run of tokens (n-grams of the given sizes) ended in a token sequence that
+    only grows, so that the tokens that followed it can be looked up."""
+
+    def __init__(self, sizes: Sequence[int]):
+        self.sizes = sizes
+        self.tokens: List[int] = []
+        self._ends: Dict[Tuple[int, ...], List[int]] = {}
+        self._indexed = 0  # ends below this are indexed (an end needs a token after it)
+
+    def extend_to(self, tokens: Sequence[int]) -> None:
+        """Takes ``tokens``, which begin with the tokens indexed so far, as the sequence."""
+        if len(tokens) < len(self.tokens) or list(tokens[:self._indexed]) != self.tokens[:self._indexed]:
+            self.__init__(self.sizes)  # not a continuation (the conversation was cut): start over
+        self.tokens = list(tokens)
+        for end in range(max(self._indexed, 1), len(self.tokens)):
+            for size in self.sizes:
+                if end >= size:
+                    self._ends.setdefault(tuple(self.tokens[end - size:end]), []).append(end)
+        self._indexed = max(self._indexed, len(self.tokens))
+
+    def follow(self, suffix: Sequence[int], length: int, after: Optional[int] = None,
+               sizes: Optional[Sequence[int]] = None) -> Tuple[int, Tuple[int, ...]]:
+        """Where the longest n-gram ending ``suffix`` (of ``sizes``, by default every indexed size)
+        ended in the sequence, and up to ``length`` tokens that followed it there: its first place
+        from ``after`` on when given (else its last place). ``(0, ())`` when none is found."""
+        for size in sizes or self.sizes:
+            if size not in self.sizes or len(suffix) < size:
+                continue
+            ends = self._ends.get(tuple(suffix[-size:]))
+            if not ends:
+                continue
+            place = bisect.bisect_left(ends, after) if after is not None else len(ends)
+            end = ends[place] if place < len(ends) else ends[-1]
+            return end, tuple(self.tokens[end:end + length])
+        return 0, ()
+
+
+@dataclass
+class DraftLength:
+    """How many tokens to draft next, from how the last drafts fared."""
+
+    most: int
+    length: int = 0
+    _misses: int = 0
+    _pause: int = 0
+    _paused_for: int = 0
+
+    def __post_init__(self) -> None:
+        self.length = min(FIRST_DRAFT_TOKENS, self.most)
+
+    def next(self) -> int:
+        """The length of the next draft (0 while drafting pauses)."""
+        if self._paused_for > 0:
+            self._paused_for -= 1
+            return 0
+        return self.length
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """A draft of ``drafted`` tokens had its first ``accepted`` taken."""
+        if accepted == drafted:
+            self.length, self._misses, self._pause = min(self.most, 2 * max(self.length, drafted)), 0, 0
+        elif accepted:
+            self.length, self._misses = max(1, accepted + 1), 0
+        else:
+            self.length, self._misses = 1, self._misses + 1
+            if self._misses >= MISSES_BEFORE_PAUSE:
+                self._pause = min(LONGEST_PAUSE, max(2, 2 * self._pause))
+                self._paused_for, self._misses = self._pause, 0
+
+
+@dataclass
+class DraftCounts:
+    """Tokens drafted and accepted, by draft source."""
+
+    drafted: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(DRAFT_SOURCES, 0))
+    accepted: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(DRAFT_SOURCES, 0))
+
+    def add(self, source: str, drafted: int, accepted: int) -> None:
+        self.drafted[source] += drafted
+        self.accepted[source] += accepted
+
+
+class Speculation(Protocol):
+    """What a token stream asks of a generation's drafts, in the step's worker thread."""
+
+    def propose(self, token_ids: Sequence[int], new_tokens: int) -> Draft:
+        """A draft to follow ``token_ids``, or an empty one."""
+
+    def observe(self, draft: Draft, accepted: int) -> None:
+        """The step kept the first ``accepted`` tokens of ``draft``."""
+
+
+class GenerationSpeculation:
+    """The drafts of one generation, within the room it leaves (``room(new_tokens)``: how many
+    tokens its next step, feeding ``new_tokens`` of new input, may choose at most).
+
+    ``propose`` and ``observe`` run in the step's worker thread, one step at a time; the counts
+    are read by the generation between steps.
+    """
+
+    def __init__(self, most_tokens: int, room: Callable[[int], int], prediction_ids: Sequence[int] = ()):
+        self._length = DraftLength(most_tokens)
+        self._room = room
+        self._prediction = NgramIndex(PREDICTION_NGRAMS)
+        self._prediction.extend_to(prediction_ids)
+        self._prediction_cursor = 0  # where in the prediction the output has got to
+        self._guessed_from = 0  # where the last draft from the prediction began in it
+        self._context = NgramIndex(CONTEXT_NGRAMS)
+        self.counts = DraftCounts()
+
+    def propose(self, token_ids: Sequence[int], new_tokens: int) -> Draft:
+        """A draft to follow ``token_ids`` (the conversation, the pending token and a step's new
+        input last), or an empty one."""
+        length = min(self._length.next(), self._room(new_tokens) - 1)
+        if length <= 0:
+            return Draft()
+        self._context.extend_to(token_ids)
+        for size in PREDICTION_NGRAMS:  # the longest match wins; at the same length, the prediction
+            end, guess = self._prediction.follow(token_ids, length, after=self._prediction_cursor, sizes=(size,))
+            if guess:
+                self._guessed_from = end
+                return Draft(guess, PREDICTION)
+            _, guess = self._context.follow(token_ids, length, sizes=(size,))
+            if guess:
+                return Draft(guess, PROMPT_LOOKUP)
+        return Draft()
+
+    def observe(self, draft: Draft, accepted: int) -> None:
+        """The step kept the first ``accepted`` tokens of ``draft``."""
+        self._length.observe(len(draft.tokens), accepted)
+        self.counts.add(draft.source, len(draft.tokens), accepted)
+        if draft.source == PREDICTION:  # the output has got this far in the prediction
+            self._prediction_cursor = self._guessed_from + accepted
