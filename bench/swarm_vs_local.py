@@ -56,9 +56,9 @@ def greedy_swarm(loaded, prompt_ids, new_tokens: int, sampling: SamplingParams =
     asyncio.run(stream.prepare(sampling))  # a schema or grammar is compiled before the first step, as the server does
     started = time.perf_counter()
     try:
-        tokens = [stream.step(prompt_ids, sampling)]
+        tokens = stream.step(prompt_ids, sampling)  # without a draft, each step chooses one token
         while len(tokens) < new_tokens:
-            tokens.append(stream.step((), sampling))
+            tokens += stream.step((), sampling)
     finally:
         stream.close()
     return tokens, time.perf_counter() - started

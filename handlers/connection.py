@@ -38,6 +38,8 @@ def update_reply(update: GenerationUpdate, visible_text: bool = False) -> Dict[s
         body["text"] = update.text
     if update.route is not None:
         body["route"] = update.route
+    if update.session_length is not None:
+        body["session_length"] = update.session_length
     return body
 
 

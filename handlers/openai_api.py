@@ -26,7 +26,8 @@ from sessions.chat_template import ChatTemplateError
 from sessions.errors import InvalidRequest, error_payload, log_error
 from sessions.grammar import constrained
 from sessions.models import LoadedModel
-from sessions.requests import ChosenTokenLogprobs, GenerationRequest, GenerationUpdate, SamplingParams, TokenLogprob
+from sessions.requests import (ChosenTokenLogprobs, GenerationRequest, GenerationUpdate, PredictionTokens,
+                               SamplingParams, TokenLogprob)
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +164,16 @@ class CompletionHandler(OpenAIHandler):
         return {"id": self.completion_id, "object": object_name, "created": self.started, "model": model,
                 "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> Dict[str, Any]:
-        """Token counts as OpenAI reports them; ``cached_tokens``: prompt tokens a warm session held."""
+    def usage(self, prompt_tokens: int, completion_tokens: int,
+              prediction: Optional[PredictionTokens]) -> Dict[str, Any]:
+        """Token counts as OpenAI reports them; ``cached_tokens``: prompt tokens a warm session held;
+        the prediction's tokens the model took and turned down."""
+        prediction = prediction or PredictionTokens()
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+                "completion_tokens_details": {"accepted_prediction_tokens": prediction.accepted,
+                                              "rejected_prediction_tokens": prediction.rejected}}
 
     async def full_reply(self, model: str, request: GenerationRequest, prompt_tokens: int) -> None:
         """Generates the whole reply, then answers it as one JSON object."""
@@ -181,7 +187,7 @@ class CompletionHandler(OpenAIHandler):
             return
         choice = self.choice("".join(pieces), openai_finish_reason(last), logprobs if self.wants_logprobs else None)
         reply = self.envelope(model, self.object_name, [choice])
-        reply["usage"] = self.usage(prompt_tokens, tokens)
+        reply["usage"] = self.usage(prompt_tokens, tokens, last.prediction_tokens)
         if last.route is not None:
             reply["route"] = last.route
         self.write(reply)
@@ -195,12 +201,13 @@ class CompletionHandler(OpenAIHandler):
                            include_usage: bool) -> None:
         """Streams the reply as events. An error before the first event is a plain HTTP error
         reply (so clients see its status); after it, an error event."""
-        tokens, first = 0, True
+        tokens, first, prediction = 0, True, None
         pending_logprobs: List[ChosenTokenLogprobs] = []  # of tokens whose text is still held back
         try:
             async with aclosing(self.generate(model, request)) as updates:
                 async for update in updates:
                     tokens += update.token_count
+                    prediction = update.prediction_tokens
                     finish_reason = openai_finish_reason(update) if update.stop else None
                     pending_logprobs.extend(update.logprobs)
                     if update.text or first or update.stop:
@@ -219,7 +226,7 @@ class CompletionHandler(OpenAIHandler):
                 return
             if include_usage:
                 usage = self.envelope(model, self.chunk_object_name, [])
-                usage["usage"] = self.usage(prompt_tokens, tokens)
+                usage["usage"] = self.usage(prompt_tokens, tokens, prediction)
                 await self.send_event(usage)
         except tornado.iostream.StreamClosedError:
             return

@@ -31,7 +31,7 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 # value, they are refused with a 400 that names them rather than silently ignored.
 NOT_SUPPORTED = {
     "functions": (None, []), "function_call": (None, "none"), "echo": (None, False), "suffix": (None, ""),
-    "best_of": (None, 1), "audio": (None,), "prediction": (None,),
+    "best_of": (None, 1), "audio": (None,),
 }
 
 RequestModel = TypeVar("RequestModel", bound="OpenAIRequest")
@@ -91,6 +91,26 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class PredictionPart(BaseModel):
+    """One text part of a prediction's content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(BaseModel):
+    """``prediction``: text the reply is expected to resemble (e.g. a file being edited). Steps
+    draft from it; the reply is what it would be without it, only sooner where they match."""
+
+    type: Literal["content"]
+    content: Union[str, List[PredictionPart]]
+
+    @property
+    def text(self) -> str:
+        """The predicted text."""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class OpenAIRequest(BaseModel):
     """The fields completions and chat completions share, vLLM's extra sampling fields included."""
 
@@ -115,6 +135,8 @@ class OpenAIRequest(BaseModel):
     response_format: Optional[ResponseFormat] = None
     user: Optional[str] = None
     trace_route: bool = False  # our extension: the reply's ``route`` names the swarm servers that served it
+    prediction: Optional[Prediction] = None
+    speculative: bool = True  # our extension: false turns speculative decoding off for this request
 
     @model_validator(mode="before")
     @classmethod
@@ -250,6 +272,8 @@ class OpenAIRequest(BaseModel):
             extra_stop_sequences=tuple(dict.fromkeys(self.stop_strings + format_stops)),
             until_length=True,
             trace_route=self.trace_route,
+            prediction=self.prediction.text if self.prediction is not None else None,
+            speculative=self.speculative,
         )
 
 

@@ -6,7 +6,7 @@ names the field; nothing here touches a model or a session (nor imports torch or
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from sessions.errors import BadRequest
@@ -162,8 +162,11 @@ def generation_request(params: Mapping[str, Any], allow_stop_sequence: bool = Tr
     extra_stop_sequences = optional_str_list(params, "extra_stop_sequences") if allow_stop_sequence else ()
     if extra_stop_sequences and stop_sequence is None:
         raise BadRequest("extra_stop_sequences need a stop_sequence")
+    speculative = optional_bool(params, "speculative")
     return GenerationRequest(
         inputs=optional_str(params, "inputs"),
+        prediction=optional_str(params, "prediction", allow_empty=False),
+        speculative=True if speculative is None else speculative,
         visible_text=bool(optional_bool(params, "visible_text")) if allow_stop_sequence else False,
         trace_route=bool(optional_bool(params, "trace_route")),
         max_length=max_length,
@@ -198,7 +201,8 @@ def parse_message(raw: Union[str, bytes], max_bytes: int) -> Message:
         last_seq = optional_int(data, "last_seq", minimum=0)
         return ResumeSessionMessage(session_id, token, 0 if last_seq is None else last_seq)
     if kind == "generate":
-        return GenerateMessage(request=generation_request(data))
+        request = generation_request(data)
+        return GenerateMessage(request=replace(request, from_position=optional_int(data, "from_position")))
     if kind == "stop":
         return StopMessage()
     raise BadRequest(f"Unknown message type {shown(kind)}; expected open_inference_session, "

@@ -68,6 +68,10 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
         input_ids = await session.encode(request.inputs)
     else:
         input_ids = []
+    if request.from_position is not None:  # checked before anything moves
+        positions.check_truncation(request.from_position)
+        positions.truncate(request.from_position)
+        session.decoder.add_context([positions.pending])
     # A token a stopped generation chose ahead of need, never sent: the next token if the model
     # just goes on, but new input follows the token before it.
     carried = positions.take_carried(input_ids)
@@ -118,6 +122,7 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
                 visible += stops.flush()
                 if ready:  # the step chose more than the generation takes: the conversation ends here
                     positions.give_back(len(ready))
+                    session.decoder.add_context([positions.pending])
                     ready.clear()
                 if stops.matched and stop_token_id is not None and stops.matched_stop != request.stop_sequence:
                     # The next turn must follow the stop token, as if the model had written it.
@@ -129,7 +134,8 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
                                    logprobs=tuple(chunk.logprobs),
                                    route=(session.stream.route.summary() if finish_reason and request.trace_route
                                           else None),
-                                   prediction_tokens=(_prediction_tokens(speculation) if finish_reason else None))
+                                   prediction_tokens=(_prediction_tokens(speculation) if finish_reason else None),
+                                   session_length=(positions.length_with([]) if finish_reason else None))
             if finish_reason is not None:
                 return
     finally:

@@ -171,8 +171,8 @@ class SessionManager:
                                client: str, trusted: bool = False) -> RequestSession:
         """A session for one request of the stateless APIs, with the request's prompt tokenized once.
 
-        A warm session of the client whose fed tokens begin the prompt is continued, and the request
-        then carries only the tokens it lacks; otherwise a session is opened for the prompt plus
+        A warm session of the client that shares the prompt's beginning is continued (gone back to
+        where they part), and the request then carries only the tokens it lacks; otherwise a session is opened for the prompt plus
         ``max_new_tokens`` (or for ``max_length``), with room for a next turn when reuse is on.
         """
         if not request.inputs and not request.input_ids:
@@ -185,9 +185,9 @@ class SessionManager:
         needed = request.max_length or len(request.input_ids) + request.max_new_tokens
         model = loaded.spec.key
         # The warm pool is matched before any limit may close a warm session to make room.
-        warm = self.warm.take(client, model, request.input_ids, needed) if self.warm.enabled else None
+        warm, shared = self.warm.take(client, model, request.input_ids, needed) if self.warm.enabled else (None, 0)
         if warm is not None:
-            cached = warm.continue_for(connection_id)
+            cached = warm.continue_for(connection_id, shared)
             self.metrics.observe_prefix_reuse(model, cached)
             return RequestSession(warm, dataclasses.replace(request, input_ids=request.input_ids[cached:]), cached)
         if self.warm.enabled:

@@ -13,7 +13,7 @@ check counts the same tokens and words its refusal the same way.
 
 from typing import Any, Optional, Sequence
 
-from sessions.errors import MaxLengthExceeded
+from sessions.errors import InvalidRequest, MaxLengthExceeded
 from sessions.requests import SamplingParams
 from sessions.speculation import Speculation
 from sessions.steps import StepResult
@@ -97,11 +97,19 @@ class SessionPositions:
         if count:
             self._stream.truncate(self.position + 1 - count)
 
+    def check_truncation(self, length: int) -> None:
+        """Raises ``InvalidRequest`` unless the conversation has ``length`` tokens to keep."""
+        held = self.length_with([])
+        if not 1 <= length <= held:
+            raise InvalidRequest(f"from_position {length} is not within the session's conversation "
+                                 f"(1 to {held} tokens)", param="from_position")
+
     def truncate(self, length: int) -> None:
         """Keeps the first ``length`` tokens of the conversation, the last one pending (the next
-        generation continues after it); the carried token goes."""
-        self._carried = None
-        self._stream.truncate(length)
+        generation continues after it); the carried token goes unless nothing is cut."""
+        if length != self.length_with([]):
+            self._carried = None
+            self._stream.truncate(length)
 
     def carry(self, result: StepResult) -> None:
         """Keeps ``result``, chosen ahead by a generation that stopped and never sent, for the next one."""

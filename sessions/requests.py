@@ -67,6 +67,7 @@ class GenerationRequest:
     visible_text: bool = False  # also give each reply's text with stop sequences cut and held back
     trace_route: bool = False  # the last reply carries the generation's route through the swarm
     prediction: Optional[str] = None  # text the output is expected to resemble: drafts are taken from it
+    from_position: Optional[int] = None  # first cut the session's conversation back to this many tokens
     speculative: bool = True  # steps may verify drafts (the output is the same either way)
 
     @property
@@ -105,3 +106,4 @@ class GenerationUpdate:
     logprobs: Tuple[ChosenTokenLogprobs, ...] = ()  # per token of ``outputs``, when the request asked
     route: Optional[Dict[str, Any]] = None  # on the last reply, when the request asked: the route trace
     prediction_tokens: Optional[PredictionTokens] = None  # on the last reply, when steps verified drafts
+    session_length: Optional[int] = None  # on the last reply: tokens in the session's conversation now

@@ -119,14 +119,18 @@ class ChatSession:
             self._tickets_finished += 1
             self.last_active = time.monotonic()
 
-    def continue_for(self, connection_id: str) -> int:
+    def continue_for(self, connection_id: str, shared: int) -> int:
         """Takes the session, left by a finished request, for another request (``connection_id``)
-        whose prompt continues its tokens; returns how many of them the swarm already holds.
+        whose prompt shares its first ``shared`` tokens (all those the swarm holds, or fewer:
+        the session goes back to them); returns ``shared``, the prompt tokens not fed again.
         The token chosen last was never fed: the new prompt says what follows."""
         self.positions.discard_pending()
+        if shared < self.positions.position:
+            # The last shared token becomes the pending one: it is fed again, with the prompt's rest.
+            self.positions.truncate(shared)
         self.last_active = time.monotonic()
-        self.log.info("Continues as %s, %d tokens already in the swarm", connection_id, self.positions.position)
-        return self.positions.position
+        self.log.info("Continues as %s, %d tokens already in the swarm", connection_id, shared)
+        return shared
 
     def request_stop(self) -> None:
         """Ends every generation requested so far, before its next step."""

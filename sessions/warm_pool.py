@@ -2,9 +2,11 @@
 
 A stateless API (``/v1`` and ``/api/v1/generate``) gets a whole conversation with each request.
 When a request ends normally its session may wait here a short while; a later request of the
-same client for the same model whose prompt tokens begin with every token that session fed
-through the swarm takes it and feeds only the rest. Attention caches hold exactly those tokens,
-so the reply is the one a fresh session would give. Anything else opens a fresh session.
+same client for the same model takes the session whose fed tokens share the longest beginning
+with its prompt, goes back to where they part (``swarm.rollback``) and feeds only the rest: a
+regenerated or edited last turn reuses the conversation before it. Attention caches then hold
+exactly the tokens kept, so the reply is the one a fresh session would give. A session whose
+tokens part from the prompt early (fewer than ``MIN_PARTIAL_TOKENS`` shared) is not taken.
 
 The pool is bounded by count (in all and per client), by the memory its sessions hold on this
 machine, and by age: well under the swarm servers' own timeout for an idle session. Sessions the
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from config import WarmPoolLimits
+
+# Fewer shared tokens than this are not worth going back for (unless the session fed no others).
+MIN_PARTIAL_TOKENS = 16
 
 
 @dataclass
@@ -71,24 +76,27 @@ class WarmPool:
                                             else None))
         return leaving
 
-    def take(self, client: str, model: str, prompt_ids: Sequence[int], needed_length: int) -> Optional[Any]:
-        """The waiting session of ``client`` on ``model`` that fed the longest prefix of
-        ``prompt_ids`` and has room for ``needed_length`` tokens in all; None if none does."""
+    def take(self, client: str, model: str, prompt_ids: Sequence[int], needed_length: int) -> Tuple[Optional[Any], int]:
+        """The waiting session of ``client`` on ``model`` that shares the longest beginning with
+        ``prompt_ids`` (all its fed tokens, or at least ``MIN_PARTIAL_TOKENS``) and has room for
+        ``needed_length`` tokens in all, and how many tokens they share (at most all but the
+        prompt's last); ``(None, 0)`` if none does."""
         best: Optional[_Warm] = None
+        best_shared = 0
         for key, warm in list(self._warm.items()):
             session = warm.session
             if session.closed_reason is not None:  # closed meanwhile (e.g. at shutdown)
                 del self._warm[key]
                 continue
-            if (session.client != client or session.model.spec.key != model or len(warm.fed) >= len(prompt_ids)
-                    or session.max_length < needed_length):
+            if session.client != client or session.model.spec.key != model or session.max_length < needed_length:
                 continue
-            if tuple(prompt_ids[:len(warm.fed)]) == warm.fed and (best is None or len(warm.fed) > len(best.fed)):
-                best = warm
-        if best is not None:
-            del self._warm[id(best.session)]
-            return best.session
-        return None
+            shared = shared_length(warm.fed, prompt_ids[:-1])
+            if (shared == len(warm.fed) or shared >= MIN_PARTIAL_TOKENS) and shared > best_shared:
+                best, best_shared = warm, shared
+        if best is None:
+            return None, 0
+        del self._warm[id(best.session)]
+        return best.session, best_shared
 
     def expired(self) -> List[Any]:
         """Removes and returns the sessions that waited longer than ``max_age``."""
@@ -122,3 +130,13 @@ class WarmPool:
     def _pop_oldest(self, client: Optional[str]) -> Any:
         key = next(key for key, warm in self._warm.items() if client is None or warm.session.client == client)
         return self._warm.pop(key).session
+
+
+def shared_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many tokens ``first`` and ``second`` begin with in common."""
+    shared = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        shared += 1
+    return shared

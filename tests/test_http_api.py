@@ -35,7 +35,7 @@ async def test_form_body_greedy_matches_the_websocket_api(http_server_client, ma
     loaded = manager.registry.find(TINY)
     stream = TokenStream(loaded, 64)
     try:
-        ids = [stream.step(loaded.encode("A cat sat on"))] + [stream.step() for _ in range(7)]
+        ids = stream.step(loaded.encode("A cat sat on")) + [token for _ in range(7) for token in stream.step()]
     finally:
         stream.close()
     assert reply["outputs"] == loaded.tokenizer.decode(ids, skip_special_tokens=False,

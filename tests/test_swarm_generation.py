@@ -44,10 +44,10 @@ def test_token_stream_matches_local_transformers_across_turns(manager, repositor
     second_turn = loaded.tokenizer(" and then")["input_ids"]
     stream = TokenStream(loaded, max_length=128)
     try:
-        streamed = [stream.step(first_turn)]
-        streamed += [stream.step() for _ in range(9)]
-        streamed.append(stream.step(second_turn))  # a new turn continues the same session
-        streamed += [stream.step() for _ in range(9)]
+        streamed = stream.step(first_turn)  # without a draft, each step chooses one token
+        streamed += [token for _ in range(9) for token in stream.step()]
+        streamed += stream.step(second_turn)  # a new turn continues the same session
+        streamed += [token for _ in range(9) for token in stream.step()]
         assert stream.position == len(first_turn) + 10 + len(second_turn) + 9
     finally:
         stream.close()

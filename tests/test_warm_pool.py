@@ -27,21 +27,35 @@ def test_the_longest_fed_prefix_of_the_same_client_and_model_is_taken():
                                                finished_session([1, 2, 3, 4, 5], model="n"))
     for session in (short, long_, other_client, other_model):
         assert pool.park(session) == []
-    assert pool.take("a", "m", [1, 2, 3, 4, 5, 6], needed_length=50) is long_
-    assert pool.take("a", "m", [1, 2, 3, 4, 5, 6], needed_length=50) is short
-    assert pool.take("a", "m", [1, 2, 3, 4, 5, 6], needed_length=50) is None
+    assert pool.take("a", "m", [1, 2, 3, 4, 5, 6], needed_length=50) == (long_, 4)
+    assert pool.take("a", "m", [1, 2, 3, 4, 5, 6], needed_length=50) == (short, 2)
+    assert pool.take("a", "m", [1, 2, 3, 4, 5, 6], needed_length=50) == (None, 0)
     assert len(pool) == 2
+
+
+def test_a_session_that_parts_from_the_prompt_is_taken_back_to_where_they_part():
+    pool = WarmPool(WarmPoolLimits(max_sessions=8, max_per_client=8))
+    conversation = list(range(100, 140))  # 40 tokens: a long turn, then its reply
+    pool.park(finished_session(conversation))
+    # The last reply regenerated: the prompt shares the first 30 tokens, then differs.
+    session, shared = pool.take("a", "m", conversation[:30] + [7, 8], needed_length=50)
+    assert session is not None and shared == 30
+    pool.park(session)
+    # Too little in common to be worth going back for: a fresh session.
+    assert pool.take("a", "m", conversation[:10] + [7, 8], needed_length=50) == (None, 0)
+    # The whole prompt held: all but its last token count, which is fed again to get a reply.
+    assert pool.take("a", "m", conversation[:36], needed_length=50) == (session, 35)
 
 
 def test_a_prompt_that_differs_is_no_longer_or_does_not_fit_misses():
     pool = WarmPool(WarmPoolLimits(max_sessions=8))
     session = finished_session([1, 2, 3], max_length=10)
     pool.park(session)
-    assert pool.take("a", "m", [1, 9, 3, 4], needed_length=8) is None  # a token differs
-    assert pool.take("a", "m", [1, 2, 3], needed_length=8) is None  # nothing new to feed
-    assert pool.take("a", "m", [1, 2, 3, 4], needed_length=11) is None  # no room for the reply
+    assert pool.take("a", "m", [1, 9, 3, 4], needed_length=8) == (None, 0)  # a token differs early on
+    assert pool.take("a", "m", [1, 2, 3], needed_length=8) == (None, 0)  # nothing new to feed
+    assert pool.take("a", "m", [1, 2, 3, 4], needed_length=11) == (None, 0)  # no room for the reply
     session.closed_reason = "idle"
-    assert pool.take("a", "m", [1, 2, 3, 4], needed_length=8) is None and len(pool) == 0
+    assert pool.take("a", "m", [1, 2, 3, 4], needed_length=8) == (None, 0) and len(pool) == 0
 
 
 def test_limits_push_out_the_oldest_and_age_expires():

@@ -100,7 +100,8 @@ async def test_multibyte_text_is_never_split(ws_port, manager):
     stream = TokenStream(loaded, 128)
     try:
         prompt_ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = [stream.step(prompt_ids)] + [stream.step() for _ in range(sum(r["token_count"] for r in replies) - 1)]
+        ids = stream.step(prompt_ids) + [token for _ in range(sum(r["token_count"] for r in replies) - 1)
+                                        for token in stream.step()]
     finally:
         stream.close()
     expected = loaded.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
