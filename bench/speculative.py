@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from config import REPO_ROOT as CONFIG_ROOT, ManagerSettings, WarmPoolLimits, de
 from server import split_cpu_threads  # noqa: E402
 from sessions.manager import build_manager  # noqa: E402
 from sessions.requests import GenerationRequest, SamplingParams  # noqa: E402
+from sessions.speculation import DRAFT_SOURCES  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 
@@ -100,7 +102,7 @@ TASKS = {
     "edit with prediction": dict(
         user="Rename the attribute radius of Circle to r everywhere in this file and reply with the whole "
              "file only, as code:\n\n" + CODE,
-        prediction=EDITED_HINT),
+        reply_start="```python\n", prediction=EDITED_HINT),
     "quote and summarize": dict(
         user="Quote this text word for word, then summarize it in one sentence.\n\nText: " + TEXT),
     "JSON to a schema": dict(
@@ -111,8 +113,10 @@ TASKS = {
 }
 
 
-def chat_prompt(tokenizer, user: str) -> list:
-    return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+def chat_prompt(tokenizer, user: str, reply_start: str = "") -> list:
+    """The chat prompt of one user turn, the assistant's reply begun with ``reply_start``."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+    return prompt + tokenizer.encode(reply_start, add_special_tokens=False) if reply_start else prompt
 
 
 async def generate(manager, model: str, prompt_ids: list, tokens: int, speculative: bool,
@@ -139,7 +143,7 @@ def draft_counts(manager, model: str) -> dict:
     metrics = manager.metrics
     return {source: (metrics.accepted_draft_tokens.labels(model, source)._value.get(),
                      metrics.drafted_tokens.labels(model, source)._value.get())
-            for source in ("prediction", "prompt_lookup")}
+            for source in DRAFT_SOURCES}
 
 
 def drafts_between(before: dict, after: dict) -> str:
@@ -153,7 +157,7 @@ async def run_tasks(manager, model: str, tokenizer, tokens: int, only=None) -> l
     for name, task in TASKS.items():
         if only and name not in only:
             continue
-        prompt_ids = chat_prompt(tokenizer, task["user"])
+        prompt_ids = chat_prompt(tokenizer, task["user"], task.get("reply_start", ""))
         runs = {}
         for speculative in (False, True):
             before = draft_counts(manager, model)
@@ -167,26 +171,28 @@ async def run_tasks(manager, model: str, tokenizer, tokens: int, only=None) -> l
     return rows
 
 
-async def regenerate_first_token(manager, model: str, tokenizer, decode_step: float) -> dict:
-    """A ~2,000-token chat; its last reply regenerated with prefix reuse on."""
+async def regenerate_first_token(manager, model: str, tokenizer) -> dict:
+    """A ~2,000-token chat; its last reply regenerated with prefix reuse on: the first token's
+    time against the median time of the reply's next tokens (decode steps at that length)."""
     messages = []
-    for turn in range(24):
+    for turn in range(13):
         messages.append({"role": "user", "content": f"Turn {turn}: " + TEXT})
         messages.append({"role": "assistant", "content": "Noted. " + TEXT[:200]})
     messages.append({"role": "user", "content": "Summarize the story in one sentence."})
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     request = GenerationRequest(input_ids=tuple(prompt_ids), max_new_tokens=1, until_length=True,
-                                max_length=len(prompt_ids) + 16)
-    firsts = []
+                                max_length=len(prompt_ids) + 16, speculative=False)
+    firsts, gaps = [], []
     for attempt in range(2):  # the first opens the session, the second regenerates from it
         opened = await manager.open_for_request(f"regenerate-{attempt}", model, request, "bench")
-        started, first = time.perf_counter(), None
+        started, times = time.perf_counter(), []
         async for update in opened.session.generate(opened.request):
-            first = first or time.perf_counter() - started
+            times.append(time.perf_counter() - started)
         manager.finish_request(opened.session, reusable=True, reason="done")
-        firsts.append((first, opened.cached_tokens))
+        firsts.append((times[0], opened.cached_tokens))
+        gaps += [later - earlier for earlier, later in zip(times, times[1:])]
     return dict(prompt_tokens=len(prompt_ids), fresh_first=firsts[0][0], regenerate_first=firsts[1][0],
-                cached=firsts[1][1], decode_step=decode_step)
+                cached=firsts[1][1], decode_step=statistics.median(gaps))
 
 
 def print_rows(title: str, rows: list) -> None:
@@ -220,13 +226,12 @@ async def trips(args, spec, path, tokenizer) -> None:
             rows = await run_tasks(manager, spec.key, tokenizer, args.tokens)
             print_rows(f"Two nodes, {args.delay * 1000:.0f} ms added to each server step, {args.tokens} greedy tokens "
                        "(tokens/s of the whole generation, first step included)", rows)
-            count, _, seconds, first = await generate(manager, spec.key, chat_prompt(tokenizer, "Hi"), 32, False)
-            decode_step = (seconds - first) / max(1, count - 1)
-            regenerate = await regenerate_first_token(manager, spec.key, tokenizer, decode_step)
+            regenerate = await regenerate_first_token(manager, spec.key, tokenizer)
             print(f"\nRegenerate the last reply of a {regenerate['prompt_tokens']}-token chat: first token "
                   f"{regenerate['regenerate_first'] * 1000:.0f} ms ({regenerate['cached']} prompt tokens reused), "
-                  f"fresh session {regenerate['fresh_first'] * 1000:.0f} ms, one decode step "
-                  f"{decode_step * 1000:.0f} ms: {regenerate['regenerate_first'] / decode_step:.2f}x a decode step")
+                  f"in a fresh session {regenerate['fresh_first'] * 1000:.0f} ms; one decode step there "
+                  f"{regenerate['decode_step'] * 1000:.0f} ms (median): "
+                  f"{regenerate['regenerate_first'] / regenerate['decode_step']:.2f}x a decode step")
         finally:
             await manager.close()
 

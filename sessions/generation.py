@@ -80,8 +80,11 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
     # Refused before anything is fed: the session and its decoder stay as they were.
     positions.check_input(input_ids, request.max_length)
     stops = StopStringFilter(request.stop_sequences)
-    speculation = await _speculation(session, request)
-    run_ahead = GenerationRunAhead(session, request, ticket, carried, speculation)
+    run_ahead = GenerationRunAhead(session, request, ticket, carried)
+    speculation = None
+    if request.speculative and session.draft_tokens > 0:
+        speculation = GenerationSpeculation(session.draft_tokens, run_ahead.room, await _prediction_ids(session, request))
+        run_ahead.speculation = speculation
     session.stream.route.reset()
     eos_token_id = session.model.eos_token_id
     session.decoder.add_context(input_ids)
@@ -174,17 +177,12 @@ async def _settle_steps_ahead(run_ahead: "GenerationRunAhead", ahead: StartedSte
         result = await run_ahead.take(result.next_step)
 
 
-async def _speculation(session: GeneratingSession, request: GenerationRequest) -> Optional[GenerationSpeculation]:
-    """The drafts of this generation, unless the request or the server turned them off."""
-    if not request.speculative or session.draft_tokens <= 0:
-        return None
-    prediction_ids: List[int] = []
-    if request.prediction:
-        Admission.check_text_length(request.prediction, session.positions.max_length, session.model.max_token_chars)
-        prediction_ids = await session.encode(request.prediction)
-    positions = session.positions
-    return GenerationSpeculation(
-        session.draft_tokens, lambda new_tokens: positions.room(new_tokens, request.max_length), prediction_ids)
+async def _prediction_ids(session: GeneratingSession, request: GenerationRequest) -> List[int]:
+    """The request's ``prediction`` tokenized (bounded like any input first); none without one."""
+    if not request.prediction:
+        return []
+    Admission.check_text_length(request.prediction, session.positions.max_length, session.model.max_token_chars)
+    return await session.encode(request.prediction)
 
 
 def _prediction_tokens(speculation: Optional[GenerationSpeculation]) -> Optional[PredictionTokens]:
@@ -207,8 +205,8 @@ class GenerationRunAhead:
     """
 
     def __init__(self, session: GeneratingSession, request: GenerationRequest, ticket: int,
-                 carried: Optional[StepResult], speculation: Optional[GenerationSpeculation] = None):
-        self.speculation = speculation
+                 carried: Optional[StepResult]):
+        self.speculation: Optional[GenerationSpeculation] = None  # the generation's drafts, if any
         self._session = session
         self._request = request
         self._ticket = ticket
@@ -232,6 +230,13 @@ class GenerationRunAhead:
         result = await self._session.finish_step(step)
         self._steps_taken += 1
         return result
+
+    def room(self, new_tokens: int) -> int:
+        """How many tokens the next step (feeding ``new_tokens`` of new input) may choose: within
+        the session, the request's ``max_length``, and the tokens a reply that is not streamed
+        still needs (counted from the steps done so far, in the worker thread)."""
+        room = self._session.positions.room(new_tokens, self._request.max_length)
+        return room if self._tokens_left is None else min(room, self._tokens_left)
 
     def halt(self) -> None:
         """No step starts another from now on (the generation ends without a stop asked for)."""

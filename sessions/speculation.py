@@ -6,9 +6,11 @@ long as the model chooses them too (``sessions.token_chooser``), plus the model'
 token, and the swarm rolls back the rest (``swarm.rollback``). A draft costs little when it is
 wrong, and saves a trip for each token it gets right.
 
-Drafts come from prompt lookup: the last few tokens are looked up in what the client predicted
-the output to be (OpenAI's ``prediction``) and in the conversation so far, and the tokens that
-followed them there are the guess. The draft length adapts to how the last drafts fared: it
+Drafts come from a constraint's grammar first: the tokens a JSON schema or grammar forces next
+(a key's name, the punctuation between values) are drafted whole. Otherwise from prompt lookup:
+the last few tokens are looked up in what the client predicted the output to be (OpenAI's
+``prediction``) and in the conversation so far, and the tokens that followed them there are the
+guess. The draft length adapts to how the last drafts fared: it
 doubles while they are taken whole, shrinks to what was taken when one is cut short, and
 drafting pauses for a while (longer each time) when drafts keep failing.
 """
@@ -17,18 +19,20 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
-# n-gram sizes looked up, longest first: a longer match is a better guess. A single token is
-# looked up in the prediction only (the output is expected to follow it).
+# n-gram sizes looked up, longest first: a longer match is a better guess (and at the same
+# length the prediction's).
 PREDICTION_NGRAMS = (3, 2, 1)
-CONTEXT_NGRAMS = (3, 2)
+CONTEXT_NGRAMS = (3, 2, 1)
 FIRST_DRAFT_TOKENS = 4
 # Drafts that got nothing right, in a row, before drafting pauses; the longest pause, in steps.
-MISSES_BEFORE_PAUSE = 2
-LONGEST_PAUSE = 32
+# A miss costs a step little (a draft of one token after a miss), a hit saves a whole trip.
+MISSES_BEFORE_PAUSE = 4
+LONGEST_PAUSE = 16
 
+GRAMMAR = "grammar"
 PREDICTION = "prediction"
 PROMPT_LOOKUP = "prompt_lookup"
-DRAFT_SOURCES = (PREDICTION, PROMPT_LOOKUP)
+DRAFT_SOURCES = (GRAMMAR, PREDICTION, PROMPT_LOOKUP)
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,9 @@ class DraftCounts:
 class Speculation(Protocol):
     """What a token stream asks of a generation's drafts, in the step's worker thread."""
 
-    def propose(self, token_ids: Sequence[int], new_tokens: int) -> Draft:
-        """A draft to follow ``token_ids``, or an empty one."""
+    def propose(self, token_ids: Sequence[int], new_tokens: int, forced: Sequence[int] = ()) -> Draft:
+        """A draft to follow ``token_ids`` (``forced``: the tokens a constraint forces next), or an
+        empty one."""
 
     def observe(self, draft: Draft, accepted: int) -> None:
         """The step kept the first ``accepted`` tokens of ``draft``."""
@@ -150,10 +155,14 @@ class GenerationSpeculation:
         self._context = NgramIndex(CONTEXT_NGRAMS)
         self.counts = DraftCounts()
 
-    def propose(self, token_ids: Sequence[int], new_tokens: int) -> Draft:
+    def propose(self, token_ids: Sequence[int], new_tokens: int, forced: Sequence[int] = ()) -> Draft:
         """A draft to follow ``token_ids`` (the conversation, the pending token and a step's new
-        input last), or an empty one."""
-        length = min(self._length.next(), self._room(new_tokens) - 1)
+        input last), or an empty one. ``forced``: the tokens a constraint forces next, drafted
+        whole (up to the longest draft) since the model nearly always writes them so."""
+        room = self._room(new_tokens) - 1
+        if forced and room > 0:
+            return Draft(tuple(forced[:min(room, self._length.most)]), GRAMMAR)
+        length = min(self._length.next(), room)
         if length <= 0:
             return Draft()
         self._context.extend_to(token_ids)
@@ -169,7 +178,8 @@ class GenerationSpeculation:
 
     def observe(self, draft: Draft, accepted: int) -> None:
         """The step kept the first ``accepted`` tokens of ``draft``."""
-        self._length.observe(len(draft.tokens), accepted)
+        if draft.source != GRAMMAR:  # forced tokens say nothing of how well lookups guess
+            self._length.observe(len(draft.tokens), accepted)
         self.counts.add(draft.source, len(draft.tokens), accepted)
         if draft.source == PREDICTION:  # the output has got this far in the prediction
             self._prediction_cursor = self._guessed_from + accepted

@@ -9,7 +9,7 @@ costs the swarm any work.
 """
 
 import collections
-from typing import Counter, Optional
+from typing import Counter, List, Optional
 
 import llguidance.numpy
 import numpy
@@ -83,6 +83,13 @@ class TokenChooser:
         shared = min(logits_size, len(known))
         allowed[:shared] = known[:shared]
         return torch.from_numpy(allowed)
+
+    def forced_tokens(self) -> List[int]:
+        """The tokens the constraint's grammar forces next, as its tokenizer would write them
+        (llguidance's fast-forward: the model may still spell them otherwise); none when free."""
+        if self._constraint is None or self._constraint.matcher.is_stopped():
+            return []
+        return list(self._constraint.matcher.compute_ff_tokens())
 
     def choose(self, token_ids: torch.Tensor, logits: torch.Tensor, draft: Optional[int] = None) -> int:
         """The next token, given every token so far and the next token's logits (1 × vocabulary).

@@ -99,7 +99,9 @@ class TokenStream:
             route_rollback.roll_back(self._session, self._fed)
         draft = Draft()
         if speculation is not None and self.pending is not None and self.rolls_back():
-            draft = speculation.propose(self.token_ids[0].tolist() + list(new_input_ids), len(new_input_ids))
+            # The constraint has seen the generation's tokens so far: what it forces comes next.
+            draft = speculation.propose(self.token_ids[0].tolist() + list(new_input_ids), len(new_input_ids),
+                                        chooser.forced_tokens())
         input_ids = torch.tensor([feed + list(draft.tokens)], dtype=torch.int64)
         client = self.loaded.client
         with torch.inference_mode(), self._remote.use_session(self._session), recording(self.route):

@@ -448,6 +448,43 @@ async def test_questions_are_edited_and_replies_regenerated_into_versions_with_t
     await drive(page, tmp_path, steps)
 
 
+async def test_a_later_reply_is_regenerated_and_its_question_edited_in_the_same_session(page, tmp_path):
+    def reply_briefly():
+        page.wait_for_reply_updates(2)
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+
+    def steps():
+        page.open()
+        page.send("hello")
+        reply_briefly()
+        page.send("and then?")
+        reply_briefly()
+        second = page.sent("generate")[-1]
+        # Where the session stood after the first reply, as the server said.
+        first_end = [reply["session_length"] for reply in page.received() if "session_length" in reply][0]
+
+        page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .regenerate").click()
+        reply_briefly()
+        regenerated = page.sent("generate")[-1]
+        assert len(page.sent("open_inference_session")) == 1  # no new session, no replay
+        assert regenerated["from_position"] == first_end and regenerated["inputs"] == second["inputs"]
+        assert page.versions()[-1] == "2/2"
+
+        page.chromium.find_elements(By.CSS_SELECTOR, ".message.user .edit")[-1].click()
+        box = page.chromium.find_element(By.CSS_SELECTOR, ".message.user textarea")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("and why?", Keys.ENTER)
+        reply_briefly()
+        edited = page.sent("generate")[-1]
+        assert len(page.sent("open_inference_session")) == 1
+        assert edited["from_position"] == first_end and "and why?" in edited["inputs"]
+        assert "hello" not in edited["inputs"] and "and then?" not in edited["inputs"]
+        assert page.error_text() == ""
+
+    await drive(page, tmp_path, steps)
+
+
 async def test_the_page_writes_the_conversation_as_the_server_formats_it(page, manager, tmp_path):
     loaded = manager.registry.find(DEFAULT_REPOSITORY)
     chat_format = ChatFormat.for_model(loaded.tokenizer, loaded.spec.chat, loaded.stop_token)

@@ -1,6 +1,7 @@
 """Failover that must not change the text: a session's only server dies, and two servers that
 each hold half of its blocks take over. The default model (SmolLM2) must then write exactly what
-an uninterrupted greedy run of plain transformers writes, token for token."""
+an uninterrupted greedy run of plain transformers writes, token for token, although the session
+went back a few tokens just before (the takeover replays the conversation as it then stands)."""
 
 import asyncio
 import dataclasses
@@ -18,6 +19,7 @@ from swarm.local import LocalSwarm, SwarmModel, count_blocks
 PREFIX = "failover-smollm2"
 PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
 BEFORE, AFTER = 6, 16  # tokens generated before and after the crash
+TAKEN_BACK = 3  # tokens generated after BEFORE, then taken back
 NODE_OPTIONS = ("--update-period", "2", "--expiration", "5")
 READY_TIMEOUT = 240
 
@@ -75,6 +77,13 @@ async def test_two_servers_take_over_one_and_the_text_does_not_change(failover_s
         assert [(span["peer_id"], span["blocks"]) for span in before[-1].route["spans"]] == [
             (whole_peer, [0, model.num_blocks])]
         assert before[-1].route["steps"] == BEFORE and before[-1].route["failures"] == 0
+        kept = before[-1].session_length
+        taken_back = [update async for update in session.generate(GenerationRequest(max_new_tokens=TAKEN_BACK))]
+        assert taken_back[-1].session_length == kept + TAKEN_BACK
+        # Back to where BEFORE ended, and on by one token: the server's caches and the history
+        # petals keeps for failover both hold the conversation without the tokens taken back.
+        resumed = [update async for update in session.generate(GenerationRequest(max_new_tokens=1, from_position=kept))]
+        assert resumed[-1].session_length == kept + 1
 
         half = model.num_blocks // 2
         swarm.add_node(model, f"0:{half}", NODE_OPTIONS)
@@ -89,10 +98,10 @@ async def test_two_servers_take_over_one_and_the_text_does_not_change(failover_s
         await asyncio.sleep(3)
 
         first_half, second_half = (online_servers(swarm, model)[block] for block in (0, model.num_blocks - 1))
-        after = [update async for update in session.generate(GenerationRequest(max_new_tokens=AFTER,
+        after = [update async for update in session.generate(GenerationRequest(max_new_tokens=AFTER - 1,
                                                                                trace_route=True))]
-        text = "".join(update.outputs for update in before + after)
-        assert sum(update.token_count for update in before + after) == BEFORE + AFTER
+        text = "".join(update.outputs for update in before + resumed + after)
+        assert sum(update.token_count for update in before + resumed + after) == BEFORE + AFTER
         assert text == expected.rstrip("\ufffd")
         # The trace shows the failover: the dead server's failure, then the two halves.
         route = after[-1].route

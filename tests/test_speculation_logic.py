@@ -56,11 +56,11 @@ def test_the_draft_length_follows_the_acceptance_and_pauses_when_drafts_keep_fai
     assert length.next() == 8
     length.observe(8, 2)  # cut short: as long as what was taken, plus one
     assert length.next() == 3
-    length.observe(3, 0)
-    length.observe(1, 0)  # two misses in a row: no draft for 2 steps, then 4, ...
+    for _ in range(4):  # four misses in a row: one token at a time, then no draft for 2 steps, ...
+        length.observe(1, 0)
     assert [length.next() for _ in range(3)] == [0, 0, 1]
-    length.observe(1, 0)
-    length.observe(1, 0)
+    for _ in range(4):
+        length.observe(1, 0)
     assert [length.next() for _ in range(5)] == [0, 0, 0, 0, 1]
     length.observe(1, 1)  # a draft taken whole ends the pauses
     assert length.next() == 2

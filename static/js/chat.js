@@ -61,7 +61,9 @@ const state = {
   conversation: emptyConversation(), // the message tree (tree.js)
   // The open session, if any: its ChatSocket, the messages it holds (the last one a reply
   // without its suffix), the system text it started with, and whether it ends with the stop token.
-  session: null, // {socket, held, system, endsWithStop}
+  // `marks[i]`, for a reply held, is where the session stood right after it ({length, endsWithStop}):
+  // the session can go back there; `cutTo` is the length the next generate goes back to first.
+  session: null, // {socket, held, marks, system, endsWithStop, cutTo}
   sessionLength: 0, // the longest session this conversation has needed so far
   generating: false,
   stopRequested: false,
@@ -168,17 +170,36 @@ function generationRequest(inputs) {
   return request;
 }
 
-/** The open session if it can go on to `turns` in `length` tokens, else a new one. */
+/** How many messages `held` and `turns` begin with in common. */
+function sharedTurns(held, turns) {
+  let shared = 0;
+  while (shared < held.length && held[shared] === turns[shared]) shared += 1;
+  return shared;
+}
+
+/**
+ * The open session if it can go on to `turns` in `length` tokens, else a new one. A session whose
+ * history parts from `turns` (an edit, a regeneration, another version chosen) goes back to
+ * the last reply they share, if any: the server keeps everything before it.
+ */
 async function openSession(length, turns) {
   const session = state.session;
-  // A session holds a history that cannot be taken back: it serves `turns` only if that history
-  // starts them (not after an edit, a regeneration or another version chosen earlier on).
-  const fits = session && !session.socket.closed && session.socket.maxLength >= length &&
-    session.system === systemText() && session.held.every((message, index) => turns[index] === message);
-  if (fits) return session;
+  if (session && !session.socket.closed && session.socket.maxLength >= length && session.system === systemText()) {
+    const shared = sharedTurns(session.held, turns);
+    if (shared === session.held.length) return session;
+    const back = session.marks.slice(0, shared).findLastIndex((mark) => mark);
+    if (back >= 0) {
+      const mark = session.marks[back];
+      Object.assign(session, {
+        held: session.held.slice(0, back + 1), marks: session.marks.slice(0, back + 1),
+        endsWithStop: mark.endsWithStop, cutTo: mark.length,
+      });
+      return session;
+    }
+  }
   dropSession();
   const socket = await ChatSocket.open(state.model.model, length);
-  state.session = { socket, held: [], system: systemText(), endsWithStop: false };
+  state.session = { socket, held: [], marks: [], system: systemText(), endsWithStop: false, cutTo: null };
   return state.session;
 }
 
@@ -209,7 +230,12 @@ async function streamReply(length, turns, reply, show) {
   let shown = "";
   let tokens = 0;
   let firstTokenAt = null;
-  await session.socket.generate(generationRequest(inputs), (message) => {
+  let length = null;
+  const request = generationRequest(inputs);
+  if (session.cutTo) request.from_position = session.cutTo;
+  session.cutTo = null;
+  const heldMarks = session.marks;
+  await session.socket.generate(request, (message) => {
     raw += message.outputs;
     shown += message.text;
     tokens += message.token_count;
@@ -217,10 +243,13 @@ async function streamReply(length, turns, reply, show) {
     reply.text = shown.trimStart();
     reply.stats = replyStats(startedAt, firstTokenAt, tokens);
     if (message.route) reply.route = message.route;
+    if (message.session_length) length = message.session_length;
     show(reply.text, reply.stats);
   });
   session.held = [...turns, reply];
   session.endsWithStop = endsWithStop(state.format, raw);
+  const newTurns = turns.slice(heldMarks.length).map(() => null);
+  session.marks = [...heldMarks, ...newTurns, length && { length, endsWithStop: session.endsWithStop }];
 }
 
 /**
