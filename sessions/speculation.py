@@ -150,8 +150,11 @@ class GenerationSpeculation:
         self._room = room
         self._prediction = NgramIndex(PREDICTION_NGRAMS)
         self._prediction.extend_to(prediction_ids)
-        self._prediction_cursor = 0  # where in the prediction the output has got to
-        self._guessed_from = 0  # where the last draft from the prediction began in it
+        # Where the output has got to in the prediction, and in the conversation when it follows
+        # a passage of it (a quote): a lookup there is likelier right than elsewhere.
+        self._prediction_cursor = 0
+        self._context_cursor: Optional[int] = None
+        self._guessed_from = 0  # where the last draft began in its source
         self._context = NgramIndex(CONTEXT_NGRAMS)
         self.counts = DraftCounts()
 
@@ -171,8 +174,9 @@ class GenerationSpeculation:
             if guess:
                 self._guessed_from = end
                 return Draft(guess, PREDICTION)
-            _, guess = self._context.follow(token_ids, length, sizes=(size,))
+            end, guess = self._context.follow(token_ids, length, after=self._context_cursor, sizes=(size,))
             if guess:
+                self._guessed_from = end
                 return Draft(guess, PROMPT_LOOKUP)
         return Draft()
 
@@ -183,3 +187,5 @@ class GenerationSpeculation:
         self.counts.add(draft.source, len(draft.tokens), accepted)
         if draft.source == PREDICTION:  # the output has got this far in the prediction
             self._prediction_cursor = self._guessed_from + accepted
+        elif draft.source == PROMPT_LOOKUP:  # ... or in the passage of the conversation it follows
+            self._context_cursor = self._guessed_from + accepted if accepted else None

@@ -110,7 +110,7 @@ def _steps_at_positions(added_step_delay: float):
                 tensors, _ = unpack_args_kwargs(tensors, args_structure)
             hidden_states, prompts, hypo_ids, *_ = tensors
             start = metadata.get(START_POSITION_KEY, position)
-            if not isinstance(start, int) or not 0 <= start <= position:
+            if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= position:
                 raise ValueError(f"A step cannot start at position {start!r}: the session holds {position} tokens")
             position = start
             batch_size, new_tokens, _ = hidden_states.shape
