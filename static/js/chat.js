@@ -230,7 +230,7 @@ async function streamReply(length, turns, reply, show) {
   let shown = "";
   let tokens = 0;
   let firstTokenAt = null;
-  let length = null;
+  let heldLength = null; // the session's length once the reply is in, as the server says
   const request = generationRequest(inputs);
   if (session.cutTo) request.from_position = session.cutTo;
   session.cutTo = null;
@@ -243,13 +243,13 @@ async function streamReply(length, turns, reply, show) {
     reply.text = shown.trimStart();
     reply.stats = replyStats(startedAt, firstTokenAt, tokens);
     if (message.route) reply.route = message.route;
-    if (message.session_length) length = message.session_length;
+    if (message.session_length) heldLength = message.session_length;
     show(reply.text, reply.stats);
   });
   session.held = [...turns, reply];
   session.endsWithStop = endsWithStop(state.format, raw);
   const newTurns = turns.slice(heldMarks.length).map(() => null);
-  session.marks = [...heldMarks, ...newTurns, length && { length, endsWithStop: session.endsWithStop }];
+  session.marks = [...heldMarks, ...newTurns, heldLength && { length: heldLength, endsWithStop: session.endsWithStop }];
 }
 
 /**
