@@ -197,7 +197,8 @@ async def regenerate_first_token(manager, model: str, tokenizer) -> dict:
 
 def print_rows(title: str, rows: list) -> None:
     print(f"\n{title}")
-    print("| task | tokens | plain tok/s | speculative tok/s | speed-up | same greedy output | drafts accepted/drafted |")
+    print("| task | tokens | plain tok/s | speculative tok/s | speed-up | same greedy output "
+          "| drafts accepted/drafted |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['task']} | {row['tokens']} | {row['plain']:.2f} | {row['speculative']:.2f} | "
@@ -215,7 +216,8 @@ async def trips(args, spec, path, tokenizer) -> None:
     half = model.num_blocks // 2
     delay = ("--added-step-delay", str(args.delay))
     node_threads, _ = split_cpu_threads(0)
-    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=max(1, node_threads // 2)) as swarm:
+    threads = max(1, node_threads // 2)
+    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=threads) as swarm:
         swarm.add_node(model, f"0:{half}", delay)
         swarm.add_node(model, f"{half}:{model.num_blocks}", delay)
         swarm.wait_until_ready([model])
@@ -258,8 +260,8 @@ async def local(args, spec, path, tokenizer) -> None:
             await manager.close()
     transformers_text = tokenizer.decode(local_ids)
     print(f"\nEmbedded default (one node, no added delay), quoting task, {args.tokens} greedy tokens:")
-    print(f"plain transformers {len(local_ids) / local_seconds:.2f} tok/s, swarm plain {plain_count / plain_seconds:.2f} "
-          f"tok/s, swarm speculative {count / seconds:.2f} tok/s: "
+    print(f"plain transformers {len(local_ids) / local_seconds:.2f} tok/s, "
+          f"swarm plain {plain_count / plain_seconds:.2f} tok/s, swarm speculative {count / seconds:.2f} tok/s: "
           f"{(count / seconds) / (len(local_ids) / local_seconds):.2f}x plain transformers; "
           f"same text as transformers: {'yes' if text == transformers_text[:len(text)] else 'NO'}, "
           f"as plain swarm decoding: {'yes' if text == plain_text else 'NO'}")

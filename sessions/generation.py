@@ -6,10 +6,13 @@ replies the request asked for (one per ``max_new_tokens`` tokens, or one per chu
 stop when streaming). A constrained generation's JSON schema or grammar is compiled first, off
 the step executor, so that no step waits on it. A step starts the next one itself, in its
 worker thread, when the generation surely goes on (``GenerationRunAhead``): turning a token
-into a reply and a frame never delays the swarm. If the generation is stopped while steps run
-ahead, a token one of them fed goes out with the last reply, and the last one chosen (never
-fed) is kept unsent: it opens the next generation if the model just goes on, and is dropped if
-new input comes (the session's ``SessionPositions`` keeps it, and checks every length).
+into a reply and a frame never delays the swarm. A step may verify a draft
+(``sessions.speculation``) and bring several tokens: they go out at once, in as many replies as
+they fill, and those past the generation's end are given back (the conversation ends where it
+would have). If the generation is stopped while steps run ahead, a token one of them fed goes
+out with the last reply, and the last one chosen (never fed) is kept unsent: it opens the next
+generation if the model just goes on, and is dropped if new input comes (the session's
+``SessionPositions`` keeps it, and checks every length).
 """
 
 import asyncio
@@ -83,8 +86,9 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
     run_ahead = GenerationRunAhead(session, request, ticket, carried)
     speculation = None
     if request.speculative and session.draft_tokens > 0:
-        speculation = GenerationSpeculation(session.draft_tokens, run_ahead.room, await _prediction_ids(session, request))
-        run_ahead.speculation = speculation
+        prediction_ids = await _prediction_ids(session, request)
+        speculation = run_ahead.speculation = GenerationSpeculation(session.draft_tokens, run_ahead.room,
+                                                                    prediction_ids)
     session.stream.route.reset()
     eos_token_id = session.model.eos_token_id
     session.decoder.add_context(input_ids)

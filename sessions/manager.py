@@ -172,8 +172,9 @@ class SessionManager:
         """A session for one request of the stateless APIs, with the request's prompt tokenized once.
 
         A warm session of the client that shares the prompt's beginning is continued (gone back to
-        where they part), and the request then carries only the tokens it lacks; otherwise a session is opened for the prompt plus
-        ``max_new_tokens`` (or for ``max_length``), with room for a next turn when reuse is on.
+        where they part), and the request then carries only the tokens it lacks; otherwise a
+        session is opened for the prompt plus ``max_new_tokens`` (or for ``max_length``), with room
+        for a next turn when reuse is on.
         """
         if not request.inputs and not request.input_ids:
             raise InvalidRequest("inputs must not be empty")

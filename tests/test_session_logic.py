@@ -210,7 +210,9 @@ async def test_the_reaper_closes_idle_sessions_only(executor):
     await manager.start()
     idle = await manager.open_session("idle", "fake", 64, "client")
     busy = await manager.open_session("busy", "fake", 256, "client")
-    streaming = asyncio.ensure_future(collect(busy.generate(GenerationRequest(inputs="x", max_new_tokens=200))))
+    # 200 steps of 10 ms (no drafts: they would take the repeated "a"s many at a time).
+    streaming = asyncio.ensure_future(collect(busy.generate(GenerationRequest(inputs="x", max_new_tokens=200,
+                                                                              speculative=False))))
     await asyncio.sleep(1.5)
     assert idle.released and idle.closed_reason.startswith("idle for")
     assert not busy.released
