@@ -133,6 +133,9 @@ class Speculation(Protocol):
         """A draft to follow ``token_ids`` (``forced``: the tokens a constraint forces next), or an
         empty one."""
 
+    def propose_forced(self, forced: Sequence[int], new_tokens: int) -> Draft:
+        """A draft of ``forced`` tokens only (within the room), or an empty one."""
+
     def observe(self, draft: Draft, accepted: int) -> None:
         """The step kept the first ``accepted`` tokens of ``draft``."""
 
@@ -162,10 +165,9 @@ class GenerationSpeculation:
         """A draft to follow ``token_ids`` (the conversation, the pending token and a step's new
         input last), or an empty one. ``forced``: the tokens a constraint forces next, drafted
         whole (up to the longest draft) since the model nearly always writes them so."""
-        room = self._room(new_tokens) - 1
-        if forced and room > 0:
-            return Draft(tuple(forced[:min(room, self._length.most)]), GRAMMAR)
-        length = min(self._length.next(), room)
+        if forced:
+            return self.propose_forced(forced, new_tokens)
+        length = min(self._length.next(), self._room(new_tokens) - 1)
         if length <= 0:
             return Draft()
         self._context.extend_to(token_ids)
@@ -179,6 +181,11 @@ class GenerationSpeculation:
                 self._guessed_from = end
                 return Draft(guess, PROMPT_LOOKUP)
         return Draft()
+
+    def propose_forced(self, forced: Sequence[int], new_tokens: int) -> Draft:
+        """A draft of the tokens a constraint forces next, within the room and the longest draft."""
+        length = min(self._room(new_tokens) - 1, self._length.most)
+        return Draft(tuple(forced[:length]), GRAMMAR) if forced and length > 0 else Draft()
 
     def observe(self, draft: Draft, accepted: int) -> None:
         """The step kept the first ``accepted`` tokens of ``draft``."""

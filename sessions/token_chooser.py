@@ -84,12 +84,26 @@ class TokenChooser:
         allowed[:shared] = known[:shared]
         return torch.from_numpy(allowed)
 
-    def forced_tokens(self) -> List[int]:
+    def forced_tokens(self, certain_only: bool = False) -> List[int]:
         """The tokens the constraint's grammar forces next, as its tokenizer would write them
-        (llguidance's fast-forward: the model may still spell them otherwise); none when free."""
+        (llguidance's fast-forward: the model may still spell them otherwise); none when free.
+
+        ``certain_only``: just those, from the first, that the constraint allows alone, each
+        after the ones before: whatever the logits, sampling or bias, they are the tokens chosen."""
         if self._constraint is None or self._constraint.matcher.is_stopped():
             return []
-        return list(self._constraint.matcher.compute_ff_tokens())
+        forced = list(self._constraint.matcher.compute_ff_tokens())
+        if not certain_only:
+            return forced
+        matcher, certain = self._constraint.matcher, []
+        for token in forced:
+            allowed = self._allowed_tokens(self._constraint.vocab_size)
+            if int(allowed.sum()) != 1 or not allowed[token] or not matcher.consume_token(token):
+                break
+            certain.append(token)
+        if certain:
+            matcher.rollback(len(certain))  # looked ahead only: the choices consume them
+        return certain
 
     def choose(self, token_ids: torch.Tensor, logits: torch.Tensor, draft: Optional[int] = None) -> int:
         """The next token, given every token so far and the next token's logits (1 × vocabulary).

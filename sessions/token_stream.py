@@ -5,7 +5,8 @@ on this machine (embeddings and the output head are local). A step may also veri
 (``sessions.speculation``): the draft's tokens go through the swarm with the pending one, the
 model's choice at each position is taken for as long as it agrees with the draft, and the
 swarm forgets the rest, which needs every server on the route to roll back (``swarm.rollback``).
-Going back is lazy: the stream only lowers its position, and the next step starts there.
+On a route that cannot, a draft holds only tokens a constraint allows alone, which are never
+forgotten. Going back is lazy: the stream only lowers its position, and the next step starts there.
 
 Its methods block: the session manager runs them in its executor; ``prepare``, awaited on the
 event loop before a constrained generation's first step, compiles its constraint in the grammar
@@ -98,10 +99,13 @@ class TokenStream:
         if self._session.position > self._fed:  # the stream went back since the swarm's last step
             route_rollback.roll_back(self._session, self._fed)
         draft = Draft()
-        if speculation is not None and self.pending is not None and self.rolls_back():
+        if speculation is not None and self.pending is not None:
             # The constraint has seen the generation's tokens so far: what it forces comes next.
-            draft = speculation.propose(self.token_ids[0].tolist() + list(new_input_ids), len(new_input_ids),
-                                        chooser.forced_tokens())
+            if self.rolls_back():
+                draft = speculation.propose(self.token_ids[0].tolist() + list(new_input_ids), len(new_input_ids),
+                                            chooser.forced_tokens())
+            else:  # only tokens that are certain: the swarm will never have to forget them
+                draft = speculation.propose_forced(chooser.forced_tokens(certain_only=True), len(new_input_ids))
         input_ids = torch.tensor([feed + list(draft.tokens)], dtype=torch.int64)
         client = self.loaded.client
         with torch.inference_mode(), self._remote.use_session(self._session), recording(self.route):

@@ -1,15 +1,17 @@
 """Sessions that go back, on real swarm nodes: a step that starts at an earlier position computes
 exactly what a fresh session fed the same tokens computes, on our nodes (in place) and on a
-node that cannot roll back (its span is reopened and replays the history)."""
+node that cannot roll back (its span is reopened and replays the history). Against such a node
+a session drafts only tokens that are never taken back."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from config import ManagerSettings
 from sessions.manager import build_manager
-from sessions.requests import GenerationRequest
+from sessions.requests import GenerationRequest, SamplingParams
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 from swarm.petals_api import InferenceSession, route_rollback
 
@@ -113,5 +115,23 @@ async def test_a_node_that_cannot_roll_back_is_found_out_and_replays_instead(sto
             await session.aclose("test done")
         assert texts[0] == texts[1] and len(texts[0]) > 10
         assert manager.metrics.drafted_tokens.labels(spec.key, "prompt_lookup")._value.get() == 0
+        # Except tokens a JSON schema allows alone: they are never taken back, so any server takes them.
+        schema = {"type": "object", "properties": {"a_rather_long_property_name": {"type": "boolean"}},
+                  "required": ["a_rather_long_property_name"], "additionalProperties": False}
+        constrained = GenerationRequest(inputs="x", max_new_tokens=30,
+                                        sampling=SamplingParams(json_schema=json.dumps(schema)))
+        texts = []
+        for speculative in (False, True):
+            session = await manager.open_session(f"stock-json-{speculative}", spec.key, 128, "127.0.0.1")
+            updates = [update async for update in session.generate(
+                dataclasses.replace(constrained, speculative=speculative, trace_route=True))]
+            texts.append((updates[-1].outputs, updates[-1].route["steps"]))
+            await session.aclose("test done")
+        (plain, plain_steps), (drafted, drafted_steps) = texts
+        assert drafted == plain and json.loads(plain.removesuffix(manager.registry.find(spec.key).tokenizer.eos_token))
+        assert drafted_steps < plain_steps
+        grammar = (manager.metrics.accepted_draft_tokens.labels(spec.key, "grammar")._value.get(),
+                   manager.metrics.drafted_tokens.labels(spec.key, "grammar")._value.get())
+        assert grammar[0] == grammar[1] > 0  # every one taken
     finally:
         await manager.close()

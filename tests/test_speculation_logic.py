@@ -7,6 +7,7 @@ proven on the real swarm (``test_rollback.py``, ``test_speculative_swarm.py``).
 
 import collections
 import itertools
+import json
 
 import torch
 
@@ -179,3 +180,29 @@ def test_sampling_with_drafts_keeps_the_output_distribution():
 def test_greedy_choice_with_a_draft_is_the_likeliest_token_whatever_the_guess():
     chooser = TokenChooser(SamplingParams(), CharTokenizer(), VOCABULARY)
     assert [chooser.choose(torch.tensor([[]]), bigram_logits(1), draft=guess) for guess in (None, 0, 1, 2)] == [1] * 4
+
+
+async def test_tokens_a_constraint_allows_alone_are_chosen_whatever_the_logits(default_model_dir):
+    from transformers import AutoTokenizer
+
+    from sessions.grammar import GrammarCompiler
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    schema = {"type": "object", "properties": {"temperature_in_celsius": {"type": "integer"}},
+              "required": ["temperature_in_celsius"], "additionalProperties": False}
+    sampling = SamplingParams(do_sample=True, temperature=1.5, seed=7, json_schema=json.dumps(schema))
+    chooser = TokenChooser(sampling, tokenizer, len(tokenizer), await GrammarCompiler().compile(tokenizer, sampling))
+    generator = torch.Generator().manual_seed(0)
+    written, certain_seen = [], 0
+    for _ in range(3):  # the opening brace and the key's first tokens, one at a time
+        forced, certain = chooser.forced_tokens(), chooser.forced_tokens(certain_only=True)
+        assert certain == forced[:len(certain)]
+        assert chooser.forced_tokens(certain_only=True) == certain  # looking ahead left the constraint as it was
+        certain_seen += len(certain)
+        for token in certain:  # random logits, sampled: the certain tokens come all the same
+            assert chooser.choose(torch.tensor([written]), torch.randn(1, len(tokenizer), generator=generator),
+                                  draft=token) == token
+            written.append(token)
+        if not certain:
+            written.append(chooser.choose(torch.tensor([written]), torch.randn(1, len(tokenizer), generator=generator)))
+    assert certain_seen >= 3 and tokenizer.decode(written).startswith('{"temperature_in_celsius":')
