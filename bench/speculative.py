@@ -15,7 +15,8 @@ And the regenerate case: in a conversation of about 2,000 tokens, a request that
 the last reply (the same prompt again, prefix reuse on) gets its first token; compared with the
 median time of one decode step.
 
-    .venv/bin/python bench/speculative.py [--tokens 160] [--delay 0.05] [--skip-local]
+    .venv/bin/python bench/speculative.py [--tokens 160] [--delay 0.05] [--repeats 1] [--tasks NAME ...]
+        [--skip-local] [--skip-trips]
 """
 
 import argparse
@@ -152,22 +153,24 @@ def drafts_between(before: dict, after: dict) -> str:
     return ", ".join(parts) or "none"
 
 
-async def run_tasks(manager, model: str, tokenizer, tokens: int, only=None) -> list:
+async def run_tasks(manager, model: str, tokenizer, tokens: int, repeats: int, only=()) -> list:
+    """Each task plain then speculative, ``repeats`` times alternating; the median rate of each."""
     rows = []
     for name, task in TASKS.items():
         if only and name not in only:
             continue
         prompt_ids = chat_prompt(tokenizer, task["user"], task.get("reply_start", ""))
-        runs = {}
-        for speculative in (False, True):
-            before = draft_counts(manager, model)
-            runs[speculative] = await generate(manager, model, prompt_ids, tokens, speculative,
-                                               task.get("prediction"), task.get("schema"))
-            drafts = drafts_between(before, draft_counts(manager, model))
-        (plain_count, plain_text, plain_seconds, _), (fast_count, fast_text, fast_seconds, _) = runs[False], runs[True]
-        rows.append(dict(task=name, tokens=fast_count, plain=plain_count / plain_seconds,
-                         speculative=fast_count / fast_seconds, same=plain_text == fast_text,
-                         drafts=drafts))
+        rates, texts, counts = {False: [], True: []}, {}, {}
+        before = draft_counts(manager, model)
+        for _ in range(repeats):
+            for speculative in (False, True):
+                count, texts[speculative], seconds, _ = await generate(
+                    manager, model, prompt_ids, tokens, speculative, task.get("prediction"), task.get("schema"))
+                rates[speculative].append(count / seconds)
+                counts[speculative] = count
+        rows.append(dict(task=name, tokens=counts[True], plain=statistics.median(rates[False]),
+                         speculative=statistics.median(rates[True]), same=texts[False] == texts[True],
+                         drafts=drafts_between(before, draft_counts(manager, model))))
     return rows
 
 
@@ -225,9 +228,10 @@ async def trips(args, spec, path, tokenizer) -> None:
         await manager.start()
         try:
             await generate(manager, spec.key, chat_prompt(tokenizer, "Hi"), 4, False)  # warm-up
-            rows = await run_tasks(manager, spec.key, tokenizer, args.tokens)
-            print_rows(f"Two nodes, {args.delay * 1000:.0f} ms added to each server step, {args.tokens} greedy tokens "
-                       "(tokens/s of the whole generation, first step included)", rows)
+            rows = await run_tasks(manager, spec.key, tokenizer, args.tokens, args.repeats, args.tasks)
+            print_rows(f"Two nodes, {args.delay * 1000:.0f} ms added to each server step, {args.tokens} greedy tokens, "
+                       f"median of {args.repeats} alternating runs (tokens/s of the whole generation, first step "
+                       "included; drafts summed over the runs)", rows)
             regenerate = await regenerate_first_token(manager, spec.key, tokenizer)
             print(f"\nRegenerate the last reply of a {regenerate['prompt_tokens']}-token chat: first token "
                   f"{regenerate['regenerate_first'] * 1000:.0f} ms ({regenerate['cached']} prompt tokens reused), "
@@ -273,6 +277,8 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.05, help="seconds added to each server step")
     parser.add_argument("--skip-local", action="store_true", help="only the two-node setup with added delay")
     parser.add_argument("--skip-trips", action="store_true", help="only the embedded default setup")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each task (the median is shown)")
+    parser.add_argument("--tasks", nargs="*", default=(), choices=list(TASKS), help="only these tasks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     spec = default_model(CONFIG_ROOT / ".models")

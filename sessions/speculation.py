@@ -83,13 +83,22 @@ class NgramIndex:
 
 @dataclass
 class DraftLength:
-    """How many tokens to draft next, from how the last drafts fared."""
+    """How many tokens to draft next, from how the last drafts fared and what they cost.
+
+    Drafting pauses after a run of misses only while drafts do not pay: while the share of
+    drafted tokens taken is below what one drafted token adds to a step's time, in steps (on a
+    network, where a step is mostly its trips, a drafted token costs little; on one CPU it costs
+    more). Until both times are known, they are taken to pay.
+    """
 
     most: int
     length: int = 0
     _misses: int = 0
     _pause: int = 0
     _paused_for: int = 0
+    _acceptance: Optional[float] = None  # moving average of the share of drafted tokens taken
+    _step_seconds: Optional[float] = None  # moving average of a step without a draft (nor new input)
+    _token_seconds: Optional[float] = None  # ... of what one drafted token adds to a step
 
     def __post_init__(self) -> None:
         self.length = min(FIRST_DRAFT_TOKENS, self.most)
@@ -103,15 +112,34 @@ class DraftLength:
 
     def observe(self, drafted: int, accepted: int) -> None:
         """A draft of ``drafted`` tokens had its first ``accepted`` taken."""
+        self._acceptance = _moving_average(self._acceptance, accepted / drafted)
         if accepted == drafted:
             self.length, self._misses, self._pause = min(self.most, 2 * max(self.length, drafted)), 0, 0
         elif accepted:
             self.length, self._misses = max(1, accepted + 1), 0
         else:
             self.length, self._misses = 1, self._misses + 1
-            if self._misses >= MISSES_BEFORE_PAUSE:
+            if self._misses >= MISSES_BEFORE_PAUSE and not self.pays():
                 self._pause = min(LONGEST_PAUSE, max(2, 2 * self._pause))
                 self._paused_for, self._misses = self._pause, 0
+
+    def observe_time(self, drafted: int, seconds: float) -> None:
+        """A step that carried ``drafted`` draft tokens (and no new input) took ``seconds``."""
+        if not drafted:
+            self._step_seconds = _moving_average(self._step_seconds, seconds)
+        elif self._step_seconds is not None:
+            added = max(0.0, seconds - self._step_seconds) / drafted
+            self._token_seconds = _moving_average(self._token_seconds, added)
+
+    def pays(self) -> bool:
+        """Whether drafts have been worth their cost lately (True until that is known)."""
+        if self._acceptance is None or self._step_seconds is None or self._token_seconds is None:
+            return True
+        return self._acceptance > self._token_seconds / self._step_seconds
+
+
+def _moving_average(average: Optional[float], value: float, weight: float = 0.25) -> float:
+    return value if average is None else (1 - weight) * average + weight * value
 
 
 @dataclass
@@ -138,6 +166,9 @@ class Speculation(Protocol):
 
     def observe(self, draft: Draft, accepted: int) -> None:
         """The step kept the first ``accepted`` tokens of ``draft``."""
+
+    def observe_time(self, draft: Draft, seconds: float) -> None:
+        """A step without new input, carrying ``draft`` (maybe empty), took ``seconds`` in the swarm."""
 
 
 class GenerationSpeculation:
@@ -186,6 +217,11 @@ class GenerationSpeculation:
         """A draft of the tokens a constraint forces next, within the room and the longest draft."""
         length = min(self._room(new_tokens) - 1, self._length.most)
         return Draft(tuple(forced[:length]), GRAMMAR) if forced and length > 0 else Draft()
+
+    def observe_time(self, draft: Draft, seconds: float) -> None:
+        """A step without new input, carrying ``draft`` (maybe empty), took ``seconds`` in the swarm."""
+        if draft.source != GRAMMAR:  # forced tokens are drafted whatever they cost
+            self._length.observe_time(len(draft.tokens), seconds)
 
     def observe(self, draft: Draft, accepted: int) -> None:
         """The step kept the first ``accepted`` tokens of ``draft``."""

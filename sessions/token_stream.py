@@ -13,6 +13,7 @@ event loop before a constrained generation's first step, compiles its constraint
 compiler's own threads.
 """
 
+import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -109,10 +110,13 @@ class TokenStream:
         input_ids = torch.tensor([feed + list(draft.tokens)], dtype=torch.int64)
         client = self.loaded.client
         with torch.inference_mode(), self._remote.use_session(self._session), recording(self.route):
+            started = time.perf_counter()
             try:
                 hidden = client.transformer(input_ids=input_ids).last_hidden_state[:, -1 - len(draft.tokens):]
             except Exception as error:  # the swarm's failure, told apart from one of our own code
                 raise SwarmCallFailed(error) from error
+            if speculation is not None and not new_input_ids:  # what a draft token costs, as it goes
+                speculation.observe_time(draft, time.perf_counter() - started)
             logits = client.lm_head(hidden)[0].float()
         self.token_ids = torch.cat([self.token_ids, torch.tensor([list(new_input_ids)], dtype=torch.int64)], dim=1)
         chosen, self.last_logprobs = [], []

@@ -57,14 +57,28 @@ def test_the_draft_length_follows_the_acceptance_and_pauses_when_drafts_keep_fai
     assert length.next() == 8
     length.observe(8, 2)  # cut short: as long as what was taken, plus one
     assert length.next() == 3
-    for _ in range(4):  # four misses in a row: one token at a time, then no draft for 2 steps, ...
-        length.observe(1, 0)
+    # On a slow CPU: a step takes 50 ms, and each drafted token adds 20 ms (0.4 of a step).
+    length.observe_time(0, 0.05)
+    length.observe_time(3, 0.11)
+    for _ in range(4):  # four misses in a row while drafts do not pay: one token at a time, then
+        length.observe(1, 0)  # no draft for 2 steps, then 4, ...
+    assert not length.pays()
     assert [length.next() for _ in range(3)] == [0, 0, 1]
     for _ in range(4):
         length.observe(1, 0)
     assert [length.next() for _ in range(5)] == [0, 0, 0, 0, 1]
     length.observe(1, 1)  # a draft taken whole ends the pauses
     assert length.next() == 2
+
+
+def test_on_a_network_misses_cost_little_and_drafting_goes_on():
+    length = DraftLength(16)
+    length.observe_time(0, 0.2)  # a step is mostly its trips: 200 ms, a drafted token adds 1 ms
+    length.observe_time(4, 0.204)
+    length.observe(4, 1)
+    for _ in range(8):
+        length.observe(1, 0)
+    assert length.pays() and [length.next() for _ in range(3)] == [1, 1, 1]
 
 
 async def test_verified_drafts_give_the_same_text_in_fewer_steps(executor):  # noqa: F811
