@@ -10,9 +10,10 @@ Drafts come from a constraint's grammar first: the tokens a JSON schema or gramm
 (a key's name, the punctuation between values) are drafted whole. Otherwise from prompt lookup:
 the last few tokens are looked up in what the client predicted the output to be (OpenAI's
 ``prediction``) and in the conversation so far, and the tokens that followed them there are the
-guess. The draft length adapts to how the last drafts fared: it
-doubles while they are taken whole, shrinks to what was taken when one is cut short, and
-drafting pauses for a while (longer each time) when drafts keep failing.
+guess. The draft length adapts to how the last drafts fared: it doubles while they are taken
+whole, shrinks to what was taken when one is cut short, and drafting pauses for a while (longer
+each time) when drafts keep failing and do not pay for what they add to a step. On a route that
+cannot roll back only tokens a constraint allows alone are drafted (``propose_forced``).
 """
 
 import bisect

@@ -41,6 +41,9 @@ START_POSITION_KEY = "swarm_chat.start_position"
 CAPABILITY_KEY = "swarm_chat.rollback"
 # The servers asked (peer id -> whether they can): a swarm has few, each asked once.
 MAX_PROBED_SERVERS = 4096
+# The longest wait for a server's answer (a server that does not answer counts as unable, and is
+# asked again next time).
+PROBE_TIMEOUT = 5.0
 
 
 # --- Server side ---------------------------------------------------------------------------------
@@ -241,6 +244,8 @@ class RouteRollback:
             known = self._asked.get(peer_id)
         if known is None:
             known = self._ask(manager, peer_id, manager.block_uids[span_session.span.start])
+            if known is None:
+                return False
             with self._lock:
                 if len(self._asked) >= MAX_PROBED_SERVERS:
                     self._asked.clear()
@@ -248,21 +253,22 @@ class RouteRollback:
         return known
 
     @staticmethod
-    def _ask(manager: Any, peer_id: Any, block_uid: str) -> bool:
-        """Asks the server itself (its ``rpc_info``); a server that cannot answer counts as unable."""
+    def _ask(manager: Any, peer_id: Any, block_uid: str) -> Optional[bool]:
+        """Asks the server itself (its ``rpc_info``); None when it does not answer."""
         from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
         from petals.server.handler import TransformerConnectionHandler
 
         async def ask() -> Optional[dict]:
             stub = TransformerConnectionHandler.get_stub(manager.state.p2p, peer_id)
-            reply = await stub.rpc_info(runtime_pb2.ExpertUID(uid=block_uid), timeout=manager.config.request_timeout)
+            reply = await stub.rpc_info(runtime_pb2.ExpertUID(uid=block_uid),
+                                        timeout=min(PROBE_TIMEOUT, manager.config.request_timeout))
             return MSGPackSerializer.loads(reply.serialized_info)
 
         try:
             info = RemoteExpertWorker.run_coroutine(ask())
         except Exception as error:
-            logger.info("Could not ask server %s whether it rolls back (%s): it is treated as unable", peer_id, error)
-            return False
+            logger.info("Could not ask server %s whether it rolls back (%s): treated as unable for now", peer_id, error)
+            return None
         able = isinstance(info, dict) and info.get(CAPABILITY_KEY) is True
         logger.info("Server %s %s roll back", peer_id, "can" if able else "cannot")
         return able
