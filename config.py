@@ -189,6 +189,10 @@ def machine_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# The most draft tokens a step may carry: petals' servers run a step of up to 128 tokens as one task.
+MAX_DRAFT_TOKENS = 127
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every run-time setting of the server."""
@@ -438,6 +442,8 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
                  "draft_tokens"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must not be negative")
+    if args.draft_tokens > MAX_DRAFT_TOKENS:  # a swarm server runs longer steps block by block
+        raise SystemExit(f"--draft-tokens must be at most {MAX_DRAFT_TOKENS}")
     for flag in ("step_timeout", "request_timeout", "routing_update_period", "idle_timeout",
                  "max_messages_per_second", "warm_session_ttl", "resume_grace"):
         if getattr(args, flag) <= 0:
