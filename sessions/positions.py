@@ -106,8 +106,8 @@ class SessionPositions:
 
     def truncate(self, length: int) -> None:
         """Keeps the first ``length`` tokens of the conversation, the last one pending (the next
-        generation continues after it); the carried token goes unless nothing is cut."""
-        if length != self.length_with([]):
+        generation continues after it); the carried token goes unless nothing changes."""
+        if self.pending is None or length != self.length_with([]):
             self._carried = None
             self._stream.truncate(length)
 

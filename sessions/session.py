@@ -125,9 +125,9 @@ class ChatSession:
         the session goes back to them); returns ``shared``, the prompt tokens not fed again.
         The token chosen last was never fed: the new prompt says what follows."""
         self.positions.discard_pending()
-        if shared < self.positions.position:
-            # The last shared token becomes the pending one: it is fed again, with the prompt's rest.
-            self.positions.truncate(shared)
+        if shared < self.positions.position:  # the swarm goes back to the shared tokens at the next step
+            self.positions.truncate(shared + 1)
+            self.positions.discard_pending()
         self.last_active = time.monotonic()
         self.log.info("Continues as %s, %d tokens already in the swarm", connection_id, shared)
         return shared

@@ -19,6 +19,11 @@ def client(ws_port):
     return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ws_port}/v1", api_key="unused", max_retries=0)
 
 
+def fed_tokens(manager) -> float:
+    """Prompt tokens of the default model fed through the swarm so far, as /metrics counts them."""
+    return manager.metrics.registry.get_sample_value("swarm_chat_input_tokens_total", {"model": DEFAULT}) or 0
+
+
 def drafted(manager, model: str, source: str = "prompt_lookup") -> tuple:
     """(accepted, drafted) draft tokens of ``model`` so far, as /metrics counts them."""
     sample = manager.metrics.registry.get_sample_value
@@ -112,9 +117,12 @@ async def test_a_regenerated_last_turn_reuses_the_conversation_before_it(client,
     pool = warm_pool(max_sessions=4)
     conversation = [{"role": "user", "content": "Tell me about the sea. " * 4}]
     first = await client.chat.completions.create(model=DEFAULT, messages=conversation, temperature=0, max_tokens=8)
+    fed_before = fed_tokens(manager)
     again = await client.chat.completions.create(model=DEFAULT, messages=conversation, temperature=0, max_tokens=8)
-    # The same prompt: every prompt token but the last is reused (the reply after it is written anew).
+    # The same prompt: every prompt token but the last is reused (the reply after it is written
+    # anew), and only that one goes through the swarm again.
     assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
+    assert fed_tokens(manager) - fed_before == 1
     assert again.choices[0].message.content == first.choices[0].message.content
     edited = conversation[:-1] + [{"role": "user", "content": "Tell me about the sea. " * 3 + "And ships."}]
     reply = await client.chat.completions.create(model=DEFAULT, messages=edited, temperature=0, max_tokens=8)
