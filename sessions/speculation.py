@@ -55,10 +55,13 @@ class NgramIndex:
         self._indexed = 0  # ends below this are indexed (an end needs a token after it)
 
     def extend_to(self, tokens: Sequence[int]) -> None:
-        """Takes ``tokens``, which begin with the tokens indexed so far, as the sequence."""
-        if len(tokens) < len(self.tokens) or list(tokens[:self._indexed]) != self.tokens[:self._indexed]:
+        """Takes ``tokens``, which go on from the sequence so far, as the sequence: only the new
+        tokens are indexed (a step's worth)."""
+        known = len(self.tokens)
+        if len(tokens) < known or (known and tokens[known - 1] != self.tokens[-1]):
             self.__init__(self.sizes)  # not a continuation (the conversation was cut): start over
-        self.tokens = list(tokens)
+            known = 0
+        self.tokens.extend(tokens[known:])
         for end in range(max(self._indexed, 1), len(self.tokens)):
             for size in self.sizes:
                 if end >= size:
@@ -183,8 +186,8 @@ class GenerationSpeculation:
     def __init__(self, most_tokens: int, room: Callable[[int], int], prediction_ids: Sequence[int] = ()):
         self._length = DraftLength(most_tokens)
         self._room = room
+        self._prediction_ids = prediction_ids  # indexed at the first draft, in a step's worker thread
         self._prediction = NgramIndex(PREDICTION_NGRAMS)
-        self._prediction.extend_to(prediction_ids)
         # Where the output has got to in the prediction, and in the conversation when it follows
         # a passage of it (a quote): a lookup there is likelier right than elsewhere.
         self._prediction_cursor = 0
@@ -202,6 +205,9 @@ class GenerationSpeculation:
         length = min(self._length.next(), self._room(new_tokens) - 1)
         if length <= 0:
             return Draft()
+        if self._prediction_ids:
+            self._prediction.extend_to(self._prediction_ids)
+            self._prediction_ids = ()
         self._context.extend_to(token_ids)
         for size in PREDICTION_NGRAMS:  # the longest match wins; at the same length, the prediction
             end, guess = self._prediction.follow(token_ids, length, after=self._prediction_cursor, sizes=(size,))
