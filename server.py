@@ -35,7 +35,7 @@ from handlers.models import ModelsHandler
 from handlers.openai_api import ChatCompletionHandler, CompletionHandler, ModelListHandler
 from handlers.swarm import SwarmHandler
 from handlers.websocket import GenerateWebSocket
-from sessions.manager import SessionManager, build_manager
+from sessions.serving.manager import SessionManager, build_manager
 from swarm.families import UnsupportedModel, check_servable
 
 logger = logging.getLogger(__name__)

@@ -110,7 +110,7 @@ from bench.abuse_probes import (  # noqa: E402
 )
 from config import ManagerSettings, model_from_source  # noqa: E402
 from handlers.openai_protocol import MAX_STOP_STRINGS as MAX_OPENAI_STOPS  # noqa: E402
-from sessions.admission import MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES  # noqa: E402
+from sessions.request_rules import MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES  # noqa: E402
 from tests.load_clients import (  # noqa: E402
     NEVER,
     PROMPT,

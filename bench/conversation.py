@@ -31,11 +31,11 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import openai  # noqa: E402
+from websocket_streams import connect, request, start_server  # noqa: E402
 
 from config import default_model, model_from_source  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
-from websocket_streams import connect, request, start_server  # noqa: E402
 
 QUESTIONS = [
     "Name a large city in Europe.",

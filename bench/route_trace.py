@@ -23,15 +23,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import sessions.token_stream  # noqa: E402
+import sessions.engine.token_stream  # noqa: E402
 from bench.swarm_vs_local import default_model_on_a_local_swarm  # noqa: E402
-from sessions.token_stream import TokenStream  # noqa: E402
+from sessions.engine.token_stream import TokenStream  # noqa: E402
 from swarm.route_trace import RouteRecorder, trace_server_steps  # noqa: E402
 
 QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-TRACED = sessions.token_stream.recording
+TRACED = sessions.engine.token_stream.recording
 
 
 def untraced(recorder: RouteRecorder):
@@ -42,7 +42,7 @@ def untraced(recorder: RouteRecorder):
 def timed_run(loaded, prompt_ids, tokens: int, traced: bool) -> tuple:
     """(seconds, its route trace) of one greedy run through a ``TokenStream``, traced as the server
     runs or not at all."""
-    sessions.token_stream.recording = TRACED if traced else untraced
+    sessions.engine.token_stream.recording = TRACED if traced else untraced
     stream = TokenStream(loaded, max_length=len(prompt_ids) + tokens + 1)
     started = time.perf_counter()
     try:

@@ -37,11 +37,12 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from bench.swarm_vs_local import greedy_local  # noqa: E402
-from config import REPO_ROOT as CONFIG_ROOT, ManagerSettings, WarmPoolLimits, default_model  # noqa: E402
+from config import REPO_ROOT as CONFIG_ROOT  # noqa: E402
+from config import ManagerSettings, WarmPoolLimits, default_model
 from server import split_cpu_threads  # noqa: E402
-from sessions.manager import build_manager  # noqa: E402
+from sessions.engine.speculation import DRAFT_SOURCES  # noqa: E402
 from sessions.requests import GenerationRequest, SamplingParams  # noqa: E402
-from sessions.speculation import DRAFT_SOURCES  # noqa: E402
+from sessions.serving.manager import build_manager  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 

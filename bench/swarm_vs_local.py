@@ -26,11 +26,12 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from config import REPO_ROOT as CONFIG_ROOT, default_model  # noqa: E402
+from config import REPO_ROOT as CONFIG_ROOT  # noqa: E402
+from config import default_model
+from server import split_cpu_threads  # noqa: E402
+from sessions.engine.token_stream import TokenStream  # noqa: E402
 from sessions.models import load_model  # noqa: E402
 from sessions.requests import SamplingParams  # noqa: E402
-from sessions.token_stream import TokenStream  # noqa: E402
-from server import split_cpu_threads  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 

@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import tornado.websocket  # noqa: E402
 
 from config import default_model, model_from_source  # noqa: E402
+from sessions.engine.token_stream import TokenStream  # noqa: E402
 from sessions.models import load_model  # noqa: E402
-from sessions.token_stream import TokenStream  # noqa: E402
 from swarm.default_model import ensure_default_model  # noqa: E402
 from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 from tests.tiny_models import make_tiny_llama  # noqa: E402

@@ -10,13 +10,20 @@ import tornado.web
 
 from handlers.auth import key_accepted
 from handlers.clients import client_key
-from sessions.admission import Slot
-from sessions.errors import (BadRequest, HTTPStatusError, PayloadTooLarge, ServiceError, Unauthorized, classify,
-                             error_payload)
-from sessions.logs import new_connection_id
-from sessions.manager import SessionManager
+from sessions.errors import (
+    BadRequest,
+    HTTPStatusError,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    classify,
+    error_payload,
+)
+from sessions.observe.logs import new_connection_id
 from sessions.requests import GenerationRequest, GenerationUpdate
-from sessions.session import ChatSession
+from sessions.serving.admission import Slot
+from sessions.serving.manager import SessionManager
+from sessions.serving.session import ChatSession
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Unio
 
 from handlers.protocol import GenerateMessage, OpenSessionMessage, ResumeSessionMessage, StopMessage, parse_message
 from handlers.replies import ReplyChannel
-from sessions.admission import Slot
+from sessions import request_rules
 from sessions.errors import SessionStateError, TooManyConnections, error_payload, log_error
-from sessions.logs import ConnectionLog
-from sessions.manager import SessionManager
+from sessions.observe.logs import ConnectionLog
 from sessions.requests import GenerationRequest, GenerationUpdate
-from sessions.session import ChatSession
+from sessions.serving.admission import Slot
+from sessions.serving.manager import SessionManager
+from sessions.serving.session import ChatSession
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class GenerateConnection:
     def _start_generation(self, request: GenerationRequest) -> None:
         if not self.holds_session:
             raise SessionStateError("Open an inference session first (type: open_inference_session)")
-        self.manager.admission.check_request(self.session.model.spec, request)
+        request_rules.check_request(self.session.model.spec, request)
         self.manager.admission.check_waiting(self.session.unfinished_generations)
         updates = self.session.generate(request)  # takes its place in line now
         self.manager.spawn(self._stream(updates, request.visible_text, self.replies), f"generate-{self.connection_id}")

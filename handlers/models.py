@@ -7,7 +7,7 @@ from typing import Any, Dict, Union
 from config import ModelSpec
 from handlers.base import APIHandler
 from sessions.models import LoadedModel
-from sessions.registry import RefusedModel
+from sessions.serving.registry import RefusedModel
 
 
 def describe_declaration(spec: ModelSpec) -> Dict[str, Any]:

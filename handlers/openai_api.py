@@ -22,12 +22,18 @@ from config import HEADER_NAME
 from handlers.base import GenerationHandler
 from handlers.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from handlers.openai_tools import openai_tool_call
-from sessions.chat_template import ChatTemplateError
+from sessions.engine.grammar import constrained
 from sessions.errors import InvalidRequest, error_payload, log_error
-from sessions.grammar import constrained
+from sessions.formats.chat_template import ChatTemplateError
 from sessions.models import LoadedModel
-from sessions.requests import (ChosenTokenLogprobs, GenerationRequest, GenerationUpdate, PredictionTokens,
-                               SamplingParams, TokenLogprob)
+from sessions.requests import (
+    ChosenTokenLogprobs,
+    GenerationRequest,
+    GenerationUpdate,
+    PredictionTokens,
+    SamplingParams,
+    TokenLogprob,
+)
 
 logger = logging.getLogger(__name__)
 

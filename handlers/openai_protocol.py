@@ -22,8 +22,8 @@ from handlers.openai_tools import (
     written_call,
 )
 from sessions.errors import BadRequest, InvalidRequest, MaxLengthExceeded
+from sessions.formats.tool_syntax import SERVER, ToolSyntax
 from sessions.requests import GenerationRequest, SamplingParams
-from sessions.tool_syntax import SERVER, ToolSyntax
 
 MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS_ENTRIES = 1024

@@ -1,7 +1,7 @@
 """Tool calling for ``/v1/chat/completions``: the request's tools and calls, and OpenAI's shapes.
 
 How a call is written (the grammar that holds a reply to one, reading it back, writing an earlier
-one) is the model's tool syntax (``sessions.tool_syntax``): its chat template's when the template
+one) is the model's tool syntax (``sessions.formats.tool_syntax``): its chat template's when the template
 describes tools, else this server's own (``SERVER``), for which the tools are described to the
 model in a system message of this module's. Decoding is constrained by the syntax's grammar, so
 that a call always names one of the tools and its arguments always satisfy that tool's parameter
@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sessions.tool_syntax import SERVER, Functions, ParsedCall
+from sessions.formats.tool_syntax import SERVER, Functions, ParsedCall
 
 TOOL_INSTRUCTIONS = (
     "You can call the tools below. To call one, reply with only this, and nothing else:\n"

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 from sessions.errors import BadRequest
 from sessions.requests import GenerationRequest, SamplingParams
 
+
 @dataclass(frozen=True)
 class OpenSessionMessage:
     """``{"type": "open_inference_session", "model": ..., "max_length": ...}``"""

@@ -15,9 +15,8 @@ from handlers.base import JSONErrors
 from handlers.clients import client_key
 from handlers.connection import GenerateConnection
 from sessions.errors import Unauthorized
-from sessions.logs import new_connection_id
-from sessions.manager import SessionManager
-
+from sessions.observe.logs import new_connection_id
+from sessions.serving.manager import SessionManager
 
 # WebSocket close codes: "done" (a client that closes with it ends even a resumable session),
 # and "try again later".

@@ -12,7 +12,6 @@ import re
 import traceback
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
-
 LOGGED_MESSAGE_CHARS = 500
 
 

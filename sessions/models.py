@@ -13,10 +13,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from config import ManagerSettings, ModelSpec
-from sessions.chat_format import ChatFormat
-from sessions.chat_template import ChatTemplate, ChatTemplateError
-from sessions.tokenizer_files import load_tokenizer
-from sessions.tool_syntax import SERVER, ToolSyntax
+from sessions.formats.chat_format import ChatFormat
+from sessions.formats.chat_template import ChatTemplate, ChatTemplateError
+from sessions.formats.tokenizer_files import load_tokenizer
+from sessions.formats.tool_syntax import SERVER, ToolSyntax
 from swarm.families import check_servable
 from swarm.petals_api import AutoDistributedModelForCausalLM, RemoteExpertWorker
 

@@ -125,7 +125,7 @@ def settings(model_specs, local_swarm) -> Settings:
 @pytest.fixture(scope="session")
 def manager(settings, io_loop):
     """A session manager connected to every model of the test swarm."""
-    from sessions.manager import build_manager
+    from sessions.serving.manager import build_manager
 
     manager = build_manager(settings.models, settings.initial_peers, settings.device, settings.torch_dtype,
                             executor_workers=settings.executor_workers, settings=settings.manager_settings)
@@ -173,7 +173,7 @@ def warm_pool(manager, io_loop):
     """``warm_pool(**limits)`` turns prefix reuse on in the shared manager for one test (its
     warm sessions are closed after it), once earlier tests' sessions are released."""
     from config import WarmPoolLimits
-    from sessions.warm_pool import WarmPool
+    from sessions.serving.warm_pool import WarmPool
     from tests.helpers import wait_for_no_sessions
 
     io_loop.run_sync(lambda: wait_for_no_sessions(manager))

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 from config import ChatSettings, FrontendSettings, ManagerSettings, ModelSpec
-from sessions.admission import Admission
-from sessions.executor import BlockingExecutor
-from sessions.manager import SessionManager
-from sessions.metrics import SessionMetrics
-from sessions.speculation import Draft
-from sessions.swarm_state import SwarmMonitor
+from sessions.engine.executor import BlockingExecutor
+from sessions.engine.speculation import Draft
+from sessions.observe.metrics import SessionMetrics
+from sessions.observe.swarm_state import SwarmMonitor
+from sessions.serving.admission import Admission
+from sessions.serving.manager import SessionManager
 from swarm.route_trace import RouteRecorder
 
 EOS = 0

@@ -16,12 +16,21 @@ from selenium.webdriver.common.keys import Keys
 
 from config import ManagerSettings
 from server import make_app
-from sessions.chat_format import ChatFormat
-from sessions.manager import build_manager
+from sessions.formats.chat_format import ChatFormat
+from sessions.serving.manager import build_manager
+from tests.browser import (
+    DESKTOP_SIZE,
+    FINISHED_BLOCK_RECORDER,
+    PHONE_SIZE,
+    REPLY_LENGTH_RECORDER,
+    SCREENSHOT_DIR,
+    ChatPage,
+    ChatServer,
+    drive,
+    start_chromium,
+)
 from tests.conftest import FAMILY_MODEL_NAMES
 from tests.helpers import wait_for_no_sessions
-from tests.browser import DESKTOP_SIZE, FINISHED_BLOCK_RECORDER, PHONE_SIZE, REPLY_LENGTH_RECORDER, SCREENSHOT_DIR, \
-    ChatPage, ChatServer, drive, start_chromium
 
 VENDOR_DIR = Path(__file__).resolve().parent.parent / "static" / "vendor"
 DEFAULT_NAME = "SmolLM2 135M Instruct"

@@ -10,8 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from config import ChatSettings, default_model
-from sessions.chat_format import ChatFormat, RoleMarkers
 from sessions.errors import InvalidRequest
+from sessions.formats.chat_format import ChatFormat, RoleMarkers
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +172,7 @@ def test_an_unknown_role_is_refused(smollm2_format):
 
 
 def test_the_module_loads_without_torch_or_petals():
-    code = ("import sys; import sessions.chat_format; "
+    code = ("import sys; import sessions.formats.chat_format; "
             "print(sorted(name for name in ('torch', 'petals', 'transformers') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

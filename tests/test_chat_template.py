@@ -10,9 +10,9 @@ from transformers import AutoTokenizer
 
 from config import ChatSettings
 from handlers.openai_protocol import ChatCompletionRequest
-from sessions.chat_format import ChatFormat
-from sessions.chat_template import ChatTemplate, ChatTemplateError
-from sessions.tool_syntax import HERMES, LLAMA_JSON
+from sessions.formats.chat_format import ChatFormat
+from sessions.formats.chat_template import ChatTemplate, ChatTemplateError
+from sessions.formats.tool_syntax import HERMES, LLAMA_JSON
 from tests.template_reference import FAMILY_TEMPLATES, family_template, reference_renderings
 
 CHAT = ChatSettings(sep_token="\n", stop_token="<|im_end|>")

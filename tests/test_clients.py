@@ -5,7 +5,7 @@ import tornado.httputil
 
 from config import parse_settings
 from handlers.clients import client_key, parse_networks
-from sessions.admission import Budget
+from sessions.serving.admission import Budget
 
 PROXIES = parse_networks(["10.0.0.0/8", "::1"])
 

@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from sessions.decoding import IncrementalDecoder
+from sessions.engine.decoding import IncrementalDecoder
 
 TEXTS = [" Hello  wörld", "🦀🇫🇷 日本語", "code:\n    x = 1<|im_end|>", "naïve café", "12345"]
 

@@ -3,24 +3,23 @@
 from pathlib import Path
 
 import pytest
-
-import swarm.petals_api  # noqa: F401  (the compatibility patch, before petals)
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
 from petals.client.routing.sequence_manager import MissingBlocksError
 
+import swarm.petals_api  # noqa: F401  (the compatibility patch, before petals)
 from sessions.errors import (
     ERROR_CLASSES,
     BadRequest,
     CacheFull,
     ClientLimit,
-    UnknownModel,
-    classify,
-    error_payload,
     MaxLengthExceeded,
     MissingBlocks,
     PeerFailure,
     SwarmError,
+    UnknownModel,
+    classify,
     describe_blocks,
+    error_payload,
     from_petals_error,
 )
 

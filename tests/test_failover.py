@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from config import ManagerSettings, default_model
-from sessions.manager import build_manager
 from sessions.requests import GenerationRequest
+from sessions.serving.manager import build_manager
 from swarm.blocks import lookup_blocks
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 

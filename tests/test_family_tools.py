@@ -14,10 +14,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from handlers.openai_protocol import ChatCompletionRequest
+from sessions.engine.grammar import compile_grammar, grammar_for
 from sessions.errors import InvalidRequest
-from sessions.grammar import compile_grammar, grammar_for
+from sessions.formats.tool_syntax import HERMES, LLAMA_JSON, SERVER, ParsedCall
 from sessions.requests import SamplingParams
-from sessions.tool_syntax import HERMES, LLAMA_JSON, SERVER, ParsedCall
 from tests.helpers import wait_for_no_sessions
 from tests.template_reference import reference_renderings
 

@@ -19,8 +19,8 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.testing
 
-from config import FrontendSettings, ModelSpec, ManagerSettings, Settings
-from sessions.manager import build_manager
+from config import FrontendSettings, ManagerSettings, ModelSpec, Settings
+from sessions.serving.manager import build_manager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 from tests.browser import ChatPage, drive, start_chromium
 from tests.helpers import wait_for_no_sessions

@@ -22,7 +22,7 @@ from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
 from swarm.convert_gguf import convert_gguf, convert_gguf_once
 from swarm.families.rope import RotaryEmbedding
-from tests.family_reference import (LOGITS_TOLERANCE, REFERENCE_TRANSFORMERS, load_reference, our_logits)
+from tests.family_reference import LOGITS_TOLERANCE, REFERENCE_TRANSFORMERS, load_reference, our_logits
 from tests.gguf_writer import write_gguf
 
 CHECKPOINTS = ("llama3", "mistral", "qwen2", "qwen3", "llama2", "llama-linear", "llama-dynamic")
@@ -115,8 +115,9 @@ def _without_scaling(checkpoint: Path, dest: Path) -> Path:
 
 def _family_config(folder: Path):
     """The config our nodes read from ``folder``, of a family they serve."""
-    from swarm.petals_api import supported_model_types  # registers our families, before petals is imported
     from petals.utils.auto_config import AutoDistributedConfig
+
+    from swarm.petals_api import supported_model_types  # registers our families, before petals is imported
 
     config = AutoDistributedConfig.from_pretrained(folder)
     assert config.model_type in supported_model_types()

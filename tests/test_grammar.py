@@ -12,13 +12,12 @@ import torch
 from transformers import AutoTokenizer
 
 from handlers.openai_protocol import ChatCompletionRequest
-from sessions import grammar
+from sessions.engine import grammar, schema_limits
+from sessions.engine.grammar import CompiledGrammar, GrammarCompiler, compile_grammar, grammar_for
+from sessions.engine.schema_limits import check_schema
+from sessions.engine.token_chooser import TokenChooser
 from sessions.errors import InvalidRequest, ServerBusy
-from sessions.grammar import CompiledGrammar, GrammarCompiler, compile_grammar, grammar_for
-from sessions import schema_limits
-from sessions.schema_limits import check_schema
 from sessions.requests import SamplingParams
-from sessions.token_chooser import TokenChooser
 from tests.helpers import wait_for_no_sessions
 
 TINY = "tests/tiny-llama"

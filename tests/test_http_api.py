@@ -11,7 +11,6 @@ import tornado.testing
 import tornado.web
 
 from handlers.http_generate import GenerateHandler
-
 from tests.helpers import send_raw_post, wait_for_no_sessions
 
 TINY = "tests/tiny-llama"
@@ -27,7 +26,7 @@ async def post(client, body, content_type="application/x-www-form-urlencoded", q
 
 
 async def test_form_body_greedy_matches_the_websocket_api(http_server_client, manager):
-    from sessions.token_stream import TokenStream
+    from sessions.engine.token_stream import TokenStream
 
     code, reply = await post(http_server_client, urllib.parse.urlencode(
         {"model": TINY, "inputs": "A cat sat on", "max_new_tokens": "8", "do_sample": "0"}))
@@ -198,7 +197,7 @@ async def test_max_length_alone_may_not_ask_for_more_new_tokens_than_the_limit(h
 
 def test_the_new_tokens_a_request_may_generate_are_checked_once_its_prompt_is_counted():
     from config import FrontendSettings, ModelSpec
-    from sessions.admission import Admission
+    from sessions import request_rules
     from sessions.errors import InvalidRequest
     from sessions.requests import GenerationRequest
 
@@ -207,9 +206,9 @@ def test_the_new_tokens_a_request_may_generate_are_checked_once_its_prompt_is_co
     for fits in (GenerationRequest(input_ids=prompt, max_length=15),
                  GenerationRequest(input_ids=prompt, max_length=100, max_new_tokens=10),
                  GenerationRequest(input_ids=prompt, max_new_tokens=10)):
-        Admission.check_new_tokens(spec, fits)
+        request_rules.check_new_tokens(spec, fits)
     # Streamed (until a stop or max_length): max_new_tokens bounds each reply, not the generation.
     for too_many in (GenerationRequest(input_ids=prompt, max_length=16),
                      GenerationRequest(input_ids=prompt, max_length=16, max_new_tokens=1, until_length=True)):
         with pytest.raises(InvalidRequest, match="leaves room for 11 new tokens after the prompt's 5"):
-            Admission.check_new_tokens(spec, too_many)
+            request_rules.check_new_tokens(spec, too_many)

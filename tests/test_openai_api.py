@@ -8,7 +8,7 @@ import jsonschema
 import openai
 import pytest
 
-from sessions.stops import StopStringFilter
+from sessions.engine.stops import StopStringFilter
 from tests.helpers import send_raw_post, wait_for_no_sessions
 
 DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -8,7 +8,6 @@ node's real one, and a fixed throughput replaces petals' internet speed test.
 """
 
 import asyncio
-
 import json
 import os
 import re

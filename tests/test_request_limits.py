@@ -16,11 +16,11 @@ import tornado.httpserver
 import tornado.simple_httpclient
 import tornado.testing
 
+import sessions.serving.admission as admission_module
 from config import ManagerSettings, Settings, WarmPoolLimits
 from server import make_app
-import sessions.admission as admission_module
-from sessions.admission import MAX_SLOWED_REQUESTS, REFUSALS_PER_SECOND, Admission
-from sessions.executor import BlockingExecutor
+from sessions.engine.executor import BlockingExecutor
+from sessions.serving.admission import MAX_SLOWED_REQUESTS, REFUSALS_PER_SECOND, Admission
 from tests.fakes import FakeTokenStream, fake_manager
 from tests.helpers import send_raw_post, wait_for_no_sessions
 

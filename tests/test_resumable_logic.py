@@ -8,9 +8,9 @@ import pytest
 
 from handlers.connection import GenerateConnection
 from handlers.replies import KEPT_AFTER_STOP, KEPT_REPLIES, ReplyChannel
+from sessions.engine.executor import BlockingExecutor
 from sessions.errors import ResumeRefused
-from sessions.executor import BlockingExecutor
-from sessions.resumable import ResumableSessions
+from sessions.serving.resumable import ResumableSessions
 from tests.fakes import fake_manager
 
 

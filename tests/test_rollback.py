@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from config import ManagerSettings
-from sessions.manager import build_manager
 from sessions.requests import GenerationRequest, SamplingParams
+from sessions.serving.manager import build_manager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 from swarm.petals_api import InferenceSession, route_rollback
 

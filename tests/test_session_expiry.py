@@ -6,8 +6,8 @@ import pytest
 
 from config import ManagerSettings
 from sessions.errors import SessionExpired
-from sessions.manager import build_manager
 from sessions.requests import GenerationRequest
+from sessions.serving.manager import build_manager
 
 
 async def collect(session, request):

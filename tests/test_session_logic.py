@@ -16,15 +16,25 @@ import time
 import pytest
 
 from config import ManagerSettings
-from sessions.admission import Admission
-from sessions.errors import (ClientLimit, InvalidRequest, MaxLengthExceeded, MemoryBudgetExceeded, PeerFailure,
-                             ServerBusy, SessionExpired, StepTimeout, SwarmCallFailed, error_payload)
-from sessions.executor import BACKGROUND_NICENESS, BlockingExecutor, TakingTurns
-from sessions.metrics import SessionMetrics
-from sessions.positions import SessionPositions
+from sessions.engine.executor import BACKGROUND_NICENESS, BlockingExecutor, TakingTurns
+from sessions.engine.positions import SessionPositions
+from sessions.engine.steps import ChosenToken, StepResult
+from sessions.errors import (
+    ClientLimit,
+    InvalidRequest,
+    MaxLengthExceeded,
+    MemoryBudgetExceeded,
+    PeerFailure,
+    ServerBusy,
+    SessionExpired,
+    StepTimeout,
+    SwarmCallFailed,
+    error_payload,
+)
+from sessions.observe.metrics import SessionMetrics
 from sessions.requests import GenerationRequest
-from sessions.session import ChatSession
-from sessions.steps import ChosenToken, StepResult
+from sessions.serving.admission import Admission
+from sessions.serving.session import ChatSession
 from tests.fakes import FakeModel, FakeTokenStream, fake_manager
 
 STREAM = GenerationRequest(inputs="Hi", max_new_tokens=1, stop_sequence="never")
@@ -402,8 +412,8 @@ async def test_a_generation_ends_at_the_client_s_max_length_and_fails_past_the_s
 
 
 def test_the_generation_loop_does_not_import_the_session():
-    loaded = subprocess.run([sys.executable, "-c", "import sys, sessions.generation; "
-                             "print('sessions.session' in sys.modules)"],
+    loaded = subprocess.run([sys.executable, "-c", "import sys, sessions.engine.generation; "
+                             "print('sessions.serving.session' in sys.modules)"],
                             capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert loaded.stdout.strip() == "False"
 

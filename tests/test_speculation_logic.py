@@ -11,9 +11,9 @@ import json
 
 import torch
 
+from sessions.engine.speculation import PREDICTION, PROMPT_LOOKUP, DraftLength, GenerationSpeculation, NgramIndex
+from sessions.engine.token_chooser import TokenChooser
 from sessions.requests import GenerationRequest, SamplingParams
-from sessions.speculation import PREDICTION, PROMPT_LOOKUP, DraftLength, GenerationSpeculation, NgramIndex
-from sessions.token_chooser import TokenChooser
 from tests.fakes import CharTokenizer, FakeTokenStream
 from tests.test_session_logic import collect, executor, make_session  # noqa: F401  (a fixture)
 
@@ -199,7 +199,7 @@ def test_greedy_choice_with_a_draft_is_the_likeliest_token_whatever_the_guess():
 async def test_tokens_a_constraint_allows_alone_are_chosen_whatever_the_logits(default_model_dir):
     from transformers import AutoTokenizer
 
-    from sessions.grammar import GrammarCompiler
+    from sessions.engine.grammar import GrammarCompiler
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     schema = {"type": "object", "properties": {"temperature_in_celsius": {"type": "integer"}},

@@ -37,7 +37,7 @@ def test_default_model_answers_paris_through_the_swarm(manager):
 
 @pytest.mark.parametrize("repository", ["tests/tiny-llama", "tests/tiny-bloom"])
 def test_token_stream_matches_local_transformers_across_turns(manager, repository):
-    from sessions.token_stream import TokenStream
+    from sessions.engine.token_stream import TokenStream
 
     loaded = manager.registry.find(repository)
     first_turn = loaded.tokenizer(PROMPT)["input_ids"]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from sessions.engine.token_chooser import TokenChooser
 from sessions.errors import InvalidRequest
 from sessions.requests import SamplingParams
-from sessions.token_chooser import TokenChooser
 
 VOCAB = 4
 NO_TOKENS = torch.empty((1, 0), dtype=torch.int64)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sessions.tokenizer_files import UnreadableTokenizer, load_tokenizer, merges_as_text
+from sessions.formats.tokenizer_files import UnreadableTokenizer, load_tokenizer, merges_as_text
 from tests.family_reference import REFERENCE_TRANSFORMERS
 
 SAMPLES = ("Hello wörld 1234", "don't  stop\n\n  now", "<|im_start|>user\nHi<|im_end|>", "日本語 café")

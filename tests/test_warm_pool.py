@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 from config import WarmPoolLimits
-from sessions.warm_pool import WarmPool
+from sessions.serving.warm_pool import WarmPool
 
 
 class Clock:

@@ -87,7 +87,7 @@ async def test_without_stop_sequence_one_reply(ws_port, manager):
 
 async def test_multibyte_text_is_never_split(ws_port, manager):
     """A random model emits byte-level pieces of characters: none may reach the client half-done."""
-    from sessions.token_stream import TokenStream
+    from sessions.engine.token_stream import TokenStream
 
     loaded = manager.registry.find(TINY)
     prompt = "日本語 🦀 café"

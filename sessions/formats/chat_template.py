@@ -20,7 +20,7 @@ import jinja2.ext
 import jinja2.meta
 import jinja2.sandbox
 
-from sessions.tool_syntax import TEMPLATE_SYNTAXES, ToolSyntax
+from sessions.formats.tool_syntax import TEMPLATE_SYNTAXES, ToolSyntax
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -12,20 +12,21 @@ import time
 from typing import Any, Awaitable, Callable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
 
 from config import PUBLIC_SWARM, ManagerSettings, ModelSpec
-from sessions.admission import Admission
+from sessions import request_rules
+from sessions.engine.executor import BlockingExecutor, TakingTurns
+from sessions.engine.grammar import GrammarCompiler, constrained
+from sessions.engine.token_stream import TokenStream
 from sessions.errors import ClientLimit, InvalidRequest, MemoryBudgetExceeded, ServerBusy
-from sessions.executor import BlockingExecutor, TakingTurns
-from sessions.grammar import GrammarCompiler, constrained
-from sessions.metrics import SessionMetrics
 from sessions.models import LoadedModel
-from sessions.registry import ModelRegistry
+from sessions.observe.metrics import SessionMetrics
+from sessions.observe.server_latency import ServerLatency
+from sessions.observe.swarm_state import SwarmMonitor
 from sessions.requests import GenerationRequest, SamplingParams
-from sessions.resumable import ResumableSessions
-from sessions.server_latency import ServerLatency
-from sessions.session import ChatSession
-from sessions.swarm_state import SwarmMonitor
-from sessions.token_stream import TokenStream
-from sessions.warm_pool import WarmPool
+from sessions.serving.admission import Admission
+from sessions.serving.registry import ModelRegistry
+from sessions.serving.resumable import ResumableSessions
+from sessions.serving.session import ChatSession
+from sessions.serving.warm_pool import WarmPool
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,7 +126,7 @@ class SessionManager:
                            trusted: bool = True) -> ChatSession:
         """Opens an inference session of ``max_length`` tokens on the named model for ``client``."""
         loaded = self.registry.find(model_name, trusted)
-        self.admission.check_session_length(loaded.spec, max_length)
+        request_rules.check_session_length(loaded.spec, max_length)
         # Every span of the route keeps each token's hidden state here: one span is reserved now.
         reserved = max_length * loaded.state_bytes_per_token
         slot = await self._within_limits(client, lambda: self.admission.admit(client, reserved_bytes=reserved))
@@ -179,10 +180,10 @@ class SessionManager:
         if not request.inputs and not request.input_ids:
             raise InvalidRequest("inputs must not be empty")
         loaded = self.registry.find(model_name, trusted)
-        self.admission.check_request(loaded.spec, request)
+        request_rules.check_request(loaded.spec, request)
         if request.input_ids is None:
             request = dataclasses.replace(request, input_ids=tuple(await self.tokenize(loaded, request.inputs, client)))
-        self.admission.check_new_tokens(loaded.spec, request)
+        request_rules.check_new_tokens(loaded.spec, request)
         needed = request.max_length or len(request.input_ids) + request.max_new_tokens
         model = loaded.spec.key
         # The warm pool is matched before any limit may close a warm session to make room.
@@ -218,7 +219,7 @@ class SessionManager:
         tokenizing when the client may not open a session now, or when the text is longer in
         characters than the model's longest session could hold."""
         self._check_room(client)
-        self.admission.check_text_length(text, loaded.spec.chat.max_session_length, loaded.max_token_chars)
+        request_rules.check_text_length(text, loaded.spec.chat.max_session_length, loaded.max_token_chars)
         return await self.tokenizer_pool.run(client, loaded.encode, text)
 
     def _check_room(self, client: str) -> None:

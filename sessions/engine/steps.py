@@ -14,11 +14,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence, Tuple
 
-from sessions.decoding import IncrementalDecoder
+from sessions.engine.decoding import IncrementalDecoder
+from sessions.engine.executor import BlockingExecutor
+from sessions.engine.speculation import Speculation
 from sessions.errors import StepTimeout
-from sessions.executor import BlockingExecutor
 from sessions.requests import ChosenTokenLogprobs, SamplingParams
-from sessions.speculation import Speculation
 
 
 @dataclass(frozen=True)

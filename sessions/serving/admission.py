@@ -1,9 +1,9 @@
-"""Admission control: every limit on what clients may hold or ask for, in one place.
+"""Admission control: every limit on what clients may hold, in one place.
 
 Per server (open sessions, the memory their client-side state may take, and WebSocket
-connections in all), per client (those of one client),
-per connection (messages per second, generations waiting in its session) and per request
-(``max_length``, ``max_new_tokens``, stop sequences and text length against the model's limits). At a limit a request is
+connections in all), per client (those of one client) and per connection (messages per
+second, generations waiting in its session); a request's own fields are checked by
+``sessions.request_rules``. At a limit a request is
 refused at once with an error that names it; nothing waits in a queue. The exception is what a
 WebSocket client sends: past its message rate or its client's bytes per second it is not answered
 but slowed (``Budget.delay``), the server reading its next message only once the budget allows.
@@ -13,18 +13,15 @@ import collections
 import time
 from typing import Callable, Counter, Dict, Optional
 
-from config import MIB, ManagerSettings, ModelSpec
+from config import MIB, ManagerSettings
 from sessions.errors import (
     ClientLimit,
-    InvalidRequest,
-    MaxLengthExceeded,
     MemoryBudgetExceeded,
     QueueFull,
     ServerBusy,
     TooManyConnections,
     TooManyRequests,
 )
-from sessions.requests import GenerationRequest
 
 # Generations one session may hold waiting behind its running one.
 MAX_WAITING_GENERATIONS = 4
@@ -36,10 +33,6 @@ REFUSALS_PER_SECOND = 5.0
 MAX_SLOWED_REQUESTS = 256
 # Clients whose refusals are remembered (the least recently refused are forgotten first).
 REMEMBERED_REFUSED_CLIENTS = 10_000
-# Stop sequences of one generation, and the length of each: every generated character is
-# checked against each of them.
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_SEQUENCE_CHARS = 1000
 
 
 class Slot:
@@ -222,46 +215,6 @@ class Admission:
 
     def _forget_received(self, client: str) -> None:
         self._received.pop(client, None)
-
-    @staticmethod
-    def check_session_length(spec: ModelSpec, max_length: int) -> None:
-        """Raises if a session of ``max_length`` tokens is longer than the model allows."""
-        limit = spec.chat.max_session_length
-        if max_length > limit:
-            raise InvalidRequest(f"max_length {max_length} exceeds this model's maximum session length {limit}")
-
-    @staticmethod
-    def check_text_length(text: str, max_tokens: int, max_token_chars: int) -> None:
-        """Raises if ``text`` cannot be ``max_tokens`` tokens or fewer: checked before tokenizing it."""
-        if len(text) > max_tokens * max_token_chars:
-            raise MaxLengthExceeded(f"Maximum length exceeded: {len(text)} characters are more than "
-                                    f"{max_tokens} tokens of this model can hold")
-
-    @staticmethod
-    def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
-        """Raises if one generation asks for more new tokens or stop sequences than allowed."""
-        limit = spec.max_new_tokens_limit
-        if request.max_new_tokens is not None and request.max_new_tokens > limit:
-            raise InvalidRequest(f"max_new_tokens {request.max_new_tokens} exceeds this model's limit of {limit}")
-        stops = request.stop_sequences
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise InvalidRequest(f"{len(stops)} stop sequences given; at most {MAX_STOP_SEQUENCES} are allowed")
-        if any(len(stop) > MAX_STOP_SEQUENCE_CHARS for stop in stops):
-            raise InvalidRequest(f"A stop sequence may be at most {MAX_STOP_SEQUENCE_CHARS} characters long")
-
-    @staticmethod
-    def check_new_tokens(spec: ModelSpec, request: GenerationRequest) -> None:
-        """Raises if a request whose prompt is tokenized (``input_ids``) may generate more new tokens
-        than the model allows: with no ``max_new_tokens`` bounding its one reply, it goes on up to
-        ``max_length``, prompt included."""
-        if request.max_length is None or (request.max_new_tokens is not None and not request.streaming):
-            return
-        limit, prompt_tokens = spec.max_new_tokens_limit, len(request.input_ids or ())
-        new_tokens = request.max_length - prompt_tokens
-        if new_tokens > limit:
-            raise InvalidRequest(f"max_length {request.max_length} leaves room for {new_tokens} new tokens after "
-                                 f"the prompt's {prompt_tokens}, more than this model's limit of {limit} new tokens "
-                                 "per request; lower max_length or set max_new_tokens")
 
     @staticmethod
     def check_waiting(unfinished_generations: int) -> None:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from sessions.schema_limits import check_schema
+from sessions.engine.schema_limits import check_schema
 
 # (name, JSON schema of its parameters) of each function a reply may call.
 Functions = Sequence[Tuple[str, Dict[str, Any]]]

@@ -3,7 +3,7 @@
 In order: the client's logit bias, OpenAI's presence and frequency penalties (on the tokens
 this generation chose), transformers' repetition penalty, the constraint of a JSON schema or a
 grammar (tokens that cannot continue valid output are masked out; the constraint comes compiled,
-see ``sessions.grammar``), then greedy choice or sampling with temperature, top-k, top-p and
+see ``sessions.engine.grammar``), then greedy choice or sampling with temperature, top-k, top-p and
 min-p, from a seeded generator when a seed is given. All of it runs on this machine: none of it
 costs the swarm any work.
 """
@@ -22,8 +22,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from sessions.engine.grammar import Constraint, constrained
 from sessions.errors import InvalidRequest
-from sessions.grammar import Constraint, constrained
 from sessions.requests import ChosenTokenLogprobs, SamplingParams, TokenLogprob
 
 

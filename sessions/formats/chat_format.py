@@ -1,7 +1,7 @@
 """How a conversation is written as one model's input: the one chat format the server owns.
 
 The OpenAI-compatible chat API renders requests with it (unless the model's template describes
-tools, see ``sessions.chat_template``), and ``GET /api/v1/models`` describes it to the chat page,
+tools, see ``sessions.formats.chat_template``), and ``GET /api/v1/models`` describes it to the chat page,
 which builds its prompts from that description alone. A model whose tokenizer has a chat template
 gets the template's role markers, found by rendering sample conversations; one without a template
 (or with a template this model of per-role prefixes and suffixes cannot reproduce) gets plain
@@ -14,8 +14,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from config import ChatSettings
-from sessions.chat_template import ChatTemplate, ChatTemplateError
 from sessions.errors import InvalidRequest
+from sessions.formats.chat_template import ChatTemplate, ChatTemplateError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

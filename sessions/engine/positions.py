@@ -13,10 +13,10 @@ check counts the same tokens and words its refusal the same way.
 
 from typing import Any, Optional, Sequence
 
+from sessions.engine.speculation import Speculation
+from sessions.engine.steps import StepResult
 from sessions.errors import InvalidRequest, MaxLengthExceeded
 from sessions.requests import SamplingParams
-from sessions.speculation import Speculation
-from sessions.steps import StepResult
 
 
 class SessionPositions:

@@ -6,16 +6,16 @@ import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable, List, Optional
 
-from sessions.admission import Slot
-from sessions.decoding import IncrementalDecoder
+from sessions.engine.decoding import IncrementalDecoder
+from sessions.engine.executor import BlockingExecutor, TakingTurns
+from sessions.engine.generation import run_generation
+from sessions.engine.positions import SessionPositions
+from sessions.engine.steps import RunAhead, StartedStep, StepResult, StepRunner
 from sessions.errors import ServiceError, SessionExpired, StepTimeout, SwarmCallFailed, from_petals_error
-from sessions.executor import BlockingExecutor, TakingTurns
-from sessions.generation import run_generation
-from sessions.logs import ConnectionLog
-from sessions.metrics import SessionMetrics
-from sessions.positions import SessionPositions
+from sessions.observe.logs import ConnectionLog
+from sessions.observe.metrics import SessionMetrics
 from sessions.requests import GenerationRequest, GenerationUpdate, SamplingParams
-from sessions.steps import RunAhead, StartedStep, StepResult, StepRunner
+from sessions.serving.admission import Slot
 
 logger = logging.getLogger(__name__)
 

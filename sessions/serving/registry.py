@@ -5,8 +5,8 @@ import logging
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 from config import ManagerSettings, ModelSpec
+from sessions.engine.executor import BlockingExecutor
 from sessions.errors import ModelNotPublic, ModelUnavailable, NotReady, UnknownModel
-from sessions.executor import BlockingExecutor
 from sessions.models import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 A step that feeds a draft along with its pending token gets the model's logits at every
 position in one trip through the swarm; the token stream then keeps the draft's tokens for as
-long as the model chooses them too (``sessions.token_chooser``), plus the model's own next
+long as the model chooses them too (``sessions.engine.token_chooser``), plus the model's own next
 token, and the swarm rolls back the rest (``swarm.rollback``). A draft costs little when it is
 wrong, and saves a trip for each token it gets right.
 

@@ -7,7 +7,7 @@ stop when streaming). A constrained generation's JSON schema or grammar is compi
 the step executor, so that no step waits on it. A step starts the next one itself, in its
 worker thread, when the generation surely goes on (``GenerationRunAhead``): turning a token
 into a reply and a frame never delays the swarm. A step may verify a draft
-(``sessions.speculation``) and bring several tokens: they go out at once, in as many replies as
+(``sessions.engine.speculation``) and bring several tokens: they go out at once, in as many replies as
 they fill, and those past the generation's end are given back (the conversation ends where it
 would have). If the generation is stopped while steps run ahead, a token one of them fed goes
 out with the last reply, and the last one chosen (never fed) is kept unsent: it opens the next
@@ -19,15 +19,15 @@ import asyncio
 import collections
 from typing import Any, AsyncIterator, Deque, List, Optional, Protocol, Sequence
 
-from sessions.admission import Admission
-from sessions.decoding import IncrementalDecoder
+from sessions.engine.decoding import IncrementalDecoder
+from sessions.engine.grammar import constrained
+from sessions.engine.positions import SessionPositions
+from sessions.engine.speculation import PREDICTION, GenerationSpeculation
+from sessions.engine.steps import ChosenToken, RunAhead, StartedStep, StepResult
+from sessions.engine.stops import StopStringFilter
 from sessions.errors import InvalidRequest
-from sessions.grammar import constrained
-from sessions.positions import SessionPositions
+from sessions.request_rules import check_text_length
 from sessions.requests import GenerationRequest, GenerationUpdate, PredictionTokens, SamplingParams
-from sessions.speculation import PREDICTION, GenerationSpeculation
-from sessions.steps import ChosenToken, RunAhead, StartedStep, StepResult
-from sessions.stops import StopStringFilter
 
 
 class GeneratingSession(Protocol):
@@ -67,7 +67,7 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
     if request.input_ids is not None:
         input_ids = list(request.input_ids)
     elif request.inputs:
-        Admission.check_text_length(request.inputs, positions.max_length, session.model.max_token_chars)
+        check_text_length(request.inputs, positions.max_length, session.model.max_token_chars)
         input_ids = await session.encode(request.inputs)
     else:
         input_ids = []
@@ -185,7 +185,7 @@ async def _prediction_ids(session: GeneratingSession, request: GenerationRequest
     """The request's ``prediction`` tokenized (bounded like any input first); none without one."""
     if not request.prediction:
         return []
-    Admission.check_text_length(request.prediction, session.positions.max_length, session.model.max_token_chars)
+    check_text_length(request.prediction, session.positions.max_length, session.model.max_token_chars)
     return await session.encode(request.prediction)
 
 

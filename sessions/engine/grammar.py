@@ -1,6 +1,6 @@
 """The constraints of structured output: JSON schemas and grammars, bounded, then compiled once.
 
-A schema is checked against ``sessions.schema_limits`` before anything compiles it. What passes
+A schema is checked against ``sessions.engine.schema_limits`` before anything compiles it. What passes
 is compiled under the library's own parser limits, in a small pool of threads of its own (never
 the step executor), and each distinct grammar is compiled once per tokenizer: later generations
 copy a compiled prototype.
@@ -19,10 +19,10 @@ from typing import Dict, Optional
 import llguidance
 import llguidance.hf
 
+from sessions.engine.executor import BlockingExecutor
+from sessions.engine.schema_limits import MAX_SCHEMA_BYTES, check_schema
 from sessions.errors import InvalidRequest, ServerBusy
-from sessions.executor import BlockingExecutor
 from sessions.requests import SamplingParams
-from sessions.schema_limits import MAX_SCHEMA_BYTES, check_schema
 
 logger = logging.getLogger(__name__)
 

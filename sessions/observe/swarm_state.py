@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from sessions.models import LoadedModel
-from sessions.registry import ModelRegistry
+from sessions.serving.registry import ModelRegistry
 from swarm.blocks import lookup_blocks
 
 # A swarm lookup is reused for this long, so frequent /ready probes cost one DHT query.

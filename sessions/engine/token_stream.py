@@ -2,7 +2,7 @@
 
 ``TokenStream`` feeds tokens through the swarm one step at a time and picks the next token
 on this machine (embeddings and the output head are local). A step may also verify a draft
-(``sessions.speculation``): the draft's tokens go through the swarm with the pending one, the
+(``sessions.engine.speculation``): the draft's tokens go through the swarm with the pending one, the
 model's choice at each position is taken for as long as it agrees with the draft, and the
 swarm forgets the rest, which needs every server on the route to roll back (``swarm.rollback``).
 On a route that cannot, a draft holds only tokens a constraint allows alone, which are never
@@ -18,12 +18,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from sessions.engine.grammar import Constraint, GrammarCompiler, constrained, shared_compiler
+from sessions.engine.speculation import Draft, Speculation
+from sessions.engine.token_chooser import TokenChooser
 from sessions.errors import SwarmCallFailed
-from sessions.grammar import Constraint, GrammarCompiler, constrained, shared_compiler
 from sessions.models import LoadedModel
 from sessions.requests import ChosenTokenLogprobs, SamplingParams
-from sessions.speculation import Draft, Speculation
-from sessions.token_chooser import TokenChooser
 from swarm.petals_api import InferenceSession, recording, route_rollback
 from swarm.route_trace import RouteRecorder
 

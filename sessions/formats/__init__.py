@@ -1,0 +1,1 @@
+"""Text formats around a model: chat turns and templates, tool-call syntax, tokenizer files."""

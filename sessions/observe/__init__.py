@@ -1,0 +1,1 @@
+"""What the server observes: metrics, the swarm's state, its servers' latency, connection logs."""
