@@ -1,8 +1,9 @@
 """What the server serves and how: models declared as data, plus every run-time setting.
 
-Each setting has a default here, can be set with an environment variable
-(``SWARM_CHAT_<NAME>``), and can be overridden by a ``server.py`` flag; ``server.py --help``
-lists them all.
+Each setting is declared once, as a field of ``Settings``: its default, type, bounds and help.
+Its flag (``server.py --help`` lists them), its environment variable (``SWARM_CHAT_<NAME>``;
+flags win), its checks and its row of the documentation's settings table are all made from that
+declaration.
 """
 
 import argparse
@@ -10,9 +11,10 @@ import dataclasses
 import ipaddress
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from swarm.prefix import dht_prefix_for
 
@@ -146,47 +148,37 @@ def model_from_source(source: str) -> ModelSpec:
 
 
 @dataclass(frozen=True)
-class WarmPoolLimits:
-    """How many finished sessions may wait for their next request, for how long, in how much memory."""
+class Setting:
+    """How one run-time setting is read and checked: the rest (its flag, environment variable,
+    default and type) follows from the ``Settings`` field that carries it."""
 
-    max_sessions: int = 16  # 0: prefix reuse off
-    max_age: float = 60.0  # seconds; the swarm's servers drop an idle session after 5 minutes
-    max_state_bytes: int = 256 * 1024 * 1024  # client-side state the waiting sessions may hold
-    max_per_client: int = 4
-    headroom_tokens: int = 1024  # extra room a reusable session is opened with, for the next turn
-
-
-@dataclass(frozen=True)
-class ManagerSettings:
-    """What the session manager enforces (at a limit it answers "busy" instead of queueing),
-    and how its Petals clients treat the swarm."""
-
-    max_sessions: int = 1000  # open inference sessions, all clients together
-    max_sessions_per_client: int = 32  # open inference sessions of one client address
-    max_connections: int = 10_000  # open WebSocket connections, all clients together
-    max_connections_per_client: int = 64  # open WebSocket connections of one client, with or without a session
-    max_messages_per_second: float = 20.0  # WebSocket messages one connection may send, on average
-    max_client_bytes_per_second: int = MIB  # WebSocket bytes one client's connections may send together
-    idle_timeout: float = 300.0  # seconds before an unused session is closed
-    step_timeout: float = 300.0  # seconds one generation step may take, retries included
-    request_timeout: float = 30.0  # seconds one server may stay silent before petals routes around it
-    routing_update_period: float = 60.0  # seconds between refreshes of a client's view of the swarm
-    # Bytes of client-side state all sessions may hold (petals keeps every token's hidden states
-    # per server span, to replay them if that server fails); 0: a quarter of this machine's RAM.
-    session_memory_budget: int = 0
-    warm_pool: WarmPoolLimits = WarmPoolLimits()  # prefix reuse for the stateless APIs
-    resume_grace: float = 60.0  # seconds a resumable WebSocket session waits for its client to come back
-    draft_tokens: int = 16  # the longest draft a step verifies (speculative decoding); 0: off
-
-    @property
-    def session_memory_budget_bytes(self) -> int:
-        """The budget in bytes, the automatic default resolved."""
-        return self.session_memory_budget or machine_memory_bytes() // 4
+    help: str
+    minimum: Optional[float] = None  # the smallest value allowed
+    above: Optional[float] = None  # values must be greater than this
+    maximum: Optional[float] = None
+    choices: Tuple[str, ...] = ()
+    metavar: Optional[str] = None
+    flag: Optional[str] = None  # when not --<field name>
+    shown_default: Optional[str] = None  # how the settings table shows the default, when not as is
+    check: Optional[Callable[[str], Optional[str]]] = None  # a problem with one value, or None
 
 
-def machine_memory_bytes() -> int:
-    """This machine's physical memory."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def setting(default, help: str, **how) -> Any:
+    """A ``Settings`` field: its default, and how the command line and environment set it."""
+    factory = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
+    return field(metadata={"setting": Setting(help, **how)}, **factory)
+
+
+def _network_problem(value: str) -> Optional[str]:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{value!r} is not an address or a network"
+    return None
+
+
+def _header_problem(value: str) -> Optional[str]:
+    return None if HEADER_NAME.fullmatch(value) else f"{value!r} is not a header name"
 
 
 # The most draft tokens a step may carry: petals' servers run a step of up to 128 tokens as one task.
@@ -195,68 +187,127 @@ MAX_DRAFT_TOKENS = 127
 
 @dataclass(frozen=True)
 class Settings:
-    """Every run-time setting of the server."""
+    """Every run-time setting of the server, each declared once: ``build_parser`` makes its flag
+    and environment variable, ``parse_settings`` checks it, and ``settings_table`` documents it."""
 
-    models: Tuple[ModelSpec, ...]
-    models_file: Optional[Path] = None  # a TOML file declaring the models (see models.example.toml)
-    host: str = "0.0.0.0"
-    port: int = 5000
-    initial_peers: Tuple[str, ...] = ()  # empty: start an embedded swarm on 127.0.0.1
-    device: str = "auto"
-    torch_dtype: str = "auto"
-    step_timeout: float = 300.0
-    request_timeout: float = 30.0
-    routing_update_period: float = 60.0
-    idle_timeout: float = 300.0
-    max_sessions: int = 1000
-    max_sessions_per_client: int = 32
-    max_connections: int = 10_000
-    max_connections_per_client: int = 64
-    max_messages_per_second: float = 20.0
-    max_client_bytes_per_second: int = MIB
-    session_memory_budget_mib: int = 0  # client-side state of all sessions; 0: a quarter of the RAM
-    warm_sessions: int = 16  # finished stateless sessions kept for prefix reuse; 0: reuse off
-    warm_session_ttl: float = 60.0  # seconds one waits for a request that continues it
-    warm_memory_mib: int = 256  # client-side state the warm sessions may hold
-    reuse_headroom_tokens: int = 1024  # extra room a stateless session opens with, for the next turn
-    resume_grace: float = 60.0  # seconds a resumable WebSocket session outlives its connection
-    draft_tokens: int = 16  # the longest draft a step verifies (speculative decoding); 0: off
-    trusted_proxies: Tuple[str, ...] = ()  # addresses or networks whose client_ip_header is believed
-    client_ip_header: str = "X-Forwarded-For"  # the only header read for the client behind them
-    executor_workers: int = 8
-    models_dir: Path = REPO_ROOT / ".models"
-    swarm_threads: int = 0  # torch threads per embedded swarm node; 0: split the CPU with the server
-    allowed_origins: Tuple[str, ...] = ()  # pages allowed to use the WebSocket and (CORS) /v1 APIs; empty: any
-    max_message_bytes: int = 256 * 1024
-    max_body_bytes: int = 1024 * 1024  # largest HTTP request body; larger ones are refused unread (413)
-    api_key: Optional[str] = None  # when set, every API that serves models requires it
-    debug: bool = False
-    log_level: str = "INFO"
+    models: Tuple[ModelSpec, ...] = setting(
+        (), "models to serve instead of the default one, with default settings: hub repositories, local folders "
+        "or .gguf files (converted once into --models-dir); may be repeated; not with --models-file",
+        flag="--model", metavar="REPO_OR_PATH", shown_default="the default model")
+    models_file: Optional[Path] = setting(
+        None, "a TOML file declaring the models to serve and their settings (names, aliases, chat settings, "
+        "limits; see models.example.toml); not with --model", metavar="PATH")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface; see docs/deployment.md "
+                        "before exposing the server)")
+    port: int = setting(5000, "port to listen on", minimum=0, maximum=65535)
+    initial_peers: Tuple[str, ...] = setting(
+        (), f"multiaddrs of an existing swarm to join, or '{PUBLIC_SWARM}' for the public Petals swarm; none starts "
+        "an embedded swarm on 127.0.0.1", metavar="ADDR", shown_default="none: an embedded swarm")
+    device: str = setting("auto", "device for embeddings and the embedded swarm: auto (CUDA if present, else the "
+                          "CPU), cpu, cuda, cuda:N")
+    torch_dtype: str = setting("auto", "dtype: auto (float16 on CUDA, bfloat16 on CPUs with AVX-512, else float32), "
+                               "float32, bfloat16, float16",
+                               choices=("auto", "float32", "bfloat16", "float16"))
+    step_timeout: float = setting(300.0, "seconds a generation step may take, retries through other servers "
+                                  "included", above=0)
+    request_timeout: float = setting(30.0, "seconds one swarm server may stay silent before it counts as failed and "
+                                     "the step is retried through another", above=0)
+    routing_update_period: float = setting(60.0, "seconds between refreshes of the clients' view of which servers "
+                                           "hold which blocks", above=0)
+    idle_timeout: float = setting(300.0, "seconds an unused inference session stays open", above=0)
+    max_sessions: int = setting(1000, "open inference sessions, all clients together (more are refused with 503)",
+                                minimum=1)
+    max_sessions_per_client: int = setting(
+        32, "open inference sessions per client address, and HTTP generation requests one client may have in "
+        "flight (more are refused with 429)", minimum=1)
+    max_connections: int = setting(10_000, "open WebSocket connections, all clients together (more are refused)",
+                                   minimum=1)
+    max_connections_per_client: int = setting(64, "open WebSocket connections per client, with or without a session "
+                                              "(more are refused)", minimum=1)
+    max_messages_per_second: float = setting(
+        20.0, "WebSocket messages one connection may send per second on average (a burst of twice that is "
+        "allowed; the server reads more only as the rate allows)", above=0)
+    max_client_bytes_per_second: int = setting(
+        MIB, "bytes one client's WebSocket connections may send per second together (a second's worth at once); "
+        "the server reads more only as this allows", minimum=1)
+    max_message_bytes: int = setting(
+        256 * 1024, "largest WebSocket message answered, in characters of its text (larger ones get an error "
+        "reply; four times this closes the connection)", minimum=1)
+    max_body_bytes: int = setting(MIB, "largest HTTP request body (larger ones get 413 before they are read)",
+                                  minimum=1)
+    session_memory_budget_mib: float = setting(
+        0, "MiB of client-side state (each token's hidden states per server span) all sessions together may hold; "
+        "new sessions are refused past it (0: a quarter of this machine's RAM)", minimum=0)
+    warm_sessions: int = setting(
+        16, "finished sessions of /v1 and /api/v1/generate requests kept warm, so that a request continuing the same "
+        "conversation feeds only its new tokens through the swarm (0: prefix reuse off)", minimum=0)
+    warm_session_ttl: float = setting(60.0, "seconds a warm session waits for a request that continues it", above=0)
+    warm_memory_mib: float = setting(256, "MiB of client-side state the warm sessions together may hold", minimum=0)
+    reuse_headroom_tokens: int = setting(1024, "tokens of extra room a stateless request's session is opened with, "
+                                         "so that the conversation's next turn fits in it", minimum=0)
+    resume_grace: float = setting(60.0, "seconds a resumable WebSocket session waits for its client to reconnect",
+                                  above=0)
+    draft_tokens: int = setting(
+        16, "the most tokens one swarm step verifies ahead (speculative decoding, drafted from the conversation and "
+        "the request's prediction; the output is unchanged); 0 turns it off", minimum=0, maximum=MAX_DRAFT_TOKENS)
+    trusted_proxies: Tuple[str, ...] = setting(
+        (), "addresses or networks (CIDR) of reverse proxies whose --client-ip-header names the client; none: the "
+        "peer address is the client", metavar="CIDR", check=_network_problem)
+    client_ip_header: str = setting(
+        "X-Forwarded-For", "the header the trusted proxies set to the client address: X-Forwarded-For (its "
+        "right-most hop that is not a trusted proxy), X-Real-IP, Forwarded (its for=) or another; no other header "
+        "is read", metavar="HEADER", check=_header_problem)
+    allowed_origins: Tuple[str, ...] = setting(
+        (), "origins (e.g. https://chat.example.org) whose pages may use the WebSocket API and, through CORS, the "
+        "/v1 API; none: any", metavar="ORIGIN")
+    api_key: Optional[str] = setting(None, "require this key (Authorization: Bearer KEY) on every API that serves "
+                                     "models, the WebSocket included")
+    executor_workers: int = setting(8, "threads that run blocking Petals calls", minimum=1)
+    models_dir: Path = setting(REPO_ROOT / ".models", "where converted local models are cached", metavar="PATH",
+                               shown_default=".models/")
+    swarm_threads: int = setting(0, "torch threads per embedded swarm node (0: automatic)", minimum=0)
+    debug: bool = setting(False, "tracebacks in error replies and Tornado's debug mode (autoreload): not for "
+                          "production")
+    log_level: str = setting("INFO", "how much the server logs", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     @property
-    def manager_settings(self) -> ManagerSettings:
-        """What the session manager enforces and how its clients treat the swarm."""
-        return ManagerSettings(max_sessions=self.max_sessions, max_sessions_per_client=self.max_sessions_per_client,
-                               max_connections=self.max_connections,
-                               max_connections_per_client=self.max_connections_per_client,
-                               max_messages_per_second=self.max_messages_per_second,
-                               max_client_bytes_per_second=self.max_client_bytes_per_second,
-                               idle_timeout=self.idle_timeout, step_timeout=self.step_timeout,
-                               request_timeout=self.request_timeout,
-                               routing_update_period=self.routing_update_period,
-                               session_memory_budget=self.session_memory_budget_mib * MIB,
-                               warm_pool=WarmPoolLimits(max_sessions=self.warm_sessions,
-                                                        max_age=self.warm_session_ttl,
-                                                        max_state_bytes=self.warm_memory_mib * MIB,
-                                                        max_per_client=min(WarmPoolLimits.max_per_client,
-                                                                           self.max_sessions_per_client),
-                                                        headroom_tokens=self.reuse_headroom_tokens),
-                               resume_grace=self.resume_grace, draft_tokens=self.draft_tokens)
+    def session_memory_budget_bytes(self) -> int:
+        """The sessions' memory budget in bytes, the automatic default resolved."""
+        return int(self.session_memory_budget_mib * MIB) or machine_memory_bytes() // 4
+
+    @property
+    def warm_pool_limits(self) -> "WarmPoolLimits":
+        """How many finished sessions may wait for their next request, for how long, in how much memory."""
+        return WarmPoolLimits(max_sessions=self.warm_sessions, max_age=self.warm_session_ttl,
+                              max_state_bytes=int(self.warm_memory_mib * MIB),
+                              max_per_client=min(WARM_SESSIONS_PER_CLIENT, self.max_sessions_per_client),
+                              headroom_tokens=self.reuse_headroom_tokens)
 
     @property
     def embedded_swarm(self) -> bool:
         """True when no swarm is named, so the server starts its own."""
         return not self.initial_peers
+
+
+DEFAULTS = Settings()
+# Warm sessions one client may have waiting, at most.
+WARM_SESSIONS_PER_CLIENT = 4
+
+
+@dataclass(frozen=True)
+class WarmPoolLimits:
+    """The warm pool's limits, as ``Settings.warm_pool_limits`` derives them (defaults: the settings')."""
+
+    max_sessions: int = DEFAULTS.warm_sessions  # 0: prefix reuse off
+    max_age: float = DEFAULTS.warm_session_ttl  # seconds; the swarm's servers drop an idle session after 5 minutes
+    max_state_bytes: int = int(DEFAULTS.warm_memory_mib * MIB)
+    max_per_client: int = WARM_SESSIONS_PER_CLIENT
+    headroom_tokens: int = DEFAULTS.reuse_headroom_tokens
+
+
+def machine_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def choose_device(requested: str = "auto") -> str:
@@ -284,8 +335,31 @@ def choose_dtype(device: str, requested: str = "auto") -> str:
     return "float32"
 
 
-def _env_name(flag: str) -> str:
-    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+def declared_settings() -> List[Tuple[dataclasses.Field, Setting]]:
+    """Every setting, in the order ``--help`` and the settings table list them."""
+    return [(declared, declared.metadata["setting"]) for declared in dataclasses.fields(Settings)]
+
+
+def flag_of(declared: dataclasses.Field) -> str:
+    """A setting's command-line flag."""
+    return declared.metadata["setting"].flag or "--" + declared.name.replace("_", "-")
+
+
+def env_name(declared: dataclasses.Field) -> str:
+    """A setting's environment variable: ``SWARM_CHAT_`` and its flag in capitals."""
+    return ENV_PREFIX + flag_of(declared).lstrip("-").replace("-", "_").upper()
+
+
+def _value_type(declared: dataclasses.Field) -> type:
+    """The type one value of a setting has: the field's, unwrapped from Optional and Tuple."""
+    kind = declared.type
+    while typing.get_origin(kind) in (Union, tuple):
+        kind = typing.get_args(kind)[0]
+    return str if kind is ModelSpec else kind  # models are named by their sources
+
+
+def _is_list(declared: dataclasses.Field) -> bool:
+    return typing.get_origin(declared.type) is tuple
 
 
 class ExtendFlagDefault(argparse.Action):
@@ -298,114 +372,39 @@ class ExtendFlagDefault(argparse.Action):
 
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     """The command line of ``server.py``; each flag's default comes from its environment variable."""
-    defaults = Settings(models=())
     parser = argparse.ArgumentParser(
         prog="server.py",
         description="Chat web app, HTTP API and WebSocket API over a Petals swarm.",
         epilog=f"Every flag can also be set with an environment variable {ENV_PREFIX}<FLAG> "
         f"(for example {ENV_PREFIX}PORT=8080); flags win.",
     )
-
-    def add(flag, help_text, **kwargs):
-        env_value = environ.get(_env_name(flag))
-        if env_value is not None:
-            if kwargs.get("nargs") in ("*", "+"):
-                env_value = env_value.split()
-            elif kwargs.get("action") == "store_true":
-                env_value = env_value.lower() in ("1", "true", "yes", "on")
-            kwargs["default"] = env_value
-        parser.add_argument(flag, help=f"{help_text} [env {_env_name(flag)}]", **kwargs)
-
-    add("--host", "address to listen on", default=defaults.host)
-    add("--port", "port to listen on", type=int, default=defaults.port)
-    add(
-        "--initial-peers",
-        f"multiaddrs of an existing swarm to join, or '{PUBLIC_SWARM}' for the public Petals swarm; "
-        "none (the default) starts an embedded swarm on 127.0.0.1",
-        nargs="*",
-        default=[],
-        metavar="ADDR",
-    )
-    add(
-        "--model",
-        "models to serve instead of the default one, with default settings: hub repositories, local folders "
-        "or .gguf files (converted once into --models-dir); may be repeated; not with --models-file",
-        nargs="+",
-        action=ExtendFlagDefault,
-        default=None,
-        dest="models",
-        metavar="REPO_OR_PATH",
-    )
-    add("--models-file", "a TOML file declaring the models to serve and their settings (names, aliases, chat "
-        "settings, limits; see models.example.toml); not with --model", type=Path, default=defaults.models_file,
-        metavar="PATH")
-    add("--device", "device for embeddings and the embedded swarm: auto, cpu, cuda, cuda:N", default=defaults.device)
-    add(
-        "--torch-dtype",
-        "dtype: auto (float16 on CUDA, bfloat16 on CPUs with AVX-512, else float32), float32, bfloat16, float16",
-        default=defaults.torch_dtype,
-    )
-    add("--step-timeout", "seconds a generation step may take, retries through other servers included",
-        type=float, default=defaults.step_timeout)
-    add("--request-timeout", "seconds one swarm server may stay silent before it counts as failed and the "
-        "step is retried through another", type=float, default=defaults.request_timeout)
-    add("--routing-update-period", "seconds between refreshes of the clients' view of which servers hold which "
-        "blocks", type=float, default=defaults.routing_update_period)
-    add("--idle-timeout", "seconds an unused inference session stays open", type=float,
-        default=defaults.idle_timeout)
-    add("--max-sessions", "open inference sessions, all clients together (more are refused with 503)", type=int,
-        default=defaults.max_sessions)
-    add("--max-sessions-per-client", "open inference sessions per client address, and HTTP generation requests "
-        "one client may have in flight (more are refused with 429)",
-        type=int, default=defaults.max_sessions_per_client)
-    add("--max-connections", "open WebSocket connections, all clients together (more are refused)", type=int,
-        default=defaults.max_connections)
-    add("--max-connections-per-client", "open WebSocket connections per client, with or without a session "
-        "(more are refused)", type=int, default=defaults.max_connections_per_client)
-    add("--max-messages-per-second", "WebSocket messages one connection may send per second on average (a burst "
-        "of twice that is allowed; the server reads more only as the rate allows)", type=float,
-        default=defaults.max_messages_per_second)
-    add("--max-client-bytes-per-second", "bytes one client's WebSocket connections may send per second together "
-        "(a second's worth at once); the server reads more only as this allows", type=int,
-        default=defaults.max_client_bytes_per_second)
-    add("--session-memory-budget-mib", "MiB of client-side state (each token's hidden states per server span) all "
-        "sessions together may hold; new sessions are refused past it (0: a quarter of this machine's RAM)",
-        type=int, default=defaults.session_memory_budget_mib)
-    add("--warm-sessions", "finished sessions of /v1 and /api/v1/generate requests kept warm, so that a request "
-        "continuing the same conversation feeds only its new tokens through the swarm (0: prefix reuse off)",
-        type=int, default=defaults.warm_sessions)
-    add("--warm-session-ttl", "seconds a warm session waits for a request that continues it", type=float,
-        default=defaults.warm_session_ttl)
-    add("--warm-memory-mib", "MiB of client-side state the warm sessions together may hold", type=int,
-        default=defaults.warm_memory_mib)
-    add("--reuse-headroom-tokens", "tokens of extra room a stateless request's session is opened with, so that "
-        "the conversation's next turn fits in it", type=int, default=defaults.reuse_headroom_tokens)
-    add("--resume-grace", "seconds a resumable WebSocket session waits for its client to reconnect", type=float,
-        default=defaults.resume_grace)
-    add("--draft-tokens", "the most tokens one swarm step verifies ahead (speculative decoding, drafted from the "
-        "conversation and the request's prediction; the output is unchanged); 0 turns it off", type=int,
-        default=defaults.draft_tokens)
-    add("--trusted-proxies", "addresses or networks (CIDR) of reverse proxies whose --client-ip-header names the "
-        "client; none: the peer address is the client", nargs="*", default=[], metavar="CIDR")
-    add("--client-ip-header", "the header the trusted proxies set to the client address: X-Forwarded-For (its "
-        "right-most hop that is not a trusted proxy), X-Real-IP, Forwarded (its for=) or another; no other "
-        "header is read", default=defaults.client_ip_header, metavar="HEADER")
-    add("--executor-workers", "threads that run blocking Petals calls", type=int, default=defaults.executor_workers)
-    add("--models-dir", "where converted local models are cached", type=Path, default=defaults.models_dir)
-    add("--swarm-threads", "torch threads per embedded swarm node (0: automatic)", type=int,
-        default=defaults.swarm_threads)
-    add("--allowed-origins", "origins (e.g. https://chat.example.org) whose pages may use the WebSocket API and, "
-        "through CORS, the /v1 API; none: any", nargs="*", default=[], metavar="ORIGIN")
-    add("--max-message-bytes", "largest WebSocket message answered (larger ones get an error reply)", type=int,
-        default=defaults.max_message_bytes)
-    add("--max-body-bytes", "largest HTTP request body (larger ones get 413 before they are read)", type=int,
-        default=defaults.max_body_bytes)
-    add("--api-key", "require this key (Authorization: Bearer KEY) on every API that serves models, "
-        "the WebSocket included",
-        default=None)
-    add("--debug", "tracebacks in error replies, Tornado debug mode", action="store_true", default=defaults.debug)
-    add("--log-level", "DEBUG, INFO, WARNING or ERROR", default=defaults.log_level)
+    for declared, how in declared_settings():
+        kind, env_value = _value_type(declared), environ.get(env_name(declared))
+        options: Dict[str, Any] = {"dest": declared.name, "help": f"{how.help} [env {env_name(declared)}]"}
+        if kind is not bool:
+            options["metavar"] = how.metavar
+        if kind is bool:
+            options.update(action="store_true", default=declared.default if env_value is None
+                           else env_value.strip().lower() in ("1", "true", "yes", "on"))
+        elif _is_list(declared):
+            options.update(nargs="*", action=ExtendFlagDefault, type=kind,
+                           default=list(declared.default) if env_value is None else env_value.split())
+        else:
+            options.update(type=kind, choices=how.choices or None,
+                           default=declared.default if env_value is None else env_value)
+        parser.add_argument(flag_of(declared), **options)
     return parser
+
+
+def _problem(declared: dataclasses.Field, how: Setting, value: Any) -> Optional[str]:
+    """What is wrong with one value of a setting, or None."""
+    if how.minimum is not None and value < how.minimum:
+        return "must not be negative" if how.minimum == 0 else f"must be at least {how.minimum:g}"
+    if how.above is not None and value <= how.above:
+        return "must be positive" if how.above == 0 else f"must be greater than {how.above:g}"
+    if how.maximum is not None and value > how.maximum:
+        return f"must be at most {how.maximum:g}"
+    return how.check(value) if how.check else None
 
 
 def declared_models(args: argparse.Namespace) -> Tuple[ModelSpec, ...]:
@@ -413,8 +412,8 @@ def declared_models(args: argparse.Namespace) -> Tuple[ModelSpec, ...]:
     from models_file import ModelsFileError, read_models_file  # it builds on this module's ModelSpec
 
     if args.models and args.models_file is not None:
-        raise SystemExit(f"--model and --models-file both name the models to serve (flags, or {_env_name('--model')} "
-                         f"and {_env_name('--models-file')}): use one; a models file can declare every model")
+        raise SystemExit("--model and --models-file both name the models to serve (flags, or SWARM_CHAT_MODEL and "
+                         "SWARM_CHAT_MODELS_FILE): use one; a models file can declare every model")
     if args.models_file is not None:
         try:
             return read_models_file(args.models_file)
@@ -431,32 +430,37 @@ def declared_models(args: argparse.Namespace) -> Tuple[ModelSpec, ...]:
 
 
 def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.environ) -> Settings:
-    """Settings from defaults, environment variables and flags, in increasing precedence."""
+    """Settings from defaults, environment variables and flags, in increasing precedence, each checked
+    against its declaration."""
     args = build_parser(environ).parse_args(argv)
-    models = declared_models(args)
-    for flag in ("executor_workers", "max_sessions", "max_sessions_per_client", "max_body_bytes", "max_connections",
-                 "max_connections_per_client", "max_client_bytes_per_second"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("session_memory_budget_mib", "warm_sessions", "warm_memory_mib", "reuse_headroom_tokens",
-                 "draft_tokens"):
-        if getattr(args, flag) < 0:
-            raise SystemExit(f"--{flag.replace('_', '-')} must not be negative")
-    if args.draft_tokens > MAX_DRAFT_TOKENS:  # a swarm server runs longer steps block by block
-        raise SystemExit(f"--draft-tokens must be at most {MAX_DRAFT_TOKENS}")
-    for flag in ("step_timeout", "request_timeout", "routing_update_period", "idle_timeout",
-                 "max_messages_per_second", "warm_session_ttl", "resume_grace"):
-        if getattr(args, flag) <= 0:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "models"}
-    values["initial_peers"] = tuple(args.initial_peers)
-    values["allowed_origins"] = tuple(args.allowed_origins)
-    values["trusted_proxies"] = tuple(args.trusted_proxies)
-    for network in values["trusted_proxies"]:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise SystemExit(f"--trusted-proxies: {network!r} is not an address or a network") from None
-    if not HEADER_NAME.fullmatch(args.client_ip_header):
-        raise SystemExit(f"--client-ip-header: {args.client_ip_header!r} is not a header name")
-    return Settings(models=models, **values)
+    values = {}
+    for declared, how in declared_settings():
+        value = getattr(args, declared.name)
+        for item in value if _is_list(declared) else [value]:
+            problem = None if item is None or declared.name == "models" else _problem(declared, how, item)
+            if problem:
+                raise SystemExit(f"{flag_of(declared)}: {problem}" if how.check else
+                                 f"{flag_of(declared)} {problem}")
+        values[declared.name] = tuple(value) if _is_list(declared) else value
+    values["models"] = declared_models(args)
+    return Settings(**values)
+
+
+def settings_table() -> str:
+    """The documentation's settings table (docs/operations.md), made from the declarations."""
+    rows = ["| flag | environment | default | what it sets |", "|---|---|---|---|"]
+    for declared, how in declared_settings():
+        flag = flag_of(declared) + (f" {how.metavar}" if how.metavar else "") + ("..." if _is_list(declared) else "")
+        rows.append(f"| `{flag}` | `{env_name(declared)}` | {how.shown_default or _shown(declared.default)} | "
+                    f"{how.help.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(default: Any) -> str:
+    if default in (None, ()):
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, (int, float)):
+        return f"`{default:g}`"
+    return f"`{default}`"

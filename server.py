@@ -234,7 +234,7 @@ async def serve(config: Settings, initial_peers: Sequence[str], device: str, tor
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop_requested.set)
     manager = build_manager(config.models, initial_peers, device, torch_dtype,
-                            executor_workers=config.executor_workers, settings=config.manager_settings,
+                            settings=config,
                             refusals=refusals)
     try:
         await manager.start()

@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from config import ManagerSettings, ModelSpec
+from config import ModelSpec, Settings
 from sessions.formats.chat_format import ChatFormat
 from sessions.formats.chat_template import ChatTemplate, ChatTemplateError
 from sessions.formats.tokenizer_files import load_tokenizer
@@ -115,7 +115,7 @@ def within_context(spec: ModelSpec, context_length: Optional[int]) -> ModelSpec:
 
 
 def load_model(spec: ModelSpec, initial_peers: Sequence[str], device: str, torch_dtype: str,
-               settings: ManagerSettings = ManagerSettings()) -> LoadedModel:
+               settings: Settings = Settings()) -> LoadedModel:
     """Loads the tokenizer and connects the Petals client of ``spec`` (blocking: run it in the executor);
     ``UnsupportedModel`` for a model this server cannot serve correctly.
 

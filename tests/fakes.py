@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
-from config import ChatSettings, FrontendSettings, ManagerSettings, ModelSpec
+from config import ChatSettings, FrontendSettings, ModelSpec, Settings
 from sessions.engine.executor import BlockingExecutor
 from sessions.engine.speculation import Draft
 from sessions.observe.metrics import SessionMetrics
@@ -147,7 +147,7 @@ class FakeRegistry:
         pass
 
 
-def fake_manager(executor: BlockingExecutor, settings: ManagerSettings = ManagerSettings(),
+def fake_manager(executor: BlockingExecutor, settings: Settings = Settings(),
                  open_stream: Optional[Callable[[FakeModel, int], FakeTokenStream]] = None) -> SessionManager:
     """A session manager over the fake model, its sessions on ``open_stream``'s fake streams
     (by default each says "hello world"); ``start`` it before use."""

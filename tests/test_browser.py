@@ -14,7 +14,7 @@ import tornado.web
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from config import ManagerSettings
+from config import Settings
 from server import make_app
 from sessions.formats.chat_format import ChatFormat
 from sessions.serving.manager import build_manager
@@ -84,7 +84,7 @@ def page(chromium, chat_server):
 def expiring_server(io_loop, tiny_model_specs, settings):
     """The app serving Tiny Llama from a manager whose sessions expire after a second idle."""
     manager = build_manager(tiny_model_specs[:1], settings.initial_peers, settings.device, settings.torch_dtype,
-                            executor_workers=2, settings=ManagerSettings(idle_timeout=1.0))
+                            settings=Settings(executor_workers=2, idle_timeout=1.0))
     io_loop.run_sync(manager.start)
     server = ChatServer(make_app(settings, manager), io_loop)
     server.start()

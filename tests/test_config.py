@@ -95,8 +95,8 @@ def test_bad_executor_size_is_refused():
 
 
 def test_the_draft_length_is_bounded_and_zero_turns_speculation_off():
-    assert parse_settings([], environ={}).manager_settings.draft_tokens == 16
-    assert parse_settings(["--draft-tokens", "0"], environ={}).manager_settings.draft_tokens == 0
+    assert parse_settings([], environ={}).draft_tokens == 16
+    assert parse_settings(["--draft-tokens", "0"], environ={}).draft_tokens == 0
     assert parse_settings([], environ={"SWARM_CHAT_DRAFT_TOKENS": "8"}).draft_tokens == 8
     for refused in ("-1", "128"):
         with pytest.raises(SystemExit, match="--draft-tokens must"):

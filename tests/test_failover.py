@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from config import ManagerSettings, default_model
+from config import Settings, default_model
 from sessions.requests import GenerationRequest
 from sessions.serving.manager import build_manager
 from swarm.blocks import lookup_blocks
@@ -64,8 +64,8 @@ async def test_two_servers_take_over_one_and_the_text_does_not_change(failover_s
     whole = swarm.add_node(model, extra_options=NODE_OPTIONS)
     await wait_until(lambda: min(servers_per_block(swarm, model)) == 1, READY_TIMEOUT)
     spec = dataclasses.replace(default_model(models_dir), dht_prefix=PREFIX)
-    manager = build_manager([spec], swarm.initial_peers, "cpu", "float32", executor_workers=2,
-                            settings=ManagerSettings(step_timeout=120, request_timeout=5, routing_update_period=2))
+    manager = build_manager([spec], swarm.initial_peers, "cpu", "float32",
+                            settings=Settings(executor_workers=2, step_timeout=120, request_timeout=5, routing_update_period=2))
     await manager.start()
     try:
         loaded = manager.registry.find(None)

@@ -19,7 +19,7 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.testing
 
-from config import FrontendSettings, ManagerSettings, ModelSpec, Settings
+from config import FrontendSettings, ModelSpec, Settings
 from sessions.serving.manager import build_manager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 from tests.browser import ChatPage, drive, start_chromium
@@ -79,8 +79,8 @@ def fault_server(io_loop, fault_swarm, tiny_model_specs):
                                        (SMALL_CACHE, "fault-small-cache")))
     settings = Settings(models=specs, initial_peers=tuple(fault_swarm.swarm.initial_peers), port=0, device="cpu",
                         torch_dtype="float32", executor_workers=4, step_timeout=60)
-    manager = build_manager(specs, settings.initial_peers, "cpu", "float32", executor_workers=4,
-                            settings=ManagerSettings(step_timeout=60, request_timeout=REQUEST_TIMEOUT,
+    manager = build_manager(specs, settings.initial_peers, "cpu", "float32",
+                            settings=Settings(executor_workers=4, step_timeout=60, request_timeout=REQUEST_TIMEOUT,
                                                      routing_update_period=ROUTING_UPDATE_PERIOD))
     io_loop.run_sync(manager.start)
     sock, port = tornado.testing.bind_unused_port()

@@ -17,7 +17,7 @@ import tornado.simple_httpclient
 import tornado.testing
 
 import sessions.serving.admission as admission_module
-from config import ManagerSettings, Settings, WarmPoolLimits
+from config import Settings
 from server import make_app
 from sessions.engine.executor import BlockingExecutor
 from sessions.serving.admission import MAX_SLOWED_REQUESTS, REFUSALS_PER_SECOND, Admission
@@ -26,7 +26,7 @@ from tests.helpers import send_raw_post, wait_for_no_sessions
 
 TINY = "tests/tiny-llama"
 # Sessions are closed after each request, not kept warm for the next.
-NOT_KEPT = ManagerSettings(warm_pool=WarmPoolLimits(max_sessions=0))
+NOT_KEPT = Settings(warm_sessions=0)
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def fake_server(io_loop):
     sessions each take the next stream of ``streams`` (a list the test fills)."""
     started = []
 
-    async def serve(settings: ManagerSettings, streams: list):
+    async def serve(settings: Settings, streams: list):
         executor = BlockingExecutor(2, "fake")
         manager = fake_manager(executor, settings, lambda model, max_length: streams.pop(0))
         await manager.start()
@@ -127,7 +127,7 @@ async def test_prompts_are_tokenized_apart_from_the_steps(http_server_client, ma
 
 
 def test_a_client_refused_too_often_waits_its_turn_and_at_most_so_many_wait():
-    admission = Admission(ManagerSettings())
+    admission = Admission(Settings())
     assert admission.refusal_wait("client") == 0.0
     for _ in range(int(2 * REFUSALS_PER_SECOND)):  # the burst
         admission.refused("client")

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from config import ManagerSettings
+from config import Settings
 from sessions.requests import GenerationRequest, SamplingParams
 from sessions.serving.manager import build_manager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
@@ -90,8 +90,8 @@ def stock_node_swarm(tmp_path_factory, tiny_model_specs):
 
 async def test_a_node_that_cannot_roll_back_is_found_out_and_replays_instead(stock_node_swarm, io_loop):
     swarm, spec = stock_node_swarm
-    manager = build_manager([spec], swarm.initial_peers, "cpu", "float32", executor_workers=2,
-                            settings=ManagerSettings(step_timeout=60, draft_tokens=16))
+    manager = build_manager([spec], swarm.initial_peers, "cpu", "float32",
+                            settings=Settings(executor_workers=2, step_timeout=60, draft_tokens=16))
     await manager.start()
     try:
         client = manager.registry.find(spec.key).client

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from config import ManagerSettings
+from config import Settings
 from sessions.errors import SessionExpired
 from sessions.requests import GenerationRequest
 from sessions.serving.manager import build_manager
@@ -17,7 +17,7 @@ async def collect(session, request):
 @pytest.fixture
 def short_lived_manager(io_loop, tiny_model_specs, settings):
     manager = build_manager(tiny_model_specs[:1], settings.initial_peers, "cpu", "float32",
-                            executor_workers=2, settings=ManagerSettings(idle_timeout=1.0))
+                            settings=Settings(executor_workers=2, idle_timeout=1.0))
     io_loop.run_sync(manager.start)
     yield manager
     io_loop.run_sync(manager.close)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from config import ManagerSettings
+from config import MIB, Settings
 from sessions.engine.executor import BACKGROUND_NICENESS, BlockingExecutor, TakingTurns
 from sessions.engine.positions import SessionPositions
 from sessions.engine.steps import ChosenToken, StepResult
@@ -49,7 +49,7 @@ def executor():
 
 def make_session(executor, stream=None, step_timeout=10.0, max_length=256, admission=None, close_timeout=10.0,
                  draft_tokens=0):
-    admission = admission or Admission(ManagerSettings())
+    admission = admission or Admission(Settings())
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)
@@ -106,7 +106,7 @@ async def test_stop_sequences_spanning_tokens_are_held_back_and_cut(executor):
 
 
 async def test_close_waits_for_the_step_in_flight_then_releases_once(executor):
-    admission = Admission(ManagerSettings())
+    admission = Admission(Settings())
     stream = FakeTokenStream("abc")
     session = make_session(executor, stream, admission=admission)
     stream.hold.clear()
@@ -176,7 +176,7 @@ async def test_a_bad_request_keeps_the_session(executor):
 
 
 def test_admission_counts_per_server_and_per_client():
-    admission = Admission(ManagerSettings(max_sessions=3, max_sessions_per_client=2))
+    admission = Admission(Settings(max_sessions=3, max_sessions_per_client=2))
     first, second = admission.admit("a"), admission.admit("a")
     with pytest.raises(ClientLimit):
         admission.admit("a")
@@ -216,7 +216,7 @@ async def test_the_reaper_closes_idle_sessions_only(executor):
         streams.append(FakeTokenStream("a" * 1000, step_seconds=0.01))
         return streams[-1]
 
-    manager = fake_manager(executor, ManagerSettings(idle_timeout=0.3), open_stream)
+    manager = fake_manager(executor, Settings(idle_timeout=0.3), open_stream)
     await manager.start()
     idle = await manager.open_session("idle", "fake", 64, "client")
     busy = await manager.open_session("busy", "fake", 256, "client")
@@ -246,7 +246,7 @@ async def test_the_step_timeout_counts_from_the_start_of_the_step():
 
 
 async def test_closing_gives_the_place_back_even_when_the_swarm_hangs(executor):
-    admission = Admission(ManagerSettings())
+    admission = Admission(Settings())
     hung_close = FakeTokenStream()
     hung_close.hold_close.clear()
     session = make_session(executor, hung_close, admission=admission, close_timeout=0.2)
@@ -419,7 +419,7 @@ def test_the_generation_loop_does_not_import_the_session():
 
 
 def test_sessions_are_refused_past_the_memory_budget():
-    admission = Admission(ManagerSettings(session_memory_budget=1000))
+    admission = Admission(Settings(session_memory_budget_mib=1000 / MIB))
     first = admission.admit("a", reserved_bytes=600)
     with pytest.raises(MemoryBudgetExceeded, match="shorter max_length"):
         admission.admit("b", reserved_bytes=500)
@@ -434,7 +434,7 @@ def test_sessions_are_refused_past_the_memory_budget():
 
 
 async def test_a_session_reserves_its_length_on_every_span_of_its_route(executor):
-    admission = Admission(ManagerSettings())
+    admission = Admission(Settings())
     stream = FakeTokenStream()
     stream.span_count = 3
     session = make_session(executor, stream, max_length=100, admission=admission)
@@ -446,7 +446,7 @@ async def test_a_session_reserves_its_length_on_every_span_of_its_route(executor
 
 
 def test_garbage_collections_are_timed_while_watched():
-    admission = Admission(ManagerSettings())
+    admission = Admission(Settings())
     metrics = SessionMetrics(open_sessions=lambda: 0, executor_queue_depth=lambda: 0,
                              reserved_state_bytes=lambda: 0, state_budget_bytes=admission.memory_budget)
 

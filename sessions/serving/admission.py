@@ -13,7 +13,7 @@ import collections
 import time
 from typing import Callable, Counter, Dict, Optional
 
-from config import MIB, ManagerSettings
+from config import MIB, Settings
 from sessions.errors import (
     ClientLimit,
     MemoryBudgetExceeded,
@@ -111,7 +111,7 @@ class Admission:
     """Counts open sessions and connections, per server and per client, and checks requests
     against the limits."""
 
-    def __init__(self, settings: ManagerSettings):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.memory_budget = settings.session_memory_budget_bytes
         self._sessions = _Tally()

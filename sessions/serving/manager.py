@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
 
-from config import PUBLIC_SWARM, ManagerSettings, ModelSpec
+from config import PUBLIC_SWARM, ModelSpec, Settings
 from sessions import request_rules
 from sessions.engine.executor import BlockingExecutor, TakingTurns
 from sessions.engine.grammar import GrammarCompiler, constrained
@@ -66,7 +66,7 @@ class SessionManager:
     """
 
     def __init__(self, registry: ModelRegistry, admission: Admission, executor: BlockingExecutor,
-                 monitor: SwarmMonitor, metrics: SessionMetrics, settings: ManagerSettings,
+                 monitor: SwarmMonitor, metrics: SessionMetrics, settings: Settings,
                  warm: Optional[WarmPool] = None, server_latency: Optional[ServerLatency] = None,
                  tokenizer_pool: Optional[TakingTurns] = None, grammars: Optional[GrammarCompiler] = None,
                  open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
@@ -79,7 +79,7 @@ class SessionManager:
         self.monitor = monitor
         self.metrics = metrics
         self.settings = settings
-        self.warm = warm if warm is not None else WarmPool(settings.warm_pool)
+        self.warm = warm if warm is not None else WarmPool(settings.warm_pool_limits)
         self.server_latency = server_latency or ServerLatency(metrics.observe_server_step)
         self.resumable = ResumableSessions(settings.resume_grace)
         self._open_stream = open_stream  # a model and a length -> the session's token stream
@@ -292,11 +292,11 @@ class SessionManager:
 
 
 def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], device: str, torch_dtype: str,
-                  executor_workers: int = 8, settings: ManagerSettings = ManagerSettings(),
+                  settings: Settings = Settings(),
                   refusals: Optional[Mapping[str, str]] = None) -> SessionManager:
     """A session manager and its collaborators, ready to ``start``; the ``refusals`` (a declared
     model's key: why it cannot be served) are not loaded, and requests naming them get the reason."""
-    executor = BlockingExecutor(executor_workers)
+    executor = BlockingExecutor(settings.executor_workers)
     registry = ModelRegistry(models, resolve_initial_peers(initial_peers), device, torch_dtype, settings, executor,
                              refusals)
     admission = Admission(settings)

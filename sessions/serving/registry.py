@@ -4,7 +4,7 @@ and the declared models start-up refused, with why."""
 import logging
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
-from config import ManagerSettings, ModelSpec
+from config import ModelSpec, Settings
 from sessions.engine.executor import BlockingExecutor
 from sessions.errors import ModelNotPublic, ModelUnavailable, NotReady, UnknownModel
 from sessions.models import LoadedModel, load_model
@@ -29,7 +29,7 @@ class ModelRegistry:
     """
 
     def __init__(self, specs: Sequence[ModelSpec], initial_peers: Sequence[str], device: str, torch_dtype: str,
-                 settings: ManagerSettings, executor: BlockingExecutor,
+                 settings: Settings, executor: BlockingExecutor,
                  refusals: Optional[Mapping[str, str]] = None):
         self.specs = tuple(specs)
         self.refused = {spec.key: RefusedModel(spec, refusals[spec.key]) for spec in self.specs
