@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 from config import ChatSettings, FrontendSettings, ModelSpec, is_gguf
+from sessions import request_rules
+from sessions.request_rules import Bounds
 
 
 class ModelsFileError(ValueError):
@@ -44,12 +46,11 @@ def _count(key: str, value: Any) -> int:
     return value
 
 
-def _number(key: str, value: Any, minimum: float, maximum: float, minimum_allowed: bool = True) -> float:
+def _number(key: str, value: Any, bounds: Bounds) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise _Problem(key, f"must be a number, not {_toml_type(value)}")
-    if value < minimum or value > maximum or (value == minimum and not minimum_allowed):
-        low = "[" if minimum_allowed else "("
-        raise _Problem(key, f"must be in {low}{minimum:g}, {maximum:g}], not {value}")
+    if value not in bounds:
+        raise _Problem(key, f"must be in {bounds}, not {value}")
     return value
 
 
@@ -79,11 +80,11 @@ def _toml_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-# What the chat page reads from ``generation_params``, checked as the page's controls allow it.
+# What the chat page reads from ``generation_params``, checked by the rules every API follows.
 GENERATION_PARAMS: Dict[str, Callable[[str, Any], object]] = {
     "do_sample": _flag,
-    "temperature": lambda key, value: _number(key, value, 0.0, 2.0),
-    "top_p": lambda key, value: _number(key, value, 0.0, 1.0, minimum_allowed=False),
+    "temperature": lambda key, value: _number(key, value, request_rules.TEMPERATURE),
+    "top_p": lambda key, value: _number(key, value, request_rules.TOP_P),
 }
 
 

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tornado.httpserver
 import tornado.netutil
@@ -27,7 +27,7 @@ import tornado.web
 
 from config import DEFAULT_MODEL_FOLDER, REPO_ROOT, ModelSpec, Settings, choose_device, choose_dtype, parse_settings
 from handlers.base import APIHandler
-from handlers.clients import parse_networks
+from handlers.context import context_settings
 from handlers.health import HealthHandler, ReadyHandler
 from handlers.http_generate import GenerateHandler
 from handlers.metrics import MetricsHandler
@@ -59,44 +59,28 @@ class NotFoundHandler(APIHandler):
 
 
 def make_app(config: Settings, manager: SessionManager) -> tornado.web.Application:
-    """The application: every route, with the session manager handed to each handler.
-
-    ``application.settings["websockets"]`` holds the open WebSocket connections, so that
-    shutdown can close them with a reason.
-    """
-    collaborators = {"manager": manager}
-    generation_collaborators = dict(collaborators, max_body_bytes=config.max_body_bytes)
-    websockets: Set[GenerateWebSocket] = set()
+    """The application: every route; handlers read ``config`` and ``manager`` from its settings
+    (``handlers.context``)."""
     return tornado.web.Application(
         [
             (r"/()", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR), "default_filename": "index.html"}),
             (r"/swarm", tornado.web.RedirectHandler, {"url": "/swarm.html"}),
-            (r"/health", HealthHandler, collaborators),
-            (r"/ready", ReadyHandler, collaborators),
-            (r"/metrics", MetricsHandler, collaborators),
-            (r"/api/v1/swarm", SwarmHandler, collaborators),
-            (r"/api/v1/models", ModelsHandler, collaborators),
-            (r"/api/v1/generate", GenerateHandler, generation_collaborators),
-            (r"/v1/models", ModelListHandler, generation_collaborators),
-            (r"/v1/completions", CompletionHandler, generation_collaborators),
-            (r"/v1/chat/completions", ChatCompletionHandler, generation_collaborators),
-            (r"/api/v2/generate", GenerateWebSocket, dict(collaborators, allowed_origins=config.allowed_origins,
-                                                          max_message_bytes=config.max_message_bytes,
-                                                          open_connections=websockets)),
+            (r"/health", HealthHandler),
+            (r"/ready", ReadyHandler),
+            (r"/metrics", MetricsHandler),
+            (r"/api/v1/swarm", SwarmHandler),
+            (r"/api/v1/models", ModelsHandler),
+            (r"/api/v1/generate", GenerateHandler),
+            (r"/v1/models", ModelListHandler),
+            (r"/v1/completions", CompletionHandler),
+            (r"/v1/chat/completions", ChatCompletionHandler),
+            (r"/api/v2/generate", GenerateWebSocket),
             (r"/(.+\.(?:html|js|css|svg|png|ico|woff2))", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR)}),
         ],
         default_handler_class=NotFoundHandler,
-        default_handler_args=collaborators,
-        debug=config.debug,
-        serve_traceback=config.debug,
         websocket_ping_interval=WEBSOCKET_PING_INTERVAL,
         websocket_max_message_size=HARD_MESSAGE_SIZE_FACTOR * config.max_message_bytes,
-        config=config,
-        websockets=websockets,
-        trusted_proxies=parse_networks(config.trusted_proxies),
-        client_ip_header=config.client_ip_header,
-        api_key=config.api_key,
-        allowed_origins=config.allowed_origins,
+        **context_settings(config, manager),
     )
 
 

@@ -1,4 +1,5 @@
-"""The base of every JSON endpoint: collaborators from ``initialize``, every error as JSON."""
+"""The base of every JSON endpoint: its context from the application (``ServerContext``), every
+error as JSON."""
 
 import asyncio
 import json
@@ -9,7 +10,7 @@ import tornado.httputil
 import tornado.web
 
 from handlers.auth import key_accepted
-from handlers.clients import client_key
+from handlers.context import ServerContext
 from sessions.errors import (
     BadRequest,
     HTTPStatusError,
@@ -19,10 +20,10 @@ from sessions.errors import (
     classify,
     error_payload,
 )
+from sessions.models import LoadedModel
 from sessions.observe.logs import new_connection_id
 from sessions.requests import GenerationRequest, GenerationUpdate
 from sessions.serving.admission import Slot
-from sessions.serving.manager import SessionManager
 from sessions.serving.session import ChatSession
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ def as_service_error(error: Optional[BaseException], status: int, reason: str) -
     return classify(error)
 
 
-class JSONErrors:
-    """Mixed into a handler with a ``manager``: every error, ours or Tornado's, becomes the API's
+class JSONErrors(ServerContext):
+    """Mixed into a handler: every error, ours or Tornado's, becomes the API's
     JSON error body, counted in the metrics.
 
     ``api`` picks the error body: "native" (``{"ok": false, "traceback": ...}``) or "openai".
@@ -64,25 +65,22 @@ class JSONErrors:
         elif error.status == 401:
             self.set_header("WWW-Authenticate", "Bearer")
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(error_payload(error, self.api, debug=bool(self.settings.get("serve_traceback"))))
+        self.finish(error_payload(error, self.api, debug=self.config.debug))
 
 
 class APIHandler(JSONErrors, tornado.web.RequestHandler):
     """Answers JSON, errors included (``JSONErrors``).
 
     A handler with ``requires_api_key`` answers 401 unless the request brings the server's
-    ``--api-key`` (application setting ``api_key``), when one is set.
+    ``--api-key``, when one is set.
     """
 
     requires_api_key = False
 
-    def initialize(self, manager: SessionManager) -> None:
-        self.manager = manager
-
     def prepare(self) -> None:
         # A browser's CORS preflight never carries credentials; it only asks what is allowed.
         preflight = self.request.method == "OPTIONS"
-        if self.requires_api_key and not preflight and not key_accepted(self.request, self.settings.get("api_key")):
+        if self.requires_api_key and not preflight and not key_accepted(self.request, self.config.api_key):
             raise Unauthorized("Invalid or missing API key (Authorization: Bearer KEY)")
 
     def set_default_headers(self) -> None:
@@ -102,7 +100,7 @@ class APIHandler(JSONErrors, tornado.web.RequestHandler):
 class GenerationHandler(APIHandler):
     """A request that runs one generation in a session of its own, closed if the client leaves.
 
-    The body is read only when its announced length is within ``max_body_bytes`` (413 otherwise),
+    The body is read only when its announced length is within ``--max-body-bytes`` (413 otherwise),
     and never past it, and only while the client has fewer requests in flight than it may (429
     otherwise): the request's place is taken before anything is read or tokenized, and given back
     once the reply is written. A client refused (4xx) more often than ``REFUSALS_PER_SECOND``
@@ -112,9 +110,8 @@ class GenerationHandler(APIHandler):
     connection_prefix = "http-"
     requires_api_key = True
 
-    def initialize(self, manager: SessionManager, max_body_bytes: int) -> None:
-        super().initialize(manager)
-        self.max_body_bytes = max_body_bytes
+    def initialize(self) -> None:
+        self.max_body_bytes = self.config.max_body_bytes
         self._request_slot: Optional[Slot] = None  # the request's place among its client's requests in flight
         self._body = bytearray()
         self._body_parsed = False  # the handler method has taken the whole body
@@ -147,8 +144,7 @@ class GenerationHandler(APIHandler):
 
     async def prepare(self) -> None:
         self.connection_id = new_connection_id(self.connection_prefix)
-        self.client = client_key(self.request, self.settings["trusted_proxies"],  # whose limits it counts against
-                                 self.settings["client_ip_header"])
+        self.client = self.request_client()  # whose limits it counts against
         await self._take_turn_if_often_refused()
         super().prepare()
         if self.request.method in ("POST", "PUT", "PATCH"):
@@ -185,7 +181,7 @@ class GenerationHandler(APIHandler):
         self.request_body()
         return super().json_body()
 
-    async def generate(self, model: object, request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
+    async def generate(self, loaded: LoadedModel, request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
         """The replies of ``request`` in a session sized for it (or a warm one it continues,
         ``cached_tokens`` saying how many prompt tokens that spared); the session is released or
         kept warm when they end.
@@ -194,7 +190,7 @@ class GenerationHandler(APIHandler):
         caller stops early.
         """
         self.session, request, self.cached_tokens = await self.manager.open_for_request(
-            self.connection_id, model, request, self.client)
+            self.connection_id, loaded, request, self.client)
         ran_to_end = False
         try:
             if self.client_left:  # it left while the prompt was being counted

@@ -4,6 +4,9 @@ The Tornado handler only accepts the socket and forwards frames here. Each ``gen
 as a task of its own (so a ``stop`` or a disconnect is read while tokens flow); the session
 runs them one at a time in the order they came. Every error becomes an error reply.
 
+Every reply is built by ``handlers.native_replies`` and echoes the ``id`` of the request it
+answers, when the request has one.
+
 A session opened with ``"resumable": true`` outlives a connection that drops (one the client
 closes normally, with code 1000, ends it as usual): its generations go on,
 their replies are kept (``handlers.replies``), and a new connection that brings the session's
@@ -11,15 +14,31 @@ id and resume token continues it where the client stopped reading.
 """
 
 import asyncio
-import json
 import logging
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
-from handlers.protocol import GenerateMessage, OpenSessionMessage, ResumeSessionMessage, StopMessage, parse_message
+from handlers.native_replies import (
+    Done,
+    ErrorReply,
+    RequestId,
+    SessionOpened,
+    SessionResumed,
+    StreamedReply,
+    stopped_with_nothing_running,
+)
+from handlers.protocol import (
+    GenerateMessage,
+    OpenSessionMessage,
+    ResumeSessionMessage,
+    StopMessage,
+    decode_frame,
+    parse_message,
+    request_id,
+)
 from handlers.replies import ReplyChannel
 from sessions import request_rules
-from sessions.errors import SessionStateError, TooManyConnections, error_payload, log_error
+from sessions.errors import SessionStateError, TooManyConnections, classify, log_error
 from sessions.observe.logs import ConnectionLog
 from sessions.requests import GenerationRequest, GenerationUpdate
 from sessions.serving.admission import Slot
@@ -27,21 +46,6 @@ from sessions.serving.manager import SessionManager
 from sessions.serving.session import ChatSession
 
 logger = logging.getLogger(__name__)
-
-OK_REPLY = json.dumps({"ok": True})
-
-
-def update_reply(update: GenerationUpdate, visible_text: bool = False) -> Dict[str, Any]:
-    """One generation reply as the wire has it (``text`` and ``route`` only when the client asked)."""
-    body: Dict[str, Any] = {"ok": True, "outputs": update.outputs, "stop": update.stop,
-                            "token_count": update.token_count}
-    if visible_text:
-        body["text"] = update.text
-    if update.route is not None:
-        body["route"] = update.route
-    if update.session_length is not None:
-        body["session_length"] = update.session_length
-    return body
 
 
 class GenerateConnection:
@@ -87,20 +91,23 @@ class GenerateConnection:
             await asyncio.sleep(wait)
             if self.closed:
                 return
+        answering: RequestId = None
         try:
-            message = parse_message(raw, self.max_message_bytes)
+            data = decode_frame(raw, self.max_message_bytes)
+            answering = request_id(data)
+            message = parse_message(data)
             if isinstance(message, OpenSessionMessage):
-                await self._open_session(message)
+                await self._open_session(message, answering)
             elif isinstance(message, ResumeSessionMessage):
-                await self._resume_session(message)
+                await self._resume_session(message, answering)
             elif isinstance(message, GenerateMessage):
-                self._start_generation(message.request)
+                self._start_generation(message.request, answering)
             elif isinstance(message, StopMessage):
-                await self._stop()
+                await self._stop(answering)
         except Exception as error:
-            await self.send_error(log_error(self.log, "Rejected a message", error))
+            await self.send_error(log_error(self.log, "Rejected a message", error), answering)
 
-    async def _open_session(self, message: OpenSessionMessage) -> None:
+    async def _open_session(self, message: OpenSessionMessage, answering: RequestId) -> None:
         self._check_no_session()
         session = await self.manager.open_session(self.connection_id, message.model, message.max_length,
                                                   self.client, trusted=self.trusted)
@@ -110,13 +117,13 @@ class GenerateConnection:
         self.session = session
         if not message.resumable:
             self.replies = ReplyChannel(self._send, owner=self)
-            await self._send(OK_REPLY)
+            await self._send(Done(id=answering).frame())
             return
         self.replies = ReplyChannel(self._send, owner=self, numbered=True, on_full=session.request_stop)
         token = self.manager.make_resumable(session, self.replies)
-        await self._send(json.dumps({"ok": True, "session_id": session.session_id, "resume_token": token}))
+        await self._send(SessionOpened(session.session_id, token, id=answering).frame())
 
-    async def _resume_session(self, message: ResumeSessionMessage) -> None:
+    async def _resume_session(self, message: ResumeSessionMessage, answering: RequestId) -> None:
         self._check_no_session()
         session, replies = self.manager.resume(message.session_id, message.resume_token,
                                                lambda replies: replies.check_replayable(message.last_seq))
@@ -126,10 +133,10 @@ class GenerateConnection:
             previous = replies.owner
             replies.take(self)
             self.session, self.replies = session, replies
+            session.serve(self.connection_id)
             if previous is not None and previous is not self:
                 previous.let_go(session)  # its connection has not noticed it is gone
-            await self._send(json.dumps({"ok": True, "session_id": session.session_id, "resumed": True,
-                                         "latest_seq": replies.seq}))
+            await self._send(SessionResumed(session.session_id, True, replies.seq, id=answering).frame())
             await replies.attach(self._send, message.last_seq)
         finally:
             self.manager.resumed(session)
@@ -151,36 +158,38 @@ class GenerateConnection:
             self.replies = ReplyChannel(self._send, owner=self)
             self.log.info("Session %s was resumed on another connection", session.session_id)
 
-    def _start_generation(self, request: GenerationRequest) -> None:
+    def _start_generation(self, request: GenerationRequest, answering: RequestId) -> None:
         if not self.holds_session:
             raise SessionStateError("Open an inference session first (type: open_inference_session)")
         request_rules.check_request(self.session.model.spec, request)
         self.manager.admission.check_waiting(self.session.unfinished_generations)
         updates = self.session.generate(request)  # takes its place in line now
-        self.manager.spawn(self._stream(updates, request.visible_text, self.replies), f"generate-{self.connection_id}")
+        self.manager.spawn(self._stream(updates, request.visible_text, self.replies, answering),
+                           f"generate-{self.connection_id}")
 
     async def _stream(self, updates: AsyncIterator[GenerationUpdate], visible_text: bool,
-                      replies: ReplyChannel) -> None:
+                      replies: ReplyChannel, answering: RequestId) -> None:
         # Replies go to the session's channel, which a resuming connection may take over meanwhile.
         try:
             async with aclosing(updates):
                 async for update in updates:
-                    await replies.deliver(update_reply(update, visible_text))
+                    await replies.deliver(StreamedReply.of(update, visible_text, answering))
         except Exception as error:
-            await self.send_error(log_error(self.log, "Generation failed", error), replies)
+            await self.send_error(log_error(self.log, "Generation failed", error), answering, replies)
 
-    async def _stop(self) -> None:
+    async def _stop(self, answering: RequestId) -> None:
         if self.holds_session and self.session.has_generations:
-            self.session.request_stop()
+            self.session.request_stop()  # the running generation's last reply answers it
             self.log.info("Stop requested")
         else:
-            await self.replies.deliver(update_reply(GenerationUpdate(outputs="", stop=True, token_count=0)))
+            await self.replies.deliver(stopped_with_nothing_running(answering))
 
-    async def send_error(self, error: BaseException, replies: Optional[ReplyChannel] = None) -> None:
-        """Writes an error reply (to the session's channel, or ``replies``) and counts it."""
-        payload = error_payload(error, debug=self.debug)
-        self.manager.metrics.count_error(payload["code"])
-        await (replies or self.replies).deliver(payload)
+    async def send_error(self, error: BaseException, answering: RequestId = None,
+                         replies: Optional[ReplyChannel] = None) -> None:
+        """Writes an error reply to the request ``answering`` (to the session's channel, or
+        ``replies``) and counts it."""
+        self.manager.metrics.count_error(classify(error).code)
+        await (replies or self.replies).deliver(ErrorReply(error, self.debug, answering))
 
     def close(self, by_client: bool = False) -> None:
         """The socket closed: the session and its generations end in the background. A resumable

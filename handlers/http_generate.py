@@ -4,7 +4,9 @@ from contextlib import aclosing
 from typing import Any, Dict
 
 from handlers.base import GenerationHandler
+from handlers.native_replies import GenerateResult
 from handlers.protocol import generation_request, optional_str
+from sessions.errors import BadRequest
 
 
 class GenerateHandler(GenerationHandler):
@@ -20,16 +22,26 @@ class GenerateHandler(GenerationHandler):
             params.update(self.json_body())
         return params
 
+    def form_hint(self) -> str:
+        """Why a JSON body's fields were not read: it came without a JSON content type (curl's
+        ``-d`` sends it as a form), so it was read as form fields."""
+        content_type = self.request.headers.get("Content-Type", "")
+        if not content_type.startswith("application/json") and self.request.body.lstrip().startswith(b"{"):
+            return (f" (the body was read as form fields, since its Content-Type is {content_type or 'missing'}; "
+                    "send a JSON body with Content-Type: application/json)")
+        return ""
+
     async def post(self) -> None:
         params = self.request_params()
-        request = generation_request(params, allow_stop_sequence=False)
+        try:
+            request = generation_request(params, allow_stop_sequence=False)
+        except BadRequest as error:
+            raise BadRequest(f"{error}{self.form_hint()}") from None
         model = optional_str(params, "model", allow_empty=False)
         outputs, route = [], None
-        async with aclosing(self.generate(model, request)) as updates:
+        loaded = self.manager.registry.find(model, trusted=False)
+        async with aclosing(self.generate(loaded, request)) as updates:
             async for update in updates:
                 outputs.append(update.outputs)
                 route = update.route
-        reply = {"ok": True, "outputs": "".join(outputs)}
-        if route is not None:
-            reply["route"] = route
-        self.write(reply)
+        self.write(GenerateResult("".join(outputs), route).body())

@@ -1,39 +1,30 @@
 """An OpenAI-compatible API under ``/v1``: models, completions and chat completions.
 
 Requests are parsed into the typed models of ``handlers.openai_protocol`` and run through the
-same session manager as the other APIs, in a session of their own. A full reply and a
-stream are written by separate methods; streamed replies are server-sent events ending with
+same session manager as the other APIs, in a session of their own; replies are the typed models
+of ``handlers.openai_replies``. A full reply and a stream are written by separate methods; streamed replies are server-sent events ending with
 ``data: [DONE]``. A request with our extension ``"trace_route": true`` gets the generation's
 route through the swarm as ``route`` (on the last event of a stream). Stop strings never reach the client, also when they span tokens: the
 session holds back text that could begin one.
 """
 
-import itertools
 import json
 import logging
 import time
-import uuid
 from contextlib import aclosing
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Tuple
 
 import tornado.iostream
 
 from config import HEADER_NAME
 from handlers.base import GenerationHandler
 from handlers.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from handlers.openai_tools import openai_tool_call
+from handlers.openai_replies import ChatReplies, CompletionReplies, ModelCard, ModelList, Usage
 from sessions.engine.grammar import constrained
 from sessions.errors import InvalidRequest, error_payload, log_error
 from sessions.formats.chat_template import ChatTemplateError
 from sessions.models import LoadedModel
-from sessions.requests import (
-    ChosenTokenLogprobs,
-    GenerationRequest,
-    GenerationUpdate,
-    PredictionTokens,
-    SamplingParams,
-    TokenLogprob,
-)
+from sessions.requests import ChosenTokenLogprobs, GenerationRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +34,6 @@ CORS_MAX_AGE_SECONDS = 600
 CORS_HEADERS = ("Authorization", "Content-Type")
 MAX_CORS_EXTRA_HEADERS = 32
 MAX_CORS_HEADER_CHARS = 64
-# OpenAI's replies name the backend configuration that produced them; ours is this server.
-SYSTEM_FINGERPRINT = "fp_swarm_chat"
 
 
 class OpenAIHandler(GenerationHandler):
@@ -57,7 +46,7 @@ class OpenAIHandler(GenerationHandler):
     def set_default_headers(self) -> None:
         super().set_default_headers()
         origin = self.request.headers.get("Origin")
-        allowed = self.settings.get("allowed_origins") or ()
+        allowed = self.config.allowed_origins
         if origin and (not allowed or origin in allowed):
             self.set_header("Access-Control-Allow-Origin", "*" if not allowed else origin)
             self.set_header("Vary", "Origin")
@@ -92,23 +81,14 @@ class ModelListHandler(OpenAIHandler):
     """``GET /v1/models``: the models this API serves."""
 
     def get(self) -> None:
-        self.write({"object": "list", "data": [
-            {"id": loaded.spec.key, "object": "model", "created": 0, "owned_by": loaded.spec.family}
-            for loaded in self.manager.registry.public_models()]})
-
-
-def openai_finish_reason(update: GenerationUpdate) -> str:
-    """OpenAI's ``finish_reason`` for the last reply of a generation."""
-    return "length" if update.finish_reason == "length" and not update.stopped_by_sequence else "stop"
+        self.write(ModelList(data=[ModelCard(id=loaded.spec.key, owned_by=loaded.spec.family)
+                                   for loaded in self.manager.registry.public_models()]).json_text())
 
 
 class CompletionHandler(OpenAIHandler):
-    """``POST /v1/completions``; ``ChatCompletionHandler`` changes the prompt and the reply's shape."""
+    """``POST /v1/completions``; ``ChatCompletionHandler`` changes the prompt and the replies."""
 
     request_model = CompletionRequest
-    object_name = "text_completion"
-    chunk_object_name = "text_completion"
-    id_prefix = "cmpl-"
 
     async def prompt(self, body: OpenAIRequest, loaded: LoadedModel,
                      sampling: SamplingParams) -> Tuple[str, Tuple[str, ...]]:
@@ -117,34 +97,14 @@ class CompletionHandler(OpenAIHandler):
         eos_token = loaded.tokenizer.eos_token
         return body.prompt, (eos_token,) if eos_token else ()
 
-    def choice(self, text: str, finish_reason: Optional[str],
-               logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
-        """The one choice of a full reply (``logprobs``: None unless the request asked)."""
-        return {"index": 0, "text": text, "logprobs": self.completion_logprobs(logprobs),
-                "finish_reason": finish_reason}
-
-    def chunk_choice(self, text: str, finish_reason: Optional[str], first: bool,
-                     logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
-        """The one choice of a streamed event."""
-        return self.choice(text, finish_reason, logprobs)
-
-    def completion_logprobs(self, logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Optional[Dict[str, Any]]:
-        """Log-probabilities as ``/v1/completions`` gives them: parallel lists per token."""
-        if logprobs is None:
-            return None
-        offsets = list(itertools.accumulate((len(step.chosen.text) for step in logprobs[:-1]),
-                                            initial=self.text_offset))
-        self.text_offset += sum(len(step.chosen.text) for step in logprobs)
-        return {"tokens": [step.chosen.text for step in logprobs],
-                "token_logprobs": [step.chosen.logprob for step in logprobs],
-                "top_logprobs": [{top.text: top.logprob for top in step.top} for step in logprobs],
-                "text_offset": offsets}
+    def replies_for(self, body: OpenAIRequest, loaded: LoadedModel, prompt: str) -> CompletionReplies:
+        """The builder of this request's replies."""
+        return CompletionReplies(loaded.spec.key, int(time.time()), body.logprob_alternatives() is not None,
+                                 text_offset=len(prompt))
 
     async def post(self) -> None:
         body = self.request_model.parse(self.json_body())
-        self.wants_logprobs = body.logprob_alternatives() is not None
         loaded = self.manager.registry.find(body.model, trusted=False)
-        self.prepare_reply(body, loaded)
         spec = loaded.spec
         body.check_max_tokens(spec.max_new_tokens_limit)
         sampling = body.sampling_params(loaded.tool_syntax)
@@ -153,87 +113,54 @@ class CompletionHandler(OpenAIHandler):
         prompt_ids = await self.manager.tokenize(loaded, prompt, self.client)
         request = body.to_generation_request(prompt, prompt_ids, sampling, spec.chat.max_session_length,
                                              min(spec.default_max_tokens, spec.max_new_tokens_limit), format_stops)
-        prompt_tokens = len(prompt_ids)
-        self.text_offset = len(prompt)  # where the reply's text starts, as completions' logprobs count
-        self.started = int(time.time())
-        self.completion_id = self.id_prefix + uuid.uuid4().hex[:24]
+        replies = self.replies_for(body, loaded, prompt)
         if body.stream:
-            await self.stream_reply(loaded.spec.key, request, prompt_tokens, body.include_usage)
+            await self.stream_reply(loaded, request, replies, len(prompt_ids), body.include_usage)
         else:
-            await self.full_reply(loaded.spec.key, request, prompt_tokens)
+            await self.full_reply(loaded, request, replies, len(prompt_ids))
 
-    def prepare_reply(self, body: OpenAIRequest, loaded: LoadedModel) -> None:
-        """Notes what the reply's shape depends on in the request and the model, before generating."""
-
-    def envelope(self, model: str, object_name: str, choices: List[Dict[str, Any]]) -> Dict[str, Any]:
-        """The fields every reply and event has."""
-        return {"id": self.completion_id, "object": object_name, "created": self.started, "model": model,
-                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
-
-    def usage(self, prompt_tokens: int, completion_tokens: int,
-              prediction: Optional[PredictionTokens]) -> Dict[str, Any]:
-        """Token counts as OpenAI reports them; ``cached_tokens``: prompt tokens a warm session held;
-        the prediction's tokens the model took and turned down."""
-        prediction = prediction or PredictionTokens()
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-                "completion_tokens_details": {"accepted_prediction_tokens": prediction.accepted,
-                                              "rejected_prediction_tokens": prediction.rejected}}
-
-    async def full_reply(self, model: str, request: GenerationRequest, prompt_tokens: int) -> None:
+    async def full_reply(self, loaded: LoadedModel, request: GenerationRequest, replies: CompletionReplies,
+                         prompt_tokens: int) -> None:
         """Generates the whole reply, then answers it as one JSON object."""
         pieces, tokens, last, logprobs = [], 0, None, []
-        async with aclosing(self.generate(model, request)) as updates:
+        async with aclosing(self.generate(loaded, request)) as updates:
             async for last in updates:
                 pieces.append(last.text)
                 tokens += last.token_count
                 logprobs.extend(last.logprobs)
         if self.client_left:  # maybe before anything was generated: nobody to answer
             return
-        choice = self.choice("".join(pieces), openai_finish_reason(last), logprobs if self.wants_logprobs else None)
-        reply = self.envelope(model, self.object_name, [choice])
-        reply["usage"] = self.usage(prompt_tokens, tokens, last.prediction_tokens)
-        if last.route is not None:
-            reply["route"] = last.route
-        self.write(reply)
+        usage = Usage.of(prompt_tokens, tokens, self.cached_tokens, last.prediction_tokens)
+        self.write(replies.reply("".join(pieces), last, logprobs, usage).json_text())
 
-    async def send_event(self, payload: Any) -> None:
-        """Writes one server-sent event and flushes it."""
-        self.write(f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n")
+    async def send_event(self, data: str) -> None:
+        """Writes one server-sent event (``data``: JSON text, or ``[DONE]``) and flushes it."""
+        self.write(f"data: {data}\n\n")
         await self.flush()
 
-    async def stream_reply(self, model: str, request: GenerationRequest, prompt_tokens: int,
-                           include_usage: bool) -> None:
+    async def stream_reply(self, loaded: LoadedModel, request: GenerationRequest, replies: CompletionReplies,
+                           prompt_tokens: int, include_usage: bool) -> None:
         """Streams the reply as events. An error before the first event is a plain HTTP error
         reply (so clients see its status); after it, an error event."""
         tokens, first, prediction = 0, True, None
         pending_logprobs: List[ChosenTokenLogprobs] = []  # of tokens whose text is still held back
         try:
-            async with aclosing(self.generate(model, request)) as updates:
+            async with aclosing(self.generate(loaded, request)) as updates:
                 async for update in updates:
                     tokens += update.token_count
                     prediction = update.prediction_tokens
-                    finish_reason = openai_finish_reason(update) if update.stop else None
                     pending_logprobs.extend(update.logprobs)
                     if update.text or first or update.stop:
-                        logprobs = pending_logprobs if self.wants_logprobs else None
-                        pending_logprobs = []
                         if first:
                             self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
                             self.set_header("Cache-Control", "no-cache")
-                        choice = self.chunk_choice(update.text, finish_reason, first, logprobs)
-                        event = self.envelope(model, self.chunk_object_name, [choice])
-                        if update.route is not None:
-                            event["route"] = update.route
-                        await self.send_event(event)
-                        first = False
+                        await self.send_event(replies.chunk(update, first, pending_logprobs).json_text())
+                        pending_logprobs, first = [], False
             if self.client_left:  # maybe before anything was generated: nobody to answer
                 return
             if include_usage:
-                usage = self.envelope(model, self.chunk_object_name, [])
-                usage["usage"] = self.usage(prompt_tokens, tokens, prediction)
-                await self.send_event(usage)
+                usage = Usage.of(prompt_tokens, tokens, self.cached_tokens, prediction)
+                await self.send_event(replies.usage_chunk(usage).json_text())
         except tornado.iostream.StreamClosedError:
             return
         except Exception as error:
@@ -241,7 +168,7 @@ class CompletionHandler(OpenAIHandler):
                 raise
             classified = log_error(logger, f"[{self.connection_id}] Stream failed", error)
             self.manager.metrics.count_error(classified.code)
-            await self.send_event(error_payload(classified, "openai"))
+            await self.send_event(json.dumps(error_payload(classified, "openai")))
         await self.send_event("[DONE]")
 
 
@@ -249,9 +176,6 @@ class ChatCompletionHandler(CompletionHandler):
     """``POST /v1/chat/completions``: messages rendered into a prompt in the model's chat format."""
 
     request_model = ChatCompletionRequest
-    object_name = "chat.completion"
-    chunk_object_name = "chat.completion.chunk"
-    id_prefix = "chatcmpl-"
 
     async def prompt(self, body: ChatCompletionRequest, loaded: LoadedModel,
                      sampling: SamplingParams) -> Tuple[str, Tuple[str, ...]]:
@@ -272,48 +196,6 @@ class ChatCompletionHandler(CompletionHandler):
             raise InvalidRequest(f"messages: {error}", param="messages") from None
         return prompt, tuple(chat_format.stop_sequences)
 
-    def prepare_reply(self, body: ChatCompletionRequest, loaded: LoadedModel) -> None:
-        self.may_call_tools = bool(body.callable_tools())
-        self.tool_syntax = loaded.tool_syntax
-        self.calling: Optional[bool] = None  # streaming: whether the reply is a tool call (known from its start)
-        self.call_text = ""
-
-    def choice(self, text: str, finish_reason: Optional[str],
-               logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
-        call = self.tool_syntax.parse(text) if self.may_call_tools else None
-        if call is not None:
-            message = {"role": "assistant", "content": None, "tool_calls": [openai_tool_call(call)]}
-            finish_reason = "tool_calls"
-        else:
-            message = {"role": "assistant", "content": text}
-        return {"index": 0, "message": message, "logprobs": self.chat_logprobs(logprobs),
-                "finish_reason": finish_reason}
-
-    def chunk_choice(self, text: str, finish_reason: Optional[str], first: bool,
-                     logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Dict[str, Any]:
-        delta: Dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        if self.may_call_tools:
-            if self.calling is None and text:
-                self.calling = self.tool_syntax.starts_call(text)  # free text never begins like a call
-            if self.calling:  # the call is sent whole, once written
-                self.call_text += text
-                call = self.tool_syntax.parse(self.call_text) if finish_reason is not None else None
-                delta = {"role": "assistant"} if first else {}
-                if call is not None:
-                    delta["tool_calls"] = [dict(openai_tool_call(call), index=0)]
-                    finish_reason = "tool_calls"
-                elif finish_reason is not None:
-                    delta["content"] = self.call_text  # cut short (max_tokens): the text as written
-        return {"index": 0, "delta": delta, "logprobs": self.chat_logprobs(logprobs), "finish_reason": finish_reason}
-
-    @staticmethod
-    def chat_logprobs(logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Optional[Dict[str, Any]]:
-        """Log-probabilities as chat completions give them: one entry per token."""
-        if logprobs is None:
-            return None
-
-        def entry(token: TokenLogprob) -> Dict[str, Any]:
-            return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode())}
-
-        return {"content": [dict(entry(step.chosen), top_logprobs=[entry(top) for top in step.top])
-                            for step in logprobs]}
+    def replies_for(self, body: ChatCompletionRequest, loaded: LoadedModel, prompt: str) -> ChatReplies:
+        return ChatReplies(loaded.spec.key, int(time.time()), body.logprob_alternatives() is not None,
+                           loaded.tool_syntax if body.callable_tools() else None)

@@ -21,11 +21,11 @@ from handlers.openai_tools import (
     tools_called_for,
     written_call,
 )
+from sessions import request_rules as rules
 from sessions.errors import BadRequest, InvalidRequest, MaxLengthExceeded
 from sessions.formats.tool_syntax import SERVER, ToolSyntax
 from sessions.requests import GenerationRequest, SamplingParams
 
-MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS_ENTRIES = 1024
 # Fields of OpenAI's API this server does not implement: set to anything but their "off"
 # value, they are refused with a 400 that names them rather than silently ignored.
@@ -119,13 +119,13 @@ class OpenAIRequest(BaseModel):
     model: str = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(default=None, ge=-1)  # 0 or -1: off
-    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
-    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    temperature: Optional[float] = Field(default=None, **rules.TEMPERATURE.field_limits())
+    top_p: Optional[float] = Field(default=None, **rules.TOP_P.field_limits())
+    top_k: Optional[int] = Field(default=None, **rules.TOP_K.field_limits())  # 0 or -1: off
+    min_p: Optional[float] = Field(default=None, **rules.MIN_P.field_limits())
+    repetition_penalty: Optional[float] = Field(default=None, **rules.REPETITION_PENALTY.field_limits())
+    presence_penalty: Optional[float] = Field(default=None, **rules.PRESENCE_PENALTY.field_limits())
+    frequency_penalty: Optional[float] = Field(default=None, **rules.FREQUENCY_PENALTY.field_limits())
     logit_bias: Optional[Dict[str, float]] = None
     seed: Optional[int] = Field(default=None, ge=-(2 ** 63), lt=2 ** 64)
     n: Optional[int] = 1
@@ -175,8 +175,8 @@ class OpenAIRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, stop: Union[None, str, List[str]]) -> Union[None, str, List[str]]:
-        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop must be a string or a list of up to {MAX_STOP_STRINGS} strings")
+        if isinstance(stop, list) and len(stop) > rules.MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop must be a string or a list of up to {rules.MAX_STOP_SEQUENCES} strings")
         return stop
 
     @classmethod
@@ -215,7 +215,7 @@ class OpenAIRequest(BaseModel):
                              param="response_format")
         return SamplingParams(
             do_sample=temperature > 0, temperature=temperature or 1.0, top_p=self.top_p,
-            top_k=self.top_k if self.top_k and self.top_k > 0 else None, min_p=self.min_p or None,
+            top_k=rules.top_k_or_none(self.top_k), min_p=self.min_p or None,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),

@@ -7,9 +7,12 @@ names the field; nothing here touches a model or a session (nor imports torch or
 import json
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+from handlers.native_replies import RequestId
+from sessions import request_rules as rules
 from sessions.errors import BadRequest
+from sessions.request_rules import Bounds
 from sessions.requests import GenerationRequest, SamplingParams
 
 
@@ -45,6 +48,9 @@ class StopMessage:
 
 Message = Union[OpenSessionMessage, ResumeSessionMessage, GenerateMessage, StopMessage]
 MAX_INT_DIGITS = 18
+# A request's id: short text, or an integer a JavaScript client reads back exactly (2^53 - 1).
+MAX_REQUEST_ID_CHARS = 128
+MAX_EXACT_JSON_INTEGER = 2 ** 53 - 1
 # How much of a client's value an error message quotes.
 SHOWN_CHARS = 80
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -86,9 +92,8 @@ def optional_int(params: Mapping[str, Any], name: str, minimum: int = 1) -> Opti
     return value
 
 
-def optional_float(params: Mapping[str, Any], name: str, low: float, high: float = float("inf"),
-                   low_inclusive: bool = False) -> Optional[float]:
-    """A finite number field within (low, high] (or [low, high]), or None if absent."""
+def optional_float(params: Mapping[str, Any], name: str, bounds: Bounds) -> Optional[float]:
+    """A finite number field within ``bounds``, or None if absent."""
     given = value = params.get(name)
     if value is None:
         return None
@@ -103,10 +108,8 @@ def optional_float(params: Mapping[str, Any], name: str, low: float, high: float
     # hundreds of digits: none of them is a setting.
     if not _is_finite(value):
         raise BadRequest(f"{name} must be a finite number, got {shown(given)}")
-    above_low = value >= low if low_inclusive else value > low
-    if not above_low or value > high:
-        bracket = "[" if low_inclusive else "("
-        raise BadRequest(f"{name} must be in {bracket}{low}, {high}], got {shown(value)}")
+    if value not in bounds:
+        raise BadRequest(f"{name} must be in {bounds}, got {shown(value)}")
     return float(value)
 
 
@@ -152,12 +155,13 @@ def generation_request(params: Mapping[str, Any], allow_stop_sequence: bool = Tr
     max_new_tokens = optional_int(params, "max_new_tokens")
     if max_length is None and max_new_tokens is None:
         raise BadRequest("Either max_length or max_new_tokens is required")
+    temperature = optional_float(params, "temperature", rules.TEMPERATURE)
     sampling = SamplingParams(
         do_sample=bool(optional_bool(params, "do_sample")),
-        temperature=optional_float(params, "temperature", 0.0) or 1.0,
-        top_k=optional_int(params, "top_k", minimum=0),
-        top_p=optional_float(params, "top_p", 0.0, 1.0),
-        repetition_penalty=optional_float(params, "repetition_penalty", 0.0),
+        temperature=1.0 if temperature is None else temperature,  # 0: greedy
+        top_k=rules.top_k_or_none(optional_int(params, "top_k", minimum=int(rules.TOP_K.low))),
+        top_p=optional_float(params, "top_p", rules.TOP_P),
+        repetition_penalty=optional_float(params, "repetition_penalty", rules.REPETITION_PENALTY),
     )
     stop_sequence = optional_str(params, "stop_sequence", allow_empty=False) if allow_stop_sequence else None
     extra_stop_sequences = optional_str_list(params, "extra_stop_sequences") if allow_stop_sequence else ()
@@ -178,16 +182,33 @@ def generation_request(params: Mapping[str, Any], allow_stop_sequence: bool = Tr
     )
 
 
-def parse_message(raw: Union[str, bytes], max_bytes: int) -> Message:
-    """One WebSocket message as a typed request."""
-    if len(raw) > max_bytes:
-        raise BadRequest(f"Message too large: {len(raw)} bytes, the limit is {max_bytes}")
+def decode_frame(raw: Union[str, bytes], max_chars: int) -> Dict[str, Any]:
+    """One WebSocket message as a JSON object, checked for size before it is parsed."""
+    if len(raw) > max_chars:
+        raise BadRequest(f"Message too large: {len(raw)} characters, the limit is {max_chars}")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise BadRequest(f"Message is not valid JSON: {type(error).__name__}: {error}") from None
     if not isinstance(data, dict):
         raise BadRequest("Message must be a JSON object")
+    return data
+
+
+def request_id(data: Mapping[str, Any]) -> RequestId:
+    """The message's ``id``, which its replies echo: a string of up to ``MAX_REQUEST_ID_CHARS``
+    characters or an integer that JSON readers keep exact; None when absent."""
+    value = data.get("id")
+    if value is None or (isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_EXACT_JSON_INTEGER:
+        return value
+    raise BadRequest(f"id must be a string of at most {MAX_REQUEST_ID_CHARS} characters or an integer "
+                     f"of at most {MAX_EXACT_JSON_INTEGER} in size, got {shown(value)}")
+
+
+def parse_message(data: Mapping[str, Any]) -> Message:
+    """One WebSocket message (``decode_frame``'s object) as a typed request."""
     kind = data.get("type")
     if kind == "open_inference_session":
         max_length = optional_int(data, "max_length")

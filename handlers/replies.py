@@ -7,7 +7,9 @@ each reply it missed, and nothing twice.
 
 import collections
 import json
-from typing import Any, Awaitable, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Awaitable, Callable, Deque, Optional, Tuple, Union
+
+from handlers.native_replies import ErrorReply, NativeReply
 
 from sessions.errors import ResumeRefused
 
@@ -39,11 +41,13 @@ class ReplyChannel:
         self._kept_while_detached = 0  # replies kept since the connection dropped
         self._stopped_while_detached = False
 
-    async def deliver(self, body: Dict[str, Any]) -> None:
+    async def deliver(self, reply: Union[NativeReply, ErrorReply]) -> None:
         """Sends one reply (numbered and kept, on a numbered channel)."""
         if self.numbered:
             self.seq += 1
-            frame = json.dumps(dict(body, seq=self.seq))
+            body = reply.body()
+            body["seq"] = self.seq
+            frame = json.dumps(body)
             self._kept.append((self.seq, frame))
             if self._send is None and self.owner is None:
                 self._kept_while_detached += 1
@@ -51,7 +55,7 @@ class ReplyChannel:
                     self._stopped_while_detached = True
                     self._on_full()
         else:
-            frame = json.dumps(body)
+            frame = reply.frame()
         if self._send is not None:
             await self._send(frame)
 

@@ -5,18 +5,16 @@ The handler accepts the socket, checks its origin and forwards frames to a
 cleanly or not, tears the session down.
 """
 
-from typing import List, Optional, Sequence, Set, Union
+from typing import List, Optional, Union
 from urllib.parse import urlparse
 
 import tornado.websocket
 
 from handlers.auth import SUBPROTOCOL, key_accepted
 from handlers.base import JSONErrors
-from handlers.clients import client_key
 from handlers.connection import GenerateConnection
 from sessions.errors import Unauthorized
 from sessions.observe.logs import new_connection_id
-from sessions.serving.manager import SessionManager
 
 # WebSocket close codes: "done" (a client that closes with it ends even a resumable session),
 # and "try again later".
@@ -27,17 +25,12 @@ TRY_AGAIN_LATER = 1013
 class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
     """One client connection of the WebSocket API."""
 
-    def initialize(self, manager: SessionManager, allowed_origins: Sequence[str], max_message_bytes: int,
-                   open_connections: Set["GenerateWebSocket"]) -> None:
-        self.manager = manager
-        self.open_connections = open_connections
-        self.allowed_origins = tuple(allowed_origins)
-        self.max_message_bytes = max_message_bytes
+    def initialize(self) -> None:
         self.connection: Optional[GenerateConnection] = None
 
     def prepare(self) -> None:
         # Checked before the upgrade, so a client without the key gets a plain 401.
-        if not key_accepted(self.request, self.settings.get("api_key")):
+        if not key_accepted(self.request, self.config.api_key):
             raise Unauthorized("Invalid or missing API key (Authorization: Bearer KEY)")
 
     def select_subprotocol(self, subprotocols: List[str]) -> Optional[str]:
@@ -46,7 +39,8 @@ class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         # The API is public by default, like the original service; an allow-list narrows it.
-        return not self.allowed_origins or origin in self.allowed_origins or self._same_origin(origin)
+        allowed = self.config.allowed_origins
+        return not allowed or origin in allowed or self._same_origin(origin)
 
     def _same_origin(self, origin: Optional[str]) -> bool:
         return bool(origin) and urlparse(origin).netloc.lower() == self.request.host.lower()
@@ -56,12 +50,11 @@ class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
         # one back until the previous is acknowledged (up to the peer's delayed-ACK time).
         self.set_nodelay(True)
         origin = self.request.headers.get("Origin")
-        client = client_key(self.request, self.settings["trusted_proxies"],
-                            self.settings["client_ip_header"])
+        client = self.request_client()
         self.connection = GenerateConnection(
             new_connection_id(), self.manager, self._send, client, trusted=self._same_origin(origin),
-            max_message_bytes=self.max_message_bytes, debug=bool(self.settings.get("serve_traceback")))
-        self.open_connections.add(self)
+            max_message_bytes=self.config.max_message_bytes, debug=self.config.debug)
+        self.open_websockets.add(self)
         self.connection.log.info("Connected from %s (origin %s)", client, origin)
         if not await self.connection.admit():
             # Refused: a client that ignores the close frame gets nothing served until Tornado
@@ -80,7 +73,7 @@ class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
             self.connection.log.debug("Reply dropped: the connection is closed")
 
     def on_close(self) -> None:
-        self.open_connections.discard(self)
+        self.open_websockets.discard(self)
         if self.connection is not None:
             self.connection.log.info("Disconnected (code %s)", self.close_code)
             self.connection.close(by_client=self.close_code == NORMAL_CLOSURE)

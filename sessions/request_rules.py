@@ -7,7 +7,7 @@ against its model's limits with the functions below before any of it is tokenize
 
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 from config import ModelSpec
 from sessions.errors import InvalidRequest, MaxLengthExceeded
@@ -49,6 +49,11 @@ TOP_K = Bounds(-1)  # 0 or -1: off
 MIN_P = Bounds(0.0, 1.0)
 REPETITION_PENALTY = Bounds(0.0, 10.0, low_inclusive=False)  # 1: off
 PRESENCE_PENALTY = FREQUENCY_PENALTY = Bounds(-2.0, 2.0)
+
+
+def top_k_or_none(top_k: Optional[int]) -> Optional[int]:
+    """``top_k`` as sampling takes it: None when it is off (absent, 0 or -1)."""
+    return top_k if top_k is not None and top_k > 0 else None
 
 
 def check_session_length(spec: ModelSpec, max_length: int) -> None:

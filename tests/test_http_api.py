@@ -1,6 +1,7 @@
 """POST /api/v1/generate: forms, query strings, JSON bodies, and malformed requests."""
 
 import asyncio
+import dataclasses
 import json
 import urllib.parse
 
@@ -10,6 +11,7 @@ import tornado.httpserver
 import tornado.testing
 import tornado.web
 
+from handlers.context import context_settings
 from handlers.http_generate import GenerateHandler
 from tests.helpers import send_raw_post, wait_for_no_sessions
 
@@ -144,10 +146,10 @@ class TrackedGenerateHandler(GenerateHandler):
 
 
 @pytest.mark.parametrize("chunks", [[b"x" * 100], [b"x" * 600, b"x" * 600]], ids=["cut-off", "over-the-limit"])
-async def test_an_upload_cut_off_or_over_the_limit_ends_its_request(manager, io_loop, chunks):
+async def test_an_upload_cut_off_or_over_the_limit_ends_its_request(settings, manager, io_loop, chunks):
     """Chunked bodies: the handler, and the part of the body it holds, must not wait forever."""
-    app = tornado.web.Application([("/generate", TrackedGenerateHandler, {"manager": manager, "max_body_bytes": 1000})],
-                                  trusted_proxies=(), client_ip_header="X-Forwarded-For")
+    app = tornado.web.Application([("/generate", TrackedGenerateHandler)],
+                                  **context_settings(dataclasses.replace(settings, max_body_bytes=1000), manager))
     sock, port = tornado.testing.bind_unused_port()
     server = tornado.httpserver.HTTPServer(app)
     server.add_socket(sock)

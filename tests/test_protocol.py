@@ -12,8 +12,10 @@ from handlers.protocol import (
     GenerateMessage,
     OpenSessionMessage,
     StopMessage,
+    decode_frame,
     generation_request,
     parse_message,
+    request_id,
 )
 from sessions.errors import BadRequest, InvalidRequest, log_error
 
@@ -21,8 +23,13 @@ LIMIT = 10_000
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def read(raw, limit=LIMIT):
+    """A frame as the connection reads it."""
+    return parse_message(decode_frame(raw, limit))
+
+
 def test_open_message():
-    message = parse_message(json.dumps({"type": "open_inference_session", "max_length": 1024}), LIMIT)
+    message = read(json.dumps({"type": "open_inference_session", "max_length": 1024}), LIMIT)
     assert message == OpenSessionMessage(model=None, max_length=1024)
 
 
@@ -30,7 +37,7 @@ def test_generate_message_with_every_field():
     raw = json.dumps({"type": "generate", "inputs": "A cat", "max_new_tokens": 3, "do_sample": 1,
                       "temperature": 0.6, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1,
                       "stop_sequence": "###", "extra_stop_sequences": ["</s>"]})
-    request = parse_message(raw, LIMIT).request
+    request = read(raw, LIMIT).request
     assert request.inputs == "A cat" and request.max_new_tokens == 3 and request.max_length is None
     assert request.sampling.do_sample is True and request.sampling.temperature == 0.6
     assert request.sampling.top_k == 40 and request.sampling.top_p == 0.9
@@ -39,7 +46,7 @@ def test_generate_message_with_every_field():
 
 
 def test_stop_message():
-    assert parse_message('{"type": "stop"}', LIMIT) == StopMessage()
+    assert read('{"type": "stop"}', LIMIT) == StopMessage()
 
 
 @pytest.mark.parametrize("value, expected", [(0, False), (1, True), ("0", False), ("1", True), ("true", True),
@@ -51,7 +58,7 @@ def test_do_sample_accepts_numbers_words_and_booleans(value, expected):
 
 def test_form_strings_are_numbers():
     request = generation_request({"max_new_tokens": "20", "temperature": "0.5", "top_k": "0"})
-    assert request.max_new_tokens == 20 and request.sampling.temperature == 0.5 and request.sampling.top_k == 0
+    assert request.max_new_tokens == 20 and request.sampling.temperature == 0.5 and request.sampling.top_k is None  # 0: off
 
 
 @pytest.mark.parametrize(
@@ -61,10 +68,10 @@ def test_form_strings_are_numbers():
         ({"max_new_tokens": True}, "must be an integer"),
         ({"max_new_tokens": 1.5}, "must be an integer"),
         ({"max_length": -1}, "at least 1"),
-        ({"max_new_tokens": 1, "temperature": 0}, "temperature"),
+        ({"max_new_tokens": 1, "temperature": 2.5}, "temperature"),
         ({"max_new_tokens": 1, "temperature": "hot"}, "temperature must be a number"),
         ({"max_new_tokens": 1, "top_p": 0}, "top_p"),
-        ({"max_new_tokens": 1, "top_k": -1}, "top_k"),
+        ({"max_new_tokens": 1, "top_k": -2}, "top_k"),
         ({"max_new_tokens": 1, "repetition_penalty": float("nan")}, "repetition_penalty"),
         ({"max_new_tokens": 1, "extra_stop_sequences": [""]}, "non-empty strings"),
         ({"max_new_tokens": 1, "stop_sequence": ""}, "must not be empty"),
@@ -79,16 +86,16 @@ def test_bad_parameters_name_the_field(params, expected):
 
 def test_oversized_message_is_refused_before_parsing():
     with pytest.raises(BadRequest, match="too large"):
-        parse_message("{" + " " * LIMIT + "}", LIMIT)
+        read("{" + " " * LIMIT + "}", LIMIT)
 
 
 def test_deeply_nested_json_is_a_bad_request():
     with pytest.raises(BadRequest, match="RecursionError"):
-        parse_message('{"type": ' + "[" * 100_000 + "]" * 100_000 + "}", 1_000_000)
+        read('{"type": ' + "[" * 100_000 + "]" * 100_000 + "}", 1_000_000)
 
 
 def test_generate_message_type():
-    assert isinstance(parse_message('{"type": "generate", "max_length": 4}', LIMIT), GenerateMessage)
+    assert isinstance(read('{"type": "generate", "max_length": 4}', LIMIT), GenerateMessage)
 
 
 def test_parsing_messages_imports_neither_torch_nor_petals():
@@ -113,6 +120,7 @@ def test_a_logged_error_is_cut_short():
             logged.append(record.getMessage())
 
     log = logging.getLogger("test-cut-short")
+    log.setLevel(logging.DEBUG)
     log.addHandler(Recorder())
     log_error(log, "context", InvalidRequest("x" * 100_000))
     assert len(logged[0]) < 600 and logged[0].endswith("(100000 characters)")
@@ -132,4 +140,43 @@ def test_a_generate_message_with_a_json_number_that_is_not_finite_is_refused(lit
     """Python's JSON parser reads these (the last as infinity)."""
     raw = '{"type": "generate", "inputs": "Hi", "max_new_tokens": 1, "temperature": %s}' % literal
     with pytest.raises(BadRequest, match="^temperature must be a finite number"):
-        parse_message(raw, LIMIT)
+        read(raw, LIMIT)
+
+
+@pytest.mark.parametrize("given, expected", [("a-1", "a-1"), (7, 7), (None, None), (-(2 ** 53 - 1), -(2 ** 53 - 1))])
+def test_a_request_id_is_a_short_string_or_an_exact_integer(given, expected):
+    assert request_id({"type": "stop", "id": given}) == expected
+
+
+@pytest.mark.parametrize("given", ["x" * 129, 2 ** 53, 1.5, True, [1], {"a": 1}])
+def test_other_request_ids_are_refused(given):
+    with pytest.raises(BadRequest, match="id must be"):
+        request_id({"type": "stop", "id": given})
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5),
+                                          ("top_k", -2), ("repetition_penalty", 0), ("repetition_penalty", 11)])
+def test_every_api_refuses_the_same_values(field, value):
+    from handlers.openai_protocol import ChatCompletionRequest
+
+    with pytest.raises(BadRequest, match=field):
+        generation_request({"max_new_tokens": 1, field: value})
+    with pytest.raises(BadRequest, match=field):
+        ChatCompletionRequest.parse({"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value})
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 0), ("temperature", 2), ("top_p", 1), ("top_k", -1),
+                                          ("repetition_penalty", 10)])
+def test_every_api_accepts_the_same_values(field, value):
+    from handlers.openai_protocol import ChatCompletionRequest
+
+    generation_request({"max_new_tokens": 1, field: value})
+    ChatCompletionRequest.parse({"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value})
+
+
+def test_temperature_zero_is_greedy_on_every_api():
+    from handlers.openai_protocol import ChatCompletionRequest
+
+    assert generation_request({"max_new_tokens": 1, "do_sample": 1, "temperature": 0}).sampling.greedy
+    chat = ChatCompletionRequest.parse({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+    assert chat.sampling_params().greedy

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from handlers.connection import GenerateConnection
+from handlers.native_replies import Done
 from handlers.replies import KEPT_AFTER_STOP, KEPT_REPLIES, ReplyChannel
 from sessions.engine.executor import BlockingExecutor
 from sessions.errors import ResumeRefused
@@ -73,16 +74,16 @@ async def test_replies_missed_while_detached_are_replayed_in_order_then_live_one
 
     channel = ReplyChannel(send_first, owner="a", numbered=True)
     for n in range(3):
-        await channel.deliver({"n": n})
+        await channel.deliver(Done(id=n))
     channel.detach()
     for n in range(3, 6):
-        await channel.deliver({"n": n})
+        await channel.deliver(Done(id=n))
     channel.check_replayable(2)
     channel.take("b")
     await channel.attach(send_second, last_seq=2)  # the client saw replies 1 and 2 only
-    await channel.deliver({"n": 6})
+    await channel.deliver(Done(id=6))
     assert [reply["seq"] for reply in first] == [1, 2, 3]
-    assert [(reply["seq"], reply["n"]) for reply in second] == [(3, 2), (4, 3), (5, 4), (6, 5), (7, 6)]
+    assert [(reply["seq"], reply["id"]) for reply in second] == [(3, 2), (4, 3), (5, 4), (6, 5), (7, 6)]
     assert channel.owner == "b"
     with pytest.raises(ResumeRefused):
         channel.check_replayable(8)  # never sent
@@ -93,7 +94,7 @@ async def test_a_detached_channel_stops_the_generation_before_its_buffer_overflo
     channel = ReplyChannel(None, numbered=True, on_full=lambda: stops.append(channel.seq))
     channel.detach()
     for n in range(KEPT_REPLIES + 5):
-        await channel.deliver({"n": n})
+        await channel.deliver(Done(id=n))
     assert stops == [KEPT_REPLIES - KEPT_AFTER_STOP]
     with pytest.raises(ResumeRefused):
         channel.check_replayable(0)  # the first replies are gone
@@ -107,7 +108,7 @@ async def test_an_unnumbered_channel_sends_replies_as_they_are():
         sent.append(frame)
 
     channel = ReplyChannel(send)
-    await channel.deliver({"ok": True})
+    await channel.deliver(Done())
     assert sent == ['{"ok": true}'] and channel.seq == 0
 
 
@@ -119,12 +120,12 @@ async def test_only_replies_kept_since_the_drop_count_towards_stopping_a_long_ge
 
     channel = ReplyChannel(send, owner="a", numbered=True, on_full=lambda: stops.append(channel.seq))
     for n in range(2 * KEPT_REPLIES):  # a long chat, its connection alive
-        await channel.deliver({"n": n})
+        await channel.deliver(Done(id=n))
     channel.detach()
     for n in range(KEPT_REPLIES - KEPT_AFTER_STOP - 1):
-        await channel.deliver({"n": n})
+        await channel.deliver(Done(id=n))
     assert stops == []  # the generation goes on while the client may come back for it
-    await channel.deliver({"n": 0})
+    await channel.deliver(Done(id=0))
     assert stops == [2 * KEPT_REPLIES + KEPT_REPLIES - KEPT_AFTER_STOP]
 
 

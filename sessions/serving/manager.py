@@ -125,7 +125,9 @@ class SessionManager:
     async def open_session(self, connection_id: str, model_name: object, max_length: int, client: str,
                            trusted: bool = True) -> ChatSession:
         """Opens an inference session of ``max_length`` tokens on the named model for ``client``."""
-        loaded = self.registry.find(model_name, trusted)
+        return await self._open(connection_id, self.registry.find(model_name, trusted), max_length, client)
+
+    async def _open(self, connection_id: str, loaded: LoadedModel, max_length: int, client: str) -> ChatSession:
         request_rules.check_session_length(loaded.spec, max_length)
         # Every span of the route keeps each token's hidden state here: one span is reserved now.
         reserved = max_length * loaded.state_bytes_per_token
@@ -168,9 +170,10 @@ class SessionManager:
         """The connection that resumed ``session`` has taken it over (see ``resume``)."""
         self.resumable.resumed(session)
 
-    async def open_for_request(self, connection_id: str, model_name: object, request: GenerationRequest,
-                               client: str, trusted: bool = False) -> RequestSession:
-        """A session for one request of the stateless APIs, with the request's prompt tokenized once.
+    async def open_for_request(self, connection_id: str, loaded: LoadedModel, request: GenerationRequest,
+                               client: str) -> RequestSession:
+        """A session on ``loaded`` (``registry.find``'s) for one request of the stateless APIs,
+        with the request's prompt tokenized once.
 
         A warm session of the client that shares the prompt's beginning is continued (gone back to
         where they part), and the request then carries only the tokens it lacks; otherwise a
@@ -179,7 +182,6 @@ class SessionManager:
         """
         if not request.inputs and not request.input_ids:
             raise InvalidRequest("inputs must not be empty")
-        loaded = self.registry.find(model_name, trusted)
         request_rules.check_request(loaded.spec, request)
         if request.input_ids is None:
             request = dataclasses.replace(request, input_ids=tuple(await self.tokenize(loaded, request.inputs, client)))
@@ -195,7 +197,7 @@ class SessionManager:
         if self.warm.enabled:
             self.metrics.observe_prefix_reuse(model, 0)
         max_length = self.warm.session_length(needed, loaded.spec.chat.max_session_length)
-        session = await self.open_session(connection_id, model, max_length, client, trusted=True)
+        session = await self._open(connection_id, loaded, max_length, client)
         return RequestSession(session, request, 0)
 
     def finish_request(self, session: ChatSession, reusable: bool, reason: str) -> None:
@@ -249,7 +251,7 @@ class SessionManager:
     def close_in_background(self, session: ChatSession, reason: str) -> None:
         """Starts closing ``session`` without waiting (a step may be running)."""
         session.request_stop()
-        self.spawn(session.aclose(reason), f"close-{session.session_id}")
+        self.spawn(session.aclose(reason), f"close-{session.connection_id}")
 
     async def _expire_idle_sessions(self) -> None:
         while True:

@@ -12,7 +12,7 @@ from sessions.engine.generation import run_generation
 from sessions.engine.positions import SessionPositions
 from sessions.engine.steps import RunAhead, StartedStep, StepResult, StepRunner
 from sessions.errors import ServiceError, SessionExpired, StepTimeout, SwarmCallFailed, from_petals_error
-from sessions.observe.logs import ConnectionLog
+from sessions.observe.logs import ConnectionLog, new_session_id
 from sessions.observe.metrics import SessionMetrics
 from sessions.requests import GenerationRequest, GenerationUpdate, SamplingParams
 from sessions.serving.admission import Slot
@@ -40,18 +40,19 @@ class ChatSession:
     drafts of up to ``draft_tokens`` tokens (0: none).
     """
 
-    def __init__(self, session_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
+    def __init__(self, connection_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
                  tokenizer_pool: TakingTurns, step_timeout: float, metrics: SessionMetrics, slot: Slot,
                  on_closed: Callable[["ChatSession"], None] = lambda session: None,
                  close_timeout: float = CLOSE_TIMEOUT, draft_tokens: int = 0):
-        self.session_id = session_id
+        self.session_id = new_session_id()
+        self.connection_id = connection_id  # the connection it serves now (a resumed or warm session moves on)
         self.model = model
         self.stream = stream
         self.positions = SessionPositions(stream, max_length)
         self.close_timeout = close_timeout
         self.draft_tokens = draft_tokens
         self.metrics = metrics
-        self.log = ConnectionLog(logger, session_id)
+        self.log = ConnectionLog(logger, connection_id, self.session_id)
         self.decoder = IncrementalDecoder(model.tokenizer)
         self._steps = StepRunner(stream, self.positions, self.decoder, executor, step_timeout)
         self._executor = executor
@@ -130,7 +131,13 @@ class ChatSession:
             self.positions.discard_pending()
         self.last_active = time.monotonic()
         self.log.info("Continues as %s, %d tokens already in the swarm", connection_id, shared)
+        self.serve(connection_id)
         return shared
+
+    def serve(self, connection_id: str) -> None:
+        """The session serves ``connection_id`` from now on (its log lines say so)."""
+        self.connection_id = connection_id
+        self.log = ConnectionLog(logger, connection_id, self.session_id)
 
     def request_stop(self) -> None:
         """Ends every generation requested so far, before its next step."""
