@@ -6,7 +6,7 @@ known kind fails ``test_every_shell_example_is_run``, so no example goes stale u
 
 - every ``curl`` command runs against the test app;
 - the private-swarm recipe runs in full: two nodes that split the default model, then the chat
-  server joined to them;
+  server joined to them, after its setup commands;
 - every ``make run ARGS="..."`` has its arguments parsed by the server's own parser, and every
   other ``make`` command runs as a dry run (``make -n``): nothing is installed;
 - ``python -m pytest`` commands collect what they select, and the other ``.venv/bin/python``
@@ -163,6 +163,8 @@ async def test_curl_example_runs_as_written(example, ws_port, keyed_port, manage
     server = f"http://127.0.0.1:{keyed_port if keyed else ws_port}/"
     command = [word.replace("$SWARM_CHAT_API_KEY", DOC_API_KEY).replace(DOC_SERVER, server) for word in words]
     assert any(server in word for word in command), "the example names the documented server address"
+    if any(word.startswith(("-d", "--data")) for word in command):
+        assert "Content-Type: application/json" in command, "a body is sent as JSON, with its header"
     curl = await asyncio.create_subprocess_exec(
         *command, "-sS", "--fail-with-body", stdout=asyncio.subprocess.PIPE)
     stdout, _ = await asyncio.wait_for(curl.communicate(), 120)
@@ -299,7 +301,16 @@ def test_private_swarm_example_runs_as_written(tmp_path, default_model_dir, loca
 
     from tests.test_server_process import read_until_ready
 
-    first_words, second_words, server_words = private_swarm_commands()
+    setup, model, first_words, second_words, server_words = private_swarm_commands()
+    # The setup a fresh machine needs: the environment (a dry run here: .venv/ exists), then the
+    # model folder the node commands name, made by the command as written.
+    assert setup == ["make", "setup"]
+    dry_run = subprocess.run(["make", "-n", "setup"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert dry_run.returncode == 0, dry_run.stderr
+    made = run_python_command(model)
+    assert made.returncode == 0, made.stderr[-3000:]
+    model_folder = Path(made.stdout.strip().splitlines()[-1])
+    assert model_folder.resolve() == (REPO_ROOT / first_words[4]).resolve()
     assert server_words[:2] == ["make", "run"] and server_words[2].startswith("ARGS=")
     sock, port = tornado.testing.bind_unused_port()
     sock.close()

@@ -3,16 +3,19 @@
 from pathlib import Path
 
 import pytest
+import tornado.web
 
 import swarm.petals_api  # noqa: F401  # isort: skip  (the compatibility patch, before petals and hivemind)
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonError, P2PHandlerError
 from petals.client.routing.sequence_manager import MissingBlocksError
 
+from handlers.base import as_service_error
 from sessions.errors import (
     ERROR_CLASSES,
     BadRequest,
     CacheFull,
     ClientLimit,
+    HTTPStatusError,
     MaxLengthExceeded,
     MissingBlocks,
     PeerFailure,
@@ -61,14 +64,29 @@ def test_petals_failures_map_to_codes(error, kind, code):
 
 
 API_DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+# The web framework's own refusals a client meets, as the handlers report them (code ``http_`` and
+# the status), with their line in the table: sessions/errors.py declares no meaning for them.
+FRAMEWORK_REFUSALS = {
+    404: "no such path",
+    405: "the path does not take this method, e.g. `GET /api/v1/generate`",
+}
+
+
+def framework_refusal(status: int) -> HTTPStatusError:
+    """The error a handler answers for Tornado's own refusal with ``status``."""
+    return as_service_error(tornado.web.HTTPError(status), status, "")
+
+
+def table_row(error, meaning: str) -> str:
+    return (f"| `{error.code}` | {error.status} | {'yes' if error.retryable else 'no'} | "
+            f"{'kept' if error.session_survives else 'closed'} | {meaning} |")
 
 
 def markdown_error_table() -> str:
-    """The documented error table, as the error classes declare it."""
+    """The documented error table, as the error classes declare it, then the framework's refusals."""
     rows = ["| code | HTTP | retryable | session | meaning |", "|---|---|---|---|---|"]
-    for error in ERROR_CLASSES:
-        rows.append(f"| `{error.code}` | {error.status} | {'yes' if error.retryable else 'no'} | "
-                    f"{'kept' if error.session_survives else 'closed'} | {error.meaning} |")
+    rows += [table_row(error, error.meaning) for error in ERROR_CLASSES]
+    rows += [table_row(framework_refusal(status), meaning) for status, meaning in FRAMEWORK_REFUSALS.items()]
     return "\n".join(rows)
 
 
@@ -76,6 +94,13 @@ def test_documented_error_table_is_the_declared_one():
     expected = markdown_error_table()
     assert expected in API_DOC.read_text(), \
         f"docs/api.md's error table differs from sessions/errors.py; it should read:\n{expected}"
+
+
+@pytest.mark.parametrize("status", sorted(FRAMEWORK_REFUSALS))
+def test_framework_refusals_carry_their_status_as_code(status):
+    error = framework_refusal(status)
+    assert (error.code, error.status, error.retryable) == (f"http_{status}", status, False)
+    assert error_payload(error)["code"] == f"http_{status}"
 
 
 def test_every_code_is_declared_once():
