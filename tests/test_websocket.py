@@ -350,3 +350,31 @@ async def test_a_generation_asked_to_trace_its_route_names_the_server_that_serve
     metrics = (await http_client.fetch(f"http://127.0.0.1:{ws_port}/metrics")).body.decode()
     assert f'swarm_chat_server_step_seconds_count{{server="{server["peer_id"]}"}}' in metrics
     await wait_for_no_sessions(manager)
+
+
+async def test_replies_echo_the_id_of_the_request_they_answer(ws_port, manager):
+    """A refusal that comes while a stream runs names the request it answers; the stream's
+    replies name theirs; a request without an id gets replies without one."""
+    client = await WSClient.connect(ws_port)
+    try:
+        opened = await client.request({"type": "open_inference_session", "model": TINY, "max_length": 256,
+                                       "id": "open-1"})
+        assert opened == {"ok": True, "id": "open-1"}
+        await client.send({"type": "generate", "inputs": "A cat", "max_new_tokens": 1, "max_length": 24, "id": 7,
+                           "stop_sequence": "never written"})
+        await client.send({"type": "generate", "inputs": "x", "max_new_tokens": 1, "temperature": 9, "id": "bad"})
+        replies = []
+        while not replies or not replies[-1].get("stop"):
+            replies.append(await client.receive())
+        refusals = [reply for reply in replies if not reply["ok"]]
+        streamed = [reply for reply in replies if reply["ok"]]
+        assert [(refusal["id"], refusal["code"]) for refusal in refusals] == [("bad", "bad_request")]
+        assert len(streamed) > 1 and {reply["id"] for reply in streamed} == {7}
+        assert "temperature" in refusals[0]["traceback"]
+        nothing_running = await client.request({"type": "stop", "id": "stop-1"})
+        assert nothing_running == {"ok": True, "outputs": "", "stop": True, "token_count": 0, "id": "stop-1"}
+        unnamed = await client.stream({"type": "generate", "inputs": "A dog", "max_new_tokens": 2})
+        assert unnamed[-1]["stop"] and not any("id" in reply for reply in unnamed)
+    finally:
+        client.close()
+    await wait_for_no_sessions(manager)
