@@ -196,7 +196,7 @@ class GenerationHandler(APIHandler):
             if self.client_left:  # it left while the prompt was being counted
                 return
             async for update in self.session.generate(request):
-                ran_to_end = update.stop and update.finish_reason != "cancelled"
+                ran_to_end = update.last and update.finish_reason != "cancelled"
                 yield update
         finally:
             reason = "client disconnected" if self.client_left else "request done"
@@ -211,4 +211,4 @@ class GenerationHandler(APIHandler):
         # The client went away mid-request: stop generating for nobody.
         self.client_left = True
         if self.session is not None:
-            self.session.request_stop()
+            self.session.cancel_generations()

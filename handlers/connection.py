@@ -25,13 +25,13 @@ from handlers.native_replies import (
     SessionOpened,
     SessionResumed,
     StreamedReply,
-    stopped_with_nothing_running,
+    cancelled_with_nothing_running,
 )
 from handlers.protocol import (
+    CancelMessage,
     GenerateMessage,
     OpenSessionMessage,
     ResumeSessionMessage,
-    StopMessage,
     decode_frame,
     parse_message,
     request_id,
@@ -102,8 +102,8 @@ class GenerateConnection:
                 await self._resume_session(message, answering)
             elif isinstance(message, GenerateMessage):
                 self._start_generation(message.request, answering)
-            elif isinstance(message, StopMessage):
-                await self._stop(answering)
+            elif isinstance(message, CancelMessage):
+                await self._cancel(answering)
         except Exception as error:
             await self.send_error(log_error(self.log, "Rejected a message", error), answering)
 
@@ -119,7 +119,7 @@ class GenerateConnection:
             self.replies = ReplyChannel(self._send, owner=self)
             await self._send(Done(id=answering).frame())
             return
-        self.replies = ReplyChannel(self._send, owner=self, numbered=True, on_full=session.request_stop)
+        self.replies = ReplyChannel(self._send, owner=self, numbered=True, on_full=session.cancel_generations)
         token = self.manager.make_resumable(session, self.replies)
         await self._send(SessionOpened(session.session_id, token, id=answering).frame())
 
@@ -177,12 +177,12 @@ class GenerateConnection:
         except Exception as error:
             await self.send_error(log_error(self.log, "Generation failed", error), answering, replies)
 
-    async def _stop(self, answering: RequestId) -> None:
+    async def _cancel(self, answering: RequestId) -> None:
         if self.holds_session and self.session.has_generations:
-            self.session.request_stop()  # the running generation's last reply answers it
+            self.session.cancel_generations()  # the running generation's last reply answers it
             self.log.info("Stop requested")
         else:
-            await self.replies.deliver(stopped_with_nothing_running(answering))
+            await self.replies.deliver(cancelled_with_nothing_running(answering))
 
     async def send_error(self, error: BaseException, answering: RequestId = None,
                          replies: Optional[ReplyChannel] = None) -> None:

@@ -150,7 +150,7 @@ class CompletionHandler(OpenAIHandler):
                     tokens += update.token_count
                     prediction = update.prediction_tokens
                     pending_logprobs.extend(update.logprobs)
-                    if update.text or first or update.stop:
+                    if update.text or first or update.last:
                         if first:
                             self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
                             self.set_header("Cache-Control", "no-cache")

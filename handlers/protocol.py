@@ -42,11 +42,11 @@ class GenerateMessage:
 
 
 @dataclass(frozen=True)
-class StopMessage:
+class CancelMessage:
     """``{"type": "stop"}``: end the running generation now."""
 
 
-Message = Union[OpenSessionMessage, ResumeSessionMessage, GenerateMessage, StopMessage]
+Message = Union[OpenSessionMessage, ResumeSessionMessage, GenerateMessage, CancelMessage]
 MAX_INT_DIGITS = 18
 # A request's id: short text, or an integer a JavaScript client reads back exactly (2^53 - 1).
 MAX_REQUEST_ID_CHARS = 128
@@ -226,6 +226,6 @@ def parse_message(data: Mapping[str, Any]) -> Message:
         request = generation_request(data)
         return GenerateMessage(request=replace(request, from_position=optional_int(data, "from_position")))
     if kind == "stop":
-        return StopMessage()
+        return CancelMessage()
     raise BadRequest(f"Unknown message type {shown(kind)}; expected open_inference_session, "
                      "resume_inference_session, generate or stop")

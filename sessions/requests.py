@@ -91,14 +91,14 @@ class PredictionTokens:
 
 @dataclass(frozen=True)
 class GenerationUpdate:
-    """One reply of a generation: the new text, whether it is the last, and its token count.
+    """One reply of a generation: the new text, whether it is the generation's last, and its token count.
 
     ``text`` is the part of the output that is safe to show: stop sequences and anything
     after them cut, and a possible beginning of one held back until the next reply.
     """
 
     outputs: str
-    stop: bool
+    last: bool  # the generation ends with it (the wire's ``stop: true``)
     token_count: int
     finish_reason: Optional[str] = None  # on the last reply: "stop" (stop text or EOS), "length", "cancelled"
     text: str = ""

@@ -18,10 +18,10 @@ async def test_stop_before_the_first_step_cancels_running_and_queued_generations
     try:
         first, second = session.generate(STREAM), session.generate(STREAM)
         assert session.has_generations
-        session.request_stop()  # neither has begun a step yet
+        session.cancel_generations()  # neither has begun a step yet
         replies = await asyncio.wait_for(asyncio.gather(replies_of(first), replies_of(second)), 30)
         for generation in replies:
-            assert [(reply.stop, reply.finish_reason, reply.token_count) for reply in generation] == [
+            assert [(reply.last, reply.finish_reason, reply.token_count) for reply in generation] == [
                 (True, "cancelled", 0)]
     finally:
         await session.aclose("test done")

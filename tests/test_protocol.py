@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from handlers.protocol import (
+    CancelMessage,
     GenerateMessage,
     OpenSessionMessage,
-    StopMessage,
     decode_frame,
     generation_request,
     parse_message,
@@ -46,7 +46,7 @@ def test_generate_message_with_every_field():
 
 
 def test_stop_message():
-    assert read('{"type": "stop"}', LIMIT) == StopMessage()
+    assert read('{"type": "stop"}', LIMIT) == CancelMessage()
 
 
 @pytest.mark.parametrize("value, expected", [(0, False), (1, True), ("0", False), ("1", True), ("true", True),

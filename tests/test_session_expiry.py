@@ -27,7 +27,7 @@ async def test_idle_session_expires_and_can_be_reopened(short_lived_manager):
     manager = short_lived_manager
     session = await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
     first = await collect(session, GenerationRequest(inputs="Hello", max_new_tokens=2))
-    assert first[-1].stop and first[-1].token_count == 2
+    assert first[-1].last and first[-1].token_count == 2
     assert manager.open_session_count == 1
     await asyncio.sleep(2.0)  # longer than the idle timeout: the reaper closes the session
     assert manager.open_session_count == 0
@@ -35,5 +35,5 @@ async def test_idle_session_expires_and_can_be_reopened(short_lived_manager):
         await collect(session, GenerationRequest(inputs="again", max_new_tokens=1))
     session = await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
     again = await collect(session, GenerationRequest(inputs="Hello", max_new_tokens=1))
-    assert again[-1].stop and again[-1].token_count == 1
+    assert again[-1].last and again[-1].token_count == 1
     await session.aclose("test done")

@@ -83,7 +83,7 @@ async def test_stop_ends_the_running_and_the_waiting_generation_but_not_later_on
         async for update in running:
             running_replies.append(update)
             if len(running_replies) == 3:
-                session.request_stop()
+                session.cancel_generations()
 
     waiting_replies = (await asyncio.gather(read_running(), collect(waiting)))[1]
     assert running_replies[-1].finish_reason == "cancelled" and len(running_replies) == 4
@@ -275,7 +275,7 @@ async def test_the_next_step_runs_while_a_reply_is_on_its_way_and_a_stop_discard
     first = await updates.__anext__()
     await asyncio.sleep(0.03)
     assert stream.steps_running == 1  # the second token is on its way before anyone asked
-    session.request_stop()
+    session.cancel_generations()
     rest = [update async for update in updates]
     assert first.outputs == "a" and [(update.outputs, update.finish_reason) for update in rest] == [("", "cancelled")]
     # "a" was fed by the step that ran ahead; its token "b" was never sent. New input drops it ...
@@ -290,7 +290,7 @@ async def test_a_token_chosen_ahead_opens_the_next_generation_when_the_model_goe
     session = make_session(executor, stream)
     updates = session.generate(GenerationRequest(inputs="x", max_new_tokens=1, stop_sequence="never"))
     assert (await updates.__anext__()).outputs == "a"
-    session.request_stop()
+    session.cancel_generations()
     assert [update.finish_reason async for update in updates] == ["cancelled"]
     assert session.positions.carried.last.token == ord("b") == stream.pending  # kept by the session's positions
     # ... and going on without input starts from it, without a step for it.
@@ -307,7 +307,7 @@ async def test_steps_go_on_in_the_worker_while_the_event_loop_is_busy_but_one_ah
     time.sleep(0.3)  # the event loop is held: only the worker can start steps now
     # "b" came without the loop; "c" was chosen, but nothing took "a"'s successor yet: no more.
     assert stream.fed == [ord(char) for char in "xab"] and stream.pending == ord("c")
-    session.request_stop()
+    session.cancel_generations()
     rest = [update async for update in updates]
     # "b" was fed, so it is sent; "c" was not, and new input drops it.
     assert [(update.outputs, update.finish_reason) for update in rest] == [("b", "cancelled")]

@@ -40,7 +40,7 @@ class GeneratingSession(Protocol):
     metrics: Any  # a ``SessionMetrics``: drafts are counted there
     draft_tokens: int  # the longest draft a step verifies (0: no speculation)
 
-    def stopped(self, ticket: int) -> bool:
+    def cancelled(self, ticket: int) -> bool:
         """Whether the generation holding ``ticket`` must end now."""
 
     def encode(self, text: str) -> "asyncio.Future[List[int]]":
@@ -57,8 +57,8 @@ class GeneratingSession(Protocol):
 async def run_generation(session: GeneratingSession, request: GenerationRequest,
                          ticket: int) -> AsyncIterator[GenerationUpdate]:
     """Runs one generation in ``session`` (whose turn it is); the last reply has ``stop=True``."""
-    if session.stopped(ticket):
-        yield GenerationUpdate(outputs="", stop=True, token_count=0, finish_reason="cancelled")
+    if session.cancelled(ticket):
+        yield GenerationUpdate(outputs="", last=True, token_count=0, finish_reason="cancelled")
         return
     if constrained(request.sampling):  # refused, it leaves the session as it was
         await session.stream.prepare(request.sampling)
@@ -99,7 +99,7 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
             chunk, finish_reason = _Chunk(request.sampling.logprobs is not None), None
             while request.max_new_tokens is None or chunk.tokens < request.max_new_tokens:
                 if not ready:  # the tokens of a step that are verified go out whatever happens next
-                    if session.stopped(ticket):
+                    if session.cancelled(ticket):
                         finish_reason = "cancelled"
                         if ahead is not None:
                             positions.carry(await _settle_steps_ahead(run_ahead, ahead, chunk))
@@ -136,7 +136,7 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
                     positions.replace_pending(stop_token_id)
                 if speculation is not None:
                     session.metrics.observe_drafts(session.model.spec.key, speculation.counts)
-            yield GenerationUpdate(outputs=chunk.text, stop=finish_reason is not None, token_count=chunk.tokens,
+            yield GenerationUpdate(outputs=chunk.text, last=finish_reason is not None, token_count=chunk.tokens,
                                    finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched,
                                    logprobs=tuple(chunk.logprobs),
                                    route=(session.stream.route.summary() if finish_reason and request.trace_route
@@ -252,7 +252,7 @@ class GenerationRunAhead:
         self._steps_done += 1
         return (not self._halted and self._steps_done - self._steps_taken <= 1
                 and all(token.token != self._eos_token_id for token in tokens)
-                and not self._session.stopped(self._ticket)
+                and not self._session.cancelled(self._ticket)
                 and (self._tokens_left is None or self._tokens_left > 0) and not self._stop_lookout.matched
                 and self._session.positions.fits([], self._request.max_length))
 

@@ -250,7 +250,7 @@ class SessionManager:
 
     def close_in_background(self, session: ChatSession, reason: str) -> None:
         """Starts closing ``session`` without waiting (a step may be running)."""
-        session.request_stop()
+        session.cancel_generations()
         self.spawn(session.aclose(reason), f"close-{session.connection_id}")
 
     async def _expire_idle_sessions(self) -> None:

@@ -29,7 +29,7 @@ class ChatSession:
     """A client's inference session and the text state of its conversation.
 
     Generations run one at a time, in the order their replies are first awaited; each takes a
-    ticket when asked for, and ``request_stop`` ends every generation asked for so far (running
+    ticket when asked for, and ``cancel_generations`` ends every generation asked for so far (running
     or waiting) before its next step. ``aclose`` is the one way the session ends: it waits for a
     step in flight, releases the swarm's attention caches and gives back the session's admission
     slot. An error that leaves the session unusable closes it too.
@@ -62,7 +62,7 @@ class ChatSession:
         self._turn = asyncio.Lock()
         self._tickets_issued = 0
         self._tickets_finished = 0
-        self._stopped_through = 0  # generations with a ticket up to this one stop
+        self._cancelled_through = 0  # generations with a ticket up to this one are cancelled
         self._closing: Optional["asyncio.Future[None]"] = None
         self.last_active = time.monotonic()
         self.closed_reason: Optional[str] = None
@@ -139,13 +139,13 @@ class ChatSession:
         self.connection_id = connection_id
         self.log = ConnectionLog(logger, connection_id, self.session_id)
 
-    def request_stop(self) -> None:
+    def cancel_generations(self) -> None:
         """Ends every generation requested so far, before its next step."""
-        self._stopped_through = self._tickets_issued
+        self._cancelled_through = self._tickets_issued
 
-    def stopped(self, ticket: int) -> bool:
+    def cancelled(self, ticket: int) -> bool:
         """Whether the generation holding ``ticket`` must end now."""
-        return ticket <= self._stopped_through or self.closed_reason is not None
+        return ticket <= self._cancelled_through or self.closed_reason is not None
 
     def _check_open(self) -> None:
         if self.closed_reason is not None:
@@ -190,7 +190,7 @@ class ChatSession:
         """
         if self._closing is None:
             self.closed_reason = reason
-            self.request_stop()
+            self.cancel_generations()
             self._closing = asyncio.ensure_future(self._release(reason))
         await asyncio.shield(self._closing)
 
