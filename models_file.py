@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
-from config import ChatSettings, FrontendSettings, ModelSpec, is_gguf
+from model_specs import ChatSettings, FrontendSettings, ModelSpec, is_gguf
 from sessions import request_rules
 from sessions.request_rules import Bounds
 

@@ -25,7 +25,8 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from config import DEFAULT_MODEL_FOLDER, REPO_ROOT, ModelSpec, Settings, choose_device, choose_dtype, parse_settings
+from config import REPO_ROOT, Settings, choose_device, choose_dtype, parse_settings
+from model_specs import DEFAULT_MODEL_FOLDER, ModelSpec
 from handlers.base import APIHandler
 from handlers.context import context_settings
 from handlers.health import HealthHandler, ReadyHandler

@@ -4,7 +4,7 @@ and, for a model start-up refused, why it is not available."""
 import dataclasses
 from typing import Any, Dict, Union
 
-from config import ModelSpec
+from model_specs import ModelSpec
 from handlers.base import APIHandler
 from sessions.models import LoadedModel
 from sessions.serving.registry import RefusedModel

@@ -12,7 +12,8 @@ from typing import Any, List, Optional, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from config import ModelSpec, Settings
+from config import Settings
+from model_specs import ModelSpec
 from sessions.formats.chat_format import ChatFormat
 from sessions.formats.chat_template import ChatTemplate, ChatTemplateError
 from sessions.formats.tokenizer_files import load_tokenizer

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from config import ModelSpec
+from model_specs import ModelSpec
 from sessions.errors import InvalidRequest, MaxLengthExceeded
 from sessions.requests import GenerationRequest
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from config import ChatSettings, default_model
+from model_specs import ChatSettings, default_model
 from sessions.errors import InvalidRequest
 from sessions.formats.chat_format import ChatFormat, RoleMarkers
 

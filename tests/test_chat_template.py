@@ -8,7 +8,7 @@ from datetime import datetime
 import pytest
 from transformers import AutoTokenizer
 
-from config import ChatSettings
+from model_specs import ChatSettings
 from handlers.openai_protocol import ChatCompletionRequest
 from sessions.formats.chat_format import ChatFormat
 from sessions.formats.chat_template import ChatTemplate, ChatTemplateError

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from config import DEFAULT_MODEL_REPOSITORY, choose_dtype, parse_settings
+from config import build_parser, choose_dtype, declared_settings, env_name, flag_of, parse_settings, settings_table
+from model_specs import DEFAULT_MODEL_REPOSITORY
 from swarm.node import petals_argv
 from swarm.prefix import dht_prefix_for
 
@@ -101,3 +102,38 @@ def test_the_draft_length_is_bounded_and_zero_turns_speculation_off():
     for refused in ("-1", "128"):
         with pytest.raises(SystemExit, match="--draft-tokens must"):
             parse_settings(["--draft-tokens", refused], environ={})
+
+
+def test_the_settings_table_in_the_docs_is_the_declared_one():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    begin, end = "<!-- settings table: generated from config.py -->\n", "<!-- end of settings table -->"
+    written = docs[docs.index(begin) + len(begin):docs.index(end)]
+    assert written == settings_table(), f"docs/operations.md's settings table should read:\n{settings_table()}"
+
+
+def test_every_setting_has_its_flag_and_environment_variable():
+    help_text = build_parser({}).format_help()
+    for declared, how in declared_settings():
+        assert flag_of(declared) in help_text and env_name(declared) in help_text
+    environ = {env_name(declared): "7" for declared, _ in declared_settings() if declared.type in (int, float)}
+    settings = parse_settings([], environ=environ)
+    assert all(getattr(settings, declared.name) == 7 for declared, _ in declared_settings()
+               if declared.type in (int, float))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "--port must be at most 65535"),
+    (["--max-sessions", "0"], "--max-sessions must be at least 1"),
+    (["--idle-timeout", "0"], "--idle-timeout must be positive"),
+    (["--warm-sessions", "-1"], "--warm-sessions must not be negative"),
+    (["--trusted-proxies", "10.0.0.0/8", "not-a-network"], "--trusted-proxies: 'not-a-network' is not"),
+])
+def test_each_declared_bound_is_checked(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_settings(argv, environ={})
+
+
+def test_a_choice_outside_the_declared_ones_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--log-level", "LOUD"], environ={})
+    assert "invalid choice" in capsys.readouterr().err

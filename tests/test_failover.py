@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from config import Settings, default_model
+from config import Settings
+from model_specs import default_model
 from sessions.requests import GenerationRequest
 from sessions.serving.manager import build_manager
 from swarm.blocks import lookup_blocks

@@ -19,7 +19,8 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.testing
 
-from config import FrontendSettings, ModelSpec, Settings
+from config import Settings
+from model_specs import FrontendSettings, ModelSpec
 from sessions.serving.manager import build_manager
 from swarm.local import LocalSwarm, SwarmModel, count_blocks
 from tests.browser import ChatPage, drive, start_chromium

@@ -198,7 +198,7 @@ async def test_max_length_alone_may_not_ask_for_more_new_tokens_than_the_limit(h
 
 
 def test_the_new_tokens_a_request_may_generate_are_checked_once_its_prompt_is_counted():
-    from config import FrontendSettings, ModelSpec
+    from model_specs import FrontendSettings, ModelSpec
     from sessions import request_rules
     from sessions.errors import InvalidRequest
     from sessions.requests import GenerationRequest

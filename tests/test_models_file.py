@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from config import ChatSettings, ModelSpec, parse_settings
+from config import parse_settings
+from model_specs import ChatSettings, ModelSpec
 from models_file import CHAT_KEYS, ENTRY_KEYS, GENERATION_PARAMS, ModelsFileError, read_models_file
 from tests.conftest import REPO_ROOT
 from tests.test_server_process import read_until_ready

@@ -119,7 +119,7 @@ def test_announcements_of_newer_petals_servers_are_read():
 def test_sessions_are_held_within_the_models_context(tmp_path, config, context):
     from petals.utils.auto_config import AutoDistributedConfig
 
-    from config import ChatSettings, FrontendSettings, ModelSpec
+    from model_specs import ChatSettings, FrontendSettings, ModelSpec
     from sessions.models import within_context
 
     loaded = AutoDistributedConfig.from_pretrained(_folder(tmp_path, config), dht_prefix="x-hf")

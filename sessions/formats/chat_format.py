@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from config import ChatSettings
+from model_specs import ChatSettings
 from sessions.errors import InvalidRequest
 from sessions.formats.chat_template import ChatTemplate, ChatTemplateError
 

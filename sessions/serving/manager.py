@@ -11,7 +11,8 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
 
-from config import PUBLIC_SWARM, ModelSpec, Settings
+from config import PUBLIC_SWARM, Settings
+from model_specs import ModelSpec
 from sessions import request_rules
 from sessions.engine.executor import BlockingExecutor, TakingTurns
 from sessions.engine.grammar import GrammarCompiler, constrained

@@ -4,7 +4,8 @@ and the declared models start-up refused, with why."""
 import logging
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
-from config import ModelSpec, Settings
+from config import Settings
+from model_specs import ModelSpec
 from sessions.engine.executor import BlockingExecutor
 from sessions.errors import ModelNotPublic, ModelUnavailable, NotReady, UnknownModel
 from sessions.models import LoadedModel, load_model

@@ -1,0 +1,48 @@
+"""What every handler reads of the application, through one channel: typed properties over
+Tornado's application settings, which ``server.app_settings`` fills (the server's ``Settings``,
+the session manager, the open WebSocket connections, the trusted proxies' networks)."""
+
+from typing import Any, Dict, Set
+
+import tornado.websocket
+
+from config import Settings
+from handlers.clients import client_key, parse_networks
+from sessions.serving.manager import SessionManager
+
+
+def context_settings(config: Settings, manager: SessionManager) -> Dict[str, Any]:
+    """The application settings handlers read their context from (Tornado's own included)."""
+    return dict(
+        config=config,
+        manager=manager,
+        websockets=set(),
+        trusted_networks=parse_networks(config.trusted_proxies),
+        debug=config.debug,
+        serve_traceback=config.debug,
+    )
+
+
+class ServerContext:
+    """Mixed into every handler of the app: its configuration and collaborators."""
+
+    settings: Dict[str, Any]  # the application's, as Tornado's handlers have them
+
+    @property
+    def config(self) -> Settings:
+        """The server's settings."""
+        return self.settings["config"]
+
+    @property
+    def manager(self) -> SessionManager:
+        """The session manager every API shares."""
+        return self.settings["manager"]
+
+    @property
+    def open_websockets(self) -> Set[tornado.websocket.WebSocketHandler]:
+        """The open WebSocket connections, which shutdown closes with a reason."""
+        return self.settings["websockets"]
+
+    def request_client(self) -> str:
+        """The client this request counts against (see ``handlers.clients.client_key``)."""
+        return client_key(self.request, self.settings["trusted_networks"], self.config.client_ip_header)

@@ -1,0 +1,126 @@
+"""Every reply of the native APIs, declared once: the WebSocket API's (``/api/v2/generate``)
+and the HTTP API's (``/api/v1/generate``).
+
+Each reply is a small frozen dataclass; ``body()`` gives its JSON object. Fields that are None
+are left out, so a reply carries only what applies to it (``text`` when the client asked for
+visible text, ``route`` when it asked for the route, ``id`` when its request had one). A
+WebSocket request may carry an ``id`` (a string or an integer); every reply to it echoes it,
+so a client can tell which request an error answers while a stream runs.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+from sessions.errors import error_payload
+from sessions.requests import GenerationUpdate
+
+RequestId = Union[str, int, None]
+
+
+@dataclass(frozen=True)
+class NativeReply:
+    """What every native reply has: ``ok``, and the ``id`` of the request it answers."""
+
+    id: RequestId = dataclasses.field(default=None, kw_only=True)
+
+    def body(self) -> Dict[str, Any]:
+        """The reply as a JSON object (None fields left out)."""
+        return {name: value for name, value in self._fields() if value is not None}
+
+    def _fields(self):
+        yield "ok", True
+        for field in dataclasses.fields(self):
+            if field.name != "id":
+                yield field.name, getattr(self, field.name)
+        yield "id", self.id
+
+    def frame(self) -> str:
+        """The reply as a WebSocket text frame."""
+        return json.dumps(self.body())
+
+
+@dataclass(frozen=True)
+class Done(NativeReply):
+    """A request that needs no more than "done": ``{"ok": true}``."""
+
+
+@dataclass(frozen=True)
+class SessionOpened(NativeReply):
+    """A resumable session was opened: its id and the token that resumes it."""
+
+    session_id: str
+    resume_token: str
+
+
+@dataclass(frozen=True)
+class SessionResumed(NativeReply):
+    """A session was resumed; the replies after the client's ``last_seq`` follow, up to ``latest_seq``."""
+
+    session_id: str
+    resumed: bool
+    latest_seq: int
+
+
+@dataclass(frozen=True)
+class StreamedReply(NativeReply):
+    """One reply of a WebSocket generation: its new text; ``stop`` on the last one."""
+
+    outputs: str
+    stop: bool
+    token_count: int
+    text: Optional[str] = None  # the visible text, when the client asked for it
+    route: Optional[Dict[str, Any]] = None  # on the last reply, when the client asked
+    session_length: Optional[int] = None  # on the last reply: tokens in the session's conversation
+
+    def _fields(self):
+        # Written out: this runs for every streamed token.
+        yield "ok", True
+        yield "outputs", self.outputs
+        yield "stop", self.stop
+        yield "token_count", self.token_count
+        yield "text", self.text
+        yield "route", self.route
+        yield "session_length", self.session_length
+        yield "id", self.id
+
+    @classmethod
+    def of(cls, update: GenerationUpdate, visible_text: bool = False, request_id: RequestId = None) -> "StreamedReply":
+        """The reply carrying one generation update."""
+        return cls(update.outputs, update.last, update.token_count, update.text if visible_text else None,
+                   update.route, update.session_length, id=request_id)
+
+
+@dataclass(frozen=True)
+class GenerateResult(NativeReply):
+    """The HTTP API's reply: the whole generated text."""
+
+    outputs: str
+    route: Optional[Dict[str, Any]] = None
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """A refused or failed request: ``{"ok": false, "traceback": message, "code", "retryable"}``."""
+
+    error: BaseException
+    debug: bool = False  # the message carries the traceback
+    id: RequestId = None
+
+    def body(self) -> Dict[str, Any]:
+        """The reply as a JSON object."""
+        body = error_payload(self.error, "native", self.debug)
+        if self.id is not None:
+            body["id"] = self.id
+        return body
+
+    def frame(self) -> str:
+        """The reply as a WebSocket text frame."""
+        return json.dumps(self.body())
+
+
+def cancelled_with_nothing_running(request_id: RequestId = None) -> StreamedReply:
+    """The answer to ``stop`` when no generation runs: a last reply with no text, so a client
+    waiting for ``stop: true`` is not left waiting."""
+    return StreamedReply("", True, 0, id=request_id)

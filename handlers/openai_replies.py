@@ -1,0 +1,325 @@
+"""Every reply of the ``/v1`` API, declared once as typed models, and the builders that make a
+request's replies from its generation updates.
+
+A model's fields are written in the order declared; those named in ``OMITTED_WHEN_NONE`` are
+left out when None (a chunk's ``usage``, a reply's ``route``), the rest are written as null
+when None, as OpenAI's replies have them (``logprobs``, ``finish_reason``, a tool call's
+``content``). A request's builder (``CompletionReplies``, ``ChatReplies``) holds what its
+replies depend on, and what one streamed chunk must know of the ones before it.
+"""
+
+import itertools
+import uuid
+from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Sequence, Union
+
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
+
+from handlers.openai_tools import openai_tool_call
+from sessions.formats.tool_syntax import ToolSyntax
+from sessions.requests import ChosenTokenLogprobs, GenerationUpdate, PredictionTokens, TokenLogprob
+
+# OpenAI's replies name the backend configuration that produced them; ours is this server.
+SYSTEM_FINGERPRINT = "fp_swarm_chat"
+
+
+class WireModel(BaseModel):
+    """A reply or a part of one, as the wire has it."""
+
+    OMITTED_WHEN_NONE: ClassVar[FrozenSet[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_absent(self, serialize: SerializerFunctionWrapHandler) -> Dict[str, Any]:
+        data = serialize(self)
+        for name in self.OMITTED_WHEN_NONE:
+            if data.get(name, False) is None:
+                del data[name]
+        return data
+
+    def json_text(self) -> str:
+        """The model as JSON text."""
+        return self.model_dump_json()
+
+
+class ModelCard(WireModel):
+    """One model of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+
+
+class ModelList(WireModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: List[ModelCard]
+
+
+class PromptTokensDetails(WireModel):
+    cached_tokens: int  # prompt tokens a warm session already held
+
+
+class CompletionTokensDetails(WireModel):
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+
+
+class Usage(WireModel):
+    """Token counts as OpenAI reports them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+           prediction: Optional[PredictionTokens]) -> "Usage":
+        """The usage of a reply: ``cached_tokens`` of its prompt a warm session held, and the
+        tokens of its prediction the model took and turned down."""
+        prediction = prediction or PredictionTokens()
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+                   completion_tokens_details=CompletionTokensDetails(
+                       accepted_prediction_tokens=prediction.accepted,
+                       rejected_prediction_tokens=prediction.rejected))
+
+
+class CompletionLogprobs(WireModel):
+    """``/v1/completions``' log-probabilities: parallel lists, one entry per token."""
+
+    tokens: List[str]
+    token_logprobs: List[float]
+    top_logprobs: List[Dict[str, float]]
+    text_offset: List[int]
+
+
+class TokenLogprobEntry(WireModel):
+    token: str
+    logprob: float
+    bytes: List[int]
+
+    @classmethod
+    def of(cls, token: TokenLogprob) -> "TokenLogprobEntry":
+        return cls(token=token.text, logprob=token.logprob, bytes=list(token.text.encode()))
+
+
+class ChosenTokenEntry(TokenLogprobEntry):
+    top_logprobs: List[TokenLogprobEntry]
+
+
+class ChatLogprobs(WireModel):
+    """Chat completions' log-probabilities: one entry per token, with its alternatives."""
+
+    content: List[ChosenTokenEntry]
+
+    @classmethod
+    def of(cls, logprobs: Optional[Sequence[ChosenTokenLogprobs]]) -> Optional["ChatLogprobs"]:
+        if logprobs is None:
+            return None
+        return cls(content=[ChosenTokenEntry(token=step.chosen.text, logprob=step.chosen.logprob,
+                                             bytes=list(step.chosen.text.encode()),
+                                             top_logprobs=[TokenLogprobEntry.of(top) for top in step.top])
+                            for step in logprobs])
+
+
+class FunctionCall(WireModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(WireModel):
+    """A call of one of the request's tools (``index``: in a streamed delta only)."""
+
+    OMITTED_WHEN_NONE = frozenset({"index"})
+
+    index: Optional[int] = None
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(WireModel):
+    """A chat reply's message: its text, or the tool calls it makes (``content`` null)."""
+
+    OMITTED_WHEN_NONE = frozenset({"tool_calls"})
+
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str]
+    tool_calls: Optional[List[ToolCall]] = None
+
+
+class ChatDelta(WireModel):
+    """What one streamed chunk adds to the chat reply's message."""
+
+    OMITTED_WHEN_NONE = frozenset({"role", "content", "tool_calls"})
+
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+    tool_calls: Optional[List[ToolCall]] = None
+
+
+class CompletionChoice(WireModel):
+    index: int = 0
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Optional[str]
+
+
+class ChatChoice(WireModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[str]
+
+
+class ChatChunkChoice(WireModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[str]
+
+
+class Envelope(WireModel):
+    """What every reply and chunk has; ``route`` is our extension (the trace a request asked for)."""
+
+    OMITTED_WHEN_NONE = frozenset({"usage", "route"})
+
+    id: str
+    object: str
+    created: int
+    model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
+    usage: Optional[Usage] = None
+    route: Optional[Dict[str, Any]] = None
+
+
+class Completion(Envelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: List[CompletionChoice]
+
+
+class ChatCompletion(Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: List[ChatChoice]
+
+
+class CompletionChunk(Envelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: List[CompletionChoice]
+
+
+class ChatCompletionChunk(Envelope):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: List[ChatChunkChoice]
+
+
+def openai_finish_reason(update: GenerationUpdate) -> str:
+    """OpenAI's ``finish_reason`` for the last reply of a generation."""
+    return "length" if update.finish_reason == "length" and not update.stopped_by_sequence else "stop"
+
+
+class CompletionReplies:
+    """The replies to one ``/v1/completions`` request: the whole reply, or a stream's chunks.
+
+    ``wants_logprobs``: the request asked for log-probabilities; ``text_offset``: where the
+    reply's text starts, counted as completions' logprobs count it (after the prompt).
+    """
+
+    id_prefix = "cmpl-"
+    reply_model = Completion
+    chunk_model = CompletionChunk
+
+    def __init__(self, model: str, created: int, wants_logprobs: bool, text_offset: int = 0):
+        self.completion_id = self.id_prefix + uuid.uuid4().hex[:24]
+        self.model = model
+        self.created = created
+        self.wants_logprobs = wants_logprobs
+        self.text_offset = text_offset
+
+    def choice(self, text: str, finish_reason: Optional[str],
+               logprobs: Sequence[ChosenTokenLogprobs]) -> Union[CompletionChoice, ChatChoice]:
+        """The one choice of a whole reply."""
+        return CompletionChoice(text=text, logprobs=self.completion_logprobs(logprobs), finish_reason=finish_reason)
+
+    def chunk_choice(self, text: str, finish_reason: Optional[str], first: bool,
+                     logprobs: Sequence[ChosenTokenLogprobs]) -> Union[CompletionChoice, ChatChunkChoice]:
+        """The one choice of a streamed chunk."""
+        return self.choice(text, finish_reason, logprobs)
+
+    def completion_logprobs(self, logprobs: Sequence[ChosenTokenLogprobs]) -> Optional[CompletionLogprobs]:
+        if not self.wants_logprobs:
+            return None
+        offsets = list(itertools.accumulate((len(step.chosen.text) for step in logprobs[:-1]),
+                                            initial=self.text_offset))
+        self.text_offset += sum(len(step.chosen.text) for step in logprobs)
+        return CompletionLogprobs(tokens=[step.chosen.text for step in logprobs],
+                                  token_logprobs=[step.chosen.logprob for step in logprobs],
+                                  top_logprobs=[{top.text: top.logprob for top in step.top} for step in logprobs],
+                                  text_offset=offsets)
+
+    def reply(self, text: str, last: GenerationUpdate, logprobs: Sequence[ChosenTokenLogprobs],
+              usage: Usage) -> Envelope:
+        """The whole reply, once the generation's ``last`` update came."""
+        return self.reply_model(id=self.completion_id, created=self.created, model=self.model, usage=usage,
+                                route=last.route, choices=[self.choice(text, openai_finish_reason(last), logprobs)])
+
+    def chunk(self, update: GenerationUpdate, first: bool, logprobs: Sequence[ChosenTokenLogprobs]) -> Envelope:
+        """The chunk that streams ``update``'s text."""
+        finish_reason = openai_finish_reason(update) if update.last else None
+        return self.chunk_model(id=self.completion_id, created=self.created, model=self.model, route=update.route,
+                                choices=[self.chunk_choice(update.text, finish_reason, first, logprobs)])
+
+    def usage_chunk(self, usage: Usage) -> Envelope:
+        """The last chunk of a stream whose request asked for usage: no choices."""
+        return self.chunk_model(id=self.completion_id, created=self.created, model=self.model, usage=usage,
+                                choices=[])
+
+
+class ChatReplies(CompletionReplies):
+    """The replies to one ``/v1/chat/completions`` request. With tools it may call
+    (``tool_syntax``: how the model writes a call), a reply that begins like a call is sent
+    as a tool call, whole, once written."""
+
+    id_prefix = "chatcmpl-"
+    reply_model = ChatCompletion
+    chunk_model = ChatCompletionChunk
+
+    def __init__(self, model: str, created: int, wants_logprobs: bool, tool_syntax: Optional[ToolSyntax]):
+        super().__init__(model, created, wants_logprobs)
+        self.tool_syntax = tool_syntax  # None: no tool may be called
+        self.calling: Optional[bool] = None  # streaming: whether the reply is a tool call (known from its start)
+        self.call_text = ""
+
+    def choice(self, text: str, finish_reason: Optional[str], logprobs: Sequence[ChosenTokenLogprobs]) -> ChatChoice:
+        call = self.tool_syntax.parse(text) if self.tool_syntax is not None else None
+        if call is not None:
+            message = AssistantMessage(content=None, tool_calls=[ToolCall(**openai_tool_call(call))])
+            finish_reason = "tool_calls"
+        else:
+            message = AssistantMessage(content=text)
+        return ChatChoice(message=message, logprobs=self.chat_logprobs(logprobs), finish_reason=finish_reason)
+
+    def chunk_choice(self, text: str, finish_reason: Optional[str], first: bool,
+                     logprobs: Sequence[ChosenTokenLogprobs]) -> ChatChunkChoice:
+        role = "assistant" if first else None
+        delta = ChatDelta(role=role, content=text)
+        if self.tool_syntax is not None:
+            if self.calling is None and text:
+                self.calling = self.tool_syntax.starts_call(text)  # free text never begins like a call
+            if self.calling:
+                self.call_text += text
+                call = self.tool_syntax.parse(self.call_text) if finish_reason is not None else None
+                delta = ChatDelta(role=role)
+                if call is not None:
+                    delta.tool_calls = [ToolCall(index=0, **openai_tool_call(call))]
+                    finish_reason = "tool_calls"
+                elif finish_reason is not None:
+                    delta.content = self.call_text  # cut short (max_tokens): the text as written
+        return ChatChunkChoice(delta=delta, logprobs=self.chat_logprobs(logprobs), finish_reason=finish_reason)
+
+    def chat_logprobs(self, logprobs: Sequence[ChosenTokenLogprobs]) -> Optional[ChatLogprobs]:
+        return ChatLogprobs.of(logprobs) if self.wants_logprobs else None
