@@ -17,25 +17,56 @@ import tornado.ioloop
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from swarm.petals_api import RemoteExpertWorker  # noqa: E402
-from config import ChatSettings, FrontendSettings, ModelSpec, Settings, default_model  # noqa: E402
-from swarm.default_model import DEFAULT_CACHE_DIR, ensure_default_model  # noqa: E402
-from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
-from tests.family_reference import SWARM_FAMILIES, build_reference, serving_folder  # noqa: E402
-from tests.tiny_models import make_tiny_bloom, make_tiny_llama  # noqa: E402
+from config import Settings  # noqa: E402
+from model_specs import ChatSettings, FrontendSettings, ModelSpec, default_model  # noqa: E402
+
+# petals, hivemind, torch and the model tools are imported by the fixtures that need them, so that
+# the fast tier (``pytest -m "not swarm"``) neither waits for them nor starts hivemind's worker.
 
 SWARM_READY_TIMEOUT = 300
+# Tests whose fixtures include one of these need the real swarm or the real models (converted on
+# the first run): they are marked ``swarm``.
+SWARM_FIXTURES = {"local_swarm", "default_model_dir", "family_reference_dir"}
+# Modules that start swarm nodes of their own (``LocalSwarm``) without those fixtures.
+SWARM_MODULES = {"test_local_swarm.py"}
+# Tests that start a Python process loading petals and torch: server.py (3-4 s each) or a pytest
+# collecting the whole suite (8 s); with them the fast tier would take half as long again.
+PROCESS_TESTS = {("test_families.py", "test_the_server_refuses_it_at_start_up_in_one_line"),
+                 ("test_models_file.py", "test_the_server_exits_with_the_one_line"),
+                 ("test_models_file.py", "test_the_server_exits_when_no_declared_model_can_be_served"),
+                 ("test_doc_examples.py", "test_pytest_example_selects_tests")}
 FAMILY_MODEL_NAMES = {"llama3": "Tiny Llama 3", "mistral": "Tiny Mistral", "qwen2": "Tiny Qwen2.5",
                       "qwen3": "Tiny Qwen3"}
 
 
+def _needs_swarm(item: pytest.Item) -> bool:
+    fixtures = set(item.fixturenames)
+    # pytest-tornasync's ``http_server`` asks for the app fixture (``app``: the swarm's) only as it
+    # starts, so that fixture is not in the closure: a test serving it needs the swarm as well.
+    return (bool(fixtures & SWARM_FIXTURES) or "http_server" in fixtures or item.path.name in SWARM_MODULES
+            or (item.path.name, getattr(item, "originalname", item.name)) in PROCESS_TESTS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Marks ``swarm`` every test that needs the real swarm or the real models (``SWARM_FIXTURES``),
+    starts swarm nodes of its own (``SWARM_MODULES``) or a process that loads petals
+    (``PROCESS_TESTS``): ``pytest -m "not swarm"`` runs the fast tier alone."""
+    for item in items:
+        if _needs_swarm(item):
+            item.add_marker(pytest.mark.swarm)
+
+
 @pytest.fixture(scope="session")
-def io_loop():
+def io_loop(request):
     """One event loop for the whole run, as the server has one (replaces pytest-tornasync's
     per-test loop, which uses deprecated calls and could not share the session manager)."""
-    # hivemind's client worker installs uvloop's policy, dropping the current loop, the first
-    # time it runs: let that happen before this test's loop is made current.
-    RemoteExpertWorker.run_coroutine(asyncio.sleep(0))
+    if any(item.get_closest_marker("swarm") for item in request.session.items):
+        from swarm.petals_api import RemoteExpertWorker
+
+        # hivemind's client worker installs uvloop's policy, dropping the current loop, the first
+        # time it runs: let that happen before this run's loop is made current.
+        RemoteExpertWorker.run_coroutine(asyncio.sleep(0))
     asyncio_loop = asyncio.new_event_loop()
     asyncio.set_event_loop(asyncio_loop)
     loop = tornado.ioloop.IOLoop.current()
@@ -47,6 +78,8 @@ def io_loop():
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """Where converted models are cached between runs."""
+    from swarm.default_model import DEFAULT_CACHE_DIR
+
     cache_dir = os.environ.get("SWARM_CHAT_MODELS_DIR")
     return Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
 
@@ -54,12 +87,16 @@ def models_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_model_dir(models_dir) -> Path:
     """SmolLM2-135M-Instruct as a transformers folder (converted on the first run)."""
+    from swarm.default_model import ensure_default_model
+
     return ensure_default_model(models_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_specs(tmp_path_factory, default_model_dir):
     """The two tiny models as the server declares them."""
+    from swarm.tiny_models import make_tiny_bloom, make_tiny_llama
+
     root = tmp_path_factory.mktemp("models")
     llama = make_tiny_llama(root / "tiny-llama", default_model_dir)
     bloom = make_tiny_bloom(root / "tiny-bloom", default_model_dir)
@@ -75,12 +112,16 @@ def tiny_model_specs(tmp_path_factory, default_model_dir):
 @pytest.fixture(scope="session")
 def family_reference_dir(models_dir, default_model_dir) -> Path:
     """The families' reference checkpoints and what a current transformers computes for them (cached)."""
+    from tests.family_reference import build_reference
+
     return build_reference(models_dir, default_model_dir)
 
 
 @pytest.fixture(scope="session")
 def family_model_specs(tmp_path_factory, family_reference_dir, default_model_dir):
     """The families' tiny reference models as the server declares them (``tests/tiny-<family>``)."""
+    from tests.family_reference import SWARM_FAMILIES, serving_folder
+
     root = tmp_path_factory.mktemp("families")
     chat = ChatSettings(max_session_length=512, sep_token="\n", stop_token="<|im_end|>")
     return tuple(
@@ -100,6 +141,8 @@ def model_specs(tiny_model_specs, family_model_specs, models_dir, default_model_
 def local_swarm(tmp_path_factory, model_specs, family_model_specs):
     """One real swarm on loopback for the whole run: one server process per model, two for each
     family's reference model (each running half of its blocks)."""
+    from swarm.local import LocalSwarm, SwarmModel, count_blocks
+
     swarm_models = [SwarmModel(str(spec.path), spec.swarm_prefix, count_blocks(str(spec.path))) for spec in model_specs]
     split = {str(spec.path) for spec in family_model_specs}
     with LocalSwarm(tmp_path_factory.mktemp("swarm-logs"), threads=1) as running_swarm:
@@ -128,7 +171,7 @@ def manager(settings, io_loop):
     from sessions.serving.manager import build_manager
 
     manager = build_manager(settings.models, settings.initial_peers, settings.device, settings.torch_dtype,
-                            executor_workers=settings.executor_workers, settings=settings.manager_settings)
+                            settings=settings)
     io_loop.run_sync(manager.start)
     yield manager
     io_loop.run_sync(manager.close)
@@ -198,3 +241,28 @@ def warm_pool(manager, io_loop):
 def ws_port(http_server, http_server_port) -> int:
     """The port of a running test server (for WebSocket clients)."""
     return http_server_port[1]
+
+
+@pytest.fixture
+def serve_fakes(io_loop):
+    """``await serve_fakes(reply=..., **changes)``: a started ``tests.fakes.FakeServer``: the real
+    app on a real session manager over fake models (``models``; by default one with a ChatML
+    template, ``fake/chat``), with ``Settings`` ``changes``. Each session's stream answers
+    ``reply`` one character per token (then the end of sequence), each step taking
+    ``step_seconds``. Needs neither the swarm nor petals' worker; closed after the test."""
+    import dataclasses
+
+    from tests.fakes import FakeServer, FakeTokenStream, chat_model
+
+    servers = []
+
+    async def serve(reply: str = "hello world", step_seconds: float = 0.0, models=None, refusals=None, **changes):
+        settings = dataclasses.replace(Settings(warm_sessions=0), **changes)  # no prefix reuse unless asked
+        server = FakeServer(settings, models or [chat_model()],
+                            lambda model, max_length: FakeTokenStream(reply, step_seconds), refusals)
+        servers.append(server)
+        return await server.start()
+
+    yield serve
+    for server in servers:
+        io_loop.run_sync(server.close)

@@ -1,25 +1,43 @@
-"""Stand-ins for a model and its token stream, for unit tests of the session logic only.
+"""Stand-ins for a model and its token stream, for unit tests of the session logic and for the
+fast tier's tests of the APIs' shape (``FakeServer``: the real app on a real manager over fakes).
 
 Every feature is proven on the real swarm elsewhere; these let the tests see tickets, stops,
-queueing, reaping and teardown without one. Text is one token per character (the id is the
-code point), and id 0 is the end of sequence.
+queueing, reaping, teardown and the protocols' replies without one. Text is one token per
+character (the id is the code point), and id 0 is the end of sequence.
 """
 
+import functools
+import json
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from config import ChatSettings, FrontendSettings, ModelSpec, Settings
+import tornado.httpclient
+import tornado.httpserver
+import tornado.testing
+
+from config import Settings
+from model_specs import ChatSettings, FrontendSettings, ModelSpec
 from sessions.engine.executor import BlockingExecutor
 from sessions.engine.speculation import Draft
+from sessions.formats.chat_format import ChatFormat
+from sessions.formats.chat_template import ChatTemplate
+from sessions.formats.tool_syntax import SERVER
 from sessions.observe.metrics import SessionMetrics
 from sessions.observe.swarm_state import SwarmMonitor
+from sessions.serving import registry as registry_module
 from sessions.serving.admission import Admission
 from sessions.serving.manager import SessionManager
+from sessions.serving.registry import ModelRegistry
 from swarm.route_trace import RouteRecorder
+from tests.ws_client import WSClient
 
 EOS = 0
+# A ChatML template, as SmolLM2's and Qwen's tokenizers carry (without their default system text).
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
 
 
 class CharTokenizer:
@@ -41,8 +59,11 @@ class FakeModel:
         chat=ChatSettings(max_session_length=256)))
     tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
 
+    template: Optional[str] = None  # the tokenizer's chat template (None: the declared "Role: text" format)
+
     max_token_chars = 1
     state_bytes_per_token = 4
+    num_blocks = 2
 
     @property
     def eos_token_id(self) -> int:
@@ -50,6 +71,32 @@ class FakeModel:
 
     def encode(self, text: str) -> List[int]:
         return [ord(char) for char in text]
+
+    @property
+    def stop_token(self) -> str:
+        return self.spec.chat.stop_token or self.tokenizer.eos_token
+
+    @functools.cached_property
+    def chat_format(self) -> ChatFormat:
+        """Derived from ``template`` as a real model's is from its tokenizer's."""
+        template = ChatTemplate(self.template, {"eos_token": self.tokenizer.eos_token}) if self.template else None
+        return ChatFormat.for_template(template, self.spec.chat, self.stop_token, self.spec.key)
+
+    # No template that describes tools: calls would be written in the server's own syntax, under a
+    # grammar that needs a real tokenizer (tools are tested on the swarm).
+    tool_template = None
+    tool_syntax = SERVER
+
+    def close(self) -> None:
+        pass
+
+
+def chat_model(repository: str = "fake/chat", **changes) -> FakeModel:
+    """A fake model with a ChatML chat template, declared as the server declares a model
+    (``changes``: other ``ModelSpec`` fields, such as ``aliases`` or ``public_api``)."""
+    chat = ChatSettings(max_session_length=256, stop_token="<|im_end|>")
+    spec = ModelSpec(repository=repository, family="Fake", frontend=FrontendSettings(name=repository), chat=chat)
+    return FakeModel(spec=replace(spec, **changes), template=CHATML)
 
 
 class FakeTokenStream:
@@ -147,14 +194,97 @@ class FakeRegistry:
         pass
 
 
+class _FakeLoader:
+    """Stands in for the executor a ``ModelRegistry`` loads and closes its models in: "loading" a
+    spec hands back its fake model."""
+
+    def __init__(self, models: Sequence[FakeModel]):
+        self.models = {model.spec.key: model for model in models}
+
+    async def run(self, function: Callable, *args: Any) -> Any:
+        if function is registry_module.load_model:
+            return self.models[args[0].key]
+        return function(*args)
+
+
+def fake_registry(models: Sequence[FakeModel], refusals: Optional[Dict[str, str]] = None) -> ModelRegistry:
+    """The server's own registry (names, aliases, public and refused models, as served) over fake
+    models; ``refusals``: a declared model's key -> why start-up refused it."""
+    return ModelRegistry([model.spec for model in models], [], "cpu", "float32", Settings(), _FakeLoader(models),
+                         refusals)
+
+
 def fake_manager(executor: BlockingExecutor, settings: Settings = Settings(),
-                 open_stream: Optional[Callable[[FakeModel, int], FakeTokenStream]] = None) -> SessionManager:
-    """A session manager over the fake model, its sessions on ``open_stream``'s fake streams
-    (by default each says "hello world"); ``start`` it before use."""
+                 open_stream: Optional[Callable[[FakeModel, int], FakeTokenStream]] = None,
+                 registry: Any = None) -> SessionManager:
+    """A session manager over the fake model (or ``registry``'s), its sessions on ``open_stream``'s
+    fake streams (by default each says "hello world"); ``start`` it before use."""
     admission = Admission(settings)
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)
-    registry = FakeRegistry(FakeModel())
+    registry = registry if registry is not None else FakeRegistry(FakeModel())
     return SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
                           open_stream=open_stream or (lambda model, max_length: FakeTokenStream()))
+
+
+class FakeServer:
+    """The real application (``server.make_app``, as server.py builds it) served on a port of its
+    own, on a real ``SessionManager`` over fake models: each session's stream is made by
+    ``open_stream`` and kept in ``streams``, in the order they were opened, and ``opened`` lists
+    each one's model and length. ``start`` it, and ``close`` it after the test."""
+
+    def __init__(self, settings: Settings, models: Sequence[FakeModel],
+                 open_stream: Callable[[FakeModel, int], FakeTokenStream], refusals: Optional[Dict[str, str]] = None):
+        self.settings = settings
+        self.streams: List[FakeTokenStream] = []
+        self.opened: List[Tuple[str, int]] = []
+
+        def opened(model: FakeModel, max_length: int) -> FakeTokenStream:
+            stream = open_stream(model, max_length)
+            self.streams.append(stream)
+            self.opened.append((model.spec.key, max_length))
+            return stream
+
+        self.manager = fake_manager(BlockingExecutor(2, "fake"), settings, opened, fake_registry(models, refusals))
+        self.port = 0
+        self._server: Optional[tornado.httpserver.HTTPServer] = None
+        self._websockets: List[WSClient] = []
+        self._http = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+
+    async def start(self) -> "FakeServer":
+        from server import make_app
+
+        await self.manager.start()
+        sock, self.port = tornado.testing.bind_unused_port()
+        self._server = tornado.httpserver.HTTPServer(make_app(self.settings, self.manager))
+        self._server.add_socket(sock)
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def fetch(self, path: str, method: str = "GET", body: Any = None, headers: Optional[dict] = None,
+                    **options: Any) -> tornado.httpclient.HTTPResponse:
+        """The response, whatever its status (a ``dict`` body is sent as JSON)."""
+        if isinstance(body, dict):
+            body = json.dumps(body)
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        return await self._http.fetch(self.url(path), method=method, body=body, headers=headers, raise_error=False,
+                                      request_timeout=20, **options)
+
+    async def websocket(self, **options: Any) -> WSClient:
+        """A client connected to ``/api/v2/generate`` (``options``: ``WSClient.connect``'s); ``close``
+        closes it if the test did not."""
+        client = await WSClient.connect(self.port, **options)
+        self._websockets.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self._websockets:
+            client.close()
+        if self._server is not None:
+            self._server.stop()
+            await self._server.close_all_connections()
+        self._http.close()
+        await self.manager.close(grace=1)
