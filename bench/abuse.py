@@ -24,8 +24,9 @@ otherwise idle server, each followed by its control row:
 
 The rows: ``baseline`` (no attack; run first, for reference), ``long stop strings`` (stop
 strings far over the limits on ``/v1/completions``, ``/api/v1/generate`` and the WebSocket, and
-the most that is allowed: 4 on ``/v1``, 16 on the WebSocket, of 1,000 characters each, every one
-beginning with the text the model will write, so that the hold-back runs), ``queue flood`` (one
+the most that is allowed: 16 on ``/v1`` (the model's end-of-sequence text among them) and on the
+WebSocket, of 1,000 characters each, every one beginning with the text the model will write, so
+that the hold-back runs), ``queue flood`` (one
 session sending ``generate`` frames as fast as the socket takes them: the server reads them only
 as fast as its message rate allows, and the row counts those it answered), ``large bodies``
 (50-100 MB bodies, announced by Content-Length or chunked), ``sessionless sockets`` (about 2,000
@@ -108,21 +109,19 @@ from bench.abuse_probes import (  # noqa: E402
     pin_self,
     pin_tree,
 )
-from config import ManagerSettings, model_from_source  # noqa: E402
-from handlers.openai_protocol import MAX_STOP_STRINGS as MAX_OPENAI_STOPS  # noqa: E402
-from sessions.request_rules import MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES  # noqa: E402
-from tests.load_clients import (  # noqa: E402
-    NEVER,
-    PROMPT,
+from bench.common import NEVER, PROMPT, percentile  # noqa: E402
+from bench.load_clients import (  # noqa: E402
     PROMPT_TOKEN_ALLOWANCE,
     ProcessSample,
-    percentile,
     scrape_open_sessions,
     wait_for_no_open_sessions,
 )
+from config import Settings  # noqa: E402
+from model_specs import model_from_source  # noqa: E402
+from sessions.request_rules import MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES  # noqa: E402
 
 # The attacks run in worker processes that import this module: what pulls in torch and petals
-# (bench.load_soak, swarm.*, tests.tiny_models) is imported inside main() only.
+# (swarm.*, and bench.common's model and swarm helpers when called) is used inside main() only.
 
 BASELINE = "baseline"
 LONG_STOP_STRINGS = "long stop strings"
@@ -364,12 +363,12 @@ async def attack_long_stop_strings(target: Target) -> AttackOutcome:
     streamed = {"max_new_tokens": 1, "stop_sequence": ONE_TOKEN_STOP, "visible_text": True,
                 "max_length": PROMPT_TOKEN_ALLOWANCE + STOP_STRING_TOKENS}
     variants: Dict[str, Callable[[], Awaitable[str]]] = {
-        "/v1 5 x 100 KB": lambda: _post_outcome(client, target, source, "/v1/completions",
-                                               dict(completion, stop=huge[:MAX_OPENAI_STOPS + 1])),
+        # /v1 takes as many stop strings as the WebSocket (sessions/request_rules.py): 4 of 100 KB are
+        # each too long (16 would be a body over the limit, refused unread), 17 are too many.
         "/v1 4 x 100 KB": lambda: _post_outcome(client, target, source, "/v1/completions",
-                                               dict(completion, stop=huge[:MAX_OPENAI_STOPS])),
-        "/v1 5 x 1000 chars": lambda: _post_outcome(client, target, source, "/v1/completions",
-                                                   dict(completion, stop=maximal(MAX_OPENAI_STOPS + 1))),
+                                               dict(completion, stop=huge[:4])),
+        "/v1 17 x 1000 chars": lambda: _post_outcome(client, target, source, "/v1/completions",
+                                                    dict(completion, stop=maximal(MAX_STOP_SEQUENCES + 1))),
         # /api/v1/generate takes no stop strings: the fields are ignored, the body is parsed all the same.
         "/api/v1/generate 9 x 100 KB": lambda: _post_outcome(client, target, source, "/api/v1/generate", {
             "model": target.model, "inputs": PROMPT, "max_new_tokens": 4, "stop_sequence": ONE_TOKEN_STOP,
@@ -378,8 +377,10 @@ async def attack_long_stop_strings(target: Target) -> AttackOutcome:
             streamed, extra_stop_sequences=maximal(MAX_STOP_SEQUENCES))),
         "WebSocket 2 x 100 KB": lambda: _ws_generation(target, source, dict(
             streamed, extra_stop_sequences=huge[:2])),
-        "/v1 4 x 1000 chars, streamed (allowed)": lambda: _post_outcome(
-            client, target, source, "/v1/completions", dict(completion, stop=maximal(MAX_OPENAI_STOPS), stream=True)),
+        # /v1/completions adds the end-of-sequence token's text to the request's stop strings.
+        "/v1 15 x 1000 chars, streamed (allowed)": lambda: _post_outcome(
+            client, target, source, "/v1/completions",
+            dict(completion, stop=maximal(MAX_STOP_SEQUENCES - 1), stream=True)),
         "WebSocket 16 x 1000 chars, visible_text (allowed)": lambda: _ws_generation(target, source, dict(
             streamed, extra_stop_sequences=maximal(MAX_STOP_SEQUENCES - 1))),
     }
@@ -1478,11 +1479,11 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def server_flags(defaults: ManagerSettings) -> List[str]:
-    """The server's limits back at their defaults (bench.load_soak raises them), a short request
+def server_flags(defaults: Settings) -> List[str]:
+    """The server's limits back at their defaults (bench.common.start_server raises them), a short request
     timeout, and no prefix reuse: each row ends with no session left open. No proxy is trusted
     (the default), so forged client headers must count for nothing."""
-    return ["--max-sessions", str(defaults.max_sessions),
+    return ["--max-sessions", str(defaults.max_sessions), "--max-connections", str(defaults.max_connections),
             "--max-sessions-per-client", str(defaults.max_sessions_per_client),
             "--max-connections-per-client", str(defaults.max_connections_per_client),
             "--request-timeout", str(REQUEST_TIMEOUT), "--warm-sessions", "0"]
@@ -1515,14 +1516,12 @@ def _interrupt(signum, frame):
 def main() -> int:
     """Runs the bench; returns the exit status."""
     args = parse_args()
-    from bench.load_soak import Report, log_tail, start_server, stop_server
-    from swarm.default_model import ensure_default_model
-    from swarm.local import LocalSwarm, SwarmModel, count_blocks
-    from tests.tiny_models import make_tiny_llama
+    from bench.common import local_swarm, log_tail, start_server, stop_server, tiny_llama_files
+    from bench.load_soak import Report
 
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C
-    defaults = ManagerSettings()
+    defaults = Settings()
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, attacker_cpus = set(cpus[:-1]), {cpus[-1]}
     if args.pinned:
@@ -1533,16 +1532,11 @@ def main() -> int:
         attacker_pid = attackers.submit(os.getpid).result()  # the worker exists before the first measurement
         log_dir = args.log_dir or Path(workdir) / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        model_path = make_tiny_llama(Path(workdir) / "tiny-llama", ensure_default_model(REPO_ROOT / ".models"))
-        swarm_model = SwarmModel(str(model_path), model_from_source(str(model_path)).swarm_prefix,
-                                 count_blocks(str(model_path)))
-        with LocalSwarm(log_dir, threads=1) as running_swarm:
-            nodes = [running_swarm.add_node(swarm_model, extra_options=["--attn-cache-tokens",
-                                                                        str(ATTENTION_CACHE_TOKENS)])
-                     for _ in range(NODES)]
-            running_swarm.wait_until_ready([swarm_model])
+        spec, model_path = tiny_llama_files(Path(workdir))
+        options = ["--attn-cache-tokens", str(ATTENTION_CACHE_TOKENS)]
+        with local_swarm(spec, model_path, log_dir, nodes=NODES, node_options=options) as (running_swarm, _, nodes):
             server_log = log_dir / "server.log"
-            server, base_url = start_server(model_path, running_swarm.initial_peers, server_log, None,
+            server, base_url = start_server(model_path, running_swarm.initial_peers, server_log,
                                             extra_args=server_flags(defaults))
             try:
                 prober = HealthProber(base_url)
@@ -1552,7 +1546,7 @@ def main() -> int:
                           f"/health prober pid {prober.process.pid}", flush=True)
                     if args.pinned:
                         print(pin_server_side(server_cpus, attacker_pid), flush=True)
-                    target = Target(base_url, model_from_source(str(model_path)).key, args.seconds,
+                    target = Target(base_url, spec.key, args.seconds,
                                     defaults.max_sessions_per_client, defaults.max_connections_per_client,
                                     longest_tokenized_prompt(model_path))
                     bench = Bench(target, server.pid, [node.process.pid for node in nodes], attackers, prober)

@@ -28,14 +28,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import openai  # noqa: E402
-from websocket_streams import connect, request, start_server  # noqa: E402
 
-from config import default_model, model_from_source  # noqa: E402
-from swarm.default_model import ensure_default_model  # noqa: E402
-from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
+from bench.common import connect, default_model_files, local_swarm, request, start_server, stop_server  # noqa: E402
+from model_specs import model_from_source  # noqa: E402
 
 QUESTIONS = [
     "Name a large city in Europe.",
@@ -162,25 +159,21 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=5131)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    spec = default_model(REPO_ROOT / ".models")
-    path = ensure_default_model(spec.path.parent)
-    swarm_model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
+    spec, path = default_model_files()
     served = model_from_source(str(path)).key
     ports = {"reuse": args.port, "no reuse": args.port + 1}
-    with tempfile.TemporaryDirectory() as logs, LocalSwarm(Path(logs), threads=1) as running_swarm:
-        running_swarm.add_node(swarm_model)
-        running_swarm.wait_until_ready([swarm_model])
-        servers = [start_server(str(path), running_swarm.initial_peers, ports["reuse"]),
-                   start_server(str(path), running_swarm.initial_peers, ports["no reuse"],
-                                extra_args=("--warm-sessions", "0"))]
+    with tempfile.TemporaryDirectory() as logs, local_swarm(spec, path, Path(logs)) as (running_swarm, _, _):
+        servers = []
         try:
+            for name, extra_args in (("reuse", ()), ("no reuse", ("--warm-sessions", "0"))):
+                servers.append(start_server(path, running_swarm.initial_peers, Path(logs) / f"server-{ports[name]}.log",
+                                            port=ports[name], extra_args=extra_args)[0])
             results = asyncio.run(conversation(ports, served, args.turns, args.max_tokens))
             resume = asyncio.run(resume_vs_replay(f"ws://127.0.0.1:{ports['reuse']}/api/v2/generate", served,
                                                   args.resume_turns, args.max_tokens))
         finally:
             for server in servers:
-                server.terminate()
-                server.wait(60)
+                stop_server(server)
     print(f"model: {spec.key}, {args.turns} turns through the openai client (streamed, greedy, "
           f"up to {args.max_tokens} tokens per reply)")
     print("| turn | prompt tokens | new tokens | first token, reuse | fed, reuse | first token, no reuse | "

@@ -21,22 +21,17 @@ more. ``--streams 0`` or ``--sessions 0`` skips a phase.
 import argparse
 import asyncio
 import logging
-import re
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from config import model_from_source  # noqa: E402
-from swarm.default_model import ensure_default_model  # noqa: E402
-from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
-from tests.load_clients import (  # noqa: E402
+from bench.common import local_swarm, log_tail, start_server, stop_server, tiny_llama_files  # noqa: E402
+from bench.load_clients import (  # noqa: E402
     PROMPT_TOKEN_ALLOWANCE,
     LoadResult,
     ProcessSample,
@@ -46,13 +41,7 @@ from tests.load_clients import (  # noqa: E402
     scrape_open_sessions,
     wait_for_no_open_sessions,
 )
-from tests.tiny_models import make_tiny_llama  # noqa: E402
 
-READY_LINE = re.compile(r"ready: (http://\S+)")
-SERVER_START_TIMEOUT = 180
-SERVER_STOP_TIMEOUT = 30
-# Far above any load here: the bench measures the server, not its per-client limits.
-SESSION_LIMIT = 100_000
 MB = 1024 * 1024
 
 
@@ -62,55 +51,6 @@ def attention_cache_tokens(args: argparse.Namespace) -> int:
     load_tokens = args.streams * args.session_length
     soak_tokens = args.batch * (PROMPT_TOKEN_ALLOWANCE + args.soak_tokens)
     return max(16384, 2 * (load_tokens + soak_tokens))
-
-
-def start_server(model_path: Path, initial_peers: List[str], log_path: Path,
-                 executor_workers: Optional[int], extra_args: Sequence[str] = ()) -> Tuple[subprocess.Popen, str]:
-    """``server.py`` on a free port of 127.0.0.1, its log in ``log_path``; returns it and its URL.
-
-    ``extra_args`` go last on the server's command line, so they override the flags before them.
-    """
-    command = [sys.executable, "server.py", "--model", str(model_path), "--initial-peers", *initial_peers,
-               "--port", "0", "--host", "127.0.0.1", "--device", "cpu", "--torch-dtype", "float32",
-               "--max-sessions", str(SESSION_LIMIT), "--max-sessions-per-client", str(SESSION_LIMIT),
-               "--max-connections-per-client", str(SESSION_LIMIT)]
-    if executor_workers is not None:
-        command += ["--executor-workers", str(executor_workers)]
-    command += list(extra_args)
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    with open(log_path) as log:
-        while time.monotonic() < deadline and process.poll() is None:
-            line = log.readline()
-            if not line:
-                time.sleep(0.1)
-                continue
-            match = READY_LINE.search(line)
-            if match:
-                return process, match.group(1)
-    stop_server(process)
-    raise RuntimeError(f"the server did not start; last lines of {log_path}:\n{log_tail(log_path)}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM (the server's clean shutdown), then SIGKILL if it does not exit in time."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(SERVER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    process.wait()
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    """The last lines of a log file."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def check(passed: bool) -> str:
@@ -255,20 +195,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir:
         log_dir = args.log_dir or Path(workdir) / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        model_path = make_tiny_llama(Path(workdir) / "tiny-llama", ensure_default_model(REPO_ROOT / ".models"))
-        swarm_model = SwarmModel(str(model_path), model_from_source(str(model_path)).swarm_prefix,
-                                 count_blocks(str(model_path)))
-        with LocalSwarm(log_dir, threads=1) as running_swarm:
-            node = running_swarm.add_node(
-                swarm_model, extra_options=["--attn-cache-tokens", str(attention_cache_tokens(args))])
-            running_swarm.wait_until_ready([swarm_model])
+        spec, model_path = tiny_llama_files(Path(workdir))
+        node_options = ["--attn-cache-tokens", str(attention_cache_tokens(args))]
+        with local_swarm(spec, model_path, log_dir, node_options=node_options) as (running_swarm, _, (node,)):
             server_log = log_dir / "server.log"
             server, base_url = start_server(model_path, running_swarm.initial_peers, server_log,
-                                            args.executor_workers)
+                                            executor_workers=args.executor_workers)
             try:
                 print(f"server pid {server.pid} at {base_url}, swarm node pid {node.process.pid}", flush=True)
-                report = asyncio.run(run_phases(base_url, model_from_source(str(model_path)).key, server.pid,
-                                                node.process.pid, args))
+                report = asyncio.run(run_phases(base_url, spec.key, server.pid, node.process.pid, args))
             finally:
                 stop_server(server)
         report.print()

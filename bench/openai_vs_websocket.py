@@ -10,7 +10,6 @@ to first token and the tokens/s after it, medians over the runs.
 
 import argparse
 import asyncio
-import json
 import logging
 import statistics
 import sys
@@ -20,14 +19,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import openai  # noqa: E402
-from websocket_streams import connect, request, start_server  # noqa: E402
 
-from config import default_model, model_from_source  # noqa: E402
-from swarm.default_model import ensure_default_model  # noqa: E402
-from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
+from bench.common import default_model_files, local_swarm, start_server, stop_server, websocket_stream  # noqa: E402
+from model_specs import model_from_source  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write three sentences about lighthouses."}]
 MAX_TOKENS = 64
@@ -51,25 +47,11 @@ async def openai_stream(base_url: str, model: str) -> tuple:
     return first - started, (tokens - 1) / (ended - first), tokens
 
 
-async def websocket_stream(url: str, model: str, prompt: str) -> tuple:
+async def websocket_reply(url: str, model: str, prompt: str) -> tuple:
     """The same reply over the WebSocket API, from opening the connection."""
-    started = time.perf_counter()
-    connection = await connect(url)
-    await request(connection, {"type": "open_inference_session", "model": model, "max_length": 1024})
-    await connection.write_message(json.dumps({"type": "generate", "inputs": prompt, "max_new_tokens": 1,
-                                               "stop_sequence": "<|im_end|>",
-                                               "max_length": MAX_TOKENS + 200}))
-    first, tokens = None, 0
-    while True:
-        reply = json.loads(await connection.read_message())
-        tokens += reply["token_count"]
-        if first is None and reply["outputs"]:
-            first = time.perf_counter()
-        if reply["stop"] or tokens >= MAX_TOKENS:
-            break
-    ended = time.perf_counter()
-    connection.close()
-    return first - started, (tokens - 1) / (ended - first), tokens
+    stream = await websocket_stream(url, model, prompt, session_length=1024, max_length=MAX_TOKENS + 200,
+                                    stop_sequence="<|im_end|>", max_tokens=MAX_TOKENS)
+    return stream.first_text_seconds, stream.tokens_per_s_after_first, stream.tokens
 
 
 def main() -> None:
@@ -78,28 +60,23 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=5124)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    spec = default_model(REPO_ROOT / ".models")
-    path = ensure_default_model(spec.path.parent)
+    spec, path = default_model_files()
     served = model_from_source(str(path)).key
-    swarm_model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
-    with tempfile.TemporaryDirectory() as logs, LocalSwarm(Path(logs), threads=1) as running_swarm:
-        running_swarm.add_node(swarm_model)
-        running_swarm.wait_until_ready([swarm_model])
-        server = start_server(str(path), running_swarm.initial_peers, args.port)
+    with tempfile.TemporaryDirectory() as logs, local_swarm(spec, path, Path(logs)) as (running_swarm, _, _):
+        server, _ = start_server(path, running_swarm.initial_peers, Path(logs) / "server.log", port=args.port)
         try:
             from transformers import AutoTokenizer
 
             prompt = AutoTokenizer.from_pretrained(path).apply_chat_template(
                 MESSAGES, tokenize=False, add_generation_prompt=True)
             base_url, ws_url = f"http://127.0.0.1:{args.port}/v1", f"ws://127.0.0.1:{args.port}/api/v2/generate"
-            asyncio.run(websocket_stream(ws_url, served, prompt))  # warm-up
+            asyncio.run(websocket_reply(ws_url, served, prompt))  # warm-up
             results = {"openai": [], "websocket": []}
             for _ in range(args.runs):
                 results["openai"].append(asyncio.run(openai_stream(base_url, served)))
-                results["websocket"].append(asyncio.run(websocket_stream(ws_url, served, prompt)))
+                results["websocket"].append(asyncio.run(websocket_reply(ws_url, served, prompt)))
         finally:
-            server.terminate()
-            server.wait(60)
+            stop_server(server)
     print(f"model: {spec.key}, greedy chat reply, up to {MAX_TOKENS} tokens, median of {args.runs} runs")
     for name, runs in results.items():
         ttft = statistics.median(run[0] for run in runs)

@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import sessions.engine.token_stream  # noqa: E402
-from bench.swarm_vs_local import default_model_on_a_local_swarm  # noqa: E402
+from bench.common import default_model_on_a_local_swarm  # noqa: E402
 from sessions.engine.token_stream import TokenStream  # noqa: E402
 from swarm.route_trace import RouteRecorder, trace_server_steps  # noqa: E402
 
@@ -90,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seconds = {True: [], False: []}
-    with default_model_on_a_local_swarm(QUESTION) as (spec, _, loaded, prompt_ids):
+    with default_model_on_a_local_swarm(QUESTION) as swarm:
+        spec, loaded, prompt_ids = swarm.spec, swarm.loaded, swarm.prompt_ids
         timed_run(loaded, prompt_ids, 4, traced=True)  # warm-up
         peer_id = loaded.sequence_manager.state.sequence_info.spans_by_priority[0].peer_id
         for repeat in range(args.repeats):  # alternating, so that load on the machine hits both alike

@@ -36,15 +36,13 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from bench.common import default_model_files, local_swarm  # noqa: E402
 from bench.swarm_vs_local import greedy_local  # noqa: E402
-from config import REPO_ROOT as CONFIG_ROOT  # noqa: E402
-from config import ManagerSettings, WarmPoolLimits, default_model
+from config import Settings  # noqa: E402
 from server import split_cpu_threads  # noqa: E402
 from sessions.engine.speculation import DRAFT_SOURCES  # noqa: E402
 from sessions.requests import GenerationRequest, SamplingParams  # noqa: E402
 from sessions.serving.manager import build_manager  # noqa: E402
-from swarm.default_model import ensure_default_model  # noqa: E402
-from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
 
 CODE = "\n".join([
     "import math",
@@ -188,7 +186,8 @@ async def regenerate_first_token(manager, model: str, tokenizer) -> dict:
                                 max_length=len(prompt_ids) + 16, speculative=False)
     firsts, gaps = [], []
     for attempt in range(2):  # the first opens the session, the second regenerates from it
-        opened = await manager.open_for_request(f"regenerate-{attempt}", model, request, "bench")
+        opened = await manager.open_for_request(f"regenerate-{attempt}", manager.registry.find(model), request,
+                                                "bench")
         started, times = time.perf_counter(), []
         async for update in opened.session.generate(opened.request):
             times.append(time.perf_counter() - started)
@@ -210,21 +209,17 @@ def print_rows(title: str, rows: list) -> None:
 
 
 def manager_for(spec, swarm, warm: bool = False):
-    settings = ManagerSettings(step_timeout=300, draft_tokens=16,
-                               warm_pool=WarmPoolLimits(max_sessions=4 if warm else 0))
-    return build_manager([spec], swarm.initial_peers, "cpu", "float32", executor_workers=2, settings=settings)
+    settings = Settings(executor_workers=2, step_timeout=300, draft_tokens=16, warm_sessions=4 if warm else 0)
+    return build_manager([spec], swarm.initial_peers, "cpu", "float32", settings=settings)
 
 
 async def trips(args, spec, path, tokenizer) -> None:
-    model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
-    half = model.num_blocks // 2
     delay = ("--added-step-delay", str(args.delay))
     node_threads, _ = split_cpu_threads(0)
     threads = max(1, node_threads // 2)
-    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=threads) as swarm:
-        swarm.add_node(model, f"0:{half}", delay)
-        swarm.add_node(model, f"{half}:{model.num_blocks}", delay)
-        swarm.wait_until_ready([model])
+    with tempfile.TemporaryDirectory() as log_dir, \
+            local_swarm(spec, path, Path(log_dir), nodes=2, split_blocks=True,  # each node half of the blocks
+                        node_options=delay, threads=threads) as (swarm, _, _):
         manager = manager_for(spec, swarm, warm=True)
         await manager.start()
         try:
@@ -244,16 +239,14 @@ async def trips(args, spec, path, tokenizer) -> None:
 
 
 async def local(args, spec, path, tokenizer) -> None:
-    model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
     node_threads, client_threads = split_cpu_threads(0)
     torch.set_num_threads(client_threads)
     prompt_ids = chat_prompt(tokenizer, TASKS["quote and summarize"]["user"])
     plain_model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     greedy_local(plain_model, prompt_ids, 4)  # warm-up
     local_ids, local_seconds = greedy_local(plain_model, prompt_ids, args.tokens)
-    with tempfile.TemporaryDirectory() as log_dir, LocalSwarm(Path(log_dir), threads=node_threads) as swarm:
-        swarm.add_node(model)
-        swarm.wait_until_ready([model])
+    with tempfile.TemporaryDirectory() as log_dir, \
+            local_swarm(spec, path, Path(log_dir), threads=node_threads) as (swarm, _, _):
         manager = manager_for(spec, swarm)
         await manager.start()
         try:
@@ -282,8 +275,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=(), choices=list(TASKS), help="only these tasks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    spec = default_model(CONFIG_ROOT / ".models")
-    path = ensure_default_model(spec.path.parent)
+    spec, path = default_model_files()
     spec = dataclasses.replace(spec, dht_prefix="bench-speculative")
     from transformers import AutoTokenizer
 

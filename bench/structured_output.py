@@ -19,7 +19,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.swarm_vs_local import default_model_on_a_local_swarm, greedy_swarm  # noqa: E402
+from bench.common import default_model_on_a_local_swarm  # noqa: E402
+from bench.swarm_vs_local import greedy_swarm  # noqa: E402
 from sessions.requests import SamplingParams  # noqa: E402
 
 QUESTION = "Write a long story about a lighthouse keeper, as JSON with the story in the field \"story\"."
@@ -34,7 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     free, constrained = [], []
-    with default_model_on_a_local_swarm(QUESTION) as (spec, tokenizer, loaded, prompt_ids):
+    with default_model_on_a_local_swarm(QUESTION) as swarm:
+        spec, tokenizer, loaded, prompt_ids = swarm.spec, swarm.tokenizer, swarm.loaded, swarm.prompt_ids
         # Warm-up, the constraint library's view of the vocabulary included (built once per model).
         greedy_swarm(loaded, prompt_ids, 4, SamplingParams())
         greedy_swarm(loaded, prompt_ids, 4, SamplingParams(json_schema=json.dumps(LONG_OUTPUT_SCHEMA)))

@@ -17,38 +17,34 @@ run with the machine's other load; the default 10 alternating repeats of 40 toke
 
 import argparse
 import asyncio
-import json
 import logging
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import tornado.websocket  # noqa: E402
-
-from config import default_model, model_from_source  # noqa: E402
+from bench.common import (  # noqa: E402
+    PROMPT,
+    connect,
+    default_model_files,
+    local_swarm,
+    percentile,
+    request,
+    start_server,
+    stop_server,
+    tiny_llama_files,
+    websocket_stream,
+)
+from model_specs import model_from_source  # noqa: E402
 from sessions.engine.token_stream import TokenStream  # noqa: E402
 from sessions.models import load_model  # noqa: E402
-from swarm.default_model import ensure_default_model  # noqa: E402
-from swarm.local import LocalSwarm, SwarmModel, count_blocks  # noqa: E402
-from tests.tiny_models import make_tiny_llama  # noqa: E402
 
-PROMPT = "Once upon a time, in a small village by the sea,"
-NEVER = "\u0000never\u0000"  # a stop sequence no model writes: streams run to max_length
 CONCURRENCY = (1, 8, 32)
-
-
-def percentile(values, fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
 def summarize(gaps, tokens: int, seconds: float) -> dict:
@@ -92,48 +88,13 @@ def direct_streams(loaded, streams: int, tokens: int) -> dict:
     return summarize(gaps, streams * tokens, time.perf_counter() - started)
 
 
-async def connect(url: str):
-    return await tornado.websocket.websocket_connect(url, max_message_size=1 << 20)
-
-
-async def request(connection, message: dict) -> dict:
-    await connection.write_message(json.dumps(message))
-    reply = json.loads(await connection.read_message())
-    if not reply["ok"]:
-        raise RuntimeError(reply["traceback"])
-    return reply
-
-
-async def websocket_stream(url: str, model: str, prompt_tokens: int, tokens: int, gaps: list) -> int:
-    connection = await connect(url)
-    try:
-        await request(connection, {"type": "open_inference_session", "model": model,
-                                   "max_length": prompt_tokens + tokens + 1})
-        await connection.write_message(json.dumps({
-            "type": "generate", "inputs": PROMPT, "max_new_tokens": 1, "stop_sequence": NEVER,
-            "max_length": prompt_tokens + tokens}))
-        received, last = 0, None
-        while True:
-            reply = json.loads(await connection.read_message())
-            if not reply["ok"]:
-                raise RuntimeError(reply["traceback"])
-            now = time.perf_counter()
-            if last is not None and reply["token_count"]:
-                gaps.append(now - last)
-            last = now
-            received += reply["token_count"]
-            if reply["stop"]:
-                return received
-    finally:
-        connection.close()
-
-
 async def websocket_streams(url: str, model: str, prompt_tokens: int, streams: int, tokens: int) -> dict:
-    gaps = []
+    """``streams`` concurrent streams over ``/api/v2/generate``, each ``tokens`` tokens after PROMPT."""
     started = time.perf_counter()
-    counts = await asyncio.gather(*(websocket_stream(url, model, prompt_tokens, tokens, gaps)
-                                    for _ in range(streams)))
-    return summarize(gaps, sum(counts), time.perf_counter() - started)
+    runs = await asyncio.gather(*(websocket_stream(url, model, PROMPT, session_length=prompt_tokens + tokens + 1,
+                                                   max_length=prompt_tokens + tokens) for _ in range(streams)))
+    return summarize([gap for run in runs for gap in run.gaps], sum(run.tokens for run in runs),
+                     time.perf_counter() - started)
 
 
 async def first_token_seconds(url: str, model: str) -> float:
@@ -165,27 +126,6 @@ async def idle_sessions(url: str, model: str, target: int) -> list:
     return results
 
 
-def start_server(model_source: str, peers, port: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "server.py", "--model", model_source, "--port", str(port), "--host", "127.0.0.1",
-         "--initial-peers", *peers, "--torch-dtype", "float32", "--device", "cpu",
-         # every stream and idle session of this benchmark comes from one address, and the idle
-         # sessions come on top of the default limits
-         "--max-sessions", "100000", "--max-connections", "100000",
-         "--max-sessions-per-client", "100000", "--max-connections-per-client", "100000", *extra_args],
-        cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        if re.search(r"ready: http", line):
-            threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe drained
-            return process
-    process.kill()
-    raise RuntimeError("the server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "default"], default="tiny")
@@ -198,21 +138,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     with tempfile.TemporaryDirectory() as workdir:
-        models_dir = REPO_ROOT / ".models"
-        default_path = ensure_default_model(models_dir)
-        if args.model == "tiny":
-            path = make_tiny_llama(Path(workdir) / "tiny-llama", default_path)
-            spec = model_from_source(str(path))
-        else:
-            spec = default_model(models_dir)
-            path = spec.path
-        swarm_model = SwarmModel(str(path), spec.swarm_prefix, count_blocks(str(path)))
-        with LocalSwarm(Path(workdir) / "logs", threads=1) as running_swarm:
-            running_swarm.add_node(swarm_model)
-            running_swarm.wait_until_ready([swarm_model])
+        spec, path = tiny_llama_files(Path(workdir)) if args.model == "tiny" else default_model_files()
+        log_dir = Path(workdir) / "logs"
+        with local_swarm(spec, path, log_dir) as (running_swarm, swarm_model, _):
             loaded = load_model(spec, running_swarm.initial_peers, device="cpu", torch_dtype="float32")
             prompt_tokens = len(loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
-            server = start_server(str(path), running_swarm.initial_peers, args.port)
+            # every stream and idle session of this benchmark comes from one address, and the idle
+            # sessions come on top of the default limits: start_server raises them
+            server, _ = start_server(path, running_swarm.initial_peers, log_dir / "server.log", port=args.port)
             url = f"ws://127.0.0.1:{args.port}/api/v2/generate"
             served_name = model_from_source(str(path)).key  # the name the server process gives it
             try:
@@ -241,8 +174,7 @@ def main() -> None:
                     print(f"{held:>7} idle: {1000 * seconds:8.1f} ms ({seconds / baseline:4.2f}x)"
                           f"{'  within 2x' if seconds <= 2 * baseline else '  OVER 2x'}")
             finally:
-                server.terminate()
-                server.wait(60)
+                stop_server(server)
                 loaded.close()
 
 

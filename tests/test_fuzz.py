@@ -14,7 +14,7 @@ import tornado.websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.load_clients import scrape_open_sessions, wait_for_no_open_sessions
+from bench.load_clients import scrape_open_sessions, wait_for_no_open_sessions
 from tests.ws_client import WSClient
 
 TINY = "tests/tiny-llama"

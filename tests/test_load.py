@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.load_clients import ProcessSample, run_load, run_soak, scrape_open_sessions, wait_for_no_open_sessions
+from bench.load_clients import ProcessSample, run_load, run_soak, scrape_open_sessions, wait_for_no_open_sessions
 
 TINY = "tests/tiny-llama"
 STREAMS, SECONDS = 20, 5

@@ -2,8 +2,9 @@
 
 ``run_load`` keeps many streams generating at once for a while; ``run_soak`` opens and closes
 many short sessions. ``ProcessSample`` and ``scrape_open_sessions`` read what a server holds
-before and after. Used by ``bench/load_soak.py`` (full size, against a server process) and
-``tests/test_load.py`` (short, against the in-process app).
+before and after. Used by ``bench/load_soak.py`` (full size, against a server process),
+``bench/abuse.py`` and ``tests/test_load.py`` (short, against the in-process app);
+``tests/test_fuzz.py`` reads the open sessions with it.
 """
 
 import asyncio
@@ -18,23 +19,15 @@ import tornado.httpclient
 import tornado.websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-PROMPT = "Once upon a time, in a small village by the sea,"
+from bench.common import NEVER, PROMPT, percentile
+
 PROMPT_TOKEN_ALLOWANCE = 32  # room for PROMPT in a session, whatever the tokenizer makes of it
-NEVER = "\u0000never\u0000"  # a stop sequence no model writes: a stream runs to its max_length or a stop
 SOAK_INPUTS = "Hello"
 OPEN_SESSIONS_METRIC = "swarm_chat_open_sessions"
 
 
 class ClientError(Exception):
     """What a load client counts as an error: an error reply, a dropped connection, a silent server."""
-
-
-def percentile(values: List[float], fraction: float) -> float:
-    """The value below which ``fraction`` of ``values`` lie (nearest rank); NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
 def _describe(error: BaseException) -> str:

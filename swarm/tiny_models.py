@@ -1,7 +1,8 @@
-"""Small random models the tests build for themselves: a Llama and a BLOOM.
+"""Small random models that the tests and the benchmarks build for themselves: a Llama and a BLOOM.
 
 They borrow the default model's tokenizer, so their text paths (multi-byte characters,
-special tokens) are real, and use a fixed seed, so every run builds the same weights.
+special tokens) are real, and use a fixed seed, so every run builds the same weights. Small
+enough that a swarm serving one shows the server's own costs, not the model's compute.
 """
 
 from pathlib import Path
