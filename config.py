@@ -113,7 +113,7 @@ class Settings:
         "the server reads more only as this allows", minimum=1)
     max_message_bytes: int = setting(
         256 * 1024, "largest WebSocket message answered, in characters of its text (larger ones get an error "
-        "reply; four times this closes the connection)", minimum=1)
+        "reply; a frame of more than four times this many bytes closes the connection)", minimum=1)
     max_body_bytes: int = setting(MIB, "largest HTTP request body (larger ones get 413 before they are read)",
                                   minimum=1)
     session_memory_budget_mib: float = setting(

@@ -2,7 +2,7 @@
 
 Each error class declares, once, everything about its code: the HTTP status, whether a retry
 may help, whether the client's session survives it, the OpenAI error type and the log level.
-``ERROR_CLASSES`` is the table of them all (the README's error table is tested against it).
+``ERROR_CLASSES`` is the table of them all (docs/api.md's error table is tested against it).
 ``classify`` turns any exception into one of these errors, and ``error_payload`` turns that
 into the wire body of the WebSocket, JSON or OpenAI API. Nothing here imports Tornado.
 """
@@ -24,7 +24,7 @@ class ServiceError(Exception):
     session_survives = False  # whether the client's inference session is still usable afterwards
     openai_type = "server_error"
     log_level = logging.ERROR
-    meaning: str  # one line for the README's error table
+    meaning: str  # one line for the error table of docs/api.md
     param: Optional[str] = None  # the request field at fault, when there is one (OpenAI's ``param``)
     openai_code: Optional[str] = None  # OpenAI's ``code``; the error's own code when None
 
