@@ -4,7 +4,8 @@ For 1, 8 and 32 concurrent streams it measures the gap between consecutive token
 and the total tokens/s, (a) with the petals client driven directly in this process (one thread
 per stream, one inference-session step per token) and (b) through ``/api/v2/generate`` of a
 server process (``max_new_tokens: 1`` with a ``stop_sequence``, one connection per stream),
-and prints the ratios. Then it opens idle sessions (connections that opened an inference
+and prints the ratios, and the server's event-loop CPU time per streamed token (its main
+thread's CPU time while the WebSocket streams ran, over their tokens). Then it opens idle sessions (connections that opened an inference
 session and wait) and checks that a fresh session still gets its first token within twice its
 time on an idle server.
 
@@ -28,6 +29,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import psutil  # noqa: E402
+
 from bench.common import (  # noqa: E402
     PROMPT,
     connect,
@@ -48,7 +51,13 @@ CONCURRENCY = (1, 8, 32)
 
 
 def summarize(gaps, tokens: int, seconds: float) -> dict:
-    return {"gaps": gaps, "tokens_per_s": tokens / seconds}
+    return {"gaps": gaps, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def event_loop_cpu_seconds(pid: int) -> float:
+    """The CPU time so far of the event loop of the server process ``pid``: its main thread's."""
+    main_thread = next(thread for thread in psutil.Process(pid).threads() if thread.id == pid)
+    return main_thread.user_time + main_thread.system_time
 
 
 def pooled(runs) -> dict:
@@ -154,18 +163,23 @@ def main() -> None:
                 print(f"model: {spec.key} ({swarm_model.num_blocks} blocks), {args.tokens} tokens per stream, "
                       f"{args.repeats} alternating runs each")
                 print(f"{'streams':>7} | {'direct p50/p99 ms':>18} {'tok/s':>7} | {'websocket p50/p99 ms':>21} "
-                      f"{'tok/s':>7} | {'p50 ratio':>9} {'p99 ratio':>9} {'tok/s ratio':>11}")
+                      f"{'tok/s':>7} | {'p50 ratio':>9} {'p99 ratio':>9} {'tok/s ratio':>11} | "
+                      f"{'loop ms/token':>13}")
                 for streams in args.streams:
-                    direct_runs, ws_runs = [], []
+                    direct_runs, ws_runs, loop_seconds = [], [], 0.0
                     for _ in range(args.repeats):  # alternated, so drift in the machine's load hits both
                         direct_runs.append(direct_streams(loaded, streams, args.tokens))
+                        loop_before = event_loop_cpu_seconds(server.pid)
                         ws_runs.append(asyncio.run(
                             websocket_streams(url, served_name, prompt_tokens, streams, args.tokens)))
+                        loop_seconds += event_loop_cpu_seconds(server.pid) - loop_before
                     direct, ws = pooled(direct_runs), pooled(ws_runs)
+                    loop_ms = 1000 * loop_seconds / sum(run["tokens"] for run in ws_runs)
                     print(f"{streams:>7} | {direct['p50_ms']:8.1f} /{direct['p99_ms']:8.1f} "
                           f"{direct['tokens_per_s']:7.1f} | {ws['p50_ms']:10.1f} /{ws['p99_ms']:9.1f} "
                           f"{ws['tokens_per_s']:7.1f} | {ws['p50_ms'] / direct['p50_ms']:9.2f} "
-                          f"{ws['p99_ms'] / direct['p99_ms']:9.2f} {ws['tokens_per_s'] / direct['tokens_per_s']:11.2f}")
+                          f"{ws['p99_ms'] / direct['p99_ms']:9.2f} {ws['tokens_per_s'] / direct['tokens_per_s']:11.2f} | "
+                          f"{loop_ms:13.3f}")
                 results = asyncio.run(idle_sessions(url, served_name, args.idle)) if args.idle else []
                 if results:
                     print("idle sessions held -> fresh session's first token (median of 5)")
