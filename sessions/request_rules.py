@@ -73,7 +73,7 @@ def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
     limit = spec.max_new_tokens_limit
     if request.max_new_tokens is not None and request.max_new_tokens > limit:
         raise InvalidRequest(f"max_new_tokens {request.max_new_tokens} exceeds this model's limit of {limit}")
-    stops = request.stop_sequences
+    stops = request.client_stop_sequences
     if len(stops) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(f"{len(stops)} stop sequences given; at most {MAX_STOP_SEQUENCES} are allowed")
     if any(len(stop) > MAX_STOP_SEQUENCE_CHARS for stop in stops):

@@ -63,6 +63,7 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     stop_sequence: Optional[str] = None  # stream replies until the text contains it
     extra_stop_sequences: Tuple[str, ...] = ()  # also end the stream (with a stop_sequence: as its token)
+    format_stop_sequences: Tuple[str, ...] = ()  # the chat format's own ends of a turn (not the client's to count)
     until_length: bool = False  # keep replying until a stop, EOS or max_length, even without stop_sequence
     visible_text: bool = False  # also give each reply's text with stop sequences cut and held back
     trace_route: bool = False  # the last reply carries the generation's route through the swarm
@@ -76,9 +77,14 @@ class GenerationRequest:
         return self.stop_sequence is not None or self.until_length
 
     @property
-    def stop_sequences(self) -> Tuple[str, ...]:
-        """Every text that ends the generation."""
+    def client_stop_sequences(self) -> Tuple[str, ...]:
+        """The texts the client asked to end the generation."""
         return tuple(filter(None, (self.stop_sequence, *self.extra_stop_sequences)))
+
+    @property
+    def stop_sequences(self) -> Tuple[str, ...]:
+        """Every text that ends the generation: the client's and its chat format's."""
+        return tuple(dict.fromkeys((*self.client_stop_sequences, *filter(None, self.format_stop_sequences))))
 
 
 @dataclass(frozen=True)

@@ -162,3 +162,12 @@ async def test_an_unknown_path_is_a_json_404(serve_fakes):
     response = await server.fetch("/api/v1/nothing-here")
     reply = json.loads(response.body)
     assert response.code == 404 and reply["ok"] is False and "No such endpoint" in reply["traceback"]
+
+
+async def test_a_json_body_sent_as_a_form_is_refused_with_the_reason(serve_fakes):
+    server = await serve_fakes()
+    code, reply, _ = await post_generate(server, b'{"inputs": "Hi", "max_new_tokens": 2}', FORM)
+    assert code == 400 and "Either max_length or max_new_tokens is required" in reply["traceback"]
+    assert "read as form fields" in reply["traceback"] and "Content-Type: application/json" in reply["traceback"]
+    code, reply, _ = await post_generate(server, {"inputs": "Hi"}, FORM)  # a real form: no hint
+    assert code == 400 and "form fields" not in reply["traceback"]

@@ -102,6 +102,20 @@ async def test_a_stop_string_is_cut_from_the_reply(serve_fakes):
     assert reply["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_the_most_stop_strings_any_api_allows_are_allowed_besides_the_format_s_own(serve_fakes, path):
+    """The chat format's end of turn and the end of sequence end the reply too, but are not the
+    client's: they do not count against its 16 stop strings."""
+    server = await serve_fakes(reply=ANSWER)
+    body = {"model": "fake/chat", "messages": QUESTION, "prompt": "Capital?"}
+    response, reply = await post(server, path, dict(body, stop=[f"zz{index}" for index in range(15)] + ["is."]))
+    assert response.code == 200, reply
+    text = reply["choices"][0].get("text", reply["choices"][0].get("message", {}).get("content"))
+    assert text == "Par"
+    response, reply = await post(server, path, dict(body, stop=[f"zz{index}" for index in range(17)]))
+    assert response.code == 400 and reply["error"]["param"] == "stop"
+
+
 async def test_a_completion_takes_the_prompt_as_it_is(serve_fakes):
     server = await serve_fakes(reply=" upon a time")
     response, reply = await post(server, "/v1/completions", {"model": "fake/chat", "prompt": "Once", "max_tokens": 20})

@@ -366,3 +366,25 @@ async def test_malformed_resume_messages_are_refused(serve_fakes, message, error
     reply = await client.request(message)
     assert reply["ok"] is False and reply["code"] == "bad_request" and error in reply["traceback"]
     client.close()
+
+
+async def test_every_reply_echoes_the_id_of_the_request_it_answers(serve_fakes):
+    server = await serve_fakes(reply="hello world", step_seconds=0.01)
+    client = await server.websocket()
+    assert await client.request(dict(OPEN, id="open")) == {"ok": True, "id": "open"}
+    await client.send(generate("Hi", max_new_tokens=1, stop_sequence="d", id=1))
+    for _ in range(MAX_WAITING_GENERATIONS + 1):  # one more than may wait behind the running one
+        await client.send(generate("!", max_new_tokens=1, id="queued"))
+    replies = []
+    while not any(reply.get("id") == 1 and reply["stop"] for reply in replies if reply["ok"]):
+        replies.append(await client.receive())
+    refused = [reply for reply in replies if not reply["ok"]]
+    assert [(reply["code"], reply["id"]) for reply in refused] == [("queue_full", "queued")]
+    streamed = [reply for reply in replies if reply["ok"]]
+    assert "".join(reply["outputs"] for reply in streamed) == "hello world"
+    assert {reply["id"] for reply in streamed} == {1}
+    queued = [await client.receive() for _ in range(MAX_WAITING_GENERATIONS)]
+    assert {reply["id"] for reply in queued} == {"queued"}
+    assert (await client.request({"type": "stop", "id": 2.5}))["code"] == "bad_request"  # not an id: no echo
+    client.close()
+    await wait_for_no_sessions(server.manager)
