@@ -31,9 +31,10 @@ async def test_idle_session_expires_and_can_be_reopened(short_lived_manager):
     assert manager.open_session_count == 1
     await asyncio.sleep(2.0)  # longer than the idle timeout: the reaper closes the session
     assert manager.open_session_count == 0
-    with pytest.raises(SessionExpired, match="Session c1 expired"):
+    with pytest.raises(SessionExpired, match=f"Session {session.session_id} expired"):
         await collect(session, GenerationRequest(inputs="again", max_new_tokens=1))
-    session = await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
+    expired, session = session, await manager.open_session("c1", "tests/tiny-llama", 64, "127.0.0.1")
+    assert session.session_id != expired.session_id and session.connection_id == expired.connection_id == "c1"
     again = await collect(session, GenerationRequest(inputs="Hello", max_new_tokens=1))
     assert again[-1].last and again[-1].token_count == 1
     await session.aclose("test done")
