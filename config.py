@@ -144,6 +144,10 @@ class Settings:
     api_key: Optional[str] = setting(None, "require this key (Authorization: Bearer KEY) on every API that serves "
                                      "models, the WebSocket included")
     executor_workers: int = setting(8, "threads that run blocking Petals calls", minimum=1)
+    steps_in_flight: int = setting(
+        0, "the most swarm steps running at once, all sessions together (clients take turns for them; fewer "
+        "leave less of a first-come queue on the swarm's servers, more keep more servers busy); 0: one per "
+        "executor worker", minimum=0)
     models_dir: Path = setting(REPO_ROOT / ".models", "where converted local models are cached", metavar="PATH",
                                shown_default=".models/")
     swarm_threads: int = setting(0, "torch threads per embedded swarm node (0: automatic)", minimum=0)

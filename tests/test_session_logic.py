@@ -511,3 +511,39 @@ async def test_tokenizer_threads_yield_the_cpu_to_the_event_loop_and_the_steps()
         assert await pool.run("client", own_niceness) == BACKGROUND_NICENESS > own_niceness()
     finally:
         pool.shutdown()
+
+
+def test_executor_owners_take_turns_however_many_calls_one_queues():
+    pool = BlockingExecutor(1, "turns")
+    gate, order = threading.Event(), []
+
+    def call(name):
+        gate.wait(5)
+        order.append(name)
+
+    calls = [pool.submit(call, f"heavy-{index}", owner="heavy") for index in range(5)]
+    calls.append(pool.submit(call, "light", owner="light"))
+    gate.set()
+    for future in calls:
+        future.result(5)
+    # heavy-0 was running when light came; light's one call goes before heavy's other four
+    assert order == ["heavy-0", "light", "heavy-1", "heavy-2", "heavy-3", "heavy-4"]
+    pool.shutdown()
+
+
+def test_executor_runs_no_more_calls_at_once_than_in_flight():
+    pool = BlockingExecutor(4, "capped", in_flight=2)
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def call():
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+
+    for future in [pool.submit(call, owner=index % 3) for index in range(12)]:
+        future.result(5)
+    assert most[0] == 2 and pool.queue_depth == 0
+    pool.shutdown()

@@ -10,7 +10,7 @@ import collections
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Counter, Deque, Dict, Tuple, TypeVar
+from typing import Callable, Counter, Deque, Dict, Hashable, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -29,19 +29,34 @@ def run_in_background() -> None:
 
 
 class BlockingExecutor:
-    """A fixed number of threads for blocking calls; ``queue_depth`` counts calls not yet started.
-    ``background`` threads run at a lower CPU priority (``run_in_background``)."""
+    """A fixed number of threads for blocking calls, shared out between their owners in turn.
 
-    def __init__(self, workers: int, name: str = "petals", background: bool = False):
+    Each owner's calls (a client's swarm steps, say) wait in a line of their own, and a free
+    place takes the next call of the owner whose last turn came longest ago (a newcomer's
+    first): an owner with many calls waiting delays another's next call by at most one of its
+    own. At most ``in_flight`` calls run at once (by default one per thread): the swarm's servers
+    take steps first come, first served, so fewer steps in flight leave less of a queue there for
+    the turns to be lost in. ``queue_depth`` counts calls not yet started. ``background`` threads
+    run at a lower CPU priority (``run_in_background``). Thread-safe: calls come from the event
+    loop and from worker threads (a step that starts the next one).
+    """
+
+    def __init__(self, workers: int, name: str = "petals", background: bool = False, in_flight: int = 0):
         self.workers = workers
+        self.in_flight = min(in_flight, workers) if in_flight > 0 else workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                                         initializer=run_in_background if background else None)
+        self._lines: Dict[Hashable, Deque[Tuple[Future, Callable, tuple]]] = {}  # owners with calls waiting
+        self._running: Counter[Hashable] = collections.Counter()  # calls running, per owner
+        self._last_turn: Dict[Hashable, int] = {}  # of owners with calls waiting or running
+        self._turns = 0
         self._waiting = 0
+        self._closed = False
         self._lock = threading.Lock()
 
     @property
     def queue_depth(self) -> int:
-        """Calls submitted and waiting for a free thread."""
+        """Calls submitted and waiting for their turn."""
         return self._waiting
 
     @property
@@ -49,35 +64,81 @@ class BlockingExecutor:
         """Whether more calls wait for a thread than there are threads: work is piling up."""
         return self._waiting > self.workers
 
-    def submit(self, function: Callable[..., T], *args) -> "Future[T]":
-        """Queues ``function(*args)``; the returned concurrent future completes in a worker thread."""
+    def submit(self, function: Callable[..., T], *args, owner: Hashable = None) -> "Future[T]":
+        """Queues ``function(*args)`` in ``owner``'s line; the returned concurrent future completes
+        in a worker thread. ``RuntimeError`` once shut down."""
+        future: "Future[T]" = Future()
         with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._lines.setdefault(owner, collections.deque()).append((future, function, args))
             self._waiting += 1
-        try:
-            future = self._pool.submit(self._started, function, *args)
-        except RuntimeError:  # shut down
-            with self._lock:
-                self._waiting -= 1
-            raise
-        future.add_done_callback(self._cancelled)
+            self._start_next()
+        future.add_done_callback(lambda done: done.cancelled() and self._forget(owner, done))
         return future
 
-    def run(self, function: Callable[..., T], *args) -> "asyncio.Future[T]":
+    def run(self, function: Callable[..., T], *args, owner: Hashable = None) -> "asyncio.Future[T]":
         """``submit`` as an asyncio future, to await on the event loop."""
-        return asyncio.wrap_future(self.submit(function, *args))
+        return asyncio.wrap_future(self.submit(function, *args, owner=owner))
 
-    def _started(self, function: Callable[..., T], *args) -> T:
-        with self._lock:
+    def _start_next(self) -> None:
+        # Under the lock: while places are free, the owner whose turn came longest ago starts its next call.
+        while sum(self._running.values()) < self.in_flight and self._lines:
+            owner = min(self._lines, key=lambda name: self._last_turn.get(name, -1))
+            line = self._lines[owner]
+            future, function, args = line.popleft()
             self._waiting -= 1
-        return function(*args)
+            if not line:
+                del self._lines[owner]
+            if not future.set_running_or_notify_cancel():  # cancelled as its turn came
+                self._forget_if_idle(owner)
+                continue
+            self._turns += 1
+            self._last_turn[owner] = self._turns
+            self._running[owner] += 1
+            self._pool.submit(self._call, owner, future, function, args)
 
-    def _cancelled(self, future: "Future") -> None:
-        if future.cancelled():  # cancelled while queued: it never started
+    def _call(self, owner: Hashable, future: Future, function: Callable, args: tuple) -> None:
+        try:
+            result = function(*args)
+        except BaseException as error:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+        finally:
             with self._lock:
-                self._waiting -= 1
+                self._running[owner] -= 1
+                self._forget_if_idle(owner)
+                if not self._closed:
+                    self._start_next()
+
+    def _forget(self, owner: Hashable, cancelled: Future) -> None:
+        """A call cancelled while it waited leaves its line at once."""
+        with self._lock:
+            line = self._lines.get(owner, ())
+            for call in line:
+                if call[0] is cancelled:
+                    line.remove(call)
+                    self._waiting -= 1
+                    if not line:
+                        del self._lines[owner]
+                        self._forget_if_idle(owner)
+                    return
+
+    def _forget_if_idle(self, owner: Hashable) -> None:
+        if owner not in self._lines and not self._running[owner]:
+            self._running.pop(owner, None)
+            self._last_turn.pop(owner, None)
 
     def shutdown(self) -> None:
         """Drops queued calls; running ones finish in their threads."""
+        with self._lock:
+            self._closed = True
+            waiting = [call[0] for line in self._lines.values() for call in line]
+            self._lines.clear()
+            self._waiting = 0
+        for future in waiting:
+            future.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -12,7 +12,7 @@ import asyncio
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence, Tuple
+from typing import Any, Hashable, Optional, Protocol, Sequence, Tuple
 
 from sessions.engine.decoding import IncrementalDecoder
 from sessions.engine.executor import BlockingExecutor
@@ -76,16 +76,17 @@ class Advancing(Protocol):
 
 class StepRunner:
     """Runs the steps of one token stream (``stream``, a ``TokenStream`` or a test's fake), each
-    one ``positions.advance``, in ``executor``, one at a time, and waits for their results within
-    ``step_timeout``.
+    one ``positions.advance``, in ``executor``, one at a time, in ``owner``'s turn among the
+    executor's callers, and waits for their results within ``step_timeout``.
 
     The generation touches the stream and ``decoder`` only between steps, so the one step in
     flight has them to itself.
     """
 
     def __init__(self, stream: Any, positions: Advancing, decoder: IncrementalDecoder, executor: BlockingExecutor,
-                 step_timeout: float):
+                 step_timeout: float, owner: Hashable = None):
         self.stream = stream
+        self.owner = owner  # whose turn in the executor the steps take (the session's client)
         self.positions = positions
         self.decoder = decoder
         self.step_timeout = step_timeout
@@ -103,7 +104,7 @@ class StepRunner:
 
     def _queue(self, step: StartedStep, new_input_ids: list, sampling: SamplingParams,
                run_ahead: Optional[RunAhead]) -> None:
-        job = self._executor.submit(self._run, step, new_input_ids, sampling, run_ahead)
+        job = self._executor.submit(self._run, step, new_input_ids, sampling, run_ahead, owner=self.owner)
         # A call dropped while queued (the executor shutting down) never runs: its step ends too.
         job.add_done_callback(lambda job: step.future.cancel() if job.cancelled() else None)
 
