@@ -146,8 +146,8 @@ class Settings:
     executor_workers: int = setting(8, "threads that run blocking Petals calls", minimum=1)
     steps_in_flight: int = setting(
         0, "the most swarm steps running at once, all sessions together (clients take turns for them; fewer "
-        "leave less of a first-come queue on the swarm's servers, more keep more servers busy); 0: one per "
-        "executor worker", minimum=0)
+        "leave less of a first-come queue on the swarm's servers, more keep more servers busy); 0: two per "
+        "model on the embedded swarm (one node each), else one per executor worker", minimum=0)
     models_dir: Path = setting(REPO_ROOT / ".models", "where converted local models are cached", metavar="PATH",
                                shown_default=".models/")
     swarm_threads: int = setting(0, "torch threads per embedded swarm node (0: automatic)", minimum=0)
@@ -169,12 +169,22 @@ class Settings:
                               headroom_tokens=self.reuse_headroom_tokens)
 
     @property
+    def steps_in_flight_limit(self) -> int:
+        """The steps that may run at once, the automatic default resolved (0: one per executor worker)."""
+        if self.steps_in_flight or not self.embedded_swarm:
+            return self.steps_in_flight
+        return EMBEDDED_STEPS_IN_FLIGHT_PER_MODEL * len(self.models)
+
+    @property
     def embedded_swarm(self) -> bool:
         """True when no swarm is named, so the server starts its own."""
         return not self.initial_peers
 
 
 DEFAULTS = Settings()
+# Steps in flight per model of the embedded swarm, whose one node per model takes them one at a
+# time: one running and one waiting keep it busy, and leave no queue for a client's turn to wait in.
+EMBEDDED_STEPS_IN_FLIGHT_PER_MODEL = 2
 # Warm sessions one client may have waiting, at most.
 WARM_SESSIONS_PER_CLIENT = 4
 

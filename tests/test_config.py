@@ -137,3 +137,11 @@ def test_a_choice_outside_the_declared_ones_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_settings(["--log-level", "LOUD"], environ={})
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_steps_in_flight_default_to_two_per_model_on_the_embedded_swarm_only():
+    assert parse_settings([], environ={}).steps_in_flight_limit == 2  # the default model, one node
+    assert parse_settings(["--model", "org/a", "org/b"], environ={}).steps_in_flight_limit == 4
+    joined = parse_settings(["--initial-peers", "/ip4/10.0.0.5/tcp/31337/p2p/Qm"], environ={})
+    assert joined.steps_in_flight_limit == 0  # one per executor worker
+    assert parse_settings(["--steps-in-flight", "5"], environ={}).steps_in_flight_limit == 5

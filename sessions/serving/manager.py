@@ -299,7 +299,7 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
                   refusals: Optional[Mapping[str, str]] = None) -> SessionManager:
     """A session manager and its collaborators, ready to ``start``; the ``refusals`` (a declared
     model's key: why it cannot be served) are not loaded, and requests naming them get the reason."""
-    executor = BlockingExecutor(settings.executor_workers, in_flight=settings.steps_in_flight)
+    executor = BlockingExecutor(settings.executor_workers, in_flight=settings.steps_in_flight_limit)
     registry = ModelRegistry(models, resolve_initial_peers(initial_peers), device, torch_dtype, settings, executor,
                              refusals)
     admission = Admission(settings)
