@@ -276,22 +276,20 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     for declared, how in declared_settings():
         kind, env_value = _value_type(declared), environ.get(env_name(declared))
         options: Dict[str, Any] = {"dest": declared.name, "help": f"{how.help} [env {env_name(declared)}]"}
-        if kind is not bool:
-            options["metavar"] = how.metavar
         if kind is bool:
             options.update(action="store_true", default=declared.default if env_value is None
                            else env_value.strip().lower() in ("1", "true", "yes", "on"))
         elif _is_list(declared):
-            options.update(nargs="*", action=ExtendFlagDefault, type=kind,
+            options.update(nargs="*", action=ExtendFlagDefault, type=kind, metavar=how.metavar,
                            default=list(declared.default) if env_value is None else env_value.split())
         else:
-            options.update(type=kind, choices=how.choices or None,
+            options.update(type=kind, choices=how.choices or None, metavar=how.metavar,
                            default=declared.default if env_value is None else env_value)
         parser.add_argument(flag_of(declared), **options)
     return parser
 
 
-def _problem(declared: dataclasses.Field, how: Setting, value: Any) -> Optional[str]:
+def _problem(how: Setting, value: Any) -> Optional[str]:
     """What is wrong with one value of a setting, or None."""
     if how.minimum is not None and value < how.minimum:
         return "must not be negative" if how.minimum == 0 else f"must be at least {how.minimum:g}"
@@ -330,7 +328,7 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
     for declared, how in declared_settings():
         value = getattr(args, declared.name)
         for item in value if _is_list(declared) else [value]:
-            problem = None if item is None or declared.name == "models" else _problem(declared, how, item)
+            problem = None if item is None or declared.name == "models" else _problem(how, item)
             if problem:
                 raise SystemExit(f"{flag_of(declared)}: {problem}" if how.check else
                                  f"{flag_of(declared)} {problem}")
