@@ -3,6 +3,7 @@
 import time
 
 from handlers.base import APIHandler
+from handlers.native_replies import Health, Readiness
 from sessions.errors import NotReady
 
 
@@ -10,7 +11,7 @@ class HealthHandler(APIHandler):
     """Liveness: answers as long as the event loop runs, whatever the swarm's state."""
 
     def get(self) -> None:
-        self.write({"ok": True, "status": "alive", "open_sessions": self.manager.open_session_count})
+        self.write(Health("alive", self.manager.open_session_count).body())
 
 
 class ReadyHandler(APIHandler):
@@ -23,7 +24,7 @@ class ReadyHandler(APIHandler):
             routes = await self.manager.monitor.routes()
         except NotReady as error:
             self.set_status(503)
-            self.write({"ok": False, "ready": False, "traceback": str(error), "models": []})
+            self.write(Readiness(False, [], traceback=str(error)).body())
             return
         models = [route.describe(with_servers=False) for route in routes]
         executor = self.manager.executor
@@ -31,7 +32,6 @@ class ReadyHandler(APIHandler):
         if not ready:
             self.set_status(503)
             self.set_header("Retry-After", "5")
-        self.write({"ok": ready, "ready": ready, "models": models,
-                    "executor": {"threads": executor.workers, "waiting_calls": executor.queue_depth,
-                                 "saturated": executor.saturated},
-                    "checked_in_ms": round(1000 * (time.monotonic() - started), 1)})
+        load = {"threads": executor.workers, "waiting_calls": executor.queue_depth, "saturated": executor.saturated}
+        self.write(Readiness(ready, models, executor=load,
+                             checked_in_ms=round(1000 * (time.monotonic() - started), 1)).body())

@@ -4,8 +4,9 @@ and, for a model start-up refused, why it is not available."""
 import dataclasses
 from typing import Any, Dict, Union
 
-from model_specs import ModelSpec
 from handlers.base import APIHandler
+from handlers.native_replies import DeclaredModels
+from model_specs import ModelSpec
 from sessions.models import LoadedModel
 from sessions.serving.registry import RefusedModel
 
@@ -50,4 +51,4 @@ class ModelsHandler(APIHandler):
     requires_api_key = True
 
     def get(self) -> None:
-        self.write({"ok": True, "models": [describe(model) for model in self.manager.registry.declared()]})
+        self.write(DeclaredModels([describe(model) for model in self.manager.registry.declared()]).body())

@@ -1,5 +1,5 @@
-"""Every reply of the native APIs, declared once: the WebSocket API's (``/api/v2/generate``)
-and the HTTP API's (``/api/v1/generate``).
+"""Every reply of the native APIs, declared once: the WebSocket API's (``/api/v2/generate``),
+the HTTP API's (``/api/v1/generate``, ``/api/v1/models``) and the health checks'.
 
 Each reply is a small frozen dataclass; ``body()`` gives its JSON object. Fields that are None
 are left out, so a reply carries only what applies to it (``text`` when the client asked for
@@ -11,7 +11,7 @@ so a client can tell which request an error answers while a stream runs.
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from sessions.errors import error_payload
 from sessions.requests import GenerationUpdate
@@ -24,13 +24,14 @@ class NativeReply:
     """What every native reply has: ``ok``, and the ``id`` of the request it answers."""
 
     id: RequestId = dataclasses.field(default=None, kw_only=True)
+    ok = True  # a reply that succeeded; a readiness check that finds the server not ready says false
 
     def body(self) -> Dict[str, Any]:
         """The reply as a JSON object (None fields left out)."""
         return {name: value for name, value in self._fields() if value is not None}
 
     def _fields(self):
-        yield "ok", True
+        yield "ok", self.ok
         for field in dataclasses.fields(self):
             if field.name != "id":
                 yield field.name, getattr(self, field.name)
@@ -90,6 +91,37 @@ class StreamedReply(NativeReply):
         """The reply carrying one generation update."""
         return cls(update.outputs, update.last, update.token_count, update.text if visible_text else None,
                    update.route, update.session_length, id=request_id)
+
+
+@dataclass(frozen=True)
+class Health(NativeReply):
+    """``GET /health``: the process answers."""
+
+    status: str
+    open_sessions: int
+
+
+@dataclass(frozen=True)
+class Readiness(NativeReply):
+    """``GET /ready``: whether every model can run now, each model's route, and the executor's
+    load (``traceback`` says why not, when the swarm could not be asked)."""
+
+    ready: bool
+    models: List[Dict[str, Any]]
+    traceback: Optional[str] = None
+    executor: Optional[Dict[str, Any]] = None
+    checked_in_ms: Optional[float] = None
+
+    @property
+    def ok(self) -> bool:  # type: ignore[override]
+        return self.ready
+
+
+@dataclass(frozen=True)
+class DeclaredModels(NativeReply):
+    """``GET /api/v1/models``: every declared model (``handlers.models`` describes each)."""
+
+    models: List[Dict[str, Any]]
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,11 @@
 
 Requests are parsed into the typed models of ``handlers.openai_protocol`` and run through the
 same session manager as the other APIs, in a session of their own; replies are the typed models
-of ``handlers.openai_replies``. A full reply and a stream are written by separate methods; streamed replies are server-sent events ending with
-``data: [DONE]``. A request with our extension ``"trace_route": true`` gets the generation's
-route through the swarm as ``route`` (on the last event of a stream). Stop strings never reach the client, also when they span tokens: the
-session holds back text that could begin one.
+of ``handlers.openai_replies``. A full reply and a stream are written by separate methods;
+streamed replies are server-sent events ending with ``data: [DONE]``. A request with our
+extension ``"trace_route": true`` gets the generation's route through the swarm as ``route`` (on
+the last event of a stream). Stop strings never reach the client, also when they span tokens:
+the session holds back text that could begin one.
 """
 
 import json
