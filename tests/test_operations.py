@@ -7,10 +7,10 @@ import json
 import threading
 
 import pytest
-from hivemind import PeerID
-from prometheus_client.parser import text_string_to_metric_families
 
-import swarm.petals_api  # noqa: F401  (the compatibility patch, before petals)
+import swarm.petals_api  # noqa: F401  # isort: skip  (the compatibility patch, before petals and hivemind)
+from hivemind import PeerID  # noqa: E402  # isort: skip
+from prometheus_client.parser import text_string_to_metric_families
 from swarm.local import NODE_THROUGHPUT
 from tests.helpers import wait_for_no_sessions
 from tests.raw_websocket import CLOSE, TEXT, RawWebSocket
