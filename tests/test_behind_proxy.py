@@ -49,7 +49,8 @@ SETS_HEADER = {
     REAL_IP: "proxy_set_header X-Real-IP $remote_addr;",
     XFF: "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
 }
-NGINX_CONFIG = """
+# What nginx needs around a site when it runs as a test's child: everything in the test's folder.
+NGINX_WRAPPER = """
 daemon off;
 master_process off;
 pid {folder}/nginx.pid;
@@ -62,15 +63,18 @@ http {{
     fastcgi_temp_path {folder}/fastcgi;
     uwsgi_temp_path {folder}/uwsgi;
     scgi_temp_path {folder}/scgi;
-    server {{
-        listen {proxy}:{port};
-        location / {{
-            proxy_pass http://{proxy}:{upstream};
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection "upgrade";
-            {sets_header}
-        }}
+    include {site};
+}}
+"""
+FORWARDING_SITE = """
+server {{
+    listen {proxy}:{port};
+    location / {{
+        proxy_pass http://{proxy}:{upstream};
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection "upgrade";
+        {sets_header}
     }}
 }}
 """
@@ -83,6 +87,30 @@ def nginx_binary() -> str:
     if binary is None:
         pytest.fail("nginx is not installed: `make test` installs it (Debian package nginx)")
     return binary
+
+
+def start_nginx(binary: str, folder: Path, site: str, port: int) -> subprocess.Popen:
+    """nginx serving ``site`` (a ``server`` block) from ``folder``, once it listens on ``port``;
+    ``stop_nginx`` it after the test."""
+    (folder / "site.conf").write_text(site)
+    config = folder / "nginx.conf"
+    config.write_text(NGINX_WRAPPER.format(folder=folder, site=folder / "site.conf"))
+    process = subprocess.Popen([binary, "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(config)])
+    try:
+        wait_until_listening(process, port, folder / "error.log")
+    except BaseException:
+        stop_nginx(process)
+        raise
+    return process
+
+
+def stop_nginx(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def free_port(host: str) -> int:
@@ -130,23 +158,13 @@ def nginx(serve_with, tmp_path, one_connection_per_client):
     def start(header: str) -> tuple:
         upstream = serve_with(trusted_proxies=(PROXY,), client_ip_header=header)
         port = free_port(PROXY)
-        config = tmp_path / "nginx.conf"
-        config.write_text(NGINX_CONFIG.format(folder=tmp_path, proxy=PROXY, port=port, upstream=upstream,
-                                              sets_header=SETS_HEADER[header]))
-        process = subprocess.Popen([binary, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
-                                    "-c", str(config)])
-        processes.append(process)
-        wait_until_listening(process, port, tmp_path / "error.log")
+        site = FORWARDING_SITE.format(proxy=PROXY, port=port, upstream=upstream, sets_header=SETS_HEADER[header])
+        processes.append(start_nginx(binary, tmp_path, site, port))
         return port, upstream
 
     yield start
     for process in processes:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_nginx(process)
 
 
 async def connect(port: int, source: str, forged: str = None) -> WSClient:
@@ -199,23 +217,6 @@ async def test_forged_addresses_through_nginx_count_against_the_peer_nginx_saw(n
 
 # --- The documented deployment: docs/deploy/nginx.conf with TLS ---------------------------------
 
-# What nginx needs around a site file when it runs as a test's child: everything in the test's folder.
-SITE_WRAPPER = """
-daemon off;
-master_process off;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {folder}/body;
-    proxy_temp_path {folder}/proxy;
-    fastcgi_temp_path {folder}/fastcgi;
-    uwsgi_temp_path {folder}/uwsgi;
-    scgi_temp_path {folder}/scgi;
-    include {site};
-}}
-"""
 PLACEHOLDER = re.compile(r"@[A-Z_]+@")
 DOCUMENTED_BODY_LIMIT = 1024 * 1024  # client_max_body_size 1m
 
@@ -261,20 +262,11 @@ def documented_nginx(serve_with, tmp_path):
     assert set(PLACEHOLDER.findall(site)) == set(values), "the placeholders the file names are the ones filled in"
     for placeholder, value in values.items():
         site = site.replace(placeholder, value)
-    (tmp_path / "site.conf").write_text(site)
-    config = tmp_path / "nginx.conf"
-    config.write_text(SITE_WRAPPER.format(folder=tmp_path, site=tmp_path / "site.conf"))
-    process = subprocess.Popen([binary, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(config)])
+    process = start_nginx(binary, tmp_path, site, https_port)
     try:
-        wait_until_listening(process, https_port, tmp_path / "error.log")
         yield https_port, certificate
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_nginx(process)
 
 
 async def test_documented_nginx_carries_the_websocket_api_over_tls(documented_nginx):
