@@ -32,7 +32,6 @@ not). Run it under the swarm lock, as the tests run: ``flock /tmp/swarm-tests.lo
 
 import argparse
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -61,11 +60,12 @@ from bench.common import (  # noqa: E402
     stop_server,
     tiny_llama_files,
 )
+from bench.raw_websocket import CLOSE, RawWebSocket  # noqa: E402
 from model_specs import model_from_source  # noqa: E402
 
 HEAVY_IP = "127.0.0.2"
 LIGHT_IP = "127.0.0.3"
-TEXT, CLOSE, PING, PONG = 0x1, 0x8, 0x9, 0xA
+PING, PONG = 0x9, 0xA
 TRY_AGAIN_LATER = 1013  # the close code of a connection the server refuses
 READ_TIMEOUT = 120.0  # seconds without a frame before a client gives up
 
@@ -128,69 +128,25 @@ class Closed(Exception):
         self.code = code
 
 
-class Client:
-    """One WebSocket connection to ``/api/v2/generate`` from ``source_ip`` (asyncio streams;
-    tornado's ``websocket_connect`` cannot choose the source address)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int, source_ip: str, path: str = "/api/v2/generate") -> "Client":
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source_ip, 0))
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                      ).encode())
-        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
-        if b" 101 " not in status.split(b"\r\n", 1)[0]:
-            writer.close()
-            raise ConnectionError(f"upgrade refused: {status[:200]!r}")
-        return cls(reader, writer)
-
-    def _send_frame(self, payload: bytes, opcode: int) -> None:
-        mask = os.urandom(4)
-        length = len(payload)
-        if length < 126:
-            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-        elif length < 1 << 16:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-        else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
-        masked = (int.from_bytes(payload, "big") ^ int.from_bytes((mask * (length // 4 + 1))[:length], "big")
-                  ).to_bytes(length, "big")
-        self.writer.write(header + mask + masked)
-
-    async def send(self, message: dict) -> None:
-        self._send_frame(json.dumps(message).encode(), TEXT)
-        await self.writer.drain()
+class Client(RawWebSocket):
+    """One WebSocket connection to ``/api/v2/generate`` from a source address of its own
+    (``RawWebSocket.connect(port, source_ip=...)``; tornado's ``websocket_connect`` cannot choose
+    it), reading replies as a real client does."""
 
     async def receive(self) -> dict:
-        """The next text message as JSON (answers pings; raises ``Closed`` on a close)."""
-        parts: List[bytes] = []
+        """The next text message as JSON (answers pings; raises ``Closed`` on a close). The
+        server sends each message as one frame."""
         while True:
-            try:
-                first, second = await asyncio.wait_for(self.reader.readexactly(2), READ_TIMEOUT)
-                length = second & 0x7F
-                if length == 126:
-                    (length,) = struct.unpack("!H", await self.reader.readexactly(2))
-                elif length == 127:
-                    (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
-                payload = await self.reader.readexactly(length)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                raise Closed(None) from None
-            opcode = first & 0x0F
+            frame = await self.receive_frame(READ_TIMEOUT)
+            if frame is None:
+                raise Closed(None)
+            opcode, payload = frame
             if opcode == CLOSE:
                 raise Closed(struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None)
             if opcode == PING:
-                self._send_frame(payload, PONG)
-                continue
-            if opcode == PONG:
-                continue
-            parts.append(payload)
-            if first & 0x80:  # the message's last frame
-                return json.loads(b"".join(parts))
+                self.send_frame(payload, PONG)
+            elif opcode != PONG:
+                return json.loads(payload)
 
     async def request(self, message: dict) -> dict:
         """Sends ``message`` and returns its reply; RuntimeError for an error reply."""
@@ -203,7 +159,7 @@ class Client:
     def close(self) -> None:
         """Sends a close frame (normal closure) and drops the connection."""
         try:
-            self._send_frame(struct.pack("!H", 1000), CLOSE)
+            self.send_frame(struct.pack("!H", 1000), CLOSE)
         except Exception:
             pass
         self.writer.close()
@@ -224,7 +180,7 @@ async def stream(target: Target, source_ip: str, tokens: int,
     ``source_ip``; ``on_reply(time, token_count)`` for each reply. Ends at its ``max_length``
     (or once ``tokens`` came, or when ``stopping()``). Returns (time, token_count) of each reply
     that brought tokens (``time.perf_counter``)."""
-    client = await Client.connect(target.port, source_ip)
+    client = await Client.connect(target.port, source_ip=source_ip)
     try:
         await client.request({"type": "open_inference_session", "model": target.model,
                               "max_length": target.prompt_tokens + tokens + 1})
@@ -354,11 +310,11 @@ async def check_clients(target: Target) -> None:
     """On a server whose per-client connection limit is 1: a second connection from HEAVY_IP is
     refused, one from LIGHT_IP is not (the server counts the two addresses as two clients)."""
     port = target.port
-    first = await Client.connect(port, HEAVY_IP)
+    first = await Client.connect(port, source_ip=HEAVY_IP)
     try:
         # an answered request: the first connection surely holds its place
         await first.request({"type": "open_inference_session", "model": target.model, "max_length": 8})
-        second = await Client.connect(port, HEAVY_IP)
+        second = await Client.connect(port, source_ip=HEAVY_IP)
         try:
             while True:  # the refusal's error reply, then its close
                 reply = await asyncio.wait_for(second.receive(), 10.0)
@@ -371,7 +327,7 @@ async def check_clients(target: Target) -> None:
                 raise RuntimeError(f"a second connection from {HEAVY_IP} closed with {closed.code}") from None
         finally:
             second.close()
-        other = await Client.connect(port, LIGHT_IP)
+        other = await Client.connect(port, source_ip=LIGHT_IP)
         try:
             await asyncio.wait_for(other.receive(), 2.0)
             raise RuntimeError(f"the server sent something unasked to {LIGHT_IP}")

@@ -13,7 +13,7 @@ from hivemind import PeerID  # noqa: E402  # isort: skip
 from prometheus_client.parser import text_string_to_metric_families
 from swarm.local import NODE_THROUGHPUT
 from tests.helpers import wait_for_no_sessions
-from tests.raw_websocket import CLOSE, TEXT, RawWebSocket
+from bench.raw_websocket import CLOSE, TEXT, RawWebSocket
 from tests.ws_client import WSClient
 
 TINY = "tests/tiny-llama"

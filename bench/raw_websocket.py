@@ -1,7 +1,8 @@
 """A bare WebSocket client over a plain socket: it does only what a test tells it to.
 
 Unlike a real client it never answers a close frame, so a test can play a client that ignores
-being refused, or one that sends as fast as its socket allows.
+being refused, or one that sends as fast as its socket allows. The tests and the benchmarks
+share it.
 """
 
 import asyncio
@@ -22,8 +23,11 @@ class RawWebSocket:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, path: str = "/api/v2/generate") -> "RawWebSocket":
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(cls, port: int, path: str = "/api/v2/generate",
+                      source_ip: Optional[str] = None) -> "RawWebSocket":
+        """Opens the connection (from ``source_ip``, when given: a test's or a bench's other client)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                       local_addr=(source_ip, 0) if source_ip else None)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
