@@ -207,11 +207,6 @@ class ChatCompletion(Envelope):
     choices: List[ChatChoice]
 
 
-class CompletionChunk(Envelope):
-    object: Literal["text_completion"] = "text_completion"
-    choices: List[CompletionChoice]
-
-
 class ChatCompletionChunk(Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: List[ChatChunkChoice]
@@ -230,8 +225,7 @@ class CompletionReplies:
     """
 
     id_prefix = "cmpl-"
-    reply_model = Completion
-    chunk_model = CompletionChunk
+    reply_model = chunk_model = Completion  # a completions stream's chunks have its replies' shape
 
     def __init__(self, model: str, created: int, wants_logprobs: bool, text_offset: int = 0):
         self.completion_id = self.id_prefix + uuid.uuid4().hex[:24]
