@@ -547,3 +547,23 @@ def test_executor_runs_no_more_calls_at_once_than_in_flight():
         future.result(5)
     assert most[0] == 2 and pool.queue_depth == 0
     pool.shutdown()
+
+
+def test_an_owner_whose_waiting_call_was_cancelled_gets_one_turn_for_its_next():
+    pool = BlockingExecutor(1, "cancelled-turns")
+    gate, order = threading.Event(), []
+
+    def call(name):
+        gate.wait(5)
+        order.append(name)
+
+    first = pool.submit(call, "heavy-0", owner="heavy")
+    dropped = pool.submit(call, "light-dropped", owner="light")
+    assert dropped.cancel() and pool.queue_depth == 0
+    calls = [first] + [pool.submit(call, f"heavy-{index}", owner="heavy") for index in (1, 2)]
+    calls.append(pool.submit(call, "light", owner="light"))
+    gate.set()
+    for future in calls:
+        future.result(5)
+    assert order == ["heavy-0", "light", "heavy-1", "heavy-2"]
+    pool.shutdown()

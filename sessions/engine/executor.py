@@ -7,10 +7,12 @@ the sessions), so nothing blocking ever runs on the event loop.
 
 import asyncio
 import collections
+import heapq
+import itertools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Counter, Deque, Dict, Hashable, Tuple, TypeVar
+from typing import Callable, Counter, Deque, Dict, Hashable, List, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -47,9 +49,16 @@ class BlockingExecutor:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                                         initializer=run_in_background if background else None)
         self._lines: Dict[Hashable, Deque[Tuple[Future, Callable, tuple]]] = {}  # owners with calls waiting
+        # The owners with calls waiting, by their last turn (-1: none yet), then their arrival:
+        # (last turn, arrival, owner). ``_queued`` holds each owner's current arrival; an entry
+        # left behind (its calls were cancelled while they waited) is passed over.
+        self._next_turns: List[Tuple[int, int, Hashable]] = []
+        self._queued: Dict[Hashable, int] = {}
         self._running: Counter[Hashable] = collections.Counter()  # calls running, per owner
+        self._running_total = 0
         self._last_turn: Dict[Hashable, int] = {}  # of owners with calls waiting or running
         self._turns = 0
+        self._arrivals = itertools.count()
         self._waiting = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -71,7 +80,11 @@ class BlockingExecutor:
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new calls after shutdown")
-            self._lines.setdefault(owner, collections.deque()).append((future, function, args))
+            line = self._lines.get(owner)
+            if line is None:
+                line = self._lines[owner] = collections.deque()
+                self._queue_turn(owner)
+            line.append((future, function, args))
             self._waiting += 1
             self._start_next()
         future.add_done_callback(lambda done: done.cancelled() and self._forget(owner, done))
@@ -81,21 +94,36 @@ class BlockingExecutor:
         """``submit`` as an asyncio future, to await on the event loop."""
         return asyncio.wrap_future(self.submit(function, *args, owner=owner))
 
+    def _queue_turn(self, owner: Hashable) -> None:
+        # Under the lock: ``owner``, whose line is not empty, waits for its next turn.
+        arrival = self._queued[owner] = next(self._arrivals)
+        heapq.heappush(self._next_turns, (self._last_turn.get(owner, -1), arrival, owner))
+
     def _start_next(self) -> None:
         # Under the lock: while places are free, the owner whose turn came longest ago starts its next call.
-        while sum(self._running.values()) < self.in_flight and self._lines:
-            owner = min(self._lines, key=lambda name: self._last_turn.get(name, -1))
+        while self._running_total < self.in_flight and self._next_turns:
+            _, arrival, owner = heapq.heappop(self._next_turns)
+            if self._queued.get(owner) != arrival:  # left behind
+                continue
+            del self._queued[owner]
             line = self._lines[owner]
             future, function, args = line.popleft()
             self._waiting -= 1
-            if not line:
-                del self._lines[owner]
             if not future.set_running_or_notify_cancel():  # cancelled as its turn came
-                self._forget_if_idle(owner)
+                if line:
+                    self._queue_turn(owner)
+                else:
+                    del self._lines[owner]
+                    self._forget_if_idle(owner)
                 continue
             self._turns += 1
             self._last_turn[owner] = self._turns
             self._running[owner] += 1
+            self._running_total += 1
+            if line:
+                self._queue_turn(owner)  # its next call waits for the others' turns
+            else:
+                del self._lines[owner]
             self._pool.submit(self._call, owner, future, function, args)
 
     def _call(self, owner: Hashable, future: Future, function: Callable, args: tuple) -> None:
@@ -108,6 +136,7 @@ class BlockingExecutor:
         finally:
             with self._lock:
                 self._running[owner] -= 1
+                self._running_total -= 1
                 self._forget_if_idle(owner)
                 if not self._closed:
                     self._start_next()
@@ -122,6 +151,7 @@ class BlockingExecutor:
                     self._waiting -= 1
                     if not line:
                         del self._lines[owner]
+                        del self._queued[owner]
                         self._forget_if_idle(owner)
                     return
 
@@ -136,6 +166,8 @@ class BlockingExecutor:
             self._closed = True
             waiting = [call[0] for line in self._lines.values() for call in line]
             self._lines.clear()
+            self._next_turns.clear()
+            self._queued.clear()
             self._waiting = 0
         for future in waiting:
             future.cancel()
