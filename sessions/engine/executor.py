@@ -9,12 +9,16 @@ import asyncio
 import collections
 import heapq
 import itertools
+import logging
+import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Counter, Deque, Dict, Hashable, List, Tuple, TypeVar
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 # The CPU niceness of threads that do work on a client's behalf before any swarm step (tokenizing
 # prompts, compiling schemas): when the CPU is short, the event loop and the steps go first.
@@ -31,33 +35,41 @@ def run_in_background() -> None:
 
 
 class BlockingExecutor:
-    """A fixed number of threads for blocking calls, shared out between their owners in turn.
+    """A fixed number of threads for blocking calls, shared out between their owners by weight.
 
-    Each owner's calls (a client's swarm steps, say) wait in a line of their own, and a free
-    place takes the next call of the owner whose last turn came longest ago (a newcomer's
-    first): an owner with many calls waiting delays another's next call by at most one of its
-    own. At most ``in_flight`` calls run at once (by default one per thread): the swarm's servers
+    Each owner's calls (a client's swarm steps, say) wait in a line of their own, and the owners
+    take turns by stride scheduling: each owner has a pass, and a free place takes the next call
+    of the owner with the lowest pass (the earliest to arrive among equals), which then advances
+    its pass by ``1 / weight_of(owner)``. Backlogged owners thus get turns in proportion to their
+    weights (3:1 weights, three turns to one), and with equal weights they alternate. The virtual
+    time is the pass of the turn started last: an owner that starts to wait again enters no
+    earlier than it, so a newcomer never waits behind another owner's backlog and an owner that
+    was idle has no turns banked. The weight is read as each turn starts, so it may change.
+
+    At most ``in_flight`` calls run at once (by default one per thread): the swarm's servers
     take steps first come, first served, so fewer steps in flight leave less of a queue there for
     the turns to be lost in. ``queue_depth`` counts calls not yet started. ``background`` threads
     run at a lower CPU priority (``run_in_background``). Thread-safe: calls come from the event
     loop and from worker threads (a step that starts the next one).
     """
 
-    def __init__(self, workers: int, name: str = "petals", background: bool = False, in_flight: int = 0):
+    def __init__(self, workers: int, name: str = "petals", background: bool = False, in_flight: int = 0,
+                 weight_of: Callable[[Hashable], float] = lambda owner: 1.0):
         self.workers = workers
         self.in_flight = min(in_flight, workers) if in_flight > 0 else workers
+        self._weight_of = weight_of
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                                         initializer=run_in_background if background else None)
         self._lines: Dict[Hashable, Deque[Tuple[Future, Callable, tuple]]] = {}  # owners with calls waiting
-        # The owners with calls waiting, by their last turn (-1: none yet), then their arrival:
-        # (last turn, arrival, owner). ``_queued`` holds each owner's current arrival; an entry
-        # left behind (its calls were cancelled while they waited) is passed over.
-        self._next_turns: List[Tuple[int, int, Hashable]] = []
+        # The owners with calls waiting, by the pass of their next turn, then their arrival:
+        # (pass, arrival, owner). ``_queued`` holds each owner's current arrival; an entry left
+        # behind (its calls were cancelled while they waited) is passed over.
+        self._next_turns: List[Tuple[float, int, Hashable]] = []
         self._queued: Dict[Hashable, int] = {}
         self._running: Counter[Hashable] = collections.Counter()  # calls running, per owner
         self._running_total = 0
-        self._last_turn: Dict[Hashable, int] = {}  # of owners with calls waiting or running
-        self._turns = 0
+        self._passes: Dict[Hashable, float] = {}  # after their last turn, of owners with calls waiting or running
+        self._virtual_time = 0.0  # the pass of the turn started last
         self._arrivals = itertools.count()
         self._waiting = 0
         self._closed = False
@@ -95,14 +107,29 @@ class BlockingExecutor:
         return asyncio.wrap_future(self.submit(function, *args, owner=owner))
 
     def _queue_turn(self, owner: Hashable) -> None:
-        # Under the lock: ``owner``, whose line is not empty, waits for its next turn.
+        # Under the lock: ``owner``, whose line is not empty, waits for its next turn, no earlier
+        # than the virtual time (a newcomer, or an owner whose line ran empty, banks no turns).
         arrival = self._queued[owner] = next(self._arrivals)
-        heapq.heappush(self._next_turns, (self._last_turn.get(owner, -1), arrival, owner))
+        next_pass = max(self._passes.get(owner, 0.0), self._virtual_time)
+        heapq.heappush(self._next_turns, (next_pass, arrival, owner))
+
+    def _stride(self, owner: Hashable) -> float:
+        # How far a turn advances ``owner``'s pass. A faulty weight must not stall every owner's
+        # calls (this runs under the lock, in worker threads too): it counts as 1.
+        try:
+            weight = float(self._weight_of(owner))
+        except Exception:
+            logger.exception("the weight of %r could not be read; it counts as 1", owner)
+            return 1.0
+        if not (weight > 0 and math.isfinite(weight)):
+            logger.error("the weight of %r is %r, not a positive number; it counts as 1", owner, weight)
+            return 1.0
+        return 1 / weight
 
     def _start_next(self) -> None:
-        # Under the lock: while places are free, the owner whose turn came longest ago starts its next call.
+        # Under the lock: while places are free, the owner with the lowest pass starts its next call.
         while self._running_total < self.in_flight and self._next_turns:
-            _, arrival, owner = heapq.heappop(self._next_turns)
+            turn_pass, arrival, owner = heapq.heappop(self._next_turns)
             if self._queued.get(owner) != arrival:  # left behind
                 continue
             del self._queued[owner]
@@ -116,8 +143,8 @@ class BlockingExecutor:
                     del self._lines[owner]
                     self._forget_if_idle(owner)
                 continue
-            self._turns += 1
-            self._last_turn[owner] = self._turns
+            self._virtual_time = turn_pass
+            self._passes[owner] = turn_pass + self._stride(owner)
             self._running[owner] += 1
             self._running_total += 1
             if line:
@@ -158,7 +185,7 @@ class BlockingExecutor:
     def _forget_if_idle(self, owner: Hashable) -> None:
         if owner not in self._lines and not self._running[owner]:
             self._running.pop(owner, None)
-            self._last_turn.pop(owner, None)
+            self._passes.pop(owner, None)
 
     def shutdown(self) -> None:
         """Drops queued calls; running ones finish in their threads."""
