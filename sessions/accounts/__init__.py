@@ -1,0 +1,1 @@
+"""API keys, their limits and the usage they are accounted."""
