@@ -143,6 +143,23 @@ class Settings:
         "/v1 API; none: any", metavar="ORIGIN")
     api_key: Optional[str] = setting(None, "require this key (Authorization: Bearer KEY) on every API that serves "
                                      "models, the WebSocket included")
+    keys_db: Optional[Path] = setting(
+        None, "a SQLite file of API keys with their limits, and of the usage accounted per key, model and day "
+        "(created if missing; manage it with: server.py keys --db PATH ...); none: only --api-key, and usage is "
+        "not kept", metavar="PATH")
+    allow_anonymous: bool = setting(False, "with --keys-db, also serve clients that bring no key, within the "
+                                    "--anonymous-* limits per address (without any key configured, everyone is)")
+    anonymous_requests_per_minute: int = setting(0, "generation requests per minute one anonymous client address "
+                                                 "may make (0: no limit)", minimum=0)
+    anonymous_tokens_per_minute: int = setting(0, "prompt and reply tokens per minute one anonymous client address "
+                                               "may spend (0: no limit)", minimum=0)
+    anonymous_daily_tokens: int = setting(0, "prompt and reply tokens one anonymous client address may spend per "
+                                          "UTC day (0: no limit; kept in memory only)", minimum=0)
+    queue_timeout: float = setting(
+        30.0, "seconds a new session waits in line for room when the server holds --max-sessions (or its memory "
+        "budget is spent) before it is refused; clients are told their place (0: refused at once)", minimum=0)
+    queue_size: int = setting(256, "new sessions that may wait in line for room, all clients together (one client "
+                              "at most --max-sessions-per-client of them)", minimum=0)
     executor_workers: int = setting(8, "threads that run blocking Petals calls", minimum=1)
     steps_in_flight: int = setting(
         0, "the most swarm steps running at once, all sessions together (clients take turns for them; fewer "
@@ -334,6 +351,9 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
                                  f"{flag_of(declared)} {problem}")
         values[declared.name] = tuple(value) if _is_list(declared) else value
     values["models"] = declared_models(args)
+    if values["allow_anonymous"] and values["api_key"]:
+        raise SystemExit("--allow-anonymous and --api-key exclude each other: --api-key is one key that every "
+                         "client must bring; give keys of their own limits with --keys-db instead")
     return Settings(**values)
 
 

@@ -35,7 +35,9 @@ from handlers.metrics import MetricsHandler
 from handlers.models import ModelsHandler
 from handlers.openai_api import ChatCompletionHandler, CompletionHandler, ModelListHandler
 from handlers.swarm import SwarmHandler
+from handlers.usage import UsageHandler
 from handlers.websocket import GenerateWebSocket
+from sessions.accounts.command import main as keys_command
 from sessions.serving.manager import SessionManager, build_manager
 from swarm.families import UnsupportedModel, check_servable
 
@@ -72,6 +74,7 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
             (r"/api/v1/swarm", SwarmHandler),
             (r"/api/v1/models", ModelsHandler),
             (r"/api/v1/generate", GenerateHandler),
+            (r"/api/v1/usage", UsageHandler),
             (r"/v1/models", ModelListHandler),
             (r"/v1/completions", CompletionHandler),
             (r"/v1/chat/completions", ChatCompletionHandler),
@@ -253,7 +256,10 @@ def _interrupt(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Runs the server; returns the exit status."""
+    """Runs the server (or, with ``keys`` first, manages the API keys); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        return keys_command(argv[1:])
     config = parse_settings(argv)
     configure_logging(config.log_level)
     return_large_buffers_to_the_system()

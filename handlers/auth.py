@@ -1,4 +1,4 @@
-"""The API key: where a request may carry it, and a constant-time check.
+"""Where a request may carry its API key (``sessions.accounts.book`` says whose it is).
 
 Programs send ``Authorization: Bearer KEY``. A browser cannot set headers on a WebSocket, so
 the chat page offers the key as a WebSocket subprotocol, ``swarm-chat.key.`` followed by the
@@ -8,8 +8,6 @@ selects.
 
 import base64
 import binascii
-import hashlib
-import hmac
 from typing import Optional
 
 import tornado.httputil
@@ -34,15 +32,3 @@ def presented_key(request: tornado.httputil.HTTPServerRequest) -> Optional[str]:
                 return None
     return None
 
-
-def key_accepted(request: tornado.httputil.HTTPServerRequest, api_key: Optional[str]) -> bool:
-    """Whether the request may use an API guarded by ``api_key`` (always, when there is none).
-
-    Digests are compared, so the time taken tells nothing about the key, its length included.
-    """
-    if not api_key:
-        return True
-    presented = presented_key(request)
-    if presented is None:
-        return False
-    return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(api_key.encode()).digest())

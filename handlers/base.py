@@ -4,19 +4,19 @@ error as JSON."""
 import asyncio
 import json
 import logging
+import math
 from typing import Any, AsyncIterator, Dict, Optional
 
 import tornado.httputil
 import tornado.web
 
-from handlers.auth import key_accepted
 from handlers.context import ServerContext
+from sessions.accounts.book import Caller
 from sessions.errors import (
     BadRequest,
     HTTPStatusError,
     PayloadTooLarge,
     ServiceError,
-    Unauthorized,
     classify,
     error_payload,
 )
@@ -61,7 +61,7 @@ class JSONErrors(ServerContext):
         self.set_status(error.status)
         self.manager.metrics.count_error(error.code)
         if error.status in (429, 503):
-            self.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
+            self.set_header("Retry-After", str(math.ceil(error.retry_after or RETRY_AFTER_SECONDS)))
         elif error.status == 401:
             self.set_header("WWW-Authenticate", "Bearer")
         self.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -71,17 +71,17 @@ class JSONErrors(ServerContext):
 class APIHandler(JSONErrors, tornado.web.RequestHandler):
     """Answers JSON, errors included (``JSONErrors``).
 
-    A handler with ``requires_api_key`` answers 401 unless the request brings the server's
-    ``--api-key``, when one is set.
+    A handler with ``requires_api_key`` identifies its ``caller`` first: 401 for a key the
+    server does not know, or for none where keys are required (``sessions.accounts.book``).
     """
 
     requires_api_key = False
+    caller: Optional[Caller] = None  # who the request is, once known
 
     def prepare(self) -> None:
         # A browser's CORS preflight never carries credentials; it only asks what is allowed.
-        preflight = self.request.method == "OPTIONS"
-        if self.requires_api_key and not preflight and not key_accepted(self.request, self.config.api_key):
-            raise Unauthorized("Invalid or missing API key (Authorization: Bearer KEY)")
+        if self.requires_api_key and self.request.method != "OPTIONS":
+            self.caller = self.request_caller()
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -109,6 +109,7 @@ class GenerationHandler(APIHandler):
 
     connection_prefix = "http-"
     requires_api_key = True
+    shows_rate_limits = False  # whether replies carry OpenAI's x-ratelimit-* headers
 
     def initialize(self) -> None:
         self.max_body_bytes = self.config.max_body_bytes
@@ -137,18 +138,29 @@ class GenerationHandler(APIHandler):
             if self.client_left:
                 raise tornado.web.Finish()
 
+    def set_rate_limit_headers(self) -> None:
+        """The caller's limits per minute and what is left of them, as OpenAI's headers say it."""
+        if self.shows_rate_limits and self.caller is not None:
+            for name, value in self.caller.account.rate_headers().items():
+                self.set_header(name, value)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_rate_limit_headers()
         super().write_error(status_code, **kwargs)
         if 400 <= self.get_status() < 500 and self.client is not None:
             self.manager.admission.refused(self.client)  # its next requests may have to wait their turn
 
     async def prepare(self) -> None:
         self.connection_id = new_connection_id(self.connection_prefix)
-        self.client = self.request_client()  # whose limits it counts against
+        self.client = self.request_address()  # refusals count against the address until the key is known
         await self._take_turn_if_often_refused()
         super().prepare()
+        if self.caller is not None:
+            self.client = self.caller.client  # whose limits it counts against
         if self.request.method in ("POST", "PUT", "PATCH"):
             self._request_slot = self.manager.admission.admit_request(self.client)
+            self.caller.account.take_request()
+            self.set_rate_limit_headers()
         try:
             announced = int(self.request.headers.get("Content-Length", "0"))
         except ValueError:

@@ -163,6 +163,7 @@ class GenerateConnection:
             raise SessionStateError("Open an inference session first (type: open_inference_session)")
         request_rules.check_request(self.session.model.spec, request)
         self.manager.admission.check_waiting(self.session.unfinished_generations)
+        self.session.account.take_request()
         updates = self.session.generate(request)  # takes its place in line now
         self.manager.spawn(self._stream(updates, request.visible_text, self.replies, answering),
                            f"generate-{self.connection_id}")

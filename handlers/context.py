@@ -7,7 +7,9 @@ from typing import Any, Dict, Set
 import tornado.websocket
 
 from config import Settings
+from handlers.auth import presented_key
 from handlers.clients import client_key, parse_networks
+from sessions.accounts.book import Caller
 from sessions.serving.manager import SessionManager
 
 
@@ -43,6 +45,11 @@ class ServerContext:
         """The open WebSocket connections, which shutdown closes with a reason."""
         return self.settings["websockets"]
 
-    def request_client(self) -> str:
-        """The client this request counts against (see ``handlers.clients.client_key``)."""
+    def request_address(self) -> str:
+        """The address this request comes from (see ``handlers.clients.client_key``)."""
         return client_key(self.request, self.settings["trusted_networks"], self.config.client_ip_header)
+
+    def request_caller(self) -> Caller:
+        """Whom this request counts against: its API key's client and account, or its address's;
+        ``Unauthorized`` for a key this server does not know, or none where one is required."""
+        return self.manager.accounts.identify(presented_key(self.request), self.request_address())

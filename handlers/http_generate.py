@@ -39,7 +39,7 @@ class GenerateHandler(GenerationHandler):
             raise BadRequest(f"{error}{self.form_hint()}") from None
         model = optional_str(params, "model", allow_empty=False)
         outputs, route = [], None
-        loaded = self.manager.registry.find(model, trusted=False)
+        loaded = self.manager.find_model(model, self.client, trusted=False)
         async with aclosing(self.generate(loaded, request)) as updates:
             async for update in updates:
                 outputs.append(update.outputs)

@@ -118,6 +118,18 @@ class Readiness(NativeReply):
 
 
 @dataclass(frozen=True)
+class AccountUsage(NativeReply):
+    """``GET /api/v1/usage``: the caller's account, its limits, what is left of them and what it
+    used today (``sessions.accounts.book.AccountBook.usage_report``)."""
+
+    account: str
+    limits: Dict[str, Any]
+    remaining: Dict[str, Any]
+    reset: Dict[str, Any]
+    today: Dict[str, Any]
+
+
+@dataclass(frozen=True)
 class DeclaredModels(NativeReply):
     """``GET /api/v1/models``: every declared model (``handlers.models`` describes each)."""
 

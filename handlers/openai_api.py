@@ -43,6 +43,7 @@ class OpenAIHandler(GenerationHandler):
 
     api = "openai"
     connection_prefix = "openai-"
+    shows_rate_limits = True
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -105,7 +106,7 @@ class CompletionHandler(OpenAIHandler):
 
     async def post(self) -> None:
         body = self.request_model.parse(self.json_body())
-        loaded = self.manager.registry.find(body.model, trusted=False)
+        loaded = self.manager.find_model(body.model, self.client, trusted=False)
         spec = loaded.spec
         body.check_max_tokens(spec.max_new_tokens_limit)
         sampling = body.sampling_params(loaded.tool_syntax)

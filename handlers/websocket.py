@@ -10,10 +10,10 @@ from urllib.parse import urlparse
 
 import tornado.websocket
 
-from handlers.auth import SUBPROTOCOL, key_accepted
+from handlers.auth import SUBPROTOCOL
 from handlers.base import JSONErrors
 from handlers.connection import GenerateConnection
-from sessions.errors import Unauthorized
+from sessions.accounts.book import Caller
 from sessions.observe.logs import new_connection_id
 
 # WebSocket close codes: "done" (a client that closes with it ends even a resumable session),
@@ -27,11 +27,11 @@ class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
 
     def initialize(self) -> None:
         self.connection: Optional[GenerateConnection] = None
+        self.caller: Optional[Caller] = None
 
     def prepare(self) -> None:
-        # Checked before the upgrade, so a client without the key gets a plain 401.
-        if not key_accepted(self.request, self.config.api_key):
-            raise Unauthorized("Invalid or missing API key (Authorization: Bearer KEY)")
+        # Checked before the upgrade, so a client without a valid key gets a plain 401.
+        self.caller = self.request_caller()
 
     def select_subprotocol(self, subprotocols: List[str]) -> Optional[str]:
         # A browser fails the connection unless one of the subprotocols it offered is chosen.
@@ -50,7 +50,7 @@ class GenerateWebSocket(JSONErrors, tornado.websocket.WebSocketHandler):
         # one back until the previous is acknowledged (up to the peer's delayed-ACK time).
         self.set_nodelay(True)
         origin = self.request.headers.get("Origin")
-        client = self.request_client()
+        client = self.caller.client
         self.connection = GenerateConnection(
             new_connection_id(), self.manager, self._send, client, trusted=self._same_origin(origin),
             max_message_bytes=self.config.max_message_bytes, debug=self.config.debug)

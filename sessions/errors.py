@@ -8,6 +8,7 @@ into the wire body of the WebSocket, JSON or OpenAI API. Nothing here imports To
 """
 
 import logging
+import math
 import re
 import traceback
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
@@ -27,11 +28,14 @@ class ServiceError(Exception):
     meaning: str  # one line for the error table of docs/api.md
     param: Optional[str] = None  # the request field at fault, when there is one (OpenAI's ``param``)
     openai_code: Optional[str] = None  # OpenAI's ``code``; the error's own code when None
+    retry_after: Optional[float] = None  # seconds after which a retry may succeed, when known
 
-    def __init__(self, message: str, param: Optional[str] = None):
+    def __init__(self, message: str, param: Optional[str] = None, retry_after: Optional[float] = None):
         super().__init__(message)
         if param is not None:
             self.param = param
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class ClientError(ServiceError):
@@ -89,6 +93,15 @@ class ModelNotPublic(ClientError):
     status = 403
     openai_type = "permission_error"
     meaning = "the model is served to this server's own chat page only"
+
+
+class ModelNotAllowed(ClientError):
+    """The client's API key may not use this model."""
+
+    code = "model_not_allowed"
+    status = 403
+    openai_type = "permission_error"
+    meaning = "the API key's allowed models do not include this one"
 
 
 class UnknownModel(ClientError):
@@ -167,6 +180,28 @@ class TooManyConnections(ClientError):
     retryable = True
     openai_type = "rate_limit_error"
     meaning = "the client (or the server in all) holds its maximum of WebSocket connections"
+
+
+class RateLimited(ClientError):
+    """The client's requests or tokens per minute are spent for now."""
+
+    code = "rate_limited"
+    status = 429
+    retryable = True
+    openai_type = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
+    meaning = "the key's (or anonymous address's) requests or tokens per minute are spent; `retry_after` says when"
+
+
+class QuotaExceeded(ClientError):
+    """The client's daily token budget is spent (or too little of it is left for the prompt)."""
+
+    code = "quota_exceeded"
+    status = 429
+    retryable = True
+    openai_type = "insufficient_quota"
+    openai_code = "insufficient_quota"
+    meaning = "the key's daily token budget is spent, or too little is left for the prompt; it restarts at 00:00 UTC"
 
 
 class QueueFull(ClientError):
@@ -323,7 +358,10 @@ def error_payload(error: BaseException, api: str = "native", debug: bool = False
     if api == "openai":
         return {"error": {"message": message, "type": classified.openai_type, "param": classified.param,
                           "code": classified.openai_code or classified.code}}
-    return {"ok": False, "traceback": message, "code": classified.code, "retryable": classified.retryable}
+    payload = {"ok": False, "traceback": message, "code": classified.code, "retryable": classified.retryable}
+    if classified.retry_after is not None:
+        payload["retry_after"] = math.ceil(classified.retry_after)
+    return payload
 
 
 def describe_blocks(blocks: Sequence[int]) -> str:

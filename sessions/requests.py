@@ -58,6 +58,7 @@ class GenerationRequest:
 
     inputs: Optional[str] = None
     input_ids: Optional[Tuple[int, ...]] = None  # ``inputs`` already tokenized (to size its session)
+    cached_tokens: int = 0  # prompt tokens a warm session already holds, left out of ``input_ids``
     max_length: Optional[int] = None  # total tokens in the session, prefix included
     max_new_tokens: Optional[int] = None  # tokens per reply
     sampling: SamplingParams = SamplingParams()

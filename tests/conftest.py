@@ -39,6 +39,18 @@ FAMILY_MODEL_NAMES = {"llama3": "Tiny Llama 3", "mistral": "Tiny Mistral", "qwen
                       "qwen3": "Tiny Qwen3"}
 
 
+# What the session manager's account book reads: an app served with other values of these gets a book of its own.
+ACCOUNT_SETTINGS = {"api_key", "keys_db", "allow_anonymous", "anonymous_requests_per_minute",
+                    "anonymous_tokens_per_minute", "anonymous_daily_tokens"}
+
+
+def use_accounts(manager, book) -> None:
+    """Makes ``book`` the one ``manager`` identifies, limits and schedules clients by."""
+    manager.accounts = book
+    manager.admission.session_limit = book.session_limit
+    manager.executor.weight_of = book.weight_of
+
+
 def _needs_swarm(item: pytest.Item) -> bool:
     fixtures = set(item.fixturenames)
     # pytest-tornasync's ``http_server`` asks for the app fixture (``app``: the swarm's) only as it
@@ -196,11 +208,17 @@ def serve_with(settings, manager, io_loop):
 
     from server import make_app
 
-    servers = []
+    from sessions.accounts.book import AccountBook
+
+    servers, shared_accounts = [], manager.accounts
 
     def serve(**changes) -> int:
+        served = dataclasses.replace(settings, **changes)
+        if ACCOUNT_SETTINGS & changes.keys():  # the manager identifies and limits clients by these
+            use_accounts(manager, AccountBook(served))
+            io_loop.run_sync(manager.accounts.start)
         sock, port = tornado.testing.bind_unused_port()
-        server = tornado.httpserver.HTTPServer(make_app(dataclasses.replace(settings, **changes), manager))
+        server = tornado.httpserver.HTTPServer(make_app(served, manager))
         server.add_socket(sock)
         servers.append(server)
         return port
@@ -209,6 +227,9 @@ def serve_with(settings, manager, io_loop):
     for server in servers:
         server.stop()
         io_loop.run_sync(server.close_all_connections)
+    if manager.accounts is not shared_accounts:
+        io_loop.run_sync(manager.accounts.close)
+        use_accounts(manager, shared_accounts)
 
 
 @pytest.fixture

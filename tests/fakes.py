@@ -19,6 +19,7 @@ import tornado.testing
 
 from config import Settings
 from model_specs import ChatSettings, FrontendSettings, ModelSpec
+from sessions.accounts.book import AccountBook
 from sessions.engine.executor import BlockingExecutor
 from sessions.engine.speculation import Draft
 from sessions.formats.chat_format import ChatFormat
@@ -219,12 +220,13 @@ def fake_manager(executor: BlockingExecutor, settings: Settings = Settings(),
                  registry: Any = None) -> SessionManager:
     """A session manager over the fake model (or ``registry``'s), its sessions on ``open_stream``'s
     fake streams (by default each says "hello world"); ``start`` it before use."""
-    admission = Admission(settings)
+    accounts = AccountBook(settings)
+    admission = Admission(settings, session_limit=accounts.session_limit)
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)
     registry = registry if registry is not None else FakeRegistry(FakeModel())
-    return SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
+    return SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings, accounts,
                           open_stream=open_stream or (lambda model, max_length: FakeTokenStream()))
 
 

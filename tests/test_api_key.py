@@ -8,7 +8,10 @@ import pytest
 import tornado.httpclient
 import tornado.httputil
 
-from handlers.auth import KEY_SUBPROTOCOL_PREFIX, SUBPROTOCOL, key_accepted, presented_key
+from config import Settings
+from handlers.auth import KEY_SUBPROTOCOL_PREFIX, SUBPROTOCOL, presented_key
+from sessions.accounts.book import AccountBook
+from sessions.errors import Unauthorized
 from tests.helpers import wait_for_no_sessions
 from tests.ws_client import WSClient
 
@@ -32,10 +35,18 @@ def test_the_key_is_read_from_a_bearer_header_or_a_subprotocol():
                          ) == unicode_key
     assert presented_key(request_with({"Authorization": "Basic dXNlcjpwYXNz"})) is None
     assert presented_key(request_with({"Sec-WebSocket-Protocol": KEY_SUBPROTOCOL_PREFIX + "!!"})) is None
-    assert key_accepted(request_with({}), None)
-    assert not key_accepted(request_with({}), KEY)
-    assert not key_accepted(request_with({"Authorization": f"Bearer {KEY}x"}), KEY)
-    assert key_accepted(request_with({"Authorization": f"bearer {KEY}"}), KEY)
+    assert presented_key(request_with({"Authorization": f"bearer {KEY}"})) == KEY
+
+
+def test_the_api_key_is_required_and_compared_whole():
+    open_book, keyed_book = AccountBook(Settings()), AccountBook(Settings(api_key=KEY))
+    assert open_book.identify(None, "10.0.0.1").client == "10.0.0.1"
+    assert open_book.identify("anything", "10.0.0.1").account.unlimited  # no key configured: not looked at
+    for presented in (None, KEY + "x", KEY[:-1], ""):
+        with pytest.raises(Unauthorized):
+            keyed_book.identify(presented, "10.0.0.1")
+    caller = keyed_book.identify(KEY, "10.0.0.1")
+    assert caller.client == "10.0.0.1" and caller.account.name == "api-key" and caller.account.unlimited
 
 
 @pytest.fixture

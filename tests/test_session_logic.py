@@ -16,6 +16,8 @@ import time
 import pytest
 
 from config import MIB, Settings
+from sessions.accounts.limits import Account
+from sessions.accounts.store import KeyLimits
 from sessions.engine.executor import BACKGROUND_NICENESS, BlockingExecutor, TakingTurns
 from sessions.engine.positions import SessionPositions
 from sessions.engine.steps import ChosenToken, StepResult
@@ -48,13 +50,14 @@ def executor():
 
 
 def make_session(executor, stream=None, step_timeout=10.0, max_length=256, admission=None, close_timeout=10.0,
-                 draft_tokens=0):
+                 draft_tokens=0, account=None):
     admission = admission or Admission(Settings())
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)
     return ChatSession("s1", FakeModel(), stream or FakeTokenStream(), max_length, executor,
                        TakingTurns(1, "fake-tokenize"), step_timeout, metrics, admission.admit("client"),
+                       account or Account("client", KeyLimits(), lambda *usage: None),
                        close_timeout=close_timeout, draft_tokens=draft_tokens)
 
 

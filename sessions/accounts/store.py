@@ -26,7 +26,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Uni
 # The version of the tables below, kept in the file's ``PRAGMA user_version``.
 SCHEMA_VERSION = 1
 SECRET_PREFIX = "sk-swarm-"
-SHOWN_PREFIX_LENGTH = 12
+SHOWN_PREFIX_LENGTH = 16  # the fixed "sk-swarm-" and 7 characters of the secret
 # The usage of clients that present no key is accounted under this name, so no key may take it.
 ANONYMOUS = "anonymous"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")

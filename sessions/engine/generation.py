@@ -46,6 +46,11 @@ class GeneratingSession(Protocol):
     def encode(self, text: str) -> "asyncio.Future[List[int]]":
         """Token ids of ``text``."""
 
+    def grant_tokens(self, request: GenerationRequest, fed_tokens: int, wanted: int) -> Optional[int]:
+        """Lets the generation feed ``fed_tokens`` of prompt and write up to ``wanted`` tokens:
+        returns the most it may write (None: no budget bounds it), or raises when its client's
+        limits allow none."""
+
     def start_step(self, new_input_ids: list, sampling: SamplingParams,
                    run_ahead: Optional[RunAhead] = None) -> StartedStep:
         """Starts one step; ``MaxLengthExceeded`` if the session cannot hold what it feeds."""
@@ -82,11 +87,20 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
         raise InvalidRequest("inputs are required to start a session")
     # Refused before anything is fed: the session and its decoder stay as they were.
     positions.check_input(input_ids, request.max_length)
+    speculative = request.speculative and session.draft_tokens > 0
+    prediction_ids = await _prediction_ids(session, request) if speculative else []
+    room = positions.room(len(input_ids), request.max_length) + 1  # the last token chosen is never fed
+    wanted = room if request.streaming or request.max_new_tokens is None else min(request.max_new_tokens, room)
+    try:  # the last check: from here on the prompt is fed
+        allowance = session.grant_tokens(request, len(input_ids), wanted)
+    except Exception:
+        if carried is not None:
+            positions.carry(carried)
+        raise
     stops = StopStringFilter(request.stop_sequences)
-    run_ahead = GenerationRunAhead(session, request, ticket, carried)
+    run_ahead = GenerationRunAhead(session, request, ticket, carried, allowance)
     speculation = None
-    if request.speculative and session.draft_tokens > 0:
-        prediction_ids = await _prediction_ids(session, request)
+    if speculative:
         speculation = run_ahead.speculation = GenerationSpeculation(session.draft_tokens, run_ahead.room,
                                                                     prediction_ids)
     session.stream.route.reset()
@@ -94,10 +108,14 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
     session.decoder.add_context(input_ids)
     ahead: Optional[StartedStep] = None  # the next step, started by the one before it
     ready: Deque[ChosenToken] = collections.deque(carried.tokens if carried is not None else ())
+    written = 0  # tokens of the earlier replies
     try:
         while True:
             chunk, finish_reason = _Chunk(request.sampling.logprobs is not None), None
             while request.max_new_tokens is None or chunk.tokens < request.max_new_tokens:
+                if allowance is not None and written + chunk.tokens >= allowance:
+                    finish_reason = "length"  # the client's token budget is spent
+                    break
                 if not ready:  # the tokens of a step that are verified go out whatever happens next
                     if session.cancelled(ticket):
                         finish_reason = "cancelled"
@@ -145,6 +163,7 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
                                    session_length=(positions.length_with([]) if finish_reason else None))
             if finish_reason is not None:
                 return
+            written += chunk.tokens
     finally:
         if ahead is not None:  # the generation was left early: its steps end before its turn does
             run_ahead.halt()
@@ -209,15 +228,17 @@ class GenerationRunAhead:
     """
 
     def __init__(self, session: GeneratingSession, request: GenerationRequest, ticket: int,
-                 carried: Optional[StepResult]):
+                 carried: Optional[StepResult], allowance: Optional[int] = None):
         self.speculation: Optional[GenerationSpeculation] = None  # the generation's drafts, if any
         self._session = session
         self._request = request
         self._ticket = ticket
         self._eos_token_id = session.model.eos_token_id
         self._stop_lookout = StopStringFilter(request.stop_sequences)
-        # Tokens a reply that is not streamed still needs.
-        self._tokens_left = None if request.streaming else request.max_new_tokens
+        # Tokens a reply that is not streamed still needs, within what the client may still spend.
+        wanted = [limit for limit in (None if request.streaming else request.max_new_tokens, allowance)
+                  if limit is not None]
+        self._tokens_left = min(wanted) if wanted else None
         self._steps_done = 0  # counted in the worker threads
         self._steps_taken = 0  # counted by the generation
         self._halted = False
@@ -237,8 +258,9 @@ class GenerationRunAhead:
 
     def room(self, new_tokens: int) -> int:
         """How many tokens the next step (feeding ``new_tokens`` of new input) may choose: within
-        the session, the request's ``max_length``, and the tokens a reply that is not streamed
-        still needs (counted from the steps done so far, in the worker thread)."""
+        the session, the request's ``max_length``, the tokens a reply that is not streamed still
+        needs and those its client may still spend (counted from the steps done so far, in the
+        worker thread)."""
         room = self._session.positions.room(new_tokens, self._request.max_length)
         return room if self._tokens_left is None else min(room, self._tokens_left)
 

@@ -111,8 +111,10 @@ class Admission:
     """Counts open sessions and connections, per server and per client, and checks requests
     against the limits."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, session_limit: Optional[Callable[[str], int]] = None):
         self.settings = settings
+        # The sessions (and HTTP requests in flight) one client may hold: its key's, or the server's setting.
+        self.session_limit = session_limit or (lambda client: settings.max_sessions_per_client)
         self.memory_budget = settings.session_memory_budget_bytes
         self._sessions = _Tally()
         self._connections = _Tally(on_last_released=self._forget_received)
@@ -141,9 +143,9 @@ class Admission:
         if self._sessions.total >= self.settings.max_sessions:
             raise ServerBusy(f"This server holds its maximum of {self.settings.max_sessions} sessions; "
                              "try again shortly")
-        if self._sessions.by_client[client] >= self.settings.max_sessions_per_client:
-            raise ClientLimit(f"This client already holds {self.settings.max_sessions_per_client} sessions, "
-                              "the most one client may; close one first")
+        limit = self.session_limit(client)
+        if self._sessions.by_client[client] >= limit:
+            raise ClientLimit(f"This client already holds {limit} sessions, the most one client may; close one first")
 
     def admit(self, client: str, reserved_bytes: int = 0) -> Slot:
         """Takes a session's place for ``client``, reserving ``reserved_bytes`` of the memory
@@ -170,7 +172,7 @@ class Admission:
         """Takes the place of one HTTP generation request of ``client``, from before its body is read
         until its reply is written (as many as the sessions one client may hold), or raises
         ``TooManyRequests``: a request still being read or tokenized holds no session yet."""
-        limit = self.settings.max_sessions_per_client
+        limit = self.session_limit(client)
         if self._requests.by_client[client] >= limit:
             raise TooManyRequests(f"This client already has {limit} requests in flight, the most one client may; "
                                   "wait for a reply first")

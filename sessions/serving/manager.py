@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, List, Mapping, NamedTuple, Optional
 from config import PUBLIC_SWARM, Settings
 from model_specs import ModelSpec
 from sessions import request_rules
+from sessions.accounts.book import AccountBook
 from sessions.engine.executor import BlockingExecutor, TakingTurns
 from sessions.engine.grammar import GrammarCompiler, constrained
 from sessions.engine.token_stream import TokenStream
@@ -67,11 +68,12 @@ class SessionManager:
     """
 
     def __init__(self, registry: ModelRegistry, admission: Admission, executor: BlockingExecutor,
-                 monitor: SwarmMonitor, metrics: SessionMetrics, settings: Settings,
+                 monitor: SwarmMonitor, metrics: SessionMetrics, settings: Settings, accounts: AccountBook,
                  warm: Optional[WarmPool] = None, server_latency: Optional[ServerLatency] = None,
                  tokenizer_pool: Optional[TakingTurns] = None, grammars: Optional[GrammarCompiler] = None,
                  open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
         self.registry = registry
+        self.accounts = accounts
         self.admission = admission
         self.executor = executor
         # Prompts are tokenized apart from the steps, clients taking turns.
@@ -88,10 +90,13 @@ class SessionManager:
         self._tasks: Set[asyncio.Task] = set()
         self._reaper: Optional[asyncio.Task] = None
         self._loop_watch: Optional[asyncio.Task] = None
+        self._accounting: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
         """Connects every model to the swarm and starts the idle reaper."""
         await self.registry.load()
+        await self.accounts.start()
+        self._accounting = self.spawn(self.accounts.run(), "accounting")
         self._reaper = self.spawn(self._expire_idle_sessions(), "idle-reaper")
         self._loop_watch = self.spawn(self.metrics.watch_event_loop(), "event-loop-lag")
         self.metrics.watch_gc()
@@ -126,7 +131,13 @@ class SessionManager:
     async def open_session(self, connection_id: str, model_name: object, max_length: int, client: str,
                            trusted: bool = True) -> ChatSession:
         """Opens an inference session of ``max_length`` tokens on the named model for ``client``."""
-        return await self._open(connection_id, self.registry.find(model_name, trusted), max_length, client)
+        return await self._open(connection_id, self.find_model(model_name, client, trusted), max_length, client)
+
+    def find_model(self, name: object, client: str, trusted: bool = True) -> LoadedModel:
+        """The model ``client`` named (``registry.find``), if its account may use it (``ModelNotAllowed``)."""
+        loaded = self.registry.find(name, trusted)
+        self.accounts.account_for(client).check_model(loaded.spec.key)
+        return loaded
 
     async def _open(self, connection_id: str, loaded: LoadedModel, max_length: int, client: str) -> ChatSession:
         request_rules.check_session_length(loaded.spec, max_length)
@@ -139,7 +150,8 @@ class SessionManager:
             slot.release()
             raise
         session = ChatSession(connection_id, loaded, stream, max_length, self.executor, self.tokenizer_pool,
-                              self.settings.step_timeout, self.metrics, slot, on_closed=self._session_closed,
+                              self.settings.step_timeout, self.metrics, slot, self.accounts.account_for(client),
+                              on_closed=self._session_closed,
                               draft_tokens=self.settings.draft_tokens)
         self._sessions.add(session)
         self.metrics.sessions_opened.labels(loaded.spec.key).inc()
@@ -173,7 +185,7 @@ class SessionManager:
 
     async def open_for_request(self, connection_id: str, loaded: LoadedModel, request: GenerationRequest,
                                client: str) -> RequestSession:
-        """A session on ``loaded`` (``registry.find``'s) for one request of the stateless APIs,
+        """A session on ``loaded`` (``find_model``'s) for one request of the stateless APIs,
         with the request's prompt tokenized once.
 
         A warm session of the client that shares the prompt's beginning is continued (gone back to
@@ -194,7 +206,8 @@ class SessionManager:
         if warm is not None:
             cached = warm.continue_for(connection_id, shared)
             self.metrics.observe_prefix_reuse(model, cached)
-            return RequestSession(warm, dataclasses.replace(request, input_ids=request.input_ids[cached:]), cached)
+            return RequestSession(warm, dataclasses.replace(request, input_ids=request.input_ids[cached:],
+                                                            cached_tokens=cached), cached)
         if self.warm.enabled:
             self.metrics.observe_prefix_reuse(model, 0)
         max_length = self.warm.session_length(needed, loaded.spec.chat.max_session_length)
@@ -275,7 +288,7 @@ class SessionManager:
         interrupted, and its session must outlive it. Tasks still running after ``grace``
         seconds are cancelled.
         """
-        for task in (self._reaper, self._loop_watch):
+        for task in (self._reaper, self._loop_watch, self._accounting):
             if task is not None:
                 task.cancel()
         self.warm.drain()
@@ -287,6 +300,7 @@ class SessionManager:
                 logger.warning("Task %s still running at shutdown, cancelling it", task.get_name())
                 task.cancel()
         await self.registry.close()
+        await self.accounts.close()
         self.monitor.close()
         self.executor.shutdown()
         self.tokenizer_pool.shutdown()
@@ -299,17 +313,19 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
                   refusals: Optional[Mapping[str, str]] = None) -> SessionManager:
     """A session manager and its collaborators, ready to ``start``; the ``refusals`` (a declared
     model's key: why it cannot be served) are not loaded, and requests naming them get the reason."""
-    executor = BlockingExecutor(settings.executor_workers, in_flight=settings.steps_in_flight_limit)
+    accounts = AccountBook(settings)
+    executor = BlockingExecutor(settings.executor_workers, in_flight=settings.steps_in_flight_limit,
+                                weight_of=accounts.weight_of)
     registry = ModelRegistry(models, resolve_initial_peers(initial_peers), device, torch_dtype, settings, executor,
                              refusals)
-    admission = Admission(settings)
+    admission = Admission(settings, session_limit=accounts.session_limit)
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions,
                              executor_queue_depth=lambda: executor.queue_depth,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)
     server_latency = ServerLatency(metrics.observe_server_step)
     grammars = GrammarCompiler()
-    manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings,
+    manager = SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings, accounts,
                              server_latency=server_latency,
                              grammars=grammars,
                              open_stream=functools.partial(TokenStream, observe_server_step=server_latency.observe,

@@ -6,6 +6,7 @@ import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable, List, Optional
 
+from sessions.accounts.limits import Account, Grant
 from sessions.engine.decoding import IncrementalDecoder
 from sessions.engine.executor import BlockingExecutor, TakingTurns
 from sessions.engine.generation import run_generation
@@ -42,7 +43,7 @@ class ChatSession:
 
     def __init__(self, connection_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
                  tokenizer_pool: TakingTurns, step_timeout: float, metrics: SessionMetrics, slot: Slot,
-                 on_closed: Callable[["ChatSession"], None] = lambda session: None,
+                 account: Account, on_closed: Callable[["ChatSession"], None] = lambda session: None,
                  close_timeout: float = CLOSE_TIMEOUT, draft_tokens: int = 0):
         self.session_id = new_session_id()
         self.connection_id = connection_id  # the connection it serves now (a resumed or warm session moves on)
@@ -58,6 +59,8 @@ class ChatSession:
         self._executor = executor
         self._tokenizer_pool = tokenizer_pool
         self._slot = slot
+        self.account = account  # whose limits its generations spend
+        self._grant: Optional[Grant] = None  # the running generation's
         self._on_closed = on_closed
         self._turn = asyncio.Lock()
         self._tickets_issued = 0
@@ -107,10 +110,13 @@ class ChatSession:
             async with self._turn:
                 self._check_open()
                 # Closed before the turn is given back: a step it started ahead ends first.
-                async with aclosing(run_generation(self, request, ticket)) as updates:
-                    async for update in updates:
-                        tokens += update.token_count
-                        yield update
+                try:
+                    async with aclosing(run_generation(self, request, ticket)) as updates:
+                        async for update in updates:
+                            tokens += update.token_count
+                            yield update
+                finally:
+                    self._settle(tokens)
             self.log.info("Generated %d tokens in %.2f s", tokens, time.monotonic() - started)
         except Exception as error:
             if not (isinstance(error, ServiceError) and error.session_survives):
@@ -146,6 +152,19 @@ class ChatSession:
     def cancelled(self, ticket: int) -> bool:
         """Whether the generation holding ``ticket`` must end now."""
         return ticket <= self._cancelled_through or self.closed_reason is not None
+
+    def grant_tokens(self, request: GenerationRequest, fed_tokens: int, wanted: int) -> Optional[int]:
+        """Takes the running generation's leave from the account (its prompt: the tokens fed and
+        those a warm session held); returns the most tokens it may write (None: unbounded)."""
+        self._grant = self.account.grant(self.model.spec.key, fed_tokens + request.cached_tokens,
+                                         request.cached_tokens, wanted)
+        return self._grant.max_new_tokens
+
+    def _settle(self, written: int) -> None:
+        """Accounts the generation that ended, with the swarm servers that served it."""
+        if self._grant is not None:
+            grant, self._grant = self._grant, None
+            grant.settle(written, {peer_id for peer_id, _, _ in self.stream.route.spans})
 
     def _check_open(self) -> None:
         if self.closed_reason is not None:

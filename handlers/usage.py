@@ -1,0 +1,13 @@
+"""``GET /api/v1/usage``: a key's own limits, what is left of them and what it used today."""
+
+from handlers.base import APIHandler
+from handlers.native_replies import AccountUsage
+
+
+class UsageHandler(APIHandler):
+    """Answers the caller about its own account only (anonymous clients: their address's)."""
+
+    requires_api_key = True
+
+    def get(self) -> None:
+        self.write(AccountUsage(**self.manager.accounts.usage_report(self.caller)).body())
