@@ -57,7 +57,7 @@ class BlockingExecutor:
                  weight_of: Callable[[Hashable], float] = lambda owner: 1.0):
         self.workers = workers
         self.in_flight = min(in_flight, workers) if in_flight > 0 else workers
-        self._weight_of = weight_of
+        self.weight_of = weight_of
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                                         initializer=run_in_background if background else None)
         self._lines: Dict[Hashable, Deque[Tuple[Future, Callable, tuple]]] = {}  # owners with calls waiting
@@ -117,7 +117,7 @@ class BlockingExecutor:
         # How far a turn advances ``owner``'s pass. A faulty weight must not stall every owner's
         # calls (this runs under the lock, in worker threads too): it counts as 1.
         try:
-            weight = float(self._weight_of(owner))
+            weight = float(self.weight_of(owner))
         except Exception:
             logger.exception("the weight of %r could not be read; it counts as 1", owner)
             return 1.0
