@@ -119,6 +119,7 @@ class GenerationHandler(APIHandler):
         self.client: Optional[str] = None
         self.client_left = False
         self.session: Optional[ChatSession] = None
+        self._opening: Optional[asyncio.Future] = None  # the session being opened (maybe waiting for room)
         self.cached_tokens = 0
 
     async def _take_turn_if_often_refused(self) -> None:
@@ -201,8 +202,17 @@ class GenerationHandler(APIHandler):
         Iterate it inside ``contextlib.aclosing`` so that the session is released at once if the
         caller stops early.
         """
-        self.session, request, self.cached_tokens = await self.manager.open_for_request(
-            self.connection_id, loaded, request, self.client)
+        # Its own task, so that a client that leaves while it waits for room is taken out of the line.
+        self._opening = asyncio.ensure_future(self.manager.open_for_request(
+            self.connection_id, loaded, request, self.client, on_queued=self.queued))
+        try:
+            self.session, request, self.cached_tokens = await self._opening
+        except asyncio.CancelledError:
+            if self.client_left:
+                return
+            raise
+        finally:
+            self._opening = None
         ran_to_end = False
         try:
             if self.client_left:  # it left while the prompt was being counted
@@ -214,6 +224,10 @@ class GenerationHandler(APIHandler):
             reason = "client disconnected" if self.client_left else "request done"
             self.manager.finish_request(self.session, ran_to_end and not self.client_left, reason)
 
+    def queued(self, position: int) -> None:
+        """The request's session waits for room on a full server, ``position`` in line (1: next);
+        a reply that can say so before it starts overrides this."""
+
     def on_connection_close(self) -> None:
         # Tornado's own ends the wait for a body cut off mid-upload (else the handler and the
         # part of the body it holds stay forever).
@@ -222,5 +236,7 @@ class GenerationHandler(APIHandler):
             self._request_slot.release()  # cut off before its body was whole: the handler never runs
         # The client went away mid-request: stop generating for nobody.
         self.client_left = True
+        if self._opening is not None:
+            self._opening.cancel()
         if self.session is not None:
             self.session.cancel_generations()

@@ -21,6 +21,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 from handlers.native_replies import (
     Done,
     ErrorReply,
+    Queued,
     RequestId,
     SessionOpened,
     SessionResumed,
@@ -69,6 +70,7 @@ class GenerateConnection:
         self._send = send
         self.replies = ReplyChannel(send, owner=self)  # the session's, once a resumable one is opened or resumed
         self._slot: Optional[Slot] = None
+        self._opening: Optional[asyncio.Future] = None  # a session being opened (maybe waiting for room)
         self._rate = manager.admission.message_rate()
         self._received = manager.admission.received_bytes(client)
 
@@ -96,8 +98,12 @@ class GenerateConnection:
             data = decode_frame(raw, self.max_message_bytes)
             answering = request_id(data)
             message = parse_message(data)
+            if not isinstance(message, CancelMessage):
+                await self._opened()
             if isinstance(message, OpenSessionMessage):
-                await self._open_session(message, answering)
+                self._check_no_session()
+                self._opening = self.manager.spawn(self._open_session(message, answering),
+                                                   f"open-{self.connection_id}")
             elif isinstance(message, ResumeSessionMessage):
                 await self._resume_session(message, answering)
             elif isinstance(message, GenerateMessage):
@@ -107,10 +113,29 @@ class GenerateConnection:
         except Exception as error:
             await self.send_error(log_error(self.log, "Rejected a message", error), answering)
 
+    async def _opened(self) -> None:
+        """Waits for a session being opened: a client may send its next message before the open's
+        reply (the open's own task answers it, an error included)."""
+        if self._opening is not None:
+            await asyncio.wait([self._opening])
+
     async def _open_session(self, message: OpenSessionMessage, answering: RequestId) -> None:
-        self._check_no_session()
-        session = await self.manager.open_session(self.connection_id, message.model, message.max_length,
-                                                  self.client, trusted=self.trusted)
+        # A task of its own, which a close cancels: on a full server it waits in line, and the
+        # socket is read meanwhile (a close is noticed, and takes it out of the line).
+        def queued(position: int) -> None:
+            self.manager.spawn(self._send(Queued(True, position, id=answering).frame()), f"queued-{self.connection_id}")
+
+        try:
+            session = await self.manager.open_session(self.connection_id, message.model, message.max_length,
+                                                      self.client, trusted=self.trusted,
+                                                      on_queued=queued if message.queue_updates else None)
+        except asyncio.CancelledError:  # the connection closed
+            return
+        except Exception as error:
+            await self.send_error(log_error(self.log, "Rejected a message", error), answering)
+            return
+        finally:
+            self._opening = None
         if self.closed:  # the client left while the session was opening
             self.manager.close_in_background(session, "connection closed")
             return
@@ -143,6 +168,8 @@ class GenerateConnection:
         self.log.info("Resumed session %s after reply %d", session.session_id, message.last_seq)
 
     def _check_no_session(self) -> None:
+        if self._opening is not None:
+            raise SessionStateError("An inference session is already being opened on this connection")
         if self.holds_session and not self.session.released:
             raise SessionStateError("An inference session is already open on this connection")
 
@@ -199,6 +226,8 @@ class GenerateConnection:
         self.closed = True
         if self._slot is not None:
             self._slot.release()
+        if self._opening is not None:
+            self._opening.cancel()
         if not self.holds_session:
             return
         if self.replies.numbered and not by_client and not self.session.released:

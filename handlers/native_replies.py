@@ -56,6 +56,15 @@ class SessionOpened(NativeReply):
 
 
 @dataclass(frozen=True)
+class Queued(NativeReply):
+    """A session being opened waits for room on a full server: its place in line (1: next).
+    The open's own reply follows once it is admitted (or refused)."""
+
+    queued: bool
+    position: int
+
+
+@dataclass(frozen=True)
 class SessionResumed(NativeReply):
     """A session was resumed; the replies after the client's ``last_seq`` follow, up to ``latest_seq``."""
 

@@ -91,6 +91,7 @@ class CompletionHandler(OpenAIHandler):
     """``POST /v1/completions``; ``ChatCompletionHandler`` changes the prompt and the replies."""
 
     request_model = CompletionRequest
+    streaming = False  # whether this request's reply is an event stream
 
     async def prompt(self, body: OpenAIRequest, loaded: LoadedModel,
                      sampling: SamplingParams) -> Tuple[str, Tuple[str, ...]]:
@@ -116,6 +117,7 @@ class CompletionHandler(OpenAIHandler):
         request = body.to_generation_request(prompt, prompt_ids, sampling, spec.chat.max_session_length,
                                              min(spec.default_max_tokens, spec.max_new_tokens_limit), format_stops)
         replies = self.replies_for(body, loaded, prompt)
+        self.streaming = body.stream
         if body.stream:
             await self.stream_reply(loaded, request, replies, len(prompt_ids), body.include_usage)
         else:
@@ -137,8 +139,22 @@ class CompletionHandler(OpenAIHandler):
 
     async def send_event(self, data: str) -> None:
         """Writes one server-sent event (``data``: JSON text, or ``[DONE]``) and flushes it."""
+        self.start_event_stream()
         self.write(f"data: {data}\n\n")
         await self.flush()
+
+    def start_event_stream(self) -> None:
+        """Sets the headers of an event stream, before the first thing written."""
+        if not self._headers_written:
+            self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
+            self.set_header("Cache-Control", "no-cache")
+
+    def queued(self, position: int) -> None:
+        """A stream tells its client its place in line as an SSE comment, which clients skip."""
+        if self.streaming and not self.client_left:
+            self.start_event_stream()
+            self.write(f": queued, position {position}\n\n")
+            self.flush().add_done_callback(lambda flushed: flushed.exception())  # a closed stream is noticed later
 
     async def stream_reply(self, loaded: LoadedModel, request: GenerationRequest, replies: CompletionReplies,
                            prompt_tokens: int, include_usage: bool) -> None:
@@ -153,9 +169,6 @@ class CompletionHandler(OpenAIHandler):
                     prediction = update.prediction_tokens
                     pending_logprobs.extend(update.logprobs)
                     if update.text or first or update.last:
-                        if first:
-                            self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
-                            self.set_header("Cache-Control", "no-cache")
                         await self.send_event(replies.chunk(update, first, pending_logprobs).json_text())
                         pending_logprobs, first = [], False
             if self.client_left:  # maybe before anything was generated: nobody to answer
@@ -166,7 +179,7 @@ class CompletionHandler(OpenAIHandler):
         except tornado.iostream.StreamClosedError:
             return
         except Exception as error:
-            if first:
+            if first and not self._headers_written:  # nothing sent yet: a plain HTTP error
                 raise
             classified = log_error(logger, f"[{self.connection_id}] Stream failed", error)
             self.manager.metrics.count_error(classified.code)

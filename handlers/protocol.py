@@ -23,6 +23,7 @@ class OpenSessionMessage:
     model: Optional[str]
     max_length: int
     resumable: bool = False  # the session may outlive its connection (the reply carries a resume token)
+    queue_updates: bool = False  # on a full server, tell the client its place in line while it waits
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,8 @@ def parse_message(data: Mapping[str, Any]) -> Message:
         if max_length is None:
             raise BadRequest("max_length is required")
         return OpenSessionMessage(model=optional_str(data, "model", allow_empty=False), max_length=max_length,
-                                  resumable=bool(optional_bool(data, "resumable")))
+                                  resumable=bool(optional_bool(data, "resumable")),
+                                  queue_updates=bool(optional_bool(data, "queue_updates")))
     if kind == "resume_inference_session":
         session_id, token = optional_str(data, "session_id"), optional_str(data, "resume_token")
         if not session_id or not token:

@@ -119,7 +119,7 @@ async def test_a_client_at_its_session_limit_gets_a_429_to_retry(serve_fakes):
 
 
 async def test_a_server_at_its_session_limit_gets_a_503_to_retry(serve_fakes):
-    server = await serve_fakes(max_sessions=1)
+    server = await serve_fakes(max_sessions=1, queue_timeout=0)  # no waiting for room
     held = await server.websocket()
     assert (await held.request({"type": "open_inference_session", "max_length": 16}))["ok"]
     code, reply, headers = await post_generate(server, {"inputs": "Hi", "max_new_tokens": 2})

@@ -165,6 +165,8 @@ async def test_a_resume_takes_the_session_at_once_so_a_late_close_of_the_old_con
 
     first = connection("old", old)
     await first.on_message(json.dumps({"type": "open_inference_session", "max_length": 64, "resumable": True}))
+    while not old.frames:  # the open is answered by a task of its own
+        await asyncio.sleep(0.01)
     session_id, token = old.frames[-1]["session_id"], old.frames[-1]["resume_token"]
     resume = json.dumps({"type": "resume_inference_session", "session_id": session_id, "resume_token": token,
                          "last_seq": 0})

@@ -3,8 +3,9 @@
 Per server (open sessions, the memory their client-side state may take, and WebSocket
 connections in all), per client (those of one client) and per connection (messages per
 second, generations waiting in its session); a request's own fields are checked by
-``sessions.request_rules``. At a limit a request is
-refused at once with an error that names it; nothing waits in a queue. The exception is what a
+``sessions.request_rules``. At a limit a request is refused at once with an error that names it,
+except a new session on a full server, which the manager lets wait in its waiting room
+(``session_released`` tells it when a place is given back). The other exception is what a
 WebSocket client sends: past its message rate or its client's bytes per second it is not answered
 but slowed (``Budget.delay``), the server reading its next message only once the budget allows.
 """
@@ -60,13 +61,16 @@ class Slot:
 
 class _Tally:
     """How many of a thing are held, in all and per client, and the memory they reserve;
-    ``on_last_released(client)`` runs when a client holds none any more."""
+    ``on_released()`` runs whenever one is given back, ``on_last_released(client)`` when a
+    client holds none any more."""
 
-    def __init__(self, on_last_released: Callable[[str], None] = lambda client: None):
+    def __init__(self, on_last_released: Callable[[str], None] = lambda client: None,
+                 on_released: Callable[[], None] = lambda: None):
         self.total = 0
         self.reserved_bytes = 0
         self.by_client: Counter[str] = collections.Counter()
         self._on_last_released = on_last_released
+        self._on_released = on_released
 
     def take(self, client: str, reserved_bytes: int = 0) -> Slot:
         self.total += 1
@@ -81,6 +85,7 @@ class _Tally:
         if not self.by_client[client]:
             del self.by_client[client]
             self._on_last_released(client)
+        self._on_released()
 
 
 class Budget:
@@ -116,7 +121,8 @@ class Admission:
         # The sessions (and HTTP requests in flight) one client may hold: its key's, or the server's setting.
         self.session_limit = session_limit or (lambda client: settings.max_sessions_per_client)
         self.memory_budget = settings.session_memory_budget_bytes
-        self._sessions = _Tally()
+        self.session_released: Callable[[], None] = lambda: None  # told whenever a session's place is given back
+        self._sessions = _Tally(on_released=lambda: self.session_released())
         self._connections = _Tally(on_last_released=self._forget_received)
         self._requests = _Tally()
         self._received: Dict[str, Budget] = {}  # bytes per second, per client with connections

@@ -28,10 +28,13 @@ from sessions.serving.admission import Admission
 from sessions.serving.registry import ModelRegistry
 from sessions.serving.resumable import ResumableSessions
 from sessions.serving.session import ChatSession
+from sessions.serving.waiting_room import WaitingRoom
 from sessions.serving.warm_pool import WarmPool
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# Hears a waiting session's place in line (1: next), whenever it changes.
+QueuedCallback = Optional[Callable[[int], None]]
 
 # Threads that tokenize prompts: apart from the step executor, so that a flood of long prompts
 # never delays anyone's steps, and other clients' prompts by one prompt per thread at most.
@@ -85,6 +88,13 @@ class SessionManager:
         self.warm = warm if warm is not None else WarmPool(settings.warm_pool_limits)
         self.server_latency = server_latency or ServerLatency(metrics.observe_server_step)
         self.resumable = ResumableSessions(settings.resume_grace)
+        # New sessions wait here for room on a full server (as the server's setting allows).
+        self.waiting_room = WaitingRoom(
+            settings.queue_size, min(settings.queue_size, settings.max_sessions_per_client),
+            (ServerBusy, MemoryBudgetExceeded),
+            full_error=lambda reason: ServerBusy(f"This server is full, and {reason}; try again later"),
+            timeout_error=lambda reason: ServerBusy(f"This server is full: {reason}; try again later"))
+        admission.session_released = self.waiting_room.room_freed
         self._open_stream = open_stream  # a model and a length -> the session's token stream
         self._sessions: Set[ChatSession] = set()
         self._tasks: Set[asyncio.Task] = set()
@@ -129,9 +139,11 @@ class SessionManager:
             logger.error("Task %s failed", task.get_name(), exc_info=task.exception())
 
     async def open_session(self, connection_id: str, model_name: object, max_length: int, client: str,
-                           trusted: bool = True) -> ChatSession:
-        """Opens an inference session of ``max_length`` tokens on the named model for ``client``."""
-        return await self._open(connection_id, self.find_model(model_name, client, trusted), max_length, client)
+                           trusted: bool = True, on_queued: QueuedCallback = None) -> ChatSession:
+        """Opens an inference session of ``max_length`` tokens on the named model for ``client``;
+        on a full server it waits its turn, ``on_queued(position)`` hearing of its place in line."""
+        return await self._open(connection_id, self.find_model(model_name, client, trusted), max_length, client,
+                                on_queued)
 
     def find_model(self, name: object, client: str, trusted: bool = True) -> LoadedModel:
         """The model ``client`` named (``registry.find``), if its account may use it (``ModelNotAllowed``)."""
@@ -139,11 +151,13 @@ class SessionManager:
         self.accounts.account_for(client).check_model(loaded.spec.key)
         return loaded
 
-    async def _open(self, connection_id: str, loaded: LoadedModel, max_length: int, client: str) -> ChatSession:
+    async def _open(self, connection_id: str, loaded: LoadedModel, max_length: int, client: str,
+                    on_queued: QueuedCallback) -> ChatSession:
         request_rules.check_session_length(loaded.spec, max_length)
         # Every span of the route keeps each token's hidden state here: one span is reserved now.
         reserved = max_length * loaded.state_bytes_per_token
-        slot = await self._within_limits(client, lambda: self.admission.admit(client, reserved_bytes=reserved))
+        slot = await self._within_limits(client, lambda: self.admission.admit(client, reserved_bytes=reserved),
+                                         on_queued)
         try:
             stream = self._open_stream(loaded, max_length)
         except BaseException:
@@ -184,14 +198,14 @@ class SessionManager:
         self.resumable.resumed(session)
 
     async def open_for_request(self, connection_id: str, loaded: LoadedModel, request: GenerationRequest,
-                               client: str) -> RequestSession:
+                               client: str, on_queued: QueuedCallback = None) -> RequestSession:
         """A session on ``loaded`` (``find_model``'s) for one request of the stateless APIs,
         with the request's prompt tokenized once.
 
         A warm session of the client that shares the prompt's beginning is continued (gone back to
         where they part), and the request then carries only the tokens it lacks; otherwise a
         session is opened for the prompt plus ``max_new_tokens`` (or for ``max_length``), with room
-        for a next turn when reuse is on.
+        for a next turn when reuse is on (on a full server, after waiting its turn: see ``open_session``).
         """
         if not request.inputs and not request.input_ids:
             raise InvalidRequest("inputs must not be empty")
@@ -211,14 +225,15 @@ class SessionManager:
         if self.warm.enabled:
             self.metrics.observe_prefix_reuse(model, 0)
         max_length = self.warm.session_length(needed, loaded.spec.chat.max_session_length)
-        session = await self._open(connection_id, loaded, max_length, client)
+        session = await self._open(connection_id, loaded, max_length, client, on_queued)
         return RequestSession(session, request, 0)
 
     def finish_request(self, session: ChatSession, reusable: bool, reason: str) -> None:
         """Ends a stateless request's use of ``session``: kept warm for a request that continues it
         when ``reusable`` (it ran to its end) and the pool has room, else closed in the background,
         so that the reply never waits for the swarm to release it."""
-        leaving = self.warm.park(session) if reusable else [session]
+        # Sessions waiting for room go before keeping a finished one warm.
+        leaving = self.warm.park(session) if reusable and not self.waiting_room.waiting else [session]
         for other in leaving:
             self.close_in_background(other, reason if other is session else "made room in the warm pool")
 
@@ -248,10 +263,29 @@ class SessionManager:
             if not self.warm.holds(client):
                 raise
         except ServerBusy:
-            if not len(self.warm):
+            if not len(self.warm) and not self._may_wait(client):
                 raise
 
-    async def _within_limits(self, client: str, admit: Callable[[], T]) -> T:
+    def _may_wait(self, client: str) -> bool:
+        """Whether a new session of ``client`` may wait for room on a full server."""
+        room = self.waiting_room
+        return (self.settings.queue_timeout > 0 and room.waiting < room.max_waiting
+                and room.waiting_of(client) < room.max_waiting_per_client)
+
+    async def _within_limits(self, client: str, admit: Callable[[], T], on_queued: QueuedCallback) -> T:
+        """``admit()``, after closing warm sessions (the client's own first) while a limit refuses
+        it; when the server is full, after waiting in line for room (``--queue-timeout``)."""
+        if not self.waiting_room.waiting:  # else the sessions already waiting go first
+            try:
+                return await self._making_room(client, admit)
+            except (ServerBusy, MemoryBudgetExceeded):
+                if self.settings.queue_timeout <= 0:
+                    raise
+        logger.info("A session of %s waits for room (%d waiting)", client, self.waiting_room.waiting + 1)
+        return await self.waiting_room.wait_for_room(client, admit, self.settings.queue_timeout,
+                                                     on_queued or (lambda position: None))
+
+    async def _making_room(self, client: str, admit: Callable[[], T]) -> T:
         """``admit()``, after closing warm sessions (the client's own first) while a limit refuses it."""
         while True:
             try:
