@@ -6,9 +6,18 @@ left the server exits with status 1. With no ``--initial-peers`` the server then
 embedded Petals swarm on 127.0.0.1 that hosts every servable model, waits until all blocks are
 announced, then serves.
 SIGINT and SIGTERM stop the server, disconnect from the swarm and stop the embedded swarm.
+
+``server.py keys ...`` manages the API keys of a key database instead (``sessions.accounts.command``).
 """
 
-import asyncio
+import sys
+
+if __name__ == "__main__" and sys.argv[1:2] == ["keys"]:  # before the server's imports: it needs none of them
+    from sessions.accounts.command import main as keys_command
+
+    sys.exit(keys_command(sys.argv[2:]))
+
+import asyncio  # noqa: E402
 import ctypes
 import ctypes.util
 import dataclasses
@@ -16,7 +25,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -37,7 +45,6 @@ from handlers.openai_api import ChatCompletionHandler, CompletionHandler, ModelL
 from handlers.swarm import SwarmHandler
 from handlers.usage import UsageHandler
 from handlers.websocket import GenerateWebSocket
-from sessions.accounts.command import main as keys_command
 from sessions.serving.manager import SessionManager, build_manager
 from swarm.families import UnsupportedModel, check_servable
 
@@ -256,10 +263,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Runs the server (or, with ``keys`` first, manages the API keys); returns the exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["keys"]:
-        return keys_command(argv[1:])
+    """Runs the server; returns the exit status."""
     config = parse_settings(argv)
     configure_logging(config.log_level)
     return_large_buffers_to_the_system()

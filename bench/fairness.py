@@ -1,12 +1,14 @@
-"""Fairness between clients: one light stream's token gaps while a heavy client holds 16 streams.
+"""Fairness between keys: one light stream's token gaps while a heavy key holds 16 streams, and
+checks of the daily budget and of the waiting line.
 
 One local swarm node serves the tiny Llama, and a server process (``server.py``) serves it; the
 node and the server are pinned together to the first CPU core, this process (every client) to
-the second. Two clients, told apart by the server by their address: the heavy one connects from
-127.0.0.2 and holds ``--heavy-streams`` (16) concurrent WebSocket streams (``max_new_tokens: 1``
-with a stop sequence that never comes, each ``--heavy-tokens`` tokens by its ``max_length``,
-restarted as it ends so that all of them always run); the light one connects from 127.0.0.3 and
-runs one stream of ``--tokens`` tokens. For each server variant it measures, per repeat:
+the second. Every server reads the bench's key database (``--keys-db``). Two clients, each with a
+key of its own (and an address of its own): the heavy one connects from 127.0.0.2 and holds
+``--heavy-streams`` (16) concurrent WebSocket streams (``max_new_tokens: 1`` with a stop sequence
+that never comes, each ``--heavy-tokens`` tokens by its ``max_length``, restarted as it ends so
+that all of them always run); the light one connects from 127.0.0.3 and runs one stream of
+``--tokens`` tokens. For each server variant it measures, per repeat:
 
 - the light stream alone: the gap between its consecutive tokens (p50, p95);
 - the heavy client alone: its tokens/s over ``--heavy-seconds``;
@@ -15,19 +17,27 @@ runs one stream of ``--tokens`` tokens. For each server variant it measures, per
 
 and prints, per variant, the medians over the repeats: the light p50/p95 gap alone and under
 load and their ratio (under load / alone), the heavy client's tokens/s alone and under load, the
-total tokens/s under load and its ratio to the heavy client alone.
+total tokens/s under load and its ratio to the heavy client alone. The default variants are
+``fair`` (the server's defaults: fair turns, few steps in flight) and ``first-come`` (every
+step sent to the swarm at once, whose servers take them in arrival order).
 
     .venv/bin/python bench/fairness.py [--tokens 60] [--repeats 3] [--heavy-streams 16]
-        [--heavy-tokens 32] [--heavy-seconds 5] [--variant NAME=ARGS ...]
+        [--heavy-tokens 32] [--heavy-seconds 5] [--light-weight 1] [--variant NAME=ARGS ...]
 
 ``--variant NAME=ARGS`` (repeatable) names a server variant and the arguments appended to its
-command line (``start_server``'s ``extra_args``), e.g. ``--variant "default="
---variant "capped=--executor-workers 2"``; without it one variant, ``default``, runs with none.
-Each repeat starts each variant's server in turn on the same swarm (alternating, so drift in the
-machine's load hits every variant), runs the three measurements and stops it. Before them, a
-server whose per-client connection limit is 1 checks that the two addresses count as two
-clients (a second connection from the heavy address is refused, one from the light address is
-not). Run it under the swarm lock, as the tests run: ``flock /tmp/swarm-tests.lock ...``.
+command line (``start_server``'s ``extra_args``), e.g. ``--variant "fair="
+--variant "capped=--steps-in-flight 3"``. Each repeat starts each variant's server in turn on
+the same swarm (alternating, so drift in the machine's load hits every variant), runs the three
+measurements and stops it. Before them, three checks, each on a server of its own:
+
+- clients: with a per-client connection limit of 1, a second connection with the heavy key is
+  refused and one with the light key is not (the two keys count as two clients);
+- quota: a key with a daily budget of 1,000 tokens asks for completions until refused; its
+  replies' ``usage`` must add up to no more than 1,000, and ``/api/v1/usage`` to exactly that;
+- queue: 64 sessions asked at once of a server that holds 32 must all be served, through the
+  waiting line, none refused.
+
+Run it under the swarm lock, as the tests run: ``flock /tmp/swarm-tests.lock ...``.
 """
 
 import argparse
@@ -40,6 +50,8 @@ import struct
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -62,9 +74,19 @@ from bench.common import (  # noqa: E402
 )
 from bench.raw_websocket import CLOSE, RawWebSocket  # noqa: E402
 from model_specs import model_from_source  # noqa: E402
+from sessions.accounts.store import KeyLimits, KeyStore  # noqa: E402
 
 HEAVY_IP = "127.0.0.2"
 LIGHT_IP = "127.0.0.3"
+# The API keys of the bench's key database, and the key each client address brings.
+KEYS = ("heavy", "light", "budget")
+KEY_OF_ADDRESS = {HEAVY_IP: "heavy", LIGHT_IP: "light"}
+BUDGET_TOKENS = 1000  # the daily budget of the "budget" key
+QUEUE_SESSIONS, QUEUE_SERVER_SESSIONS = 64, 32  # sessions asked of a server that holds this many
+QUEUE_SESSION_TOKENS = 16
+# Fair turns with the steps in flight capped (the server's default), and no cap: every step goes
+# to the swarm at once, where its servers take them first come, first served.
+DEFAULT_VARIANTS = [("fair", []), ("first-come", ["--steps-in-flight", "8", "--executor-workers", "8"])]
 PING, PONG = 0x9, 0xA
 TRY_AGAIN_LATER = 1013  # the close code of a connection the server refuses
 READ_TIMEOUT = 120.0  # seconds without a frame before a client gives up
@@ -167,11 +189,18 @@ class Client(RawWebSocket):
 
 @dataclass
 class Target:
-    """Where the streams go: the server's port, the model's served name, the prompt's length."""
+    """Where the streams go: the server's port, the model's served name, the prompt's length, and
+    the API key each source address brings (its name in ``KEYS``: the secret)."""
 
     port: int
     model: str
     prompt_tokens: int
+    keys: Dict[str, str]
+
+    def connect(self, source_ip: str, key: Optional[str] = None) -> "asyncio.Future[Client]":
+        """A connection from ``source_ip`` with the key of that address (or the key named ``key``)."""
+        secret = self.keys[key or KEY_OF_ADDRESS[source_ip]]
+        return Client.connect(self.port, source_ip=source_ip, headers={"Authorization": f"Bearer {secret}"})
 
 
 async def stream(target: Target, source_ip: str, tokens: int,
@@ -180,7 +209,7 @@ async def stream(target: Target, source_ip: str, tokens: int,
     ``source_ip``; ``on_reply(time, token_count)`` for each reply. Ends at its ``max_length``
     (or once ``tokens`` came, or when ``stopping()``). Returns (time, token_count) of each reply
     that brought tokens (``time.perf_counter``)."""
-    client = await Client.connect(target.port, source_ip=source_ip)
+    client = await target.connect(source_ip)
     try:
         await client.request({"type": "open_inference_session", "model": target.model,
                               "max_length": target.prompt_tokens + tokens + 1})
@@ -309,12 +338,11 @@ async def measure(target: Target, args, pinning: Optional[Pinning]) -> Measureme
 async def check_clients(target: Target) -> None:
     """On a server whose per-client connection limit is 1: a second connection from HEAVY_IP is
     refused, one from LIGHT_IP is not (the server counts the two addresses as two clients)."""
-    port = target.port
-    first = await Client.connect(port, source_ip=HEAVY_IP)
+    first = await target.connect(HEAVY_IP)
     try:
         # an answered request: the first connection surely holds its place
         await first.request({"type": "open_inference_session", "model": target.model, "max_length": 8})
-        second = await Client.connect(port, source_ip=HEAVY_IP)
+        second = await target.connect(HEAVY_IP)
         try:
             while True:  # the refusal's error reply, then its close
                 reply = await asyncio.wait_for(second.receive(), 10.0)
@@ -327,7 +355,7 @@ async def check_clients(target: Target) -> None:
                 raise RuntimeError(f"a second connection from {HEAVY_IP} closed with {closed.code}") from None
         finally:
             second.close()
-        other = await Client.connect(port, source_ip=LIGHT_IP)
+        other = await target.connect(LIGHT_IP)
         try:
             await asyncio.wait_for(other.receive(), 2.0)
             raise RuntimeError(f"the server sent something unasked to {LIGHT_IP}")
@@ -340,6 +368,86 @@ async def check_clients(target: Target) -> None:
             other.close()
     finally:
         first.close()
+
+
+def http_json(port: int, path: str, secret: str, body: Optional[dict] = None) -> Tuple[int, dict]:
+    """The status and JSON reply of a GET (or, with ``body``, a POST) bringing the key ``secret``."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"})
+    try:
+        with urllib.request.urlopen(request, timeout=READ_TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+async def check_quota(target: Target) -> str:
+    """The "budget" key asks for completions until it is refused: its replies' ``usage`` may add
+    up to no more than its budget, and ``/api/v1/usage`` must account exactly what they say."""
+    served, replies = 0, 0
+    while True:
+        status, reply = await asyncio.to_thread(http_json, target.port, "/v1/completions", target.keys["budget"],
+                                                {"model": target.model, "prompt": PROMPT, "max_tokens": 64})
+        if status != 200:
+            break
+        served += reply["usage"]["total_tokens"]
+        replies += 1
+    if status != 429 or reply["error"]["code"] != "insufficient_quota":
+        raise RuntimeError(f"the spent budget was answered {status}: {reply}")
+    _, report = await asyncio.to_thread(http_json, target.port, "/api/v1/usage", target.keys["budget"])
+    accounted = report["today"]["total_tokens"]
+    if served > BUDGET_TOKENS or accounted != served:
+        raise RuntimeError(f"a budget of {BUDGET_TOKENS} served {served} tokens, accounted {accounted}")
+    return (f"quota check: a budget of {BUDGET_TOKENS} tokens served {served} in {replies} replies (their usage), "
+            f"then 429 insufficient_quota; /api/v1/usage accounts {accounted}")
+
+
+async def check_queue(target: Target) -> str:
+    """``QUEUE_SESSIONS`` sessions asked at once of a server that holds ``QUEUE_SERVER_SESSIONS``:
+    each waits in line for room (told its place) and streams ``QUEUE_SESSION_TOKENS`` tokens; any
+    refusal fails the check."""
+    positions: List[int] = []
+
+    async def session() -> bool:
+        client = await target.connect(HEAVY_IP)
+        waited = False
+        try:
+            await client.send({"type": "open_inference_session", "model": target.model, "queue_updates": True,
+                               "max_length": target.prompt_tokens + QUEUE_SESSION_TOKENS + 1})
+            while (reply := await client.receive()).get("queued"):
+                positions.append(reply["position"])
+                waited = True
+            if not reply["ok"]:
+                raise RuntimeError(f"a session was refused: {reply.get('traceback', reply)}")
+            await client.send({"type": "generate", "inputs": PROMPT, "max_new_tokens": 1, "stop_sequence": NEVER,
+                               "max_length": target.prompt_tokens + QUEUE_SESSION_TOKENS})
+            while not (reply := await client.receive())["stop"]:
+                if not reply["ok"]:
+                    raise RuntimeError(f"a generation failed: {reply.get('traceback', reply)}")
+            return waited
+        finally:
+            client.close()
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(session() for _ in range(QUEUE_SESSIONS)), return_exceptions=True)
+    failures = [result for result in results if isinstance(result, BaseException)]
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {QUEUE_SESSIONS} sessions failed: {failures[0]!r}") from failures[0]
+    return (f"queue check: {QUEUE_SESSIONS} sessions asked of a server that holds {QUEUE_SERVER_SESSIONS}: all "
+            f"served, {sum(results)} after waiting in line (places up to {max(positions, default=0)}), "
+            f"in {time.perf_counter() - started:.1f} s")
+
+
+def make_keys(path: Path, light_weight: float) -> Dict[str, str]:
+    """The bench's key database: name -> secret of each key of ``KEYS``."""
+    limits = {"heavy": KeyLimits(), "light": KeyLimits(weight=light_weight),
+              "budget": KeyLimits(daily_tokens=BUDGET_TOKENS)}
+    store = KeyStore(path)
+    try:
+        return {name: store.add_key(name, limits[name]) for name in KEYS}
+    finally:
+        store.close()
 
 
 def parse_variant(text: str) -> Tuple[str, List[str]]:
@@ -361,10 +469,13 @@ def main() -> None:
     parser.add_argument("--variant", type=parse_variant, action="append", metavar="NAME=ARGS",
                         help="a server variant: its name and the arguments appended to its command line "
                              "(repeatable; default: default=)")
+    parser.add_argument("--light-weight", type=float, default=1.0,
+                        help="the light key's share of the swarm's steps, relative to the heavy key's")
     parser.add_argument("--skip-client-check", action="store_true",
-                        help="do not check that the two addresses count as two clients")
+                        help="do not check that the two keys count as two clients")
+    parser.add_argument("--skip-checks", action="store_true", help="do not run the quota and queue checks")
     args = parser.parse_args()
-    variants: Dict[str, List[str]] = dict(args.variant or [("default", [])])
+    variants: Dict[str, List[str]] = dict(args.variant or DEFAULT_VARIANTS)
     logging.basicConfig(level=logging.WARNING)
 
     from transformers import AutoTokenizer
@@ -390,11 +501,15 @@ def main() -> None:
                 print("one CPU core: nothing pinned")
             launch = pinning.start_server if pinning else start_server
 
+            keys_db = Path(workdir) / "keys.db"
+            keys = make_keys(keys_db, args.light_weight)
+
             def run_server(name: str, extra: Sequence[str], job):
                 log_path = log_dir / f"server-{name}.log"
-                server, url = launch(path, running_swarm.initial_peers, log_path, extra_args=extra)
+                server, url = launch(path, running_swarm.initial_peers, log_path,
+                                     extra_args=["--keys-db", str(keys_db), *extra])
                 try:
-                    return asyncio.run(job(Target(urlparse(url).port, served_name, prompt_tokens)))
+                    return asyncio.run(job(Target(urlparse(url).port, served_name, prompt_tokens, keys)))
                 except Exception:
                     print(f"last lines of {log_path}:\n{log_tail(log_path)}", file=sys.stderr)
                     raise
@@ -404,7 +519,12 @@ def main() -> None:
             if not args.skip_client_check:
                 run_server("client-check", ["--max-connections-per-client", "1"],
                            check_clients)
-                print(f"client check: {HEAVY_IP} and {LIGHT_IP} count as two clients")
+                print(f"client check: the keys of {HEAVY_IP} and {LIGHT_IP} count as two clients")
+            if not args.skip_checks:
+                print(run_server("quota-check", [], check_quota), flush=True)
+                print(run_server("queue-check", ["--max-sessions", str(QUEUE_SERVER_SESSIONS),
+                                                 "--max-sessions-per-client", str(QUEUE_SESSIONS)], check_queue),
+                      flush=True)
             print(f"model: {spec.key} ({swarm_model.num_blocks} blocks); light stream {args.tokens} tokens "
                   f"from {LIGHT_IP}; heavy client {args.heavy_streams} streams of {args.heavy_tokens} tokens "
                   f"from {HEAVY_IP}; {args.repeats} alternating repeats, medians")

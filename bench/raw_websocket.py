@@ -10,7 +10,7 @@ import base64
 import json
 import os
 import struct
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 TEXT, CLOSE = 0x1, 0x8
 
@@ -24,14 +24,16 @@ class RawWebSocket:
 
     @classmethod
     async def connect(cls, port: int, path: str = "/api/v2/generate",
-                      source_ip: Optional[str] = None) -> "RawWebSocket":
-        """Opens the connection (from ``source_ip``, when given: a test's or a bench's other client)."""
+                      source_ip: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> "RawWebSocket":
+        """Opens the connection (from ``source_ip``, when given: a test's or a bench's other client),
+        with ``headers`` added to the upgrade request."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port,
                                                        local_addr=(source_ip, 0) if source_ip else None)
         key = base64.b64encode(os.urandom(16)).decode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         writer.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                      ).encode())
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                      f"{extra}\r\n").encode())
         status = await reader.readuntil(b"\r\n\r\n")
         if b" 101 " not in status.split(b"\r\n", 1)[0]:
             raise ConnectionError(f"upgrade refused: {status[:200]!r}")

@@ -105,8 +105,12 @@ def is_pytest(words: List[str]) -> bool:
     return words[:3] == [VENV_PYTHON, "-m", "pytest"]
 
 
+def is_keys_command(words: List[str]) -> bool:
+    return words[:3] == [VENV_PYTHON, "server.py", "keys"]
+
+
 def is_python_command(words: List[str]) -> bool:
-    return words[0] == VENV_PYTHON and not is_node(words) and not is_pytest(words)
+    return words[0] == VENV_PYTHON and not is_node(words) and not is_pytest(words) and not is_keys_command(words)
 
 
 def in_private_swarm_recipe(words: List[str]) -> bool:
@@ -121,6 +125,7 @@ RUNNERS = {
     "swarm node (private-swarm recipe)": lambda words: is_node(words) and in_private_swarm_recipe(words),
     "pytest (collection)": is_pytest,
     "python": is_python_command,
+    "keys command (in order, on a database of its own)": is_keys_command,
 }
 
 
@@ -232,6 +237,17 @@ def test_python_example_runs_as_written(example):
     finished = run_python_command(words)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert finished.stdout.strip(), "the example prints what it says"
+
+
+def test_the_keys_commands_run_in_order_on_a_database_of_their_own(tmp_path):
+    examples = examples_of(is_keys_command)
+    assert any("add" in words for _, words in examples) and any("revoke" in words for _, words in examples)
+    for _, words in examples:
+        position = words.index("--db")
+        command = [*words[:position + 1], str(tmp_path / "keys.db"), *words[position + 2:]]
+        finished = run_python_command(command)
+        assert finished.returncode == 0, (command, finished.stderr[-3000:])
+        assert finished.stdout.strip(), f"{' '.join(words)} prints what it did"
 
 
 def readme_python_examples() -> List[str]:
