@@ -35,6 +35,7 @@ async def test_a_websocket_session_waits_for_room_and_hears_its_place(serve_fake
     assert await first.receive() == {"ok": True, "queued": True, "position": 1, "id": "first"}
     await second.send(dict(OPEN, queue_updates=True, id="second"))
     assert await second.receive() == {"ok": True, "queued": True, "position": 2, "id": "second"}
+    assert server.manager.metrics.registry.get_sample_value("swarm_chat_waiting_sessions") == 2
     held.close()
     assert await first.receive() == {"ok": True, "id": "first"}  # admitted once the place was given back
     assert await second.receive() == {"ok": True, "queued": True, "position": 1, "id": "second"}

@@ -88,6 +88,9 @@ class SessionMetrics:
             "swarm_chat_detached_sessions",
             "Resumable WebSocket sessions whose connection dropped, waiting for their client",
             registry=self.registry)
+        self.waiting_sessions = Gauge(
+            "swarm_chat_waiting_sessions", "New sessions waiting in line for room on a full server",
+            registry=self.registry)
         self.errors = Counter(
             "swarm_chat_errors", "Errors answered to clients, by error code", ["code"], registry=self.registry)
         self.event_loop_lag_seconds = Histogram(

@@ -367,4 +367,5 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
     metrics.state_bytes.set_function(manager.session_state_bytes)
     metrics.warm_sessions.set_function(lambda: len(manager.warm))
     metrics.detached_sessions.set_function(lambda: manager.resumable.detached)
+    metrics.waiting_sessions.set_function(lambda: manager.waiting_room.waiting)
     return manager
