@@ -95,6 +95,7 @@ class SessionManager:
             full_error=lambda reason: ServerBusy(f"This server is full, and {reason}; try again later"),
             timeout_error=lambda reason: ServerBusy(f"This server is full: {reason}; try again later"))
         admission.session_released = self.waiting_room.room_freed
+        metrics.waiting_sessions.set_function(lambda: self.waiting_room.waiting)
         self._open_stream = open_stream  # a model and a length -> the session's token stream
         self._sessions: Set[ChatSession] = set()
         self._tasks: Set[asyncio.Task] = set()
@@ -367,5 +368,4 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
     metrics.state_bytes.set_function(manager.session_state_bytes)
     metrics.warm_sessions.set_function(lambda: len(manager.warm))
     metrics.detached_sessions.set_function(lambda: manager.resumable.detached)
-    metrics.waiting_sessions.set_function(lambda: manager.waiting_room.waiting)
     return manager
