@@ -182,6 +182,10 @@ def test_with_no_key_configured_everyone_is_served_without_one():
     assert book.anonymous_allowed
     caller = book.identify("sk-anything", "10.0.0.1")  # an SDK's placeholder key is not looked at
     assert caller.client == "10.0.0.1" and caller.account.unlimited
+    caller.account.grant("m", 5, 0, wanted=5).settle(5)
+    other = book.identify(None, "10.0.0.2")
+    assert book.usage_report(other)["today"]["total_tokens"] == 0  # each address reads its own use
+    assert book.usage_report(caller)["today"]["total_tokens"] == 10
     with pytest.raises(SystemExit, match="exclude each other"):
         from config import parse_settings
 

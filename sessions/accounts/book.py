@@ -51,8 +51,8 @@ class AccountBook:
         self._anonymous_limits = KeyLimits(requests_per_minute=settings.anonymous_requests_per_minute,
                                            tokens_per_minute=settings.anonymous_tokens_per_minute,
                                            daily_tokens=settings.anonymous_daily_tokens)
+        # Per address, so that each reads its own usage (the least recently seen forgotten first).
         self._anonymous: "collections.OrderedDict[str, Account]" = collections.OrderedDict()
-        self._shared_anonymous = Account(ANONYMOUS, KeyLimits(), self._account_used)
         self._pending: Dict[Tuple[str, str, str], Tuple[UsageCounts, Counter[str]]] = {}
         self._store: Optional[KeyStore] = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="accounts") if settings.keys_db else None
@@ -187,8 +187,6 @@ class AccountBook:
         return account
 
     def _anonymous_account(self, address: str) -> Account:
-        if self._anonymous_limits == KeyLimits():
-            return self._shared_anonymous
         account = self._anonymous.pop(address, None) or Account(ANONYMOUS, self._anonymous_limits,
                                                                 self._account_used)
         self._anonymous[address] = account
