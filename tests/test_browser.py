@@ -16,6 +16,7 @@ from selenium.webdriver.common.keys import Keys
 
 from config import Settings
 from server import make_app
+from sessions.accounts.store import KeyLimits, KeyStore
 from sessions.formats.chat_format import ChatFormat
 from sessions.serving.manager import build_manager
 from tests.browser import (
@@ -31,6 +32,7 @@ from tests.browser import (
 )
 from tests.conftest import FAMILY_MODEL_NAMES
 from tests.helpers import wait_for_no_sessions
+from tests.ws_client import WSClient
 
 VENDOR_DIR = Path(__file__).resolve().parent.parent / "static" / "vendor"
 DEFAULT_NAME = "SmolLM2 135M Instruct"
@@ -121,7 +123,7 @@ async def test_streams_a_reply_token_by_token_and_stops_at_once(page, tmp_path):
         assert user_messages == ["first line\nsecond line"]
         (opened,) = page.sent("open_inference_session")
         assert opened == {"type": "open_inference_session", "model": "tests/tiny-llama", "max_length": 512,
-                          "resumable": True}
+                          "resumable": True, "queue_updates": True}
         (first,) = page.sent("generate")
         assert first["max_new_tokens"] == 1 and first["stop_sequence"] == "<|im_end|>"
         assert first["inputs"].endswith("<|im_start|>user\nfirst line\nsecond line<|im_end|>\n<|im_start|>assistant\n")
@@ -700,6 +702,90 @@ async def test_the_page_asks_once_for_the_api_key_and_uses_it(chromium, settings
         await drive(page, tmp_path, steps)
     finally:
         await server.stop()
+
+
+def reply_status(page: ChatPage) -> str:
+    """The line under the reply being written on what it waits for ("" when hidden)."""
+    status = page.chromium.find_element(By.CSS_SELECTOR, ".message:last-child .reply-status")
+    return status.text if status.is_displayed() else ""
+
+
+async def test_on_a_full_server_the_page_shows_its_place_in_line_until_its_session_opens(
+        page, chat_server, manager, monkeypatch, tmp_path):
+    await wait_for_no_sessions(manager, timeout=30)  # the earlier tests' sessions, resumable a while
+    monkeypatch.setattr(manager.admission, "settings", dataclasses.replace(manager.admission.settings, max_sessions=1))
+    holder = await WSClient.connect(chat_server.port)  # holds the one place
+    opened = await holder.request({"type": "open_inference_session", "model": "tests/tiny-llama", "max_length": 32})
+    assert opened["ok"] is True
+    first_in_line = "Server full — waiting for a place in line: 1st"
+
+    def steps():
+        page.open()
+        page.send("hello")
+        page.wait(lambda: reply_status(page) == first_in_line, timeout=10, message="no place in line shown")
+        assert {"ok": True, "queued": True, "position": 1} in page.received()
+        assert page.sent("generate") == [], "a place in line was taken for the open's reply"
+
+        # Stop gives the place up: the question stays, without a reply.
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        page.wait(lambda: manager.waiting_room.waiting == 0, timeout=5, message="the place was kept")
+        assert page.error_text() == "" and page.messages()[-1]["role"] == "user"
+
+        page.send("hello again")
+        page.wait(lambda: reply_status(page) == first_in_line, timeout=10, message="no place in line shown")
+        chat_server.on_loop(holder.close)
+        page.wait_for_reply_updates(3, timeout=20)
+        assert reply_status(page) == ""
+        page.element("stop").click()
+        page.wait_until_idle(timeout=5)
+        assert page.error_text() == ""
+        opens = page.sent("open_inference_session")
+        assert len(opens) == 2 and all(message["queue_updates"] is True for message in opens)
+        assert len(page.sent("generate")) == 1
+
+    try:
+        await drive(page, tmp_path, steps)
+    finally:
+        holder.close()
+
+
+@pytest.fixture
+def small_budget_server(serve_with, tmp_path):
+    """The URL of the app with a key book whose one key may spend 5 tokens a day (less than any
+    prompt of the page), and that key."""
+    keys_db = tmp_path / "keys.db"
+    with KeyStore(keys_db) as store:
+        secret = store.add_key("alice", KeyLimits(daily_tokens=5))
+    return f"http://127.0.0.1:{serve_with(keys_db=keys_db)}/", secret
+
+
+async def test_a_spent_daily_budget_is_explained_and_not_retried(chromium, small_budget_server, tmp_path):
+    url, secret = small_budget_server
+    page = ChatPage(chromium, url)
+
+    def steps():
+        chromium.get(url)
+        chromium.execute_script("localStorage.clear()")
+        chromium.get(url)
+        page.wait(lambda: page.element("api-key-dialog").is_displayed(), message="the page asks for the key")
+        page.element("api-key").send_keys(secret, Keys.ENTER)
+        page.wait(lambda: page.element("model").is_enabled() and page.model_name(), message="models listed")
+        page.send("hello")
+        page.wait(lambda: page.error_text(), timeout=10, message="no error shown")
+        page.wait_until_idle(timeout=5)
+        shown = re.fullmatch(r"Your daily token budget is used up; it renews at 00:00 UTC "
+                             r"\(in about (?:(\d+) h )?(\d+) min\)\.", page.element("error-text").text)
+        assert shown, page.error_text()
+        (refusal,) = [reply for reply in page.received() if reply.get("code") == "quota_exceeded"]
+        hours, minutes = int(shown[1] or 0), int(shown[2])
+        assert 0 <= (hours * 60 + minutes) * 60 - refusal["retry_after"] < 60
+        assert not page.element("retry").is_displayed()
+        time.sleep(2)  # past the page's delay before a retry of its own
+        assert len(page.sent("open_inference_session")) == 1 and len(page.sent("generate")) == 1
+        assert page.messages()[-1]["role"] == "user"
+
+    await drive(page, tmp_path, steps)
 
 
 async def test_swarm_map_page_shows_every_model_with_a_full_route(chromium, chat_server, manager, tmp_path):

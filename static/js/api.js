@@ -16,12 +16,16 @@ function base64url(text) {
   return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
-/** An error reply, or a failure of the connection itself (code "connection_lost"). */
+/**
+ * An error reply, or a failure of the connection itself (code "connection_lost"). `retryAfter`:
+ * the seconds the server asks to wait before trying again, when it says.
+ */
 export class ChatError extends Error {
-  constructor(message, code, retryable) {
+  constructor(message, code, retryable, retryAfter) {
     super(message);
     this.code = code;
     this.retryable = retryable;
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -90,25 +94,34 @@ export class ChatSocket {
     };
   }
 
-  /** Connects and opens a session on `model` that may hold `maxLength` tokens. */
-  static open(model, maxLength) {
+  /**
+   * Connects and opens a session on `model` that may hold `maxLength` tokens. On a full server
+   * the open waits in line: `onQueued(position)` hears of its place (1: next) each time it
+   * changes. Aborting `signal` before the session opens gives up (and the place in line).
+   */
+  static open(model, maxLength, { onQueued, signal } = {}) {
     return new Promise((resolve, reject) => {
       const socket = connect();
       const chatSocket = new ChatSocket(socket, maxLength);
+      const giveUp = () => chatSocket.close();
+      signal?.addEventListener("abort", giveUp);
       chatSocket.waiting = {
+        onQueued,
         onReply: (reply) => {
+          signal?.removeEventListener("abort", giveUp); // the session is the caller's now
           chatSocket.resumeWith = { session_id: reply.session_id, resume_token: reply.resume_token };
           resolve(chatSocket);
           return true;
         },
         reject: (error) => {
+          signal?.removeEventListener("abort", giveUp);
           chatSocket.close();
           reject(error);
         },
       };
       socket.onopen = () =>
         socket.send(JSON.stringify({
-          type: "open_inference_session", model, max_length: maxLength, resumable: true,
+          type: "open_inference_session", model, max_length: maxLength, resumable: true, queue_updates: true,
         }));
     });
   }
@@ -184,7 +197,10 @@ export class ChatSocket {
     const waiting = this.waiting;
     if (!waiting) return;
     if (!reply.ok) {
-      this._fail(new ChatError(reply.traceback, reply.code, reply.retryable));
+      this._fail(new ChatError(reply.traceback, reply.code, reply.retryable, reply.retry_after));
+    } else if (reply.queued) {
+      // A place in line is news for the open, not its reply (that one comes once there is room).
+      waiting.onQueued?.(reply.position);
     } else if (waiting.onReply(reply)) {
       this.waiting = null;
     }

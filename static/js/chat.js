@@ -67,6 +67,7 @@ const state = {
   sessionLength: 0, // the longest session this conversation has needed so far
   generating: false,
   stopRequested: false,
+  opening: null, // the AbortController of the session being opened, which Stop gives up
   retryAction: null, // what the error box's Retry button does
 };
 
@@ -130,13 +131,42 @@ function hideError() {
   state.retryAction = null;
 }
 
+/** "1st", "2nd", "3rd", "4th"... "11th", "21st". */
+function ordinal(number) {
+  const suffixes = { 1: "st", 2: "nd", 3: "rd" };
+  const teen = number % 100 >= 11 && number % 100 <= 13;
+  return `${number}${(!teen && suffixes[number % 10]) || "th"}`;
+}
+
+function queueStatus(position) {
+  return `Server full — waiting for a place in line: ${ordinal(position)}`;
+}
+
+/** `seconds` as "about 3 h 5 min" (to the minute above, so that the time is up when it says). */
+function aboutDuration(seconds) {
+  const minutes = Math.max(1, Math.ceil(seconds / 60));
+  const hours = Math.floor(minutes / 60);
+  return hours ? `about ${hours} h ${minutes % 60} min` : `about ${minutes} min`;
+}
+
+// Errors that the same request cannot get past by trying again soon: no Retry.
+const NOT_RETRIED = new Set(["max_length_exceeded", "quota_exceeded", "model_not_allowed"]);
+
 function errorMessage(error) {
   switch (error.code) {
     case "cache_full":
       return "The swarm is out of capacity: its attention cache is full. Please try again in a minute.";
     case "memory_budget_exceeded":
-    case "server_busy":
       return "The server holds as many conversations as it can. Please try again in a minute.";
+    case "server_busy":
+      return "The server stayed full: no place opened up for this chat in time. Please try again in a minute.";
+    case "quota_exceeded":
+      return "Your daily token budget is used up; it renews at 00:00 UTC " +
+        `(in ${aboutDuration(error.retryAfter)}).`;
+    case "rate_limited":
+      return `Too many requests for this key; try again in ${error.retryAfter} s.`;
+    case "model_not_allowed":
+      return `This API key may not use ${state.model.frontend.name}. Choose another model.`;
     case "connection_lost":
       return "Lost the connection to the server. Check that it is running, then retry.";
     case "session_expired":
@@ -178,11 +208,12 @@ function sharedTurns(held, turns) {
 }
 
 /**
- * The open session if it can go on to `turns` in `length` tokens, else a new one. A session whose
+ * The open session if it can go on to `turns` in `length` tokens, else a new one, for which
+ * `onQueued(position)` hears of its place in line while the server is full. A session whose
  * history parts from `turns` (an edit, a regeneration, another version chosen) goes back to
  * the last reply they share, if any: the server keeps everything before it.
  */
-async function openSession(length, turns) {
+async function openSession(length, turns, onQueued) {
   const session = state.session;
   if (session && !session.socket.closed && session.socket.maxLength >= length && session.system === systemText()) {
     const shared = sharedTurns(session.held, turns);
@@ -198,7 +229,9 @@ async function openSession(length, turns) {
     }
   }
   dropSession();
-  const socket = await ChatSocket.open(state.model.model, length);
+  state.opening = new AbortController();
+  const socket = await ChatSocket.open(state.model.model, length, { onQueued, signal: state.opening.signal })
+    .finally(() => { state.opening = null; });
   state.session = { socket, held: [], marks: [], system: systemText(), endsWithStop: false, cutTo: null };
   return state.session;
 }
@@ -223,7 +256,8 @@ async function streamReply(length, turns, reply, show) {
   delete reply.stats;
   delete reply.route;
   show(reply.text, null);
-  const session = await openSession(length, turns);
+  const session = await openSession(length, turns, (position) => show(reply.text, null, queueStatus(position)));
+  show(reply.text, null); // no longer waiting in line, if it was
   if (state.stopRequested) return; // stopped while the session was opening
   const inputs = newInputs(state.format, session.system, turns, session.held.length, session.endsWithStop);
   let raw = "";
@@ -291,7 +325,8 @@ async function answer(question) {
         const tooLong = error.code === "max_length_exceeded";
         // At the model's longest session the reply cannot get further: keep what it wrote.
         keep = tooLong;
-        showError(errorMessage(error), { retry: tooLong ? null : () => answer(question), newChat: tooLong });
+        const retry = NOT_RETRIED.has(error.code) ? null : () => answer(question);
+        showError(errorMessage(error), { retry, newChat: tooLong });
         return;
       }
     }
@@ -326,6 +361,8 @@ function stop() {
   if (!state.generating) return;
   state.stopRequested = true;
   ui.stop.disabled = true;
+  // A session still waiting for room gives up its place in line.
+  state.opening?.abort();
   if (state.session) state.session.socket.stop();
 }
 

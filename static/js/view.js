@@ -43,8 +43,9 @@ export class ConversationView {
   /**
    * Shows the greeting and the messages of `path` ([{message, parent}]), replies under
    * `assistantName`. While `busy` (a reply is being written) no message offers actions.
-   * Returns the last message's `update(text, stats)` when it is a reply, which shows the
-   * text and speed of that reply as it is written (and nothing once the log is drawn again).
+   * Returns the last message's `update(text, stats, status)` when it is a reply, which shows the
+   * text and speed of that reply as it is written, and `status`, a line on what the reply waits
+   * for, if any (and nothing once the log is drawn again).
    */
   render({ greeting, path, assistantName, busy }) {
     const articles = [this._article("assistant", assistantName, greeting).article];
@@ -54,17 +55,20 @@ export class ConversationView {
       const parts = this._article(role, role === "user" ? "You" : assistantName, text);
       const footer = document.createElement("footer");
       footer.className = role === "user" ? "message-actions" : "reply-meta";
+      updateLastReply = null;
       if (role === "assistant") {
         // Where the speed goes: a footer that other facts about the reply can join.
+        const status = document.createElement("span");
+        status.className = "reply-status";
+        status.hidden = true;
         const speed = document.createElement("span");
         speed.className = "reply-speed";
         if (stats) speed.textContent = formatStats(stats);
-        footer.append(speed);
+        footer.append(status, speed);
         if (route) footer.append(routeRibbon(route));
+        updateLastReply = (replyText, replyStats, replyStatus = "") =>
+          this._update(parts.markdown, { status, speed }, replyText, replyStats, replyStatus);
       }
-      updateLastReply = role === "assistant"
-        ? (replyText, replyStats) => this._update(parts.markdown, footer.firstChild, replyText, replyStats)
-        : null;
       if (!busy) footer.append(...this._actions(entry, parts));
       parts.article.append(footer);
       articles.push(parts.article);
@@ -74,10 +78,13 @@ export class ConversationView {
     return updateLastReply;
   }
 
-  _update(markdown, speed, text, stats) {
+  _update(markdown, { status, speed }, text, stats, statusText) {
     if (!markdown.element.isConnected) return; // the log was drawn again since
     const atEnd = this.log.scrollHeight - this.log.scrollTop - this.log.clientHeight < STICK_TO_END_PX;
     markdown.update(text, true);
+    // Hidden when empty, so that the footer's gap is not left around nothing.
+    status.textContent = statusText;
+    status.hidden = !statusText;
     speed.textContent = stats ? formatStats(stats) : "";
     // Follow the reply unless the reader has scrolled up to read something else.
     if (atEnd) this.log.scrollTop = this.log.scrollHeight;
