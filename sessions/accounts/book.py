@@ -161,9 +161,10 @@ class AccountBook:
             return self._api_key_account
         return self._anonymous_account(client)
 
-    def weight_of(self, client: str) -> float:
-        """``client``'s share of the swarm's steps, relative to the others (1: an equal one)."""
-        if client.startswith(KEY_CLIENT_PREFIX):
+    def weight_of(self, client: Optional[str]) -> float:
+        """``client``'s share of the swarm's steps, relative to the others (1: an equal one, also
+        for the server's own calls, which have no client)."""
+        if client is not None and client.startswith(KEY_CLIENT_PREFIX):
             account = self._accounts.get(client[len(KEY_CLIENT_PREFIX):])
             if account is not None:
                 return account.limits.weight
