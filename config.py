@@ -164,7 +164,8 @@ class Settings:
     steps_in_flight: int = setting(
         0, "the most swarm steps running at once, all sessions together (clients take turns for them; fewer "
         "leave less of a first-come queue on the swarm's servers, more keep more servers busy); 0: two per "
-        "model on the embedded swarm (one node each), else one per executor worker", minimum=0)
+        "model on the embedded swarm (one node each), and on a joined swarm as many as keep steps from queueing "
+        "on its servers, found from the steps' times (1 to --executor-workers)", minimum=0)
     models_dir: Path = setting(REPO_ROOT / ".models", "where converted local models are cached", metavar="PATH",
                                shown_default=".models/")
     swarm_threads: int = setting(0, "torch threads per embedded swarm node (0: automatic)", minimum=0)
@@ -187,10 +188,16 @@ class Settings:
 
     @property
     def steps_in_flight_limit(self) -> int:
-        """The steps that may run at once, the automatic default resolved (0: one per executor worker)."""
+        """The steps that may run at once, the embedded swarm's default resolved (0: one per executor
+        worker, or as many as ``adapts_steps_in_flight`` finds)."""
         if self.steps_in_flight or not self.embedded_swarm:
             return self.steps_in_flight
         return EMBEDDED_STEPS_IN_FLIGHT_PER_MODEL * len(self.models)
+
+    @property
+    def adapts_steps_in_flight(self) -> bool:
+        """Whether the steps in flight are found from their times (a joined swarm, no fixed number)."""
+        return not self.steps_in_flight and not self.embedded_swarm
 
     @property
     def embedded_swarm(self) -> bool:

@@ -14,7 +14,9 @@ import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Counter, Deque, Dict, Hashable, List, Tuple, TypeVar
+from typing import Callable, Counter, Deque, Dict, Hashable, List, Optional, Tuple, TypeVar
+
+from sessions.engine.in_flight import AdaptiveInFlight
 
 T = TypeVar("T")
 
@@ -46,17 +48,20 @@ class BlockingExecutor:
     earlier than it, so a newcomer never waits behind another owner's backlog and an owner that
     was idle has no turns banked. The weight is read as each turn starts, so it may change.
 
-    At most ``in_flight`` calls run at once (by default one per thread): the swarm's servers
-    take steps first come, first served, so fewer steps in flight leave less of a queue there for
-    the turns to be lost in. ``queue_depth`` counts calls not yet started. ``background`` threads
+    At most ``in_flight`` calls run at once (by default one per thread), or as many as
+    ``adaptive`` (an ``AdaptiveInFlight``) finds from the steps' times (``step_done``): the
+    swarm's servers take steps first come, first served, so fewer steps in flight leave less of
+    a queue there for the turns to be lost in. ``queue_depth`` counts calls not yet started. ``background`` threads
     run at a lower CPU priority (``run_in_background``). Thread-safe: calls come from the event
     loop and from worker threads (a step that starts the next one).
     """
 
     def __init__(self, workers: int, name: str = "petals", background: bool = False, in_flight: int = 0,
-                 weight_of: Callable[[Hashable], float] = lambda owner: 1.0):
+                 weight_of: Callable[[Hashable], float] = lambda owner: 1.0,
+                 adaptive: Optional[AdaptiveInFlight] = None):
         self.workers = workers
-        self.in_flight = min(in_flight, workers) if in_flight > 0 else workers
+        self.fixed_in_flight = min(in_flight, workers) if in_flight > 0 else workers
+        self.adaptive = adaptive
         self.weight_of = weight_of
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                                         initializer=run_in_background if background else None)
@@ -79,6 +84,11 @@ class BlockingExecutor:
     def queue_depth(self) -> int:
         """Calls submitted and waiting for their turn."""
         return self._waiting
+
+    @property
+    def in_flight(self) -> int:
+        """How many calls may run at once now."""
+        return self.adaptive.current if self.adaptive is not None else self.fixed_in_flight
 
     @property
     def saturated(self) -> bool:
@@ -152,6 +162,20 @@ class BlockingExecutor:
             else:
                 del self._lines[owner]
             self._pool.submit(self._call, owner, future, function, args)
+
+    @property
+    def running_alone(self) -> bool:
+        """Whether the calling worker's call is the only one running (read as a step starts)."""
+        return self._running_total == 1
+
+    def step_done(self, model: Hashable, seconds: float, alone: bool) -> None:
+        """A swarm step of ``model`` took ``seconds`` (``alone``: it started while no other call
+        ran); an adaptive limit learns from it."""
+        if self.adaptive is not None:
+            with self._lock:
+                self.adaptive.observe(model, seconds, alone, self._waiting > 0)
+                if not self._closed:
+                    self._start_next()  # the limit may have grown
 
     def _call(self, owner: Hashable, future: Future, function: Callable, args: tuple) -> None:
         try:

@@ -84,9 +84,10 @@ class StepRunner:
     """
 
     def __init__(self, stream: Any, positions: Advancing, decoder: IncrementalDecoder, executor: BlockingExecutor,
-                 step_timeout: float, owner: Hashable = None):
+                 step_timeout: float, owner: Hashable = None, model: Hashable = None):
         self.stream = stream
         self.owner = owner  # whose turn in the executor the steps take (the session's client)
+        self.model = model  # whose steps they are, as the executor learns the steps' times
         self.positions = positions
         self.decoder = decoder
         self.step_timeout = step_timeout
@@ -114,9 +115,11 @@ class StepRunner:
         # thread while no other call waits for one, else queued behind those calls.
         while step.future.set_running_or_notify_cancel():
             try:
-                self._running_since = time.monotonic()  # read by the event loop only once the timeout is due
+                self._running_since = started = time.monotonic()  # read by the event loop once the timeout is due
+                alone = self._executor.running_alone
                 speculation = run_ahead.speculation if run_ahead is not None else None
                 token_ids = self.positions.advance(new_input_ids, sampling, speculation)
+                self._executor.step_done(self.model, time.monotonic() - started, alone)
                 logprobs = self.stream.last_logprobs if sampling.logprobs is not None else [None] * len(token_ids)
                 chosen = tuple(ChosenToken(token, self.decoder.push([token]), token_logprobs)
                                for token, token_logprobs in zip(token_ids, logprobs))

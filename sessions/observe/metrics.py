@@ -88,6 +88,9 @@ class SessionMetrics:
             "swarm_chat_detached_sessions",
             "Resumable WebSocket sessions whose connection dropped, waiting for their client",
             registry=self.registry)
+        self.steps_in_flight_limit = Gauge(
+            "swarm_chat_steps_in_flight_limit", "Swarm steps that may run at once now (adaptive on a joined swarm)",
+            registry=self.registry)
         self.waiting_sessions = Gauge(
             "swarm_chat_waiting_sessions", "New sessions waiting in line for room on a full server",
             registry=self.registry)

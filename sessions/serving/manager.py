@@ -16,6 +16,7 @@ from model_specs import ModelSpec
 from sessions import request_rules
 from sessions.accounts.book import AccountBook
 from sessions.engine.executor import BlockingExecutor, TakingTurns
+from sessions.engine.in_flight import AdaptiveInFlight
 from sessions.engine.grammar import GrammarCompiler, constrained
 from sessions.engine.token_stream import TokenStream
 from sessions.errors import ClientLimit, InvalidRequest, MemoryBudgetExceeded, ServerBusy
@@ -349,8 +350,9 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
     """A session manager and its collaborators, ready to ``start``; the ``refusals`` (a declared
     model's key: why it cannot be served) are not loaded, and requests naming them get the reason."""
     accounts = AccountBook(settings)
+    adaptive = AdaptiveInFlight(settings.executor_workers) if settings.adapts_steps_in_flight else None
     executor = BlockingExecutor(settings.executor_workers, in_flight=settings.steps_in_flight_limit,
-                                weight_of=accounts.weight_of)
+                                weight_of=accounts.weight_of, adaptive=adaptive)
     registry = ModelRegistry(models, resolve_initial_peers(initial_peers), device, torch_dtype, settings, executor,
                              refusals)
     admission = Admission(settings, session_limit=accounts.session_limit)
@@ -368,4 +370,5 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
     metrics.state_bytes.set_function(manager.session_state_bytes)
     metrics.warm_sessions.set_function(lambda: len(manager.warm))
     metrics.detached_sessions.set_function(lambda: manager.resumable.detached)
+    metrics.steps_in_flight_limit.set_function(lambda: executor.in_flight)
     return manager

@@ -55,7 +55,8 @@ class ChatSession:
         self.metrics = metrics
         self.log = ConnectionLog(logger, connection_id, self.session_id)
         self.decoder = IncrementalDecoder(model.tokenizer)
-        self._steps = StepRunner(stream, self.positions, self.decoder, executor, step_timeout, owner=slot.client)
+        self._steps = StepRunner(stream, self.positions, self.decoder, executor, step_timeout, owner=slot.client,
+                                 model=model.spec.key)
         self._executor = executor
         self._tokenizer_pool = tokenizer_pool
         self._slot = slot
