@@ -92,6 +92,7 @@ class CompletionHandler(OpenAIHandler):
 
     request_model = CompletionRequest
     streaming = False  # whether this request's reply is an event stream
+    event_stream_started = False  # whether its headers went out (an error is then an event)
 
     async def prompt(self, body: OpenAIRequest, loaded: LoadedModel,
                      sampling: SamplingParams) -> Tuple[str, Tuple[str, ...]]:
@@ -145,7 +146,8 @@ class CompletionHandler(OpenAIHandler):
 
     def start_event_stream(self) -> None:
         """Sets the headers of an event stream, before the first thing written."""
-        if not self._headers_written:
+        if not self.event_stream_started:
+            self.event_stream_started = True
             self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
             self.set_header("Cache-Control", "no-cache")
 
@@ -158,8 +160,8 @@ class CompletionHandler(OpenAIHandler):
 
     async def stream_reply(self, loaded: LoadedModel, request: GenerationRequest, replies: CompletionReplies,
                            prompt_tokens: int, include_usage: bool) -> None:
-        """Streams the reply as events. An error before the first event is a plain HTTP error
-        reply (so clients see its status); after it, an error event."""
+        """Streams the reply as events. An error before anything is sent (an event, or a place in
+        line) is a plain HTTP error reply, so that clients see its status; after, an error event."""
         tokens, first, prediction = 0, True, None
         pending_logprobs: List[ChosenTokenLogprobs] = []  # of tokens whose text is still held back
         try:
@@ -179,7 +181,7 @@ class CompletionHandler(OpenAIHandler):
         except tornado.iostream.StreamClosedError:
             return
         except Exception as error:
-            if first and not self._headers_written:  # nothing sent yet: a plain HTTP error
+            if not self.event_stream_started:  # nothing sent yet: a plain HTTP error
                 raise
             classified = log_error(logger, f"[{self.connection_id}] Stream failed", error)
             self.manager.metrics.count_error(classified.code)
