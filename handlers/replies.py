@@ -10,7 +10,6 @@ import json
 from typing import Any, Awaitable, Callable, Deque, Optional, Tuple, Union
 
 from handlers.native_replies import ErrorReply, NativeReply
-
 from sessions.errors import ResumeRefused
 
 # Replies a resumable session keeps for a client that comes back; while no connection holds the

@@ -16,8 +16,8 @@ from model_specs import ModelSpec
 from sessions import request_rules
 from sessions.accounts.book import AccountBook
 from sessions.engine.executor import BlockingExecutor, TakingTurns
-from sessions.engine.in_flight import AdaptiveInFlight
 from sessions.engine.grammar import GrammarCompiler, constrained
+from sessions.engine.in_flight import AdaptiveInFlight
 from sessions.engine.token_stream import TokenStream
 from sessions.errors import ClientLimit, InvalidRequest, MemoryBudgetExceeded, ServerBusy
 from sessions.models import LoadedModel
