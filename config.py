@@ -147,8 +147,9 @@ class Settings:
         None, "a SQLite file of API keys with their limits, and of the usage accounted per key, model and day "
         "(created if missing; manage it with: server.py keys --db PATH ...); none: only --api-key, and usage is "
         "not kept", metavar="PATH")
-    allow_anonymous: bool = setting(False, "with --keys-db, also serve clients that bring no key, within the "
-                                    "--anonymous-* limits per address (without any key configured, everyone is)")
+    allow_anonymous: bool = setting(False, "with --keys-db or --api-key, also serve clients that bring no key, "
+                                    "within the --anonymous-* limits per address (without any key configured, "
+                                    "everyone is)")
     anonymous_requests_per_minute: int = setting(0, "generation requests per minute one anonymous client address "
                                                  "may make (0: no limit)", minimum=0)
     anonymous_tokens_per_minute: int = setting(0, "prompt and reply tokens per minute one anonymous client address "
@@ -358,9 +359,6 @@ def parse_settings(argv: Optional[Sequence[str]] = None, environ: Mapping[str, s
                                  f"{flag_of(declared)} {problem}")
         values[declared.name] = tuple(value) if _is_list(declared) else value
     values["models"] = declared_models(args)
-    if values["allow_anonymous"] and values["api_key"]:
-        raise SystemExit("--allow-anonymous and --api-key exclude each other: --api-key is one key that every "
-                         "client must bring; give keys of their own limits with --keys-db instead")
     return Settings(**values)
 
 

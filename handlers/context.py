@@ -52,4 +52,5 @@ class ServerContext:
     def request_caller(self) -> Caller:
         """Whom this request counts against: its API key's client and account, or its address's;
         ``Unauthorized`` for a key this server does not know, or none where one is required."""
-        return self.manager.accounts.identify(presented_key(self.request), self.request_address())
+        return self.manager.accounts.identify(presented_key(self.request), self.request_address(),
+                                              self.config.api_key, self.config.allow_anonymous)

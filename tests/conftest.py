@@ -40,8 +40,7 @@ FAMILY_MODEL_NAMES = {"llama3": "Tiny Llama 3", "mistral": "Tiny Mistral", "qwen
 
 
 # What the session manager's account book reads: an app served with other values of these gets a book of its own.
-ACCOUNT_SETTINGS = {"api_key", "keys_db", "allow_anonymous", "anonymous_requests_per_minute",
-                    "anonymous_tokens_per_minute", "anonymous_daily_tokens"}
+ACCOUNT_SETTINGS = {"keys_db", "anonymous_requests_per_minute", "anonymous_tokens_per_minute", "anonymous_daily_tokens"}
 
 
 def use_accounts(manager, book) -> None:

@@ -132,16 +132,16 @@ def test_callers_are_identified_by_their_key(tmp_path):
                     book.identify(presented, "10.0.0.1")
         finally:
             await book.close()
-        anonymous = AccountBook(Settings(keys_db=tmp_path / "keys.db", allow_anonymous=True,
-                                         anonymous_requests_per_minute=5))
+        anonymous = AccountBook(Settings(keys_db=tmp_path / "keys.db", anonymous_requests_per_minute=5))
         await anonymous.start()
         try:
-            first, second = anonymous.identify(None, "10.0.0.1"), anonymous.identify(None, "10.0.0.2")
+            first = anonymous.identify(None, "10.0.0.1", allow_anonymous=True)
+            second = anonymous.identify(None, "10.0.0.2", allow_anonymous=True)
             assert first.client == "10.0.0.1" and first.account.name == ANONYMOUS
             assert first.account is not second.account  # limits per address
             assert first.account.limits.requests_per_minute == 5
             with pytest.raises(Unauthorized):  # a wrong key is not taken for no key
-                anonymous.identify("sk-swarm-guess", "10.0.0.1")
+                anonymous.identify("sk-swarm-guess", "10.0.0.1", allow_anonymous=True)
         finally:
             await anonymous.close()
 
@@ -179,14 +179,9 @@ def test_usage_is_written_and_counted_again_after_a_restart(tmp_path):
 
 def test_with_no_key_configured_everyone_is_served_without_one():
     book = AccountBook(Settings())
-    assert book.anonymous_allowed
     caller = book.identify("sk-anything", "10.0.0.1")  # an SDK's placeholder key is not looked at
     assert caller.client == "10.0.0.1" and caller.account.unlimited
     caller.account.grant("m", 5, 0, wanted=5).settle(5)
     other = book.identify(None, "10.0.0.2")
     assert book.usage_report(other)["today"]["total_tokens"] == 0  # each address reads its own use
     assert book.usage_report(caller)["today"]["total_tokens"] == 10
-    with pytest.raises(SystemExit, match="exclude each other"):
-        from config import parse_settings
-
-        parse_settings(["--api-key", "k", "--allow-anonymous"], environ={})

@@ -39,14 +39,17 @@ def test_the_key_is_read_from_a_bearer_header_or_a_subprotocol():
 
 
 def test_the_api_key_is_required_and_compared_whole():
-    open_book, keyed_book = AccountBook(Settings()), AccountBook(Settings(api_key=KEY))
-    assert open_book.identify(None, "10.0.0.1").client == "10.0.0.1"
-    assert open_book.identify("anything", "10.0.0.1").account.unlimited  # no key configured: not looked at
+    book = AccountBook(Settings())
+    assert book.identify(None, "10.0.0.1").client == "10.0.0.1"
+    assert book.identify("anything", "10.0.0.1").account.unlimited  # no key configured: not looked at
     for presented in (None, KEY + "x", KEY[:-1], ""):
         with pytest.raises(Unauthorized):
-            keyed_book.identify(presented, "10.0.0.1")
-    caller = keyed_book.identify(KEY, "10.0.0.1")
-    assert caller.client == "10.0.0.1" and caller.account.name == "api-key" and caller.account.unlimited
+            book.identify(presented, "10.0.0.1", api_key=KEY)
+    caller = book.identify(KEY, "10.0.0.1", api_key=KEY)
+    assert caller.client == "api-key:10.0.0.1" and caller.account.name == "api-key" and caller.account.unlimited
+    assert book.account_for(caller.client) is caller.account
+    anonymous = book.identify(None, "10.0.0.1", api_key=KEY, allow_anonymous=True)  # the key is optional
+    assert anonymous.client == "10.0.0.1" and anonymous.account.name == "anonymous"
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from selenium.webdriver.common.keys import Keys
 
 from config import Settings
 from server import make_app
-from sessions.accounts.book import AccountBook
 from sessions.accounts.store import KeyLimits, KeyStore
 from sessions.formats.chat_format import ChatFormat
 from sessions.serving.manager import build_manager
@@ -31,7 +30,7 @@ from tests.browser import (
     drive,
     start_chromium,
 )
-from tests.conftest import FAMILY_MODEL_NAMES, use_accounts
+from tests.conftest import FAMILY_MODEL_NAMES
 from tests.helpers import wait_for_no_sessions
 from tests.ws_client import WSClient
 
@@ -671,10 +670,7 @@ async def test_an_expired_session_is_reopened_and_the_conversation_replayed(chro
 
 
 async def test_the_page_asks_once_for_the_api_key_and_uses_it(chromium, settings, manager, io_loop, tmp_path):
-    keyed = dataclasses.replace(settings, api_key="page-key")
-    shared_accounts = manager.accounts
-    use_accounts(manager, AccountBook(keyed))  # the manager identifies the callers
-    server = ChatServer(make_app(keyed, manager), io_loop)
+    server = ChatServer(make_app(dataclasses.replace(settings, api_key="page-key"), manager), io_loop)
     server.start()
     page = ChatPage(chromium, server.url)
 
@@ -706,7 +702,6 @@ async def test_the_page_asks_once_for_the_api_key_and_uses_it(chromium, settings
         await drive(page, tmp_path, steps)
     finally:
         await server.stop()
-        use_accounts(manager, shared_accounts)
 
 
 def reply_status(page: ChatPage) -> str:

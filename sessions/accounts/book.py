@@ -1,9 +1,11 @@
 """Who a request is, and what every account has spent: the server's book of API keys and usage.
 
 A request is identified once, from the key it presents (``identify``): an API key of the key
-database (``--keys-db``) makes it the client ``key:NAME``, whose limits are the key's; the
-server's ``--api-key`` and anonymous clients stay their address, the first unlimited, the
-second within the ``--anonymous-*`` limits. Everything the book does with the database (open it,
+database (``--keys-db``) makes it the client ``key:NAME``, whose limits are the key's; the app's
+``--api-key`` makes it ``api-key:ADDRESS``, without limits; a client without a key is its
+address, within the ``--anonymous-*`` limits. The app says which keys it asks for (its
+``--api-key`` and ``--allow-anonymous``); the book holds the keys of the database, every
+account and the usage. Everything the book does with the database (open it,
 reload the keys when the ``keys`` command changed them, write usage) runs in a thread of its
 own, never on the event loop; usage is written once a second and at shutdown.
 """
@@ -24,7 +26,8 @@ from sessions.errors import Unauthorized
 logger = logging.getLogger(__name__)
 
 API_KEY_ACCOUNT = "api-key"  # the server's single --api-key
-KEY_CLIENT_PREFIX = "key:"
+KEY_CLIENT_PREFIX = "key:"  # a client with a key of the database, by the key's name
+API_KEY_CLIENT_PREFIX = "api-key:"  # a client with --api-key, by its address
 # Seconds between writes of the usage accounted meanwhile, and between checks for changed keys.
 FLUSH_SECONDS = 1.0
 RELOAD_SECONDS = 5.0
@@ -44,7 +47,6 @@ class AccountBook:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._api_key_digest = key_digest(settings.api_key) if settings.api_key else None
         self._records: Dict[str, KeyRecord] = {}  # active keys, by digest
         self._accounts: Dict[str, Account] = {}  # key accounts, by name (revoked ones kept for their sessions)
         self._api_key_account = Account(API_KEY_ACCOUNT, KeyLimits(), self._account_used)
@@ -57,11 +59,6 @@ class AccountBook:
         self._store: Optional[KeyStore] = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="accounts") if settings.keys_db else None
         self._data_version: Optional[int] = None
-
-    @property
-    def anonymous_allowed(self) -> bool:
-        """Whether clients without a key are served: always when no key is configured."""
-        return self.settings.allow_anonymous or not (self.settings.api_key or self.settings.keys_db)
 
     async def _in_thread(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
@@ -133,19 +130,24 @@ class AccountBook:
                 await self._in_thread(self._store.close)
             self._thread.shutdown(wait=False)
 
-    def identify(self, presented: Optional[str], address: str) -> Caller:
+    def identify(self, presented: Optional[str], address: str, api_key: Optional[str] = None,
+                 allow_anonymous: bool = False) -> Caller:
         """The caller of a request from ``address`` that presents the key ``presented`` (None:
-        none); ``Unauthorized`` for a key this server does not know, or for no key where one is
-        required. Without any key configured, a presented key is not looked at."""
-        if not (self.settings.api_key or self.settings.keys_db):
+        none), on an app whose single key is ``api_key``: a key of the database is the client
+        ``key:NAME``, ``api_key`` the client ``api-key:ADDRESS`` (no limits), no key the address
+        itself (anonymous). ``Unauthorized`` for a key this server does not know, or for no key
+        where one is required: with any key configured, unless ``allow_anonymous``. Without any
+        key configured, a presented key is not looked at."""
+        keyed = bool(api_key) or self._thread is not None
+        if not keyed:
             return Caller(address, self._anonymous_account(address))
         if presented is None:
-            if not self.anonymous_allowed:
+            if not allow_anonymous:
                 raise Unauthorized("Missing API key (Authorization: Bearer KEY)")
             return Caller(address, self._anonymous_account(address))
         digest = key_digest(presented)
-        if self._api_key_digest is not None and hmac.compare_digest(digest, self._api_key_digest):
-            return Caller(address, self._api_key_account)
+        if api_key and hmac.compare_digest(digest, key_digest(api_key)):
+            return Caller(API_KEY_CLIENT_PREFIX + address, self._api_key_account)
         record = self._records.get(digest)
         if record is None:
             raise Unauthorized("Invalid API key")
@@ -157,7 +159,7 @@ class AccountBook:
             account = self._key_account(client[len(KEY_CLIENT_PREFIX):])
             if account is not None:
                 return account
-        if self.settings.api_key:  # then every client without a key of the database brings it
+        if client.startswith(API_KEY_CLIENT_PREFIX):
             return self._api_key_account
         return self._anonymous_account(client)
 
