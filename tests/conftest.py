@@ -46,7 +46,7 @@ ACCOUNT_SETTINGS = {"keys_db", "anonymous_requests_per_minute", "anonymous_token
 def use_accounts(manager, book) -> None:
     """Makes ``book`` the one ``manager`` identifies, limits and schedules clients by."""
     manager.accounts = book
-    manager.admission.session_limit = book.session_limit
+    manager.admission.key_session_limit = book.key_session_limit
     manager.executor.weight_of = book.weight_of
 
 

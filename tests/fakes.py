@@ -221,7 +221,7 @@ def fake_manager(executor: BlockingExecutor, settings: Settings = Settings(),
     """A session manager over the fake model (or ``registry``'s), its sessions on ``open_stream``'s
     fake streams (by default each says "hello world"); ``start`` it before use."""
     accounts = AccountBook(settings)
-    admission = Admission(settings, session_limit=accounts.session_limit)
+    admission = Admission(settings, key_session_limit=accounts.key_session_limit)
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
                              state_budget_bytes=admission.memory_budget)

@@ -125,8 +125,9 @@ def test_callers_are_identified_by_their_key(tmp_path):
             caller = book.identify(alice, "10.0.0.1")
             assert caller.client == KEY_CLIENT_PREFIX + "alice" and caller.account.name == "alice"
             assert book.account_for(caller.client) is caller.account
-            assert (book.session_limit(caller.client), book.weight_of(caller.client)) == (3, 4)
-            assert (book.session_limit("10.0.0.1"), book.weight_of("10.0.0.1"), book.weight_of(None)) == (32, 1, 1)
+            assert (book.key_session_limit(caller.client), book.weight_of(caller.client)) == (3, 4)
+            assert book.key_session_limit("10.0.0.1") is None
+            assert (book.weight_of("10.0.0.1"), book.weight_of(None)) == (1, 1)
             for presented in (None, alice + "x", "sk-swarm-guess"):
                 with pytest.raises(Unauthorized):
                     book.identify(presented, "10.0.0.1")

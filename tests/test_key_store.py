@@ -46,7 +46,8 @@ def test_a_new_key_is_found_by_the_digest_of_its_secret_which_is_not_stored(stor
     secret = store.add_key("alice", LIMITS)
     assert secret.startswith("sk-swarm-") and len(secret) > 40
     record = store.active_keys()[key_digest(secret)]
-    assert (record.name, record.prefix, record.limits, record.revoked) == ("alice", secret[:SHOWN_PREFIX_LENGTH], LIMITS, None)
+    assert (record.name, record.prefix, record.limits, record.revoked) == (
+        "alice", secret[:SHOWN_PREFIX_LENGTH], LIMITS, None)
     assert store.keys() == [record]
     written = file_bytes(db_path.parent)
     assert key_digest(secret).encode() in written  # the files that hold the key are read

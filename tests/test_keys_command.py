@@ -68,7 +68,8 @@ def test_list_shows_every_key_with_its_limits_and_status(db, capsys):
     header, *rows = out.splitlines()
     assert header.split() == ["NAME", "PREFIX", "REQ/MIN", "TOKENS/MIN", "SESSIONS", "DAILY", "TOKENS", "MODELS",
                               "WEIGHT", "STATUS"]
-    assert [row.split() for row in rows] == [["alice", alice[:SHOWN_PREFIX_LENGTH], "10", "-", "-", "-", "smollm2", "2.5", "active"],
+    assert [row.split() for row in rows] == [["alice", alice[:SHOWN_PREFIX_LENGTH], "10", "-", "-", "-", "smollm2", "2.5",
+                                              "active"],
                                              ["bob", stored_keys(db)["bob"].prefix, "-", "-", "-", "700", "-", "1",
                                               "revoked"]]
     assert alice.strip() not in out

@@ -44,11 +44,13 @@ async def post_generate(client, body):
 
 @pytest.fixture
 def limits(io_loop, manager, monkeypatch):
-    """Sets the manager's limits for one test, once earlier tests' sessions are released."""
+    """Sets the manager's limits (its admission's and its own) for one test, once earlier tests'
+    sessions are released."""
     io_loop.run_sync(lambda: wait_for_no_sessions(manager, RELEASE_TIMEOUT))
 
     def set_limits(**values):
         monkeypatch.setattr(manager.admission, "settings", dataclasses.replace(manager.admission.settings, **values))
+        monkeypatch.setattr(manager, "settings", dataclasses.replace(manager.settings, **values))
 
     return set_limits
 
@@ -173,7 +175,7 @@ async def test_per_client_session_limit_refuses_at_once(http_server_client, ws_p
 
 
 async def test_server_session_limit_answers_busy(http_server_client, ws_port, manager, limits):
-    limits(max_sessions=1)
+    limits(max_sessions=1, queue_timeout=0)  # refused at once, not kept waiting for room
     holder = await WSClient.connect(ws_port)
     other = await WSClient.connect(ws_port)
     try:
@@ -294,6 +296,7 @@ async def test_session_state_memory_is_measured_and_budgeted(http_server_client,
     assert metrics[("swarm_chat_session_state_budget_bytes",)] == manager.admission.memory_budget
 
     monkeypatch.setattr(manager.admission, "memory_budget", 100 * per_token)
+    monkeypatch.setattr(manager, "settings", dataclasses.replace(manager.settings, queue_timeout=0))  # no waiting
     second = await WSClient.connect(ws_port)
     refused = await second.request({"type": "open_inference_session", "model": TINY, "max_length": 64})
     assert refused["ok"] is False and refused["code"] == "memory_budget_exceeded" and refused["retryable"]

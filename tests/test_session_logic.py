@@ -434,6 +434,8 @@ def test_sessions_are_refused_past_the_memory_budget():
     second.release()
     second.reserve(900)  # a released place reserves nothing
     assert admission.reserved_bytes == 0
+    with pytest.raises(InvalidRequest, match="more than this server's"):  # no room would ever fit it
+        admission.admit("c", reserved_bytes=1001)
 
 
 async def test_a_session_reserves_its_length_on_every_span_of_its_route(executor):

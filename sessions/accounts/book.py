@@ -172,13 +172,13 @@ class AccountBook:
                 return account.limits.weight
         return 1.0
 
-    def session_limit(self, client: str) -> int:
-        """The sessions ``client`` may hold at once: its key's limit, else ``--max-sessions-per-client``."""
+    def key_session_limit(self, client: str) -> Optional[int]:
+        """The sessions ``client`` may hold at once, if its key says (else the server's setting)."""
         if client.startswith(KEY_CLIENT_PREFIX):
             account = self._accounts.get(client[len(KEY_CLIENT_PREFIX):])
             if account is not None and account.limits.sessions:
                 return account.limits.sessions
-        return self.settings.max_sessions_per_client
+        return None
 
     def _key_account(self, name: str) -> Optional[Account]:
         account = self._accounts.get(name)
@@ -224,7 +224,7 @@ class AccountBook:
         return {"account": account.name,
                 "limits": {"requests_per_minute": limits.requests_per_minute or None,
                            "tokens_per_minute": limits.tokens_per_minute or None,
-                           "sessions": self.session_limit(caller.client),
+                           "sessions": self.key_session_limit(caller.client) or self.settings.max_sessions_per_client,
                            "daily_tokens": limits.daily_tokens or None,
                            "models": list(limits.models) or None,
                            "weight": limits.weight},

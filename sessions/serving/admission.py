@@ -17,6 +17,7 @@ from typing import Callable, Counter, Dict, Optional
 from config import MIB, Settings
 from sessions.errors import (
     ClientLimit,
+    InvalidRequest,
     MemoryBudgetExceeded,
     QueueFull,
     ServerBusy,
@@ -116,10 +117,9 @@ class Admission:
     """Counts open sessions and connections, per server and per client, and checks requests
     against the limits."""
 
-    def __init__(self, settings: Settings, session_limit: Optional[Callable[[str], int]] = None):
+    def __init__(self, settings: Settings, key_session_limit: Callable[[str], Optional[int]] = lambda client: None):
         self.settings = settings
-        # The sessions (and HTTP requests in flight) one client may hold: its key's, or the server's setting.
-        self.session_limit = session_limit or (lambda client: settings.max_sessions_per_client)
+        self.key_session_limit = key_session_limit  # a client's own limit on sessions, if its key has one
         self.memory_budget = settings.session_memory_budget_bytes
         self.session_released: Callable[[], None] = lambda: None  # told whenever a session's place is given back
         self._sessions = _Tally(on_released=lambda: self.session_released())
@@ -128,6 +128,11 @@ class Admission:
         self._received: Dict[str, Budget] = {}  # bytes per second, per client with connections
         self._refusals: "collections.OrderedDict[str, Budget]" = collections.OrderedDict()
         self._slowed = _Tally()  # HTTP requests waiting for their client's turn
+
+    def session_limit(self, client: str) -> int:
+        """The sessions (and HTTP requests in flight) ``client`` may hold: its key's limit, else
+        ``--max-sessions-per-client``."""
+        return self.key_session_limit(client) or self.settings.max_sessions_per_client
 
     @property
     def open_sessions(self) -> int:
@@ -157,6 +162,10 @@ class Admission:
         """Takes a session's place for ``client``, reserving ``reserved_bytes`` of the memory
         budget, or raises if a limit is reached."""
         self.check_capacity(client)
+        if reserved_bytes > self.memory_budget:  # no wait for room would let it in
+            raise InvalidRequest(f"A session of this length needs {reserved_bytes / MIB:.1f} MiB for its state, more "
+                                 f"than this server's {self.memory_budget / MIB:.0f} MiB for all sessions; "
+                                 "ask for a shorter max_length")
         if self._sessions.reserved_bytes + reserved_bytes > self.memory_budget:
             raise MemoryBudgetExceeded(
                 f"Open sessions hold {self._sessions.reserved_bytes / MIB:.0f} MiB of this server's "

@@ -355,7 +355,7 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
                                 weight_of=accounts.weight_of, adaptive=adaptive)
     registry = ModelRegistry(models, resolve_initial_peers(initial_peers), device, torch_dtype, settings, executor,
                              refusals)
-    admission = Admission(settings, session_limit=accounts.session_limit)
+    admission = Admission(settings, key_session_limit=accounts.key_session_limit)
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions,
                              executor_queue_depth=lambda: executor.queue_depth,
                              reserved_state_bytes=lambda: admission.reserved_bytes,
