@@ -18,14 +18,16 @@ that all of them always run); the light one connects from 127.0.0.3 and runs one
 and prints, per variant, the medians over the repeats: the light p50/p95 gap alone and under
 load and their ratio (under load / alone), the heavy client's tokens/s alone and under load, the
 total tokens/s under load and its ratio to the heavy client alone. The default variants are
-``fair`` (the server's defaults: fair turns, few steps in flight) and ``first-come`` (every
-step sent to the swarm at once, whose servers take them in arrival order).
+``adaptive`` (the server's default on a joined swarm: fair turns, the steps in flight found from
+their times), ``two`` (2 in flight, the embedded swarm's default for one model) and
+``first-come`` (every step sent to the swarm at once, whose servers take them in arrival order:
+fair scheduling off).
 
     .venv/bin/python bench/fairness.py [--tokens 60] [--repeats 3] [--heavy-streams 16]
         [--heavy-tokens 32] [--heavy-seconds 5] [--light-weight 1] [--variant NAME=ARGS ...]
 
 ``--variant NAME=ARGS`` (repeatable) names a server variant and the arguments appended to its
-command line (``start_server``'s ``extra_args``), e.g. ``--variant "fair="
+command line (``start_server``'s ``extra_args``), e.g. ``--variant "adaptive="
 --variant "capped=--steps-in-flight 3"``. Each repeat starts each variant's server in turn on
 the same swarm (alternating, so drift in the machine's load hits every variant), runs the three
 measurements and stops it. Before them, three checks, each on a server of its own:
@@ -84,9 +86,11 @@ KEY_OF_ADDRESS = {HEAVY_IP: "heavy", LIGHT_IP: "light"}
 BUDGET_TOKENS = 1000  # the daily budget of the "budget" key
 QUEUE_SESSIONS, QUEUE_SERVER_SESSIONS = 64, 32  # sessions asked of a server that holds this many
 QUEUE_SESSION_TOKENS = 16
-# Fair turns with the steps in flight capped (the server's default), and no cap: every step goes
-# to the swarm at once, where its servers take them first come, first served.
-DEFAULT_VARIANTS = [("fair", []), ("first-come", ["--steps-in-flight", "8", "--executor-workers", "8"])]
+# Fair turns with the steps in flight found from their times (the default on a joined swarm, as
+# here), with 2 in flight (the embedded swarm's default for one model), and with no cap: every
+# step goes to the swarm at once, where its servers take them first come, first served.
+DEFAULT_VARIANTS = [("adaptive", []), ("two", ["--steps-in-flight", "2"]),
+                    ("first-come", ["--steps-in-flight", "8", "--executor-workers", "8"])]
 PING, PONG = 0x9, 0xA
 TRY_AGAIN_LATER = 1013  # the close code of a connection the server refuses
 READ_TIMEOUT = 120.0  # seconds without a frame before a client gives up
