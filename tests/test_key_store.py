@@ -11,6 +11,7 @@ import pytest
 
 from sessions.accounts.store import (
     ANONYMOUS,
+    API_KEY,
     SCHEMA_VERSION,
     SHOWN_PREFIX_LENGTH,
     KeyLimits,
@@ -73,7 +74,7 @@ def test_a_name_is_refused_while_taken_and_after_its_key_is_revoked(store):
     assert [record.name for record in store.keys()] == ["alice"]
 
 
-@pytest.mark.parametrize("name", ["", "a" * 65, "has space", "slash/name", "ünï", ANONYMOUS, 7])
+@pytest.mark.parametrize("name", ["", "a" * 65, "has space", "slash/name", "ünï", ANONYMOUS, API_KEY, 7])
 def test_invalid_names_are_refused(store, name):
     with pytest.raises(KeyStoreError):
         store.add_key(name, KeyLimits())

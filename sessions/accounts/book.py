@@ -20,12 +20,20 @@ from typing import Any, Counter, Dict, Iterable, List, NamedTuple, Optional, Tup
 
 from config import Settings
 from sessions.accounts.limits import Account, UsageCounts, format_reset
-from sessions.accounts.store import ANONYMOUS, KeyLimits, KeyRecord, KeyStore, UsageDelta, key_digest, utc_day
+from sessions.accounts.store import (
+    ANONYMOUS,
+    API_KEY,
+    KeyLimits,
+    KeyRecord,
+    KeyStore,
+    UsageDelta,
+    key_digest,
+    utc_day,
+)
 from sessions.errors import Unauthorized
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ACCOUNT = "api-key"  # the server's single --api-key
 KEY_CLIENT_PREFIX = "key:"  # a client with a key of the database, by the key's name
 API_KEY_CLIENT_PREFIX = "api-key:"  # a client with --api-key, by its address
 # Seconds between writes of the usage accounted meanwhile, and between checks for changed keys.
@@ -49,7 +57,7 @@ class AccountBook:
         self.settings = settings
         self._records: Dict[str, KeyRecord] = {}  # active keys, by digest
         self._accounts: Dict[str, Account] = {}  # key accounts, by name (revoked ones kept for their sessions)
-        self._api_key_account = Account(API_KEY_ACCOUNT, KeyLimits(), self._account_used)
+        self._api_key_account = Account(API_KEY, KeyLimits(), self._account_used)
         self._anonymous_limits = KeyLimits(requests_per_minute=settings.anonymous_requests_per_minute,
                                            tokens_per_minute=settings.anonymous_tokens_per_minute,
                                            daily_tokens=settings.anonymous_daily_tokens)
@@ -72,7 +80,7 @@ class AccountBook:
         await self._reload_keys()
         today = utc_day()
         for row in await self._in_thread(lambda: self._store.usage(since_day=today)):
-            account = self._api_key_account if row.key == API_KEY_ACCOUNT else self._key_account(row.key)
+            account = self._api_key_account if row.key == API_KEY else self._key_account(row.key)
             if account is not None:
                 account.restore_today(row.model, UsageCounts(row.requests, row.prompt_tokens, row.cached_tokens,
                                                              row.completion_tokens))

@@ -27,8 +27,10 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Uni
 SCHEMA_VERSION = 1
 SECRET_PREFIX = "sk-swarm-"
 SHOWN_PREFIX_LENGTH = 16  # the fixed "sk-swarm-" and 7 characters of the secret
-# The usage of clients that present no key is accounted under this name, so no key may take it.
+# The usage of clients that present no key, and of the server's single --api-key, is accounted
+# under these names, so no key may take them.
 ANONYMOUS = "anonymous"
+API_KEY = "api-key"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_WEIGHT = 1000.0
 MAX_MODELS = 64
@@ -105,7 +107,7 @@ class KeyRecord:
 class UsageDelta:
     """Usage to add to one (key, model, UTC day): counts, and the swarm servers (peer ids) that served it."""
 
-    key: str  # a key's name, or ANONYMOUS
+    key: str  # a key's name, ANONYMOUS or API_KEY
     model: str
     day: str  # "YYYY-MM-DD", UTC
     requests: int = 0
@@ -132,11 +134,12 @@ def utc_day(when: Optional[float] = None) -> str:
 
 
 def check_name(name: str) -> None:
-    """Refuses a name that is not 1-64 characters of letters, digits, ``_``, ``.`` and ``-``, or is ANONYMOUS."""
+    """Refuses a name that is not 1-64 characters of letters, digits, ``_``, ``.`` and ``-``, or is
+    ANONYMOUS or API_KEY."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise KeyStoreError(f"invalid key name {name!r}: use 1-64 letters, digits, '_', '.' or '-'")
-    if name == ANONYMOUS:
-        raise KeyStoreError(f"the name {ANONYMOUS!r} is reserved for the usage of clients without a key")
+    if name in (ANONYMOUS, API_KEY):
+        raise KeyStoreError(f"the name {name!r} is reserved for the usage of clients without a key of the database")
 
 
 def check_limits(limits: KeyLimits) -> None:
