@@ -164,6 +164,29 @@ async def test_a_session_larger_than_the_attention_cache_is_out_of_capacity(faul
     assert fits["ok"] and fits["token_count"] == 4, fits
 
 
+async def test_a_session_waits_for_the_attention_cache_another_session_holds(fault_server):
+    """The swarm's server holds a new session's first step until its cache has room (petals'
+    --max_alloc_timeout), within the client's --request-timeout: the session waits, then runs."""
+    manager, port = fault_server
+    holder, waiting = await WSClient.connect(port), await WSClient.connect(port)
+    try:
+        for client in (holder, waiting):  # each fits the cache alone, not both together
+            opened = await client.request({"type": "open_inference_session", "model": SMALL_CACHE,
+                                           "max_length": SMALL_CACHE_TOKENS * 3 // 4})
+            assert opened["ok"], opened
+        assert (await holder.stream({"type": "generate", "inputs": "Hello", "max_new_tokens": 2}))[-1]["ok"]
+        await waiting.send({"type": "generate", "inputs": "Hello", "max_new_tokens": 2})
+        with pytest.raises(asyncio.TimeoutError):  # no room in the cache yet: it waits
+            await waiting.receive(timeout=1.0)
+        holder.close()  # releases its cache: the waiting session's first step goes through
+        reply = await waiting.receive(timeout=60)
+        assert reply["ok"] and reply["stop"] and reply["token_count"] == 2, reply
+    finally:
+        holder.close()
+        waiting.close()
+    await wait_for_no_sessions(manager)
+
+
 async def test_chat_page_says_out_of_capacity(fault_server, tmp_path):
     manager, port = fault_server
     chromium = start_chromium()
