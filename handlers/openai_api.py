@@ -79,12 +79,24 @@ def allowed_headers(requested: str) -> List[str]:
     return list(allowed.values())
 
 
+# What every model served here supports: tools (through its template's call syntax, or the
+# server's own instructions), structured output (JSON schemas, grammars) and log-probabilities.
+CAPABILITIES = ["completion", "chat", "tools", "structured_output", "logprobs"]
+
+
+def model_card(loaded: LoadedModel) -> ModelCard:
+    """A served model as ``/v1/models`` lists it."""
+    spec = loaded.spec
+    return ModelCard(id=spec.key, owned_by=spec.family, root=spec.repository,
+                     max_model_len=spec.chat.max_session_length, max_output_tokens=spec.max_new_tokens_limit,
+                     capabilities=CAPABILITIES)
+
+
 class ModelListHandler(OpenAIHandler):
     """``GET /v1/models``: the models this API serves."""
 
     def get(self) -> None:
-        self.write(ModelList(data=[ModelCard(id=loaded.spec.key, owned_by=loaded.spec.family)
-                                   for loaded in self.manager.registry.public_models()]).json_text())
+        self.write(ModelList(data=[model_card(loaded) for loaded in self.manager.registry.public_models()]).json_text())
 
 
 class CompletionHandler(OpenAIHandler):

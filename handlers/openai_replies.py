@@ -41,12 +41,17 @@ class WireModel(BaseModel):
 
 
 class ModelCard(WireModel):
-    """One model of ``GET /v1/models``."""
+    """One model of ``GET /v1/models``: OpenAI's fields, and vLLM's ``root`` and ``max_model_len``
+    (the most tokens a session holds, prompt and reply) with what the model supports here."""
 
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str
+    root: str
+    max_model_len: int
+    max_output_tokens: int
+    capabilities: List[str]
 
 
 class ModelList(WireModel):

@@ -44,9 +44,10 @@ async def test_the_models_list_has_the_public_models_only(serve_fakes):
                                        chat_model("fake/b")])
     response = await server.fetch("/v1/models")
     assert response.code == 200
+    capabilities = ["completion", "chat", "tools", "structured_output", "logprobs"]
     assert json.loads(response.body) == {"object": "list", "data": [
-        {"id": "fake/a", "object": "model", "created": 0, "owned_by": "Fake"},
-        {"id": "fake/b", "object": "model", "created": 0, "owned_by": "Fake"}]}
+        {"id": name, "object": "model", "created": 0, "owned_by": "Fake", "root": name, "max_model_len": 256,
+         "max_output_tokens": 2048, "capabilities": capabilities} for name in ("fake/a", "fake/b")]}
 
 
 async def test_a_chat_completion_renders_the_chat_format_and_cuts_its_stop_token(serve_fakes):

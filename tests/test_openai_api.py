@@ -23,7 +23,11 @@ def client(ws_port):
 
 async def test_list_models(client, model_specs):
     models = await client.models.list()
-    assert [model.id for model in models.data] == [spec.key for spec in model_specs if spec.public_api]
+    public = [spec for spec in model_specs if spec.public_api]
+    assert [model.id for model in models.data] == [spec.key for spec in public]
+    # vLLM's context length, as clients read it from the model's extra fields
+    assert [model.model_extra["max_model_len"] for model in models.data] == [
+        spec.chat.max_session_length for spec in public]
 
 
 async def test_chat_completion(client, manager):
