@@ -447,11 +447,8 @@ def make_keys(path: Path, light_weight: float) -> Dict[str, str]:
     """The bench's key database: name -> secret of each key of ``KEYS``."""
     limits = {"heavy": KeyLimits(), "light": KeyLimits(weight=light_weight),
               "budget": KeyLimits(daily_tokens=BUDGET_TOKENS)}
-    store = KeyStore(path)
-    try:
+    with KeyStore(path) as store:
         return {name: store.add_key(name, limits[name]) for name in KEYS}
-    finally:
-        store.close()
 
 
 def parse_variant(text: str) -> Tuple[str, List[str]]:

@@ -1,6 +1,9 @@
 """Helpers shared by the tests that run an app in the test process."""
 
 import asyncio
+from pathlib import Path
+
+from sessions.accounts.store import KeyStore
 
 
 async def wait_for_no_sessions(manager, timeout: float = 10.0) -> float:
@@ -22,3 +25,14 @@ async def send_raw_post(port: int, path: str, body: bytes, content_type: str = "
                  % (path.encode(), content_type.encode(), len(body) if length is None else length, body))
     await writer.drain()
     return reader, writer
+
+
+def add_keys(path: Path, **limits_by_name) -> dict:
+    """API keys added to the key database at ``path`` (``name=KeyLimits(...)``): name -> secret."""
+    with KeyStore(path) as store:
+        return {name: store.add_key(name, limits) for name, limits in limits_by_name.items()}
+
+
+def bearer(secret: str) -> dict:
+    """The header that presents API key ``secret``."""
+    return {"Authorization": f"Bearer {secret}"}

@@ -9,6 +9,7 @@ from sessions.accounts.book import KEY_CLIENT_PREFIX, AccountBook
 from sessions.accounts.limits import Account, MinuteRate, UsageCounts, format_reset
 from sessions.accounts.store import ANONYMOUS, KeyLimits, KeyStore
 from sessions.errors import ModelNotAllowed, QuotaExceeded, RateLimited, Unauthorized
+from tests.helpers import add_keys
 
 
 class Clock:
@@ -114,9 +115,7 @@ def test_a_key_may_use_only_its_models():
 
 
 def test_callers_are_identified_by_their_key(tmp_path):
-    store = KeyStore(tmp_path / "keys.db")
-    alice = store.add_key("alice", KeyLimits(sessions=3, weight=4))
-    store.close()
+    alice = add_keys(tmp_path / "keys.db", alice=KeyLimits(sessions=3, weight=4))["alice"]
 
     async def scenario():
         book = AccountBook(Settings(keys_db=tmp_path / "keys.db"))
@@ -151,9 +150,7 @@ def test_callers_are_identified_by_their_key(tmp_path):
 
 def test_usage_is_written_and_counted_again_after_a_restart(tmp_path):
     path = tmp_path / "keys.db"
-    store = KeyStore(path)
-    alice = store.add_key("alice", KeyLimits(daily_tokens=1000))
-    store.close()
+    alice = add_keys(path, alice=KeyLimits(daily_tokens=1000))["alice"]
     settings = Settings(keys_db=path)
 
     async def serve_once(prompt: int, completion: int) -> int:
@@ -169,11 +166,8 @@ def test_usage_is_written_and_counted_again_after_a_restart(tmp_path):
 
     assert asyncio.run(serve_once(10, 5)) == 0
     assert asyncio.run(serve_once(20, 7)) == 15  # the first run's tokens still count against today
-    store = KeyStore(path)
-    try:
+    with KeyStore(path) as store:
         [row] = store.usage(key="alice")
-    finally:
-        store.close()
     assert (row.requests, row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (2, 30, 4, 12)
     assert dict(row.servers) == {"peer-a": 2}
 

@@ -18,6 +18,7 @@ import tornado.httpclient
 
 from sessions.accounts.store import KeyLimits, KeyStore
 from tests.conftest import REPO_ROOT
+from tests.helpers import add_keys, bearer
 from tests.test_server_process import read_until_ready
 from tests.ws_client import WSClient
 
@@ -27,19 +28,6 @@ MAX_TOKENS = 30
 BUDGET = 120
 # Stored usage must never hold what people wrote: a phrase that appears nowhere else.
 PRIVATE_PROMPT = "My locker code is tangerine-kestrel-4417; what rhymes with it?"
-
-
-def add_keys(path: Path, **limits_by_name) -> dict:
-    """Keys added to the database at ``path``: name -> secret."""
-    store = KeyStore(path)
-    try:
-        return {name: store.add_key(name, limits) for name, limits in limits_by_name.items()}
-    finally:
-        store.close()
-
-
-def bearer(secret: str) -> dict:
-    return {"Authorization": f"Bearer {secret}"}
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from selenium.webdriver.common.keys import Keys
 
 from config import Settings
 from server import make_app
-from sessions.accounts.store import KeyLimits, KeyStore
+from sessions.accounts.store import KeyLimits
 from sessions.formats.chat_format import ChatFormat
 from sessions.serving.manager import build_manager
 from tests.browser import (
@@ -31,7 +31,7 @@ from tests.browser import (
     start_chromium,
 )
 from tests.conftest import FAMILY_MODEL_NAMES
-from tests.helpers import wait_for_no_sessions
+from tests.helpers import add_keys, wait_for_no_sessions
 from tests.ws_client import WSClient
 
 VENDOR_DIR = Path(__file__).resolve().parent.parent / "static" / "vendor"
@@ -755,8 +755,7 @@ def small_budget_server(serve_with, tmp_path):
     """The URL of the app with a key book whose one key may spend 5 tokens a day (less than any
     prompt of the page), and that key."""
     keys_db = tmp_path / "keys.db"
-    with KeyStore(keys_db) as store:
-        secret = store.add_key("alice", KeyLimits(daily_tokens=5))
+    secret = add_keys(keys_db, alice=KeyLimits(daily_tokens=5))["alice"]
     return f"http://127.0.0.1:{serve_with(keys_db=keys_db)}/", secret
 
 

@@ -4,20 +4,8 @@ token, so every count is known; the same is proven on the real swarm in test_acc
 
 import json
 
-from sessions.accounts.store import KeyLimits, KeyStore
-
-
-def add_keys(path, **limits_by_name) -> dict:
-    """Keys added to the database at ``path``: name -> secret."""
-    store = KeyStore(path)
-    try:
-        return {name: store.add_key(name, limits) for name, limits in limits_by_name.items()}
-    finally:
-        store.close()
-
-
-def bearer(secret: str) -> dict:
-    return {"Authorization": f"Bearer {secret}"}
+from sessions.accounts.store import KeyLimits
+from tests.helpers import add_keys, bearer
 
 
 async def complete(server, secret: str, prompt: str = "ab", max_tokens: int = 100, model: str = "fake/chat"):
