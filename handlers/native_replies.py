@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
+from sessions.accounts.limits import Account, format_reset
 from sessions.errors import error_payload
 from sessions.requests import GenerationUpdate
 
@@ -128,14 +129,35 @@ class Readiness(NativeReply):
 
 @dataclass(frozen=True)
 class AccountUsage(NativeReply):
-    """``GET /api/v1/usage``: the caller's account, its limits, what is left of them and what it
-    used today (``sessions.accounts.book.AccountBook.usage_report``)."""
+    """``GET /api/v1/usage``: the caller's account, its limits (None: no limit of that kind), what
+    is left of them, when the rates are full again, and what it used today, per model."""
 
     account: str
     limits: Dict[str, Any]
     remaining: Dict[str, Any]
     reset: Dict[str, Any]
     today: Dict[str, Any]
+
+    @classmethod
+    def of(cls, account: Account, sessions: int) -> "AccountUsage":
+        """The reply about ``account``, which may hold ``sessions`` sessions at once."""
+        limits = account.limits
+        used_today = account.used_today  # moves the account on to a new day first
+        remaining: Dict[str, Any] = {"daily_tokens": account.daily_remaining}
+        reset: Dict[str, Any] = {}
+        for kind, rate in (("requests_per_minute", account.requests), ("tokens_per_minute", account.tokens)):
+            remaining[kind] = rate.remaining if rate is not None else None
+            reset[kind] = format_reset(rate.reset_seconds) if rate is not None else None
+        models = [dict(model=model, requests=counts.requests, prompt_tokens=counts.prompt_tokens,
+                       cached_tokens=counts.cached_tokens, completion_tokens=counts.completion_tokens,
+                       total_tokens=counts.total_tokens) for model, counts in sorted(account.today.items())]
+        return cls(account.name,
+                   {"requests_per_minute": limits.requests_per_minute or None,
+                    "tokens_per_minute": limits.tokens_per_minute or None, "sessions": sessions,
+                    "daily_tokens": limits.daily_tokens or None, "models": list(limits.models) or None,
+                    "weight": limits.weight},
+                   remaining, reset,
+                   {"day": account.day, "total_tokens": used_today, "models": models})
 
 
 @dataclass(frozen=True)

@@ -10,4 +10,5 @@ class UsageHandler(APIHandler):
     requires_api_key = True
 
     def get(self) -> None:
-        self.write(AccountUsage(**self.manager.accounts.usage_report(self.caller)).body())
+        caller = self.caller
+        self.write(AccountUsage.of(caller.account, self.manager.admission.session_limit(caller.client)).body())

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from config import Settings
+from handlers.native_replies import AccountUsage
 from sessions.accounts.book import KEY_CLIENT_PREFIX, AccountBook
 from sessions.accounts.limits import Account, MinuteRate, UsageCounts, format_reset
 from sessions.accounts.store import ANONYMOUS, KeyLimits, KeyStore
@@ -178,5 +179,5 @@ def test_with_no_key_configured_everyone_is_served_without_one():
     assert caller.client == "10.0.0.1" and caller.account.unlimited
     caller.account.grant("m", 5, 0, wanted=5).settle(5)
     other = book.identify(None, "10.0.0.2")
-    assert book.usage_report(other)["today"]["total_tokens"] == 0  # each address reads its own use
-    assert book.usage_report(caller)["today"]["total_tokens"] == 10
+    assert AccountUsage.of(other.account, 1).today["total_tokens"] == 0  # each address reads its own use
+    assert AccountUsage.of(caller.account, 1).today["total_tokens"] == 10

@@ -16,10 +16,10 @@ import hmac
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Counter, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Counter, Dict, Iterable, NamedTuple, Optional, Tuple
 
 from config import Settings
-from sessions.accounts.limits import Account, UsageCounts, format_reset
+from sessions.accounts.limits import Account, UsageCounts
 from sessions.accounts.store import (
     ANONYMOUS,
     API_KEY,
@@ -213,29 +213,3 @@ class AccountBook:
         total, served = self._pending.setdefault(key, (UsageCounts(), collections.Counter()))
         total.add(counts)
         served.update(servers)
-
-    def usage_report(self, caller: Caller) -> Dict[str, Any]:
-        """What ``caller``'s account may use, what it has left and what it used today, per model."""
-        account = caller.account
-        limits = account.limits
-        used_today = account.used_today  # moves the account on to a new day first
-        remaining: Dict[str, Any] = {"daily_tokens": account.daily_remaining}
-        resets: Dict[str, Any] = {}
-        for kind, rate in (("requests_per_minute", account.requests), ("tokens_per_minute", account.tokens)):
-            remaining[kind] = rate.remaining if rate is not None else None
-            resets[kind] = format_reset(rate.reset_seconds) if rate is not None else None
-        today: List[Dict[str, Any]] = [dict(model=model, requests=counts.requests, prompt_tokens=counts.prompt_tokens,
-                                            cached_tokens=counts.cached_tokens,
-                                            completion_tokens=counts.completion_tokens,
-                                            total_tokens=counts.total_tokens)
-                                       for model, counts in sorted(account.today.items())]
-        return {"account": account.name,
-                "limits": {"requests_per_minute": limits.requests_per_minute or None,
-                           "tokens_per_minute": limits.tokens_per_minute or None,
-                           "sessions": self.key_session_limit(caller.client) or self.settings.max_sessions_per_client,
-                           "daily_tokens": limits.daily_tokens or None,
-                           "models": list(limits.models) or None,
-                           "weight": limits.weight},
-                "remaining": remaining, "reset": resets,
-                "today": {"day": account.day, "total_tokens": used_today, "models": today}}
-
