@@ -93,9 +93,11 @@ async def test_positions_are_reported_on_entry_and_at_each_change_only():
 async def test_a_full_room_and_a_client_at_its_bound_are_refused_at_once():
     server = Server(make_room(max_waiting=3, max_waiting_per_client=2))
     tasks = await queue(server, "a-0", "a-1")
+    assert not server.room.has_place("a") and server.room.has_place("b")
     with pytest.raises(RoomFull, match="^this client already has 2 sessions waiting$"):
         await server.room.wait_for_room("a", server.try_admit("a-2"), 10.0)
     tasks += await queue(server, "b-0")
+    assert not server.room.has_place("c")
     with pytest.raises(RoomFull, match="^3 sessions already wait for room on this server$"):
         await server.room.wait_for_room("c", server.try_admit("c-0"), 10.0)
     assert "a-2" not in server.tries and "c-0" not in server.tries  # refused without a try that would jump the line

@@ -270,9 +270,7 @@ class SessionManager:
 
     def _may_wait(self, client: str) -> bool:
         """Whether a new session of ``client`` may wait for room on a full server."""
-        room = self.waiting_room
-        return (self.settings.queue_timeout > 0 and room.waiting < room.max_waiting
-                and room.waiting_of(client) < room.max_waiting_per_client)
+        return self.settings.queue_timeout > 0 and self.waiting_room.has_place(client)
 
     async def _within_limits(self, client: str, admit: Callable[[], T], on_queued: QueuedCallback) -> T:
         """``admit()``, after closing warm sessions (the client's own first) while a limit refuses

@@ -63,6 +63,10 @@ class WaitingRoom:
         line = self._lines.get(client)
         return len(line) if line else 0
 
+    def has_place(self, client: str) -> bool:
+        """Whether a session of ``client`` would find a place in line now (neither bound reached)."""
+        return self._waiting < self.max_waiting and self.waiting_of(client) < self.max_waiting_per_client
+
     async def wait_for_room(self, client: str, try_admit: Callable[[], T], timeout: float,
                             on_position: Callable[[int], None] = lambda position: None) -> T:
         """Calls ``try_admit()`` when it is this waiter's turn and returns its result.
