@@ -56,7 +56,8 @@ class AccountBook:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._records: Dict[str, KeyRecord] = {}  # active keys, by digest
-        self._accounts: Dict[str, Account] = {}  # key accounts, by name (revoked ones kept for their sessions)
+        # Every key's account, by name, made as its key is loaded (revoked ones kept for their sessions).
+        self._accounts: Dict[str, Account] = {}
         self._api_key_account = Account(API_KEY, KeyLimits(), self._account_used)
         self._anonymous_limits = KeyLimits(requests_per_minute=settings.anonymous_requests_per_minute,
                                            tokens_per_minute=settings.anonymous_tokens_per_minute,
@@ -80,7 +81,7 @@ class AccountBook:
         await self._reload_keys()
         today = utc_day()
         for row in await self._in_thread(lambda: self._store.usage(since_day=today)):
-            account = self._api_key_account if row.key == API_KEY else self._key_account(row.key)
+            account = self._api_key_account if row.key == API_KEY else self._accounts.get(row.key)
             if account is not None:
                 account.restore_today(row.model, UsageCounts(row.requests, row.prompt_tokens, row.cached_tokens,
                                                              row.completion_tokens))
@@ -94,7 +95,9 @@ class AccountBook:
         self._data_version = version
         for record in self._records.values():
             account = self._accounts.get(record.name)
-            if account is not None and account.limits != record.limits:
+            if account is None:
+                self._accounts[record.name] = Account(record.name, record.limits, self._account_used)
+            elif account.limits != record.limits:
                 account.change_limits(record.limits)
 
     async def run(self) -> None:
@@ -159,14 +162,13 @@ class AccountBook:
         record = self._records.get(digest)
         if record is None:
             raise Unauthorized("Invalid API key")
-        return Caller(KEY_CLIENT_PREFIX + record.name, self._key_account(record.name))
+        return Caller(KEY_CLIENT_PREFIX + record.name, self._accounts[record.name])
 
     def account_for(self, client: str) -> Account:
         """The account of ``client`` (as ``identify`` named it)."""
-        if client.startswith(KEY_CLIENT_PREFIX):
-            account = self._key_account(client[len(KEY_CLIENT_PREFIX):])
-            if account is not None:
-                return account
+        account = self._key_account(client)
+        if account is not None:
+            return account
         if client.startswith(API_KEY_CLIENT_PREFIX):
             return self._api_key_account
         return self._anonymous_account(client)
@@ -174,28 +176,17 @@ class AccountBook:
     def weight_of(self, client: Optional[str]) -> float:
         """``client``'s share of the swarm's steps, relative to the others (1: an equal one, also
         for the server's own calls, which have no client)."""
-        if client is not None and client.startswith(KEY_CLIENT_PREFIX):
-            account = self._accounts.get(client[len(KEY_CLIENT_PREFIX):])
-            if account is not None:
-                return account.limits.weight
-        return 1.0
+        account = self._key_account(client) if client is not None else None
+        return account.limits.weight if account is not None else 1.0
 
     def key_session_limit(self, client: str) -> Optional[int]:
         """The sessions ``client`` may hold at once, if its key says (else the server's setting)."""
-        if client.startswith(KEY_CLIENT_PREFIX):
-            account = self._accounts.get(client[len(KEY_CLIENT_PREFIX):])
-            if account is not None and account.limits.sessions:
-                return account.limits.sessions
-        return None
+        account = self._key_account(client)
+        return (account.limits.sessions or None) if account is not None else None
 
-    def _key_account(self, name: str) -> Optional[Account]:
-        account = self._accounts.get(name)
-        if account is None:
-            record = next((record for record in self._records.values() if record.name == name), None)
-            if record is None:
-                return None
-            account = self._accounts[name] = Account(name, record.limits, self._account_used)
-        return account
+    def _key_account(self, client: str) -> Optional[Account]:
+        """The account of a client of a database key (``key:NAME``), None for any other client."""
+        return self._accounts.get(client[len(KEY_CLIENT_PREFIX):]) if client.startswith(KEY_CLIENT_PREFIX) else None
 
     def _anonymous_account(self, address: str) -> Account:
         account = self._anonymous.pop(address, None) or Account(ANONYMOUS, self._anonymous_limits,
