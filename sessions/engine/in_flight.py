@@ -32,7 +32,10 @@ class AdaptiveInFlight:
         self.maximum = maximum
         self.limit = min(2, maximum)  # where a route of one server settles
         self._clock = clock
-        self._alone: Dict[Hashable, Deque[Tuple[float, float]]] = {}  # per model: (when, seconds) of steps alone
+        # Per model: (when, seconds) of steps alone, each shorter than every one before it that is
+        # kept (a longer one cannot be the minimum while a later, shorter one is in the window),
+        # so the first is the shortest and the last the latest: O(1) per step on average.
+        self._alone: Dict[Hashable, Deque[Tuple[float, float]]] = {}
         self._probing: Optional[Hashable] = None  # the model whose time alone is due to be measured again
         self._round: List[float] = []  # this round's times over the time alone
         self._round_waited = False  # whether calls waited for a place during this round
@@ -45,18 +48,22 @@ class AdaptiveInFlight:
     def time_alone(self, group: Hashable) -> Optional[float]:
         """The time of a step of ``group`` (a model) alone: the shortest of the recent ones."""
         samples = self._alone.get(group)
-        if samples:
-            cutoff = self._clock() - BASE_SECONDS
-            while len(samples) > 1 and samples[0][0] < cutoff:
-                samples.popleft()
-        return min(seconds for _, seconds in samples) if samples else None
+        if not samples:
+            return None
+        cutoff = self._clock() - BASE_SECONDS
+        while len(samples) > 1 and samples[0][0] < cutoff:
+            samples.popleft()
+        return samples[0][1]
 
     def observe(self, group: Hashable, seconds: float, alone: bool, calls_waiting: bool) -> None:
         """A step of ``group`` took ``seconds``; ``alone``: no other call ran when it started;
         ``calls_waiting``: calls wait for a place now (the limit holds something back)."""
         now = self._clock()
         if alone:
-            self._alone.setdefault(group, collections.deque()).append((now, seconds))
+            samples = self._alone.setdefault(group, collections.deque())
+            while samples and samples[-1][1] >= seconds:
+                samples.pop()
+            samples.append((now, seconds))
             if self._probing == group:
                 self._probing = None
             return
