@@ -12,10 +12,17 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
-from sessions.accounts.store import KeyLimits, KeyRecord, KeyStore, KeyStoreError, UsageRow, utc_day
+from sessions.accounts.store import (
+    SECONDS_PER_DAY,
+    KeyLimits,
+    KeyRecord,
+    KeyStore,
+    KeyStoreError,
+    UsageRow,
+    utc_day,
+)
 
 DB_ENVIRONMENT_VARIABLE = "SWARM_CHAT_KEYS_DB"
-SECONDS_PER_DAY = 86_400
 # How many of a peer id's last characters a usage table shows.
 SHOWN_PEER_ID_LENGTH = 8
 # Exit status of a refused command, as argparse's own for bad syntax.

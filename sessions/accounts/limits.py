@@ -13,10 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
 
-from sessions.accounts.store import KeyLimits, utc_day
+from sessions.accounts.store import SECONDS_PER_DAY, KeyLimits, utc_day
 from sessions.errors import ModelNotAllowed, QuotaExceeded, RateLimited
-
-SECONDS_PER_DAY = 86_400
 
 
 def seconds_to_next_day(unix_time: float) -> float:

@@ -25,6 +25,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Uni
 
 # The version of the tables below, kept in the file's ``PRAGMA user_version``.
 SCHEMA_VERSION = 1
+SECONDS_PER_DAY = 86_400  # a UTC day, as usage is accounted by
 SECRET_PREFIX = "sk-swarm-"
 SHOWN_PREFIX_LENGTH = 16  # the fixed "sk-swarm-" and 7 characters of the secret
 # The usage of clients that present no key, and of the server's single --api-key, is accounted
