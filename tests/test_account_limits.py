@@ -176,7 +176,7 @@ def test_usage_is_written_and_counted_again_after_a_restart(tmp_path):
 def test_with_no_key_configured_everyone_is_served_without_one():
     book = AccountBook(Settings())
     caller = book.identify("sk-anything", "10.0.0.1")  # an SDK's placeholder key is not looked at
-    assert caller.client == "10.0.0.1" and caller.account.unlimited
+    assert caller.client == "10.0.0.1" and caller.account.limits == KeyLimits()
     caller.account.grant("m", 5, 0, wanted=5).settle(5)
     other = book.identify(None, "10.0.0.2")
     assert AccountUsage.of(other.account, 1).today["total_tokens"] == 0  # each address reads its own use

@@ -11,6 +11,7 @@ import tornado.httputil
 from config import Settings
 from handlers.auth import KEY_SUBPROTOCOL_PREFIX, SUBPROTOCOL, presented_key
 from sessions.accounts.book import AccountBook
+from sessions.accounts.store import KeyLimits
 from sessions.errors import Unauthorized
 from tests.helpers import wait_for_no_sessions
 from tests.ws_client import WSClient
@@ -41,12 +42,13 @@ def test_the_key_is_read_from_a_bearer_header_or_a_subprotocol():
 def test_the_api_key_is_required_and_compared_whole():
     book = AccountBook(Settings())
     assert book.identify(None, "10.0.0.1").client == "10.0.0.1"
-    assert book.identify("anything", "10.0.0.1").account.unlimited  # no key configured: not looked at
+    assert book.identify("anything", "10.0.0.1").account.limits == KeyLimits()  # no key configured: not looked at
     for presented in (None, KEY + "x", KEY[:-1], ""):
         with pytest.raises(Unauthorized):
             book.identify(presented, "10.0.0.1", api_key=KEY)
     caller = book.identify(KEY, "10.0.0.1", api_key=KEY)
-    assert caller.client == "api-key:10.0.0.1" and caller.account.name == "api-key" and caller.account.unlimited
+    assert caller.client == "api-key:10.0.0.1" and caller.account.name == "api-key"
+    assert caller.account.limits == KeyLimits()
     assert book.account_for(caller.client) is caller.account
     anonymous = book.identify(None, "10.0.0.1", api_key=KEY, allow_anonymous=True)  # the key is optional
     assert anonymous.client == "10.0.0.1" and anonymous.account.name == "anonymous"

@@ -125,11 +125,6 @@ class Account:
             self.tokens = MinuteRate(limits.tokens_per_minute, self._clock) if limits.tokens_per_minute else None
         self.limits = limits
 
-    @property
-    def unlimited(self) -> bool:
-        """Whether nothing about this account is limited."""
-        return self.limits == KeyLimits()
-
     def _roll_day(self) -> None:
         day = utc_day(self._wall_clock())
         if day != self.day:
