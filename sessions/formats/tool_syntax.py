@@ -61,6 +61,10 @@ class ToolSyntax:
         """Whether a reply that begins with ``text`` (not empty) is a call."""
         return text[:1] == self.first_character
 
+    def streamer(self) -> "CallStreamer":
+        """Reads a call of this syntax as the model writes it."""
+        return CallStreamer(self)
+
     def parse(self, text: str) -> Optional[ParsedCall]:
         """The call the reply ``text`` is; None for free text (or a call cut short)."""
         if not text.startswith(self.opening) or not text.endswith(self.closing):
@@ -93,6 +97,72 @@ class ToolSyntax:
             return "\n".join(["start: call", *rules])
         text = f"TEXT: /[^{_regex_escaped(self.first_character)}][\\s\\S]*/"
         return "\n".join(["start: call | TEXT", *rules, text])
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """What one piece of a call's text tells: the function's ``name`` (on the piece where it
+    becomes known, else None) and the text of the arguments written since the piece before."""
+
+    name: Optional[str] = None
+    arguments: str = ""
+
+
+class CallStreamer:
+    """Reads a call as it is written, so that its name and then its arguments reach the client
+    while the model writes them, not once the call is whole.
+
+    A call the grammar holds is written as ``opening + {"name": "NAME", "KEY": ARGUMENTS} +
+    closing``. Once the text up to ARGUMENTS has come, the name is told; from then on each piece's
+    argument text is told, but for an end that could begin the call's own ``}`` and ``closing``,
+    held until the next piece shows what it is. The argument deltas join to exactly the arguments'
+    JSON text as the model wrote it.
+    """
+
+    def __init__(self, syntax: ToolSyntax):
+        self.syntax = syntax
+        self.text = ""  # the call as written so far
+        self.name: Optional[str] = None
+        self._head = syntax.opening + '{"name": "'
+        self._end = "}" + syntax.closing  # what ends the call
+        self._told = -1  # where the argument text not yet told begins (-1: the name is not known yet)
+
+    def push(self, text: str) -> CallDelta:
+        """The news in ``text``, the next piece of the call."""
+        self.text += text
+        name = None
+        if self.name is None:
+            marker = self.text.find(f'", "{self.syntax.arguments_key}": ', len(self._head))
+            if marker < 0 or not self.text.startswith(self._head):
+                return CallDelta()
+            try:
+                self.name = name = json.loads(self.text[len(self._head) - 1:marker + 1])
+            except ValueError:
+                return CallDelta()
+            self._told = marker + len(f'", "{self.syntax.arguments_key}": ')
+        return CallDelta(name, self._tell(len(self.text) - self._maybe_end()))
+
+    def finish(self) -> Tuple[Optional[ParsedCall], CallDelta]:
+        """Once the reply ended: the call (None when the text is not a whole call, e.g. cut short by
+        a token limit) and what was not told yet (the name, if it never was, and the rest of the
+        arguments: up to the call's end, or all the text written when it was cut short)."""
+        call = self.syntax.parse(self.text)
+        if self.name is None:
+            if call is None:
+                return None, CallDelta()
+            arguments = json.dumps(call.arguments, ensure_ascii=False)
+            self.name = call.name
+            return call, CallDelta(call.name, arguments)
+        return call, CallDelta(None, self._tell(len(self.text) - len(self._end) if call is not None else len(self.text)))
+
+    def _maybe_end(self) -> int:
+        """How many characters at the end of the text could be the start of the call's end."""
+        return next((length for length in range(len(self._end), 0, -1) if self.text.endswith(self._end[:length])), 0)
+
+    def _tell(self, end: int) -> str:
+        told = self.text[self._told:end] if end > self._told else ""
+        self._told += len(told)
+        return told
 
 
 def _regex_escaped(character: str) -> str:
