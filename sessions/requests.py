@@ -109,8 +109,13 @@ class GenerationUpdate:
     token_count: int
     finish_reason: Optional[str] = None  # on the last reply: "stop" (stop text or EOS), "length", "cancelled"
     text: str = ""
-    stopped_by_sequence: bool = False  # on the last reply: a stop sequence (not EOS or a limit) ended it
+    stop_sequence: Optional[str] = None  # on the last reply: the stop sequence that ended it (not EOS or a limit)
     logprobs: Tuple[ChosenTokenLogprobs, ...] = ()  # per token of ``outputs``, when the request asked
     route: Optional[Dict[str, Any]] = None  # on the last reply, when the request asked: the route trace
     prediction_tokens: Optional[PredictionTokens] = None  # on the last reply, when steps verified drafts
     session_length: Optional[int] = None  # on the last reply: tokens in the session's conversation now
+
+    @property
+    def stopped_by_sequence(self) -> bool:
+        """Whether a stop sequence (not EOS or a limit) ended the generation."""
+        return self.stop_sequence is not None

@@ -155,7 +155,7 @@ async def run_generation(session: GeneratingSession, request: GenerationRequest,
                 if speculation is not None:
                     session.metrics.observe_drafts(session.model.spec.key, speculation.counts)
             yield GenerationUpdate(outputs=chunk.text, last=finish_reason is not None, token_count=chunk.tokens,
-                                   finish_reason=finish_reason, text=visible, stopped_by_sequence=stops.matched,
+                                   finish_reason=finish_reason, text=visible, stop_sequence=stops.matched_stop,
                                    logprobs=tuple(chunk.logprobs),
                                    route=(session.stream.route.summary() if finish_reason and request.trace_route
                                           else None),
