@@ -1,6 +1,7 @@
 """Where a request may carry its API key (``sessions.accounts.book`` says whose it is).
 
-Programs send ``Authorization: Bearer KEY``. A browser cannot set headers on a WebSocket, so
+Programs send ``Authorization: Bearer KEY``, or ``x-api-key: KEY`` as Anthropic's API has it
+(the bearer header wins when a request brings both). A browser cannot set headers on a WebSocket, so
 the chat page offers the key as a WebSocket subprotocol, ``swarm-chat.key.`` followed by the
 key in unpadded base64url, next to the plain ``swarm-chat`` subprotocol that the server
 selects.
@@ -21,6 +22,9 @@ def presented_key(request: tornado.httputil.HTTPServerRequest) -> Optional[str]:
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
+    api_key = request.headers.get("x-api-key", "").strip()
+    if api_key:
+        return api_key
     for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
         protocol = protocol.strip()
         if protocol.startswith(KEY_SUBPROTOCOL_PREFIX):

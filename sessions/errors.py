@@ -4,7 +4,7 @@ Each error class declares, once, everything about its code: the HTTP status, whe
 may help, whether the client's session survives it, the OpenAI error type and the log level.
 ``ERROR_CLASSES`` is the table of them all (docs/api.md's error table is tested against it).
 ``classify`` turns any exception into one of these errors, and ``error_payload`` turns that
-into the wire body of the WebSocket, JSON or OpenAI API. Nothing here imports Tornado.
+into the wire body of the WebSocket, JSON, OpenAI or Anthropic API. Nothing here imports Tornado.
 """
 
 import logging
@@ -344,8 +344,22 @@ def log_error(logger: logging.Logger, context: str, error: BaseException) -> Ser
     return classified
 
 
+# Anthropic's error type for each HTTP status this server answers with; any other is a 4xx
+# "invalid_request_error" or a 5xx "api_error". Anthropic says "overloaded_error" for what it
+# answers with 529, and this server with 503.
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error"}
+
+
+def anthropic_type(status: int) -> str:
+    """Anthropic's ``error.type`` for an error answered with HTTP ``status``."""
+    return ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
 def error_payload(error: BaseException, api: str = "native", debug: bool = False) -> Dict[str, Any]:
-    """The wire body of an error: ``api`` "native" (WebSocket and JSON) or "openai" (JSON and SSE).
+    """The wire body of an error: ``api`` "native" (WebSocket and JSON), "openai" (JSON and SSE)
+    or "anthropic" (``/v1/messages``: JSON and SSE).
 
     With ``debug`` the message carries the traceback (of the original exception for internal errors).
     """
@@ -358,6 +372,8 @@ def error_payload(error: BaseException, api: str = "native", debug: bool = False
     if api == "openai":
         return {"error": {"message": message, "type": classified.openai_type, "param": classified.param,
                           "code": classified.openai_code or classified.code}}
+    if api == "anthropic":
+        return {"type": "error", "error": {"type": anthropic_type(classified.status), "message": message}}
     payload = {"ok": False, "traceback": message, "code": classified.code, "retryable": classified.retryable}
     if classified.retry_after is not None:
         payload["retry_after"] = math.ceil(classified.retry_after)
