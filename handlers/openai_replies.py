@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Sequ
 
 from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
-from handlers.openai_tools import openai_tool_call
-from sessions.formats.tool_syntax import ToolSyntax
+from handlers.openai_tools import new_call_id, openai_tool_call
+from sessions.formats.tool_syntax import CallDelta, CallStreamer, ToolSyntax
 from sessions.requests import ChosenTokenLogprobs, GenerationUpdate, PredictionTokens, TokenLogprob
 
 # OpenAI's replies name the backend configuration that produced them; ours is this server.
@@ -147,6 +147,27 @@ class ToolCall(WireModel):
     function: FunctionCall
 
 
+class FunctionDelta(WireModel):
+    """What one streamed piece adds to a call's function: its name (in the first) and argument text."""
+
+    OMITTED_WHEN_NONE = frozenset({"name"})
+
+    name: Optional[str] = None
+    arguments: str = ""
+
+
+class ToolCallDelta(WireModel):
+    """A streamed piece of a tool call: the first has its id, type and name, the next ones more
+    of its arguments' text, as the model writes them."""
+
+    OMITTED_WHEN_NONE = frozenset({"id", "type"})
+
+    index: int = 0
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: FunctionDelta
+
+
 class AssistantMessage(WireModel):
     """A chat reply's message: its text, or the tool calls it makes (``content`` null)."""
 
@@ -164,7 +185,7 @@ class ChatDelta(WireModel):
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
-    tool_calls: Optional[List[ToolCall]] = None
+    tool_calls: Optional[List[ToolCallDelta]] = None
 
 
 class CompletionChoice(WireModel):
@@ -281,7 +302,7 @@ class CompletionReplies:
 class ChatReplies(CompletionReplies):
     """The replies to one ``/v1/chat/completions`` request. With tools it may call
     (``tool_syntax``: how the model writes a call), a reply that begins like a call is sent
-    as a tool call, whole, once written."""
+    as a tool call: streamed, its name once written, then its arguments as they are written."""
 
     id_prefix = "chatcmpl-"
     reply_model = ChatCompletion
@@ -291,7 +312,8 @@ class ChatReplies(CompletionReplies):
         super().__init__(model, created, wants_logprobs)
         self.tool_syntax = tool_syntax  # None: no tool may be called
         self.calling: Optional[bool] = None  # streaming: whether the reply is a tool call (known from its start)
-        self.call_text = ""
+        self.call: Optional[CallStreamer] = None  # streaming a call: what of it was told
+        self.call_id = new_call_id()
 
     def choice(self, text: str, finish_reason: Optional[str], logprobs: Sequence[ChosenTokenLogprobs]) -> ChatChoice:
         call = self.tool_syntax.parse(text) if self.tool_syntax is not None else None
@@ -310,15 +332,26 @@ class ChatReplies(CompletionReplies):
             if self.calling is None and text:
                 self.calling = self.tool_syntax.starts_call(text)  # free text never begins like a call
             if self.calling:
-                self.call_text += text
-                call = self.tool_syntax.parse(self.call_text) if finish_reason is not None else None
                 delta = ChatDelta(role=role)
-                if call is not None:
-                    delta.tool_calls = [ToolCall(index=0, **openai_tool_call(call))]
-                    finish_reason = "tool_calls"
-                elif finish_reason is not None:
-                    delta.content = self.call_text  # cut short (max_tokens): the text as written
+                news = self.call.push(text)
+                if finish_reason is not None:
+                    call, rest = self.call.finish()
+                    news = CallDelta(news.name or rest.name, news.arguments + rest.arguments)
+                    if call is not None:
+                        finish_reason = "tool_calls"
+                    elif self.call.name is None:
+                        delta.content = self.call.text  # cut short before it named a function: the text as written
+                if news.name is not None or news.arguments:
+                    delta.tool_calls = [self.tool_call_delta(news)]
         return ChatChunkChoice(delta=delta, logprobs=self.chat_logprobs(logprobs), finish_reason=finish_reason)
 
     def chat_logprobs(self, logprobs: Sequence[ChosenTokenLogprobs]) -> Optional[ChatLogprobs]:
         return ChatLogprobs.of(logprobs) if self.wants_logprobs else None
+                self.call = self.tool_syntax.streamer() if self.calling else None
+    def tool_call_delta(self, news: CallDelta) -> ToolCallDelta:
+        """The streamed piece of the call that tells ``news``: the first names the call."""
+        if news.name is None:
+            return ToolCallDelta(function=FunctionDelta(arguments=news.arguments))
+        return ToolCallDelta(id=self.call_id, type="function",
+                             function=FunctionDelta(name=news.name, arguments=news.arguments))
+

@@ -114,7 +114,12 @@ def written_call(call: ToolCall) -> str:
     return SERVER.write(call.function.name, call.function.value)
 
 
+def new_call_id() -> str:
+    """A new id for a call a reply makes."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
 def openai_tool_call(call: ParsedCall) -> Dict[str, Any]:
     """A call read from a reply as OpenAI's ``tool_calls`` entry (with a new id)."""
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+    return {"id": new_call_id(), "type": "function",
             "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}

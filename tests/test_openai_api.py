@@ -252,14 +252,19 @@ async def test_tool_calls_follow_the_tool_schema_and_feed_the_next_turn(client):
     assert call.function.name in ("get_weather", "get_time") and call.id.startswith("call_")
     assert set(arguments) == ({"city"} if call.function.name == "get_weather" else {"zone"})
 
-    named = await client.chat.completions.create(
-        model=TINY, messages=WEATHER_QUESTION, temperature=0, max_tokens=60, tools=[WEATHER_TOOL, TIME_TOOL],
-        tool_choice={"type": "function", "function": {"name": "get_time"}}, stream=True)
-    chunks = [chunk async for chunk in named if chunk.choices]
-    [streamed_call] = [call for chunk in chunks for call in (chunk.choices[0].delta.tool_calls or [])]
+    # Streamed, the call is named first, then its arguments come piece by piece as they are written.
+    async with client.chat.completions.stream(
+            model=TINY, messages=WEATHER_QUESTION, temperature=0, max_tokens=60, tools=[WEATHER_TOOL, TIME_TOOL],
+            tool_choice={"type": "function", "function": {"name": "get_time"}}) as named:
+        events = [event async for event in named]
+        streamed = await named.get_final_completion()
+    argument_deltas = [event.arguments_delta for event in events
+                       if event.type == "tool_calls.function.arguments.delta"]
+    assert len(argument_deltas) > 3
+    [streamed_call] = streamed.choices[0].message.tool_calls
     assert streamed_call.function.name == "get_time" and "zone" in json.loads(streamed_call.function.arguments)
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert "".join(argument_deltas) == streamed_call.function.arguments
+    assert streamed.choices[0].finish_reason == "tool_calls" and not streamed.choices[0].message.content
 
     follow_up = WEATHER_QUESTION + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
