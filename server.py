@@ -35,6 +35,7 @@ import tornado.web
 
 from config import REPO_ROOT, Settings, choose_device, choose_dtype, parse_settings
 from model_specs import DEFAULT_MODEL_FOLDER, ModelSpec
+from handlers.anthropic_api import CountTokensHandler, MessagesHandler
 from handlers.base import APIHandler
 from handlers.context import context_settings
 from handlers.health import HealthHandler, ReadyHandler
@@ -85,6 +86,8 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
             (r"/v1/models", ModelListHandler),
             (r"/v1/completions", CompletionHandler),
             (r"/v1/chat/completions", ChatCompletionHandler),
+            (r"/v1/messages", MessagesHandler),
+            (r"/v1/messages/count_tokens", CountTokensHandler),
             (r"/api/v2/generate", GenerateWebSocket),
             (r"/(.+\.(?:html|js|css|svg|png|ico|woff2))", tornado.web.StaticFileHandler, {"path": str(STATIC_DIR)}),
         ],

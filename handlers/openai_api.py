@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from contextlib import aclosing
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import tornado.iostream
 
@@ -118,8 +118,12 @@ class CompletionHandler(OpenAIHandler):
         return CompletionReplies(loaded.spec.key, int(time.time()), body.logprob_alternatives() is not None,
                                  text_offset=len(prompt))
 
+    def parse_body(self) -> OpenAIRequest:
+        """The body as the request it makes."""
+        return self.request_model.parse(self.json_body())
+
     async def post(self) -> None:
-        body = self.request_model.parse(self.json_body())
+        body = self.parse_body()
         loaded = self.manager.find_model(body.model, self.client, trusted=False)
         spec = loaded.spec
         body.check_max_tokens(spec.max_new_tokens_limit)
@@ -195,10 +199,14 @@ class CompletionHandler(OpenAIHandler):
         except Exception as error:
             if not self.event_stream_started:  # nothing sent yet: a plain HTTP error
                 raise
-            classified = log_error(logger, f"[{self.connection_id}] Stream failed", error)
-            self.manager.metrics.count_error(classified.code)
-            await self.send_event(json.dumps(error_payload(classified, "openai")))
+            await self.send_event(json.dumps(self.stream_error(error)))
         await self.send_event("[DONE]")
+
+    def stream_error(self, error: Exception) -> Dict[str, Any]:
+        """The error event's payload for a stream that failed after it started (logged and counted)."""
+        classified = log_error(logger, f"[{self.connection_id}] Stream failed", error)
+        self.manager.metrics.count_error(classified.code)
+        return error_payload(classified, self.api)
 
 
 class ChatCompletionHandler(CompletionHandler):

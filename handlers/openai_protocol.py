@@ -34,7 +34,7 @@ NOT_SUPPORTED = {
     "best_of": (None, 1), "audio": (None,),
 }
 
-RequestModel = TypeVar("RequestModel", bound="OpenAIRequest")
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
 
 def non_finite_number(value: Any) -> Optional[float]:
@@ -53,6 +53,35 @@ def non_finite_number(value: Any) -> Optional[float]:
         elif isinstance(item, list):
             pending.extend(item)
     return None
+
+
+def refuse_unsupported(body: Any, not_supported: Dict[str, Tuple[Any, ...]]) -> Any:
+    """``body`` as it is, unless it sets a field of ``not_supported`` to anything but one of its
+    "off" values, or holds a number that is not finite: then ``BadRequest`` naming the field."""
+    if isinstance(body, dict):
+        for field, off_values in not_supported.items():
+            if field in body and body[field] not in off_values:
+                raise BadRequest(f"{field} is not supported by this server", param=field)
+        for field, value in body.items():
+            number = non_finite_number(value)
+            if number is not None:
+                raise BadRequest(f"{field}: numbers must be finite, got {number}", param=field)
+    return body
+
+
+def validated(model: Type[RequestModel], body: Dict[str, Any]) -> RequestModel:
+    """``body`` as a request of type ``model``, or ``BadRequest`` naming the first field at fault
+    (its path, e.g. ``messages.0.content``; ``param``: its top-level field)."""
+    try:
+        return model.model_validate(body)
+    except BadRequest:
+        raise
+    except pydantic.ValidationError as error:
+        problem = error.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or None
+        message = problem["msg"].removeprefix("Value error, ")
+        raise BadRequest(f"{field}: {message}" if field else message,
+                         param=str(problem["loc"][0]) if problem["loc"] else None) from None
 
 
 class StreamOptions(BaseModel):
@@ -141,15 +170,7 @@ class OpenAIRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, body: Any) -> Any:
-        if isinstance(body, dict):
-            for field, off_values in NOT_SUPPORTED.items():
-                if field in body and body[field] not in off_values:
-                    raise BadRequest(f"{field} is not supported by this server", param=field)
-            for field, value in body.items():
-                number = non_finite_number(value)
-                if number is not None:
-                    raise BadRequest(f"{field}: numbers must be finite, got {number}", param=field)
-        return body
+        return refuse_unsupported(body, NOT_SUPPORTED)
 
     @field_validator("logit_bias")
     @classmethod
@@ -182,16 +203,7 @@ class OpenAIRequest(BaseModel):
     @classmethod
     def parse(cls: Type[RequestModel], body: Dict[str, Any]) -> RequestModel:
         """The typed request, or ``BadRequest`` naming the first field at fault."""
-        try:
-            return cls.model_validate(body)
-        except BadRequest:
-            raise
-        except pydantic.ValidationError as error:
-            problem = error.errors()[0]
-            field = ".".join(str(part) for part in problem["loc"]) or None
-            message = problem["msg"].removeprefix("Value error, ")
-            raise BadRequest(f"{field}: {message}" if field else message,
-                             param=str(problem["loc"][0]) if problem["loc"] else None) from None
+        return validated(cls, body)
 
     @property
     def stop_strings(self) -> Tuple[str, ...]:
