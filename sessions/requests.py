@@ -71,6 +71,7 @@ class GenerationRequest:
     prediction: Optional[str] = None  # text the output is expected to resemble: drafts are taken from it
     from_position: Optional[int] = None  # first cut the session's conversation back to this many tokens
     speculative: bool = True  # steps may verify drafts (the output is the same either way)
+    choices: int = 1  # samples of the same prompt, each a row of one session (sessions.engine.rows)
 
     @property
     def streaming(self) -> bool:
@@ -114,6 +115,7 @@ class GenerationUpdate:
     route: Optional[Dict[str, Any]] = None  # on the last reply, when the request asked: the route trace
     prediction_tokens: Optional[PredictionTokens] = None  # on the last reply, when steps verified drafts
     session_length: Optional[int] = None  # on the last reply: tokens in the session's conversation now
+    row: int = 0  # which of the request's choices (0 to choices - 1) it belongs to; its ``last`` ends that one
 
     @property
     def stopped_by_sequence(self) -> bool:

@@ -269,17 +269,21 @@ def serve_fakes(io_loop):
     app on a real session manager over fake models (``models``; by default one with a ChatML
     template, ``fake/chat``), with ``Settings`` ``changes``. Each session's stream answers
     ``reply`` one character per token (then the end of sequence), each step taking
-    ``step_seconds``. Needs neither the swarm nor petals' worker; closed after the test."""
+    ``step_seconds``; the rows of a request of several choices answer ``row_replies`` (row ``i`` the
+    ``i``-th, cycling; by default ``reply``). Needs neither the swarm nor petals' worker; closed after
+    the test."""
     import dataclasses
 
-    from tests.fakes import FakeServer, FakeTokenStream, chat_model
+    from tests.fakes import FakeRowsStream, FakeServer, FakeTokenStream, chat_model
 
     servers = []
 
-    async def serve(reply: str = "hello world", step_seconds: float = 0.0, models=None, refusals=None, **changes):
+    async def serve(reply: str = "hello world", step_seconds: float = 0.0, models=None, refusals=None,
+                    row_replies=None, **changes):
         settings = dataclasses.replace(Settings(warm_sessions=0), **changes)  # no prefix reuse unless asked
         server = FakeServer(settings, models or [chat_model()],
-                            lambda model, max_length: FakeTokenStream(reply, step_seconds), refusals)
+                            lambda model, max_length: FakeTokenStream(reply, step_seconds), refusals,
+                            lambda model, max_length, rows: FakeRowsStream(row_replies or [reply], rows, step_seconds))
         servers.append(server)
         return await server.start()
 

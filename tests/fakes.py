@@ -21,6 +21,7 @@ from config import Settings
 from model_specs import ChatSettings, FrontendSettings, ModelSpec
 from sessions.accounts.book import AccountBook
 from sessions.engine.executor import BlockingExecutor
+from sessions.engine.row_stream import row_seed
 from sessions.engine.speculation import Draft
 from sessions.formats.chat_format import ChatFormat
 from sessions.formats.chat_template import ChatTemplate
@@ -175,6 +176,50 @@ class FakeTokenStream:
         self.closed = True
 
 
+class FakeRowsStream:
+    """A session of several rows (``sessions.engine.row_stream``): row ``i`` answers ``replies[i]``
+    (cycling through them) one character per token, then EOS; ``fed`` has what each row was fed,
+    ``seeds`` each row's seed. A row given no chooser (finished) chooses nothing. Each step takes
+    ``step_seconds``."""
+
+    def __init__(self, replies: Sequence[str], rows: int, step_seconds: float = 0.0):
+        self.rows = rows
+        self.step_seconds = step_seconds
+        self.replies = [replies[row % len(replies)] for row in range(rows)]
+        self.fed: List[List[int]] = [[] for _ in range(rows)]
+        self.seeds: List[Optional[int]] = []
+        self.position = 0
+        self.span_count = 1
+        self.route = RouteRecorder()
+        self.closed = False
+        self._last: List[Optional[int]] = [None] * rows
+        self._next = [0] * rows
+
+    async def choosers(self, sampling) -> list:
+        self.seeds = [row_seed(sampling.seed, row) for row in range(self.rows)]
+        return [replace(sampling, seed=seed) for seed in self.seeds]  # stand-ins: the replies are set
+
+    def step(self, new_input_ids: Sequence[int], choosers: Sequence[Any]) -> list:
+        time.sleep(self.step_seconds)
+        feed = [([last] if last is not None else []) + list(new_input_ids) for last in self._last]
+        for row, tokens in enumerate(feed):
+            self.fed[row].extend(tokens)
+        self.position += len(feed[0])
+        chosen = []
+        for row, chooser in enumerate(choosers):
+            if chooser is None:
+                chosen.append(None)
+                continue
+            reply, index = self.replies[row], self._next[row]
+            self._next[row] += 1
+            self._last[row] = ord(reply[index]) if index < len(reply) else EOS
+            chosen.append((self._last[row], None))
+        return chosen
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeRegistry:
     """Finds the one fake model by any name."""
 
@@ -217,9 +262,11 @@ def fake_registry(models: Sequence[FakeModel], refusals: Optional[Dict[str, str]
 
 def fake_manager(executor: BlockingExecutor, settings: Settings = Settings(),
                  open_stream: Optional[Callable[[FakeModel, int], FakeTokenStream]] = None,
-                 registry: Any = None) -> SessionManager:
+                 registry: Any = None,
+                 open_rows: Optional[Callable[[FakeModel, int, int], FakeRowsStream]] = None) -> SessionManager:
     """A session manager over the fake model (or ``registry``'s), its sessions on ``open_stream``'s
-    fake streams (by default each says "hello world"); ``start`` it before use."""
+    fake streams (by default each says "hello world"), those of several rows on ``open_rows``'
+    (by default each row says "hello world"); ``start`` it before use."""
     accounts = AccountBook(settings)
     admission = Admission(settings, key_session_limit=accounts.key_session_limit)
     metrics = SessionMetrics(open_sessions=lambda: admission.open_sessions, executor_queue_depth=lambda: 0,
@@ -227,17 +274,21 @@ def fake_manager(executor: BlockingExecutor, settings: Settings = Settings(),
                              state_budget_bytes=admission.memory_budget)
     registry = registry if registry is not None else FakeRegistry(FakeModel())
     return SessionManager(registry, admission, executor, SwarmMonitor(registry), metrics, settings, accounts,
-                          open_stream=open_stream or (lambda model, max_length: FakeTokenStream()))
+                          open_stream=open_stream or (lambda model, max_length: FakeTokenStream()),
+                          open_rows=open_rows or (lambda model, length, rows: FakeRowsStream(["hello world"], rows)))
 
 
 class FakeServer:
     """The real application (``server.make_app``, as server.py builds it) served on a port of its
     own, on a real ``SessionManager`` over fake models: each session's stream is made by
-    ``open_stream`` and kept in ``streams``, in the order they were opened, and ``opened`` lists
-    each one's model and length. ``start`` it, and ``close`` it after the test."""
+    ``open_stream`` (a session of several rows: ``open_rows``) and kept in ``streams``, in the order
+    they were opened, and ``opened`` lists each one's model and length. ``start`` it, and ``close`` it
+    after the test."""
 
     def __init__(self, settings: Settings, models: Sequence[FakeModel],
-                 open_stream: Callable[[FakeModel, int], FakeTokenStream], refusals: Optional[Dict[str, str]] = None):
+                 open_stream: Callable[[FakeModel, int], FakeTokenStream], refusals: Optional[Dict[str, str]] = None,
+                 open_rows: Callable[[FakeModel, int, int], FakeRowsStream] = (
+                     lambda model, max_length, rows: FakeRowsStream(["hello world"], rows))):
         self.settings = settings
         self.streams: List[FakeTokenStream] = []
         self.opened: List[Tuple[str, int]] = []
@@ -248,7 +299,14 @@ class FakeServer:
             self.opened.append((model.spec.key, max_length))
             return stream
 
-        self.manager = fake_manager(BlockingExecutor(2, "fake"), settings, opened, fake_registry(models, refusals))
+        def opened_rows(model: FakeModel, max_length: int, rows: int) -> FakeRowsStream:
+            stream = open_rows(model, max_length, rows)
+            self.streams.append(stream)
+            self.opened.append((model.spec.key, max_length))
+            return stream
+
+        self.manager = fake_manager(BlockingExecutor(2, "fake"), settings, opened, fake_registry(models, refusals),
+                                    opened_rows)
         self.port = 0
         self._server: Optional[tornado.httpserver.HTTPServer] = None
         self._websockets: List[WSClient] = []

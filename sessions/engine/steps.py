@@ -12,7 +12,7 @@ import asyncio
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Hashable, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Hashable, Optional, Protocol, Sequence, Tuple
 
 from sessions.engine.decoding import IncrementalDecoder
 from sessions.engine.executor import BlockingExecutor
@@ -103,11 +103,42 @@ class StepRunner:
         self._queue(step, new_input_ids, sampling, run_ahead)
         return step
 
+    def start_call(self, input_tokens: int, function: Callable[..., Any], *args: Any) -> StartedStep:
+        """Queues ``function(*args)`` as one step of the stream's own kind (a step of several rows,
+        say), feeding ``input_tokens``: run, timed and waited for (``result``) as any step, its
+        result is what ``function`` returns."""
+        step = StartedStep(Future(), time.monotonic(), input_tokens)
+        self._running_since = None
+        self.in_flight = step.future
+        self._submit(step, self._call, step, function, args)
+        return step
+
     def _queue(self, step: StartedStep, new_input_ids: list, sampling: SamplingParams,
                run_ahead: Optional[RunAhead]) -> None:
-        job = self._executor.submit(self._run, step, new_input_ids, sampling, run_ahead, owner=self.owner)
+        self._submit(step, self._run, step, new_input_ids, sampling, run_ahead)
+
+    def _submit(self, step: StartedStep, function: Callable[..., None], *args: Any) -> None:
+        job = self._executor.submit(function, *args, owner=self.owner)
         # A call dropped while queued (the executor shutting down) never runs: its step ends too.
         job.add_done_callback(lambda job: step.future.cancel() if job.cancelled() else None)
+
+    def _timed(self, function: Callable[..., Any], *args: Any) -> Any:
+        # In a worker thread: one swarm step, whose time the executor learns from.
+        self._running_since = started = time.monotonic()  # read by the event loop once the timeout is due
+        alone = self._executor.running_alone
+        result = function(*args)
+        self._executor.step_done(self.model, time.monotonic() - started, alone)
+        return result
+
+    def _call(self, step: StartedStep, function: Callable[..., Any], args: tuple) -> None:
+        # In a worker thread: a step of ``start_call``.
+        if step.future.set_running_or_notify_cancel():
+            try:
+                result = self._timed(function, *args)
+            except BaseException as error:
+                step.future.set_exception(error)
+                return
+            step.future.set_result(result)
 
     def _run(self, step: StartedStep, new_input_ids: list, sampling: SamplingParams,
              run_ahead: Optional[RunAhead]) -> None:
@@ -115,11 +146,8 @@ class StepRunner:
         # thread while no other call waits for one, else queued behind those calls.
         while step.future.set_running_or_notify_cancel():
             try:
-                self._running_since = started = time.monotonic()  # read by the event loop once the timeout is due
-                alone = self._executor.running_alone
                 speculation = run_ahead.speculation if run_ahead is not None else None
-                token_ids = self.positions.advance(new_input_ids, sampling, speculation)
-                self._executor.step_done(self.model, time.monotonic() - started, alone)
+                token_ids = self._timed(self.positions.advance, new_input_ids, sampling, speculation)
                 logprobs = self.stream.last_logprobs if sampling.logprobs is not None else [None] * len(token_ids)
                 chosen = tuple(ChosenToken(token, self.decoder.push([token]), token_logprobs)
                                for token, token_logprobs in zip(token_ids, logprobs))

@@ -28,7 +28,33 @@ from swarm.petals_api import InferenceSession, recording, route_rollback
 from swarm.route_trace import RouteRecorder
 
 
-class TokenStream:
+class HeldSession:
+    """What a token stream tells of the petals inference session it holds (``_session``), and its release."""
+
+    _session: InferenceSession
+
+    @property
+    def span_count(self) -> int:
+        """How many server spans the session's route has (0 before its first step)."""
+        return len(self._session._server_sessions)
+
+    @property
+    def state_bytes(self) -> int:
+        """Memory petals holds on this machine for the session: each span's history of inputs,
+        kept to replay them on a replacement server if that span's server fails."""
+        held = 0
+        for span in list(self._session._server_sessions):  # read while a step may run
+            history = span.history
+            if history is not None:
+                held += history.numel() * history.element_size()
+        return held
+
+    def close(self) -> None:
+        """Releases the attention caches the swarm holds for this session."""
+        self._session.close()
+
+
+class TokenStream(HeldSession):
     """One inference session on the swarm and the tokens that went through it.
 
     The last chosen token is not fed through the swarm until the next ``step``, which sends
@@ -64,22 +90,6 @@ class TokenStream:
         """Whether the session may go back cheaply: every server on its route rolls back in
         place. Blocking: it may ask a server (once per server and process)."""
         return bool(self._session._server_sessions) and route_rollback.route_rolls_back(self._session)
-
-    @property
-    def span_count(self) -> int:
-        """How many server spans the session's route has (0 before its first step)."""
-        return len(self._session._server_sessions)
-
-    @property
-    def state_bytes(self) -> int:
-        """Memory petals holds on this machine for the session: each span's history of inputs,
-        kept to replay them on a replacement server if that span's server fails."""
-        held = 0
-        for span in list(self._session._server_sessions):  # read while a step may run
-            history = span.history
-            if history is not None:
-                held += history.numel() * history.element_size()
-        return held
 
     async def prepare(self, sampling: SamplingParams) -> None:
         """Compiles the constraint of ``sampling`` (a JSON schema or a grammar) for the steps of the
@@ -166,7 +176,3 @@ class TokenStream:
         self.token_ids = self.token_ids[:, :length]
         self.pending = int(self.token_ids[0, -1])
         self._fed = length - 1
-
-    def close(self) -> None:
-        """Releases the attention caches the swarm holds for this session."""
-        self._session.close()

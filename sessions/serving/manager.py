@@ -18,6 +18,7 @@ from sessions.accounts.book import AccountBook
 from sessions.engine.executor import BlockingExecutor, TakingTurns
 from sessions.engine.grammar import GrammarCompiler, constrained
 from sessions.engine.in_flight import AdaptiveInFlight
+from sessions.engine.row_stream import RowsTokenStream
 from sessions.engine.token_stream import TokenStream
 from sessions.errors import ClientLimit, InvalidRequest, MemoryBudgetExceeded, ServerBusy
 from sessions.models import LoadedModel
@@ -75,7 +76,8 @@ class SessionManager:
                  monitor: SwarmMonitor, metrics: SessionMetrics, settings: Settings, accounts: AccountBook,
                  warm: Optional[WarmPool] = None, server_latency: Optional[ServerLatency] = None,
                  tokenizer_pool: Optional[TakingTurns] = None, grammars: Optional[GrammarCompiler] = None,
-                 open_stream: Callable[[LoadedModel, int], Any] = TokenStream):
+                 open_stream: Callable[[LoadedModel, int], Any] = TokenStream,
+                 open_rows: Callable[[LoadedModel, int, int], Any] = RowsTokenStream):
         self.registry = registry
         self.accounts = accounts
         self.admission = admission
@@ -98,6 +100,7 @@ class SessionManager:
         admission.session_released = self.waiting_room.room_freed
         metrics.waiting_sessions.set_function(lambda: self.waiting_room.waiting)
         self._open_stream = open_stream  # a model and a length -> the session's token stream
+        self._open_rows = open_rows  # a model, a length and a number of rows -> a stream of that many rows
         self._sessions: Set[ChatSession] = set()
         self._tasks: Set[asyncio.Task] = set()
         self._reaper: Optional[asyncio.Task] = None
@@ -154,21 +157,21 @@ class SessionManager:
         return loaded
 
     async def _open(self, connection_id: str, loaded: LoadedModel, max_length: int, client: str,
-                    on_queued: QueuedCallback) -> ChatSession:
+                    on_queued: QueuedCallback, rows: int = 1) -> ChatSession:
         request_rules.check_session_length(loaded.spec, max_length)
-        # Every span of the route keeps each token's hidden state here: one span is reserved now.
-        reserved = max_length * loaded.state_bytes_per_token
+        # Every span of the route keeps each token's hidden state here, of each row: one span is reserved now.
+        reserved = max_length * rows * loaded.state_bytes_per_token
         slot = await self._within_limits(client, lambda: self.admission.admit(client, reserved_bytes=reserved),
                                          on_queued)
         try:
-            stream = self._open_stream(loaded, max_length)
+            stream = self._open_rows(loaded, max_length, rows) if rows > 1 else self._open_stream(loaded, max_length)
         except BaseException:
             slot.release()
             raise
         session = ChatSession(connection_id, loaded, stream, max_length, self.executor, self.tokenizer_pool,
                               self.settings.step_timeout, self.metrics, slot, self.accounts.account_for(client),
                               on_closed=self._session_closed,
-                              draft_tokens=self.settings.draft_tokens)
+                              draft_tokens=self.settings.draft_tokens, rows=rows)
         self._sessions.add(session)
         self.metrics.sessions_opened.labels(loaded.spec.key).inc()
         session.log.info("Opened a session on %s for %s, max_length %d", loaded.spec.key, client, max_length)
@@ -208,6 +211,8 @@ class SessionManager:
         where they part), and the request then carries only the tokens it lacks; otherwise a
         session is opened for the prompt plus ``max_new_tokens`` (or for ``max_length``), with room
         for a next turn when reuse is on (on a full server, after waiting its turn: see ``open_session``).
+        A request of several ``choices`` gets a session of as many rows, just long enough for it:
+        never a warm one, and never kept warm (``finish_request``).
         """
         if not request.inputs and not request.input_ids:
             raise InvalidRequest("inputs must not be empty")
@@ -216,6 +221,9 @@ class SessionManager:
             request = dataclasses.replace(request, input_ids=tuple(await self.tokenize(loaded, request.inputs, client)))
         request_rules.check_new_tokens(loaded.spec, request)
         needed = request.max_length or len(request.input_ids) + request.max_new_tokens
+        if request.choices > 1:
+            return RequestSession(await self._open(connection_id, loaded, needed, client, on_queued, request.choices),
+                                  request, 0)
         model = loaded.spec.key
         # The warm pool is matched before any limit may close a warm session to make room.
         warm, shared = self.warm.take(client, model, request.input_ids, needed) if self.warm.enabled else (None, 0)
@@ -234,8 +242,9 @@ class SessionManager:
         """Ends a stateless request's use of ``session``: kept warm for a request that continues it
         when ``reusable`` (it ran to its end) and the pool has room, else closed in the background,
         so that the reply never waits for the swarm to release it."""
-        # Sessions waiting for room go before keeping a finished one warm.
-        leaving = self.warm.park(session) if reusable and not self.waiting_room.waiting else [session]
+        # Sessions waiting for room go before keeping a finished one warm; one of several rows serves no other request.
+        kept = reusable and session.rows == 1 and not self.waiting_room.waiting
+        leaving = self.warm.park(session) if kept else [session]
         for other in leaving:
             self.close_in_background(other, reason if other is session else "made room in the warm pool")
 
@@ -364,7 +373,9 @@ def build_manager(models: Sequence[ModelSpec], initial_peers: Sequence[str], dev
                              server_latency=server_latency,
                              grammars=grammars,
                              open_stream=functools.partial(TokenStream, observe_server_step=server_latency.observe,
-                                                           grammars=grammars))
+                                                           grammars=grammars),
+                             open_rows=functools.partial(RowsTokenStream, observe_server_step=server_latency.observe,
+                                                         grammars=grammars))
     metrics.state_bytes.set_function(manager.session_state_bytes)
     metrics.warm_sessions.set_function(lambda: len(manager.warm))
     metrics.detached_sessions.set_function(lambda: manager.resumable.detached)

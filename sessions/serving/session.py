@@ -11,6 +11,7 @@ from sessions.engine.decoding import IncrementalDecoder
 from sessions.engine.executor import BlockingExecutor, TakingTurns
 from sessions.engine.generation import run_generation
 from sessions.engine.positions import SessionPositions
+from sessions.engine.rows import run_rows
 from sessions.engine.steps import RunAhead, StartedStep, StepResult, StepRunner
 from sessions.errors import ServiceError, SessionExpired, StepTimeout, SwarmCallFailed, from_petals_error
 from sessions.observe.logs import ConnectionLog, new_session_id
@@ -38,13 +39,14 @@ class ChatSession:
     ``model`` is a ``LoadedModel`` and ``stream`` a ``TokenStream`` (tests pass fakes);
     steps run in ``executor``, tokenizing in ``tokenizer_pool``. ``positions`` owns where the
     stream stands and the token carried between generations: only it moves them. A step verifies
-    drafts of up to ``draft_tokens`` tokens (0: none).
+    drafts of up to ``draft_tokens`` tokens (0: none). A session of several ``rows`` (its stream a
+    ``RowsTokenStream``) runs each generation as that many samples of one prompt (``run_rows``).
     """
 
     def __init__(self, connection_id: str, model: Any, stream: Any, max_length: int, executor: BlockingExecutor,
                  tokenizer_pool: TakingTurns, step_timeout: float, metrics: SessionMetrics, slot: Slot,
                  account: Account, on_closed: Callable[["ChatSession"], None] = lambda session: None,
-                 close_timeout: float = CLOSE_TIMEOUT, draft_tokens: int = 0):
+                 close_timeout: float = CLOSE_TIMEOUT, draft_tokens: int = 0, rows: int = 1):
         self.session_id = new_session_id()
         self.connection_id = connection_id  # the connection it serves now (a resumed or warm session moves on)
         self.model = model
@@ -52,6 +54,7 @@ class ChatSession:
         self.positions = SessionPositions(stream, max_length)
         self.close_timeout = close_timeout
         self.draft_tokens = draft_tokens
+        self.rows = rows
         self.metrics = metrics
         self.log = ConnectionLog(logger, connection_id, self.session_id)
         self.decoder = IncrementalDecoder(model.tokenizer)
@@ -112,7 +115,8 @@ class ChatSession:
                 self._check_open()
                 # Closed before the turn is given back: a step it started ahead ends first.
                 try:
-                    async with aclosing(run_generation(self, request, ticket)) as updates:
+                    run = run_rows if self.rows > 1 else run_generation
+                    async with aclosing(run(self, request, ticket)) as updates:
                         async for update in updates:
                             tokens += update.token_count
                             yield update
@@ -184,6 +188,11 @@ class ChatSession:
         self.positions.check_step(new_input_ids)
         return self._steps.start(new_input_ids, sampling, run_ahead)
 
+    def start_call(self, input_tokens: int, function: Callable[..., Any], *args: Any) -> StartedStep:
+        """Starts ``function(*args)`` in the executor as one step of the stream's own kind (a step of
+        several rows), feeding ``input_tokens``; ``finish_step`` waits for what it returns."""
+        return self._steps.start_call(input_tokens, function, *args)
+
     async def finish_step(self, step: StartedStep) -> StepResult:
         """The result of a started step, once it is done (``StepTimeout`` if it runs too long)."""
         model = self.model.spec.key
@@ -199,8 +208,9 @@ class ChatSession:
             self.metrics.observe_failed_step(model)
             raise
         self.metrics.observe_step(model, time.monotonic() - step.started, step.input_tokens, len(result.tokens))
-        # The reservation made at opening counted one span; a route through several holds more.
-        self._slot.reserve(self.max_length * self.model.state_bytes_per_token * max(1, self.stream.span_count))
+        # The reservation made at opening counted one span (of each row); a route through several holds more.
+        self._slot.reserve(self.max_length * self.rows * self.model.state_bytes_per_token
+                           * max(1, self.stream.span_count))
         return result
 
     async def aclose(self, reason: str) -> None:
