@@ -128,6 +128,9 @@ class Settings:
                                          "so that the conversation's next turn fits in it", minimum=0)
     resume_grace: float = setting(60.0, "seconds a resumable WebSocket session waits for its client to reconnect",
                                   above=0)
+    max_choices: int = setting(
+        4, "the most choices (n) one /v1 completion may ask for: each is a row of the request's one swarm session, "
+        "which holds an attention cache per row (more are refused with 400)", minimum=1)
     draft_tokens: int = setting(
         16, "the most tokens one swarm step verifies ahead (speculative decoding, drafted from the conversation and "
         "the request's prediction; the output is unchanged); 0 turns it off", minimum=0, maximum=MAX_DRAFT_TOKENS)

@@ -19,6 +19,7 @@ import tornado.iostream
 
 from config import HEADER_NAME
 from handlers.base import GenerationHandler
+from handlers.openai_choices import SeveralChoices
 from handlers.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from handlers.openai_replies import ChatReplies, CompletionReplies, ModelCard, ModelList, Usage
 from sessions.engine.grammar import constrained
@@ -99,7 +100,7 @@ class ModelListHandler(OpenAIHandler):
         self.write(ModelList(data=[model_card(loaded) for loaded in self.manager.registry.public_models()]).json_text())
 
 
-class CompletionHandler(OpenAIHandler):
+class CompletionHandler(SeveralChoices, OpenAIHandler):
     """``POST /v1/completions``; ``ChatCompletionHandler`` changes the prompt and the replies."""
 
     request_model = CompletionRequest
@@ -127,6 +128,7 @@ class CompletionHandler(OpenAIHandler):
         loaded = self.manager.find_model(body.model, self.client, trusted=False)
         spec = loaded.spec
         body.check_max_tokens(spec.max_new_tokens_limit)
+        body.check_choices(self.config.max_choices)
         sampling = body.sampling_params(loaded.tool_syntax)
         await self.manager.check_constraint(loaded, sampling)  # a schema is refused before the prompt is tokenized
         prompt, format_stops = await self.prompt(body, loaded, sampling)
@@ -135,7 +137,11 @@ class CompletionHandler(OpenAIHandler):
                                              min(spec.default_max_tokens, spec.max_new_tokens_limit), format_stops)
         replies = self.replies_for(body, loaded, prompt)
         self.streaming = body.stream
-        if body.stream:
+        if request.choices > 1:  # a builder per choice, each with the request's id
+            choices = [replies, *(self.replies_for(body, loaded, prompt).as_choice(replies, index)
+                                  for index in range(1, request.choices))]
+            await self.several_choices_reply(loaded, request, choices, len(prompt_ids), body.include_usage)
+        elif body.stream:
             await self.stream_reply(loaded, request, replies, len(prompt_ids), body.include_usage)
         else:
             await self.full_reply(loaded, request, replies, len(prompt_ids))

@@ -157,7 +157,7 @@ class OpenAIRequest(BaseModel):
     frequency_penalty: Optional[float] = Field(default=None, **rules.FREQUENCY_PENALTY.field_limits())
     logit_bias: Optional[Dict[str, float]] = None
     seed: Optional[int] = Field(default=None, ge=-(2 ** 63), lt=2 ** 64)
-    n: Optional[int] = 1
+    n: Optional[int] = Field(default=1, ge=1)  # choices: samples of the prompt, rows of one session
     stop: Union[None, str, List[str]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -185,13 +185,6 @@ class OpenAIRequest(BaseModel):
             if not -100 <= bias <= 100:
                 raise ValueError("biases are between -100 and 100")
         return logit_bias
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: Optional[int]) -> Optional[int]:
-        if n not in (1, None):
-            raise ValueError("Only n = 1 is supported")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -242,6 +235,17 @@ class OpenAIRequest(BaseModel):
         return None
 
     @property
+    def choices(self) -> int:
+        """How many choices the reply has (``n``)."""
+        return self.n or 1
+
+    def check_choices(self, limit: int) -> None:
+        """Raises ``InvalidRequest`` naming ``n`` if the client asks for more choices than ``limit``."""
+        if self.choices > limit:
+            raise InvalidRequest(f"n {self.choices} exceeds this server's limit of {limit} choices per request",
+                                 param="n")
+
+    @property
     def asked_max_tokens(self) -> Optional[int]:
         """The reply's token limit the client gave (``max_completion_tokens`` first), if any."""
         return self.max_completion_tokens or self.max_tokens
@@ -287,6 +291,7 @@ class OpenAIRequest(BaseModel):
             trace_route=self.trace_route,
             prediction=self.prediction.text if self.prediction is not None else None,
             speculative=self.speculative,
+            choices=self.choices,
         )
 
 

@@ -259,6 +259,13 @@ class CompletionReplies:
         self.created = created
         self.wants_logprobs = wants_logprobs
         self.text_offset = text_offset
+        self.index = 0  # which of the request's choices its replies are (n > 1: a builder per choice)
+
+    def as_choice(self, first: "CompletionReplies", index: int) -> "CompletionReplies":
+        """Makes this builder's replies those of choice ``index`` of the request ``first`` answers
+        (its id and time); each choice keeps its own streaming state. Returns this builder."""
+        self.completion_id, self.created, self.index = first.completion_id, first.created, index
+        return self
 
     def choice(self, text: str, finish_reason: Optional[str],
                logprobs: Sequence[ChosenTokenLogprobs]) -> Union[CompletionChoice, ChatChoice]:
@@ -284,14 +291,28 @@ class CompletionReplies:
     def reply(self, text: str, last: GenerationUpdate, logprobs: Sequence[ChosenTokenLogprobs],
               usage: Usage) -> Envelope:
         """The whole reply, once the generation's ``last`` update came."""
+        return self.reply_of([self.whole_choice(text, last, logprobs)], usage, last.route)
+
+    def whole_choice(self, text: str, last: GenerationUpdate,
+                     logprobs: Sequence[ChosenTokenLogprobs]) -> Union[CompletionChoice, ChatChoice]:
+        """This builder's choice of the whole reply, once its ``last`` update came."""
+        choice = self.choice(text, openai_finish_reason(last), logprobs)
+        choice.index = self.index
+        return choice
+
+    def reply_of(self, choices: Sequence[Union[CompletionChoice, ChatChoice]], usage: Usage,
+                 route: Optional[Dict[str, Any]]) -> Envelope:
+        """The whole reply with ``choices`` (each of its own builder's ``whole_choice``)."""
         return self.reply_model(id=self.completion_id, created=self.created, model=self.model, usage=usage,
-                                route=last.route, choices=[self.choice(text, openai_finish_reason(last), logprobs)])
+                                route=route, choices=list(choices))
 
     def chunk(self, update: GenerationUpdate, first: bool, logprobs: Sequence[ChosenTokenLogprobs]) -> Envelope:
         """The chunk that streams ``update``'s text."""
         finish_reason = openai_finish_reason(update) if update.last else None
+        choice = self.chunk_choice(update.text, finish_reason, first, logprobs)
+        choice.index = self.index
         return self.chunk_model(id=self.completion_id, created=self.created, model=self.model, route=update.route,
-                                choices=[self.chunk_choice(update.text, finish_reason, first, logprobs)])
+                                choices=[choice])
 
     def usage_chunk(self, usage: Usage) -> Envelope:
         """The last chunk of a stream whose request asked for usage: no choices."""

@@ -162,7 +162,8 @@ LIMITED = chat_model(max_new_tokens_limit=8)
 @pytest.mark.parametrize("path, changes, status, param, code", [
     ("/v1/chat/completions", {"model": "no/such-model"}, 404, "model", "model_not_found"),
     ("/v1/chat/completions", {"model": "fake/private"}, 403, "model", "model_not_public"),
-    ("/v1/chat/completions", {"n": 2}, 400, "n", None),
+    ("/v1/chat/completions", {"n": 5}, 400, "n", "invalid_request"),
+    ("/v1/chat/completions", {"n": 0}, 400, "n", None),
     ("/v1/chat/completions", {"max_tokens": 9}, 400, "max_tokens", "invalid_request"),
     ("/v1/chat/completions", {"max_completion_tokens": 9}, 400, "max_completion_tokens", "invalid_request"),
     ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": {"type": "object"}}]}, 400, "functions",
