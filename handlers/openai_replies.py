@@ -352,6 +352,7 @@ class ChatReplies(CompletionReplies):
         if self.tool_syntax is not None:
             if self.calling is None and text:
                 self.calling = self.tool_syntax.starts_call(text)  # free text never begins like a call
+                self.call = self.tool_syntax.streamer() if self.calling else None
             if self.calling:
                 delta = ChatDelta(role=role)
                 news = self.call.push(text)
@@ -366,9 +367,6 @@ class ChatReplies(CompletionReplies):
                     delta.tool_calls = [self.tool_call_delta(news)]
         return ChatChunkChoice(delta=delta, logprobs=self.chat_logprobs(logprobs), finish_reason=finish_reason)
 
-    def chat_logprobs(self, logprobs: Sequence[ChosenTokenLogprobs]) -> Optional[ChatLogprobs]:
-        return ChatLogprobs.of(logprobs) if self.wants_logprobs else None
-                self.call = self.tool_syntax.streamer() if self.calling else None
     def tool_call_delta(self, news: CallDelta) -> ToolCallDelta:
         """The streamed piece of the call that tells ``news``: the first names the call."""
         if news.name is None:
@@ -376,3 +374,5 @@ class ChatReplies(CompletionReplies):
         return ToolCallDelta(id=self.call_id, type="function",
                              function=FunctionDelta(name=news.name, arguments=news.arguments))
 
+    def chat_logprobs(self, logprobs: Sequence[ChosenTokenLogprobs]) -> Optional[ChatLogprobs]:
+        return ChatLogprobs.of(logprobs) if self.wants_logprobs else None
