@@ -159,6 +159,9 @@ class FakeTokenStream:
     def replace_pending(self, token_id: int) -> None:
         self.pending = token_id
 
+    def fed_token_ids(self) -> List[int]:
+        return list(self.fed)
+
     def discard_pending(self) -> None:
         if self.pending is not None:
             self.pending = None

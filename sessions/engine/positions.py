@@ -11,7 +11,7 @@ The length rule (``fits``) and the ``MaxLengthExceeded`` it raises are here too,
 check counts the same tokens and words its refusal the same way.
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from sessions.engine.speculation import Speculation
 from sessions.engine.steps import StepResult
@@ -41,6 +41,10 @@ class SessionPositions:
     def pending(self) -> Optional[int]:
         """The token chosen last and not yet fed: the next step feeds it first."""
         return self._stream.pending
+
+    def conversation(self) -> List[int]:
+        """Every token of the session's conversation: those the swarm holds, then the pending one."""
+        return list(self._stream.fed_token_ids()) + ([self.pending] if self.pending is not None else [])
 
     @property
     def carried(self) -> Optional[StepResult]:
