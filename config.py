@@ -128,6 +128,10 @@ class Settings:
                                          "so that the conversation's next turn fits in it", minimum=0)
     resume_grace: float = setting(60.0, "seconds a resumable WebSocket session waits for its client to reconnect",
                                   above=0)
+    stored_responses: int = setting(
+        1024, "/v1/responses replies kept (store: true) for GET and previous_response_id, all clients together, the "
+        "oldest forgotten first; one client keeps at most a quarter of them (0: none kept)", minimum=0)
+    stored_response_ttl: float = setting(3600.0, "seconds a stored /v1/responses reply is kept", above=0)
     max_choices: int = setting(
         4, "the most choices (n) one /v1 completion may ask for: each is a row of the request's one swarm session, "
         "which holds an attention cache per row (more are refused with 400)", minimum=1)
@@ -191,6 +195,12 @@ class Settings:
                               headroom_tokens=self.reuse_headroom_tokens)
 
     @property
+    def response_store_limits(self) -> "StoreLimits":
+        """How many /v1/responses replies are kept, per client, and for how long."""
+        return StoreLimits(max_responses=self.stored_responses, max_age=self.stored_response_ttl,
+                           max_per_owner=max(1, self.stored_responses // 4))
+
+    @property
     def steps_in_flight_limit(self) -> int:
         """The steps that may run at once, the embedded swarm's default resolved (0: one per executor
         worker, or as many as ``adapts_steps_in_flight`` finds)."""
@@ -226,6 +236,17 @@ class WarmPoolLimits:
     max_state_bytes: int = int(DEFAULTS.warm_memory_mib * MIB)
     max_per_client: int = WARM_SESSIONS_PER_CLIENT
     headroom_tokens: int = DEFAULTS.reuse_headroom_tokens
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """The response store's limits, as ``Settings.response_store_limits`` derives them: responses in all
+    and per owner, the characters they hold in all, and seconds each is kept."""
+
+    max_responses: int = DEFAULTS.stored_responses  # 0: none kept
+    max_per_owner: int = max(1, DEFAULTS.stored_responses // 4)
+    max_characters: int = 64 * 1024 * 1024
+    max_age: float = DEFAULTS.stored_response_ttl
 
 
 def machine_memory_bytes() -> int:

@@ -43,6 +43,7 @@ from handlers.http_generate import GenerateHandler
 from handlers.metrics import MetricsHandler
 from handlers.models import ModelsHandler
 from handlers.openai_api import ChatCompletionHandler, CompletionHandler, ModelListHandler
+from handlers.responses_api import ResponsesHandler, StoredResponseHandler
 from handlers.swarm import SwarmHandler
 from handlers.usage import UsageHandler
 from handlers.websocket import GenerateWebSocket
@@ -86,6 +87,8 @@ def make_app(config: Settings, manager: SessionManager) -> tornado.web.Applicati
             (r"/v1/models", ModelListHandler),
             (r"/v1/completions", CompletionHandler),
             (r"/v1/chat/completions", ChatCompletionHandler),
+            (r"/v1/responses", ResponsesHandler),
+            (r"/v1/responses/([A-Za-z0-9_-]{1,128})", StoredResponseHandler),
             (r"/v1/messages", MessagesHandler),
             (r"/v1/messages/count_tokens", CountTokensHandler),
             (r"/api/v2/generate", GenerateWebSocket),

@@ -1,6 +1,6 @@
 """What every handler reads of the application, through one channel: typed properties over
 Tornado's application settings, which ``server.app_settings`` fills (the server's ``Settings``,
-the session manager, the open WebSocket connections, the trusted proxies' networks)."""
+the session manager, the open WebSocket connections, the stored responses, the trusted proxies' networks)."""
 
 from typing import Any, Dict, Set
 
@@ -11,6 +11,7 @@ from handlers.auth import presented_key
 from handlers.clients import client_key, parse_networks
 from sessions.accounts.book import Caller
 from sessions.serving.manager import SessionManager
+from sessions.serving.response_store import ResponseStore
 
 
 def context_settings(config: Settings, manager: SessionManager) -> Dict[str, Any]:
@@ -19,6 +20,7 @@ def context_settings(config: Settings, manager: SessionManager) -> Dict[str, Any
         config=config,
         manager=manager,
         websockets=set(),
+        responses=ResponseStore(config.response_store_limits),
         trusted_networks=parse_networks(config.trusted_proxies),
         debug=config.debug,
         serve_traceback=config.debug,
@@ -39,6 +41,11 @@ class ServerContext:
     def manager(self) -> SessionManager:
         """The session manager every API shares."""
         return self.settings["manager"]
+
+    @property
+    def responses(self) -> ResponseStore:
+        """The responses ``/v1/responses`` stored, for ``GET`` and for the requests that continue them."""
+        return self.settings["responses"]
 
     @property
     def open_websockets(self) -> Set[tornado.websocket.WebSocketHandler]:

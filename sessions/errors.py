@@ -117,6 +117,15 @@ class UnknownModel(ClientError):
         super().__init__(f"Unknown model {name!r}; this server serves: {', '.join(known)}")
 
 
+class UnknownResponse(ClientError):
+    """The client named a stored response it has none of."""
+
+    code = "response_not_found"
+    status = 404
+    openai_code = "not_found"
+    meaning = "no stored response of this client by that id: never stored, deleted, expired, or another client's"
+
+
 class ModelUnavailable(ClientError):
     """The client named a declared model that start-up refused (a family or config it cannot serve)."""
 
