@@ -177,6 +177,10 @@ async def test_curl_example_runs_as_written(example, ws_port, keyed_port, manage
     reply = json.loads(stdout)
     if "choices" in reply:
         assert reply["choices"][0]["message"]["content"]
+    elif reply.get("type") == "message":  # Anthropic's Messages API
+        assert reply["content"][0]["text"]
+    elif "input_tokens" in reply:  # its token count
+        assert reply["input_tokens"] > 0
     else:
         assert reply["ok"] is True
     if "outputs" in reply:
