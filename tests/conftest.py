@@ -270,8 +270,8 @@ def serve_fakes(io_loop):
     template, ``fake/chat``), with ``Settings`` ``changes``. Each session's stream answers
     ``reply`` one character per token (then the end of sequence), each step taking
     ``step_seconds``; the rows of a request of several choices answer ``row_replies`` (row ``i`` the
-    ``i``-th, cycling; by default ``reply``). Needs neither the swarm nor petals' worker; closed after
-    the test."""
+    ``i``-th, cycling; by default ``reply``); ``stream``: the class of those streams (a
+    ``FakeTokenStream``). Needs neither the swarm nor petals' worker; closed after the test."""
     import dataclasses
 
     from tests.fakes import FakeRowsStream, FakeServer, FakeTokenStream, chat_model
@@ -279,10 +279,10 @@ def serve_fakes(io_loop):
     servers = []
 
     async def serve(reply: str = "hello world", step_seconds: float = 0.0, models=None, refusals=None,
-                    row_replies=None, **changes):
+                    row_replies=None, stream=FakeTokenStream, **changes):
         settings = dataclasses.replace(Settings(warm_sessions=0), **changes)  # no prefix reuse unless asked
         server = FakeServer(settings, models or [chat_model()],
-                            lambda model, max_length: FakeTokenStream(reply, step_seconds), refusals,
+                            lambda model, max_length: stream(reply, step_seconds), refusals,
                             lambda model, max_length, rows: FakeRowsStream(row_replies or [reply], rows, step_seconds))
         servers.append(server)
         return await server.start()

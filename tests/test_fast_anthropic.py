@@ -10,14 +10,14 @@ import json
 
 import pytest
 
-from config import Settings
 from handlers.anthropic_replies import MessageReplies
 from model_specs import ChatSettings
+from sessions.accounts.store import KeyLimits
 from sessions.errors import SwarmCallFailed
 from sessions.formats.tool_syntax import SERVER
 from sessions.requests import GenerationUpdate
-from tests.fakes import FakeServer, FakeTokenStream, chat_model
-from tests.helpers import wait_for_no_sessions
+from tests.fakes import FakeTokenStream, chat_model
+from tests.helpers import add_keys, wait_for_no_sessions
 
 QUESTION = [{"role": "user", "content": "Capital of France?"}]
 CHATML_QUESTION = "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -222,6 +222,38 @@ async def test_count_tokens_counts_the_prompt_a_message_would_have_without_a_ses
     assert response.code == 404 and refused["error"]["type"] == "not_found_error"
 
 
+class WarmableStream(FakeTokenStream):
+    """A fake stream that a warm pool can weigh, and so keep."""
+
+    @property
+    def state_bytes(self) -> int:
+        return 4 * len(self.fed)
+
+
+async def test_a_warm_session_s_tokens_are_read_from_the_cache_and_not_counted_as_input(serve_fakes):
+    server = await serve_fakes(reply=ANSWER, warm_sessions=4, stream=WarmableStream)
+    _, first = await post(server, "/v1/messages", REQUEST)
+    assert first["usage"]["cache_read_input_tokens"] == 0
+    follow_up = {**REQUEST, "messages": [*QUESTION, {"role": "assistant", "content": "Paris."},
+                                         {"role": "user", "content": "And of Spain?"}]}
+    _, second = await post(server, "/v1/messages", follow_up)
+    _, counted = await post(server, "/v1/messages/count_tokens", follow_up)
+    usage = second["usage"]
+    assert len(server.opened) == 1  # the first request's session, continued
+    assert usage["cache_read_input_tokens"] > len(CHATML_QUESTION)  # the first prompt, and the reply
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == counted["input_tokens"]
+
+
+async def test_a_key_in_x_api_key_spends_its_limits_and_is_refused_with_a_rate_limit_error(serve_fakes, tmp_path):
+    keys = add_keys(tmp_path / "keys.db", alice=KeyLimits(requests_per_minute=1))
+    server = await serve_fakes(keys_db=tmp_path / "keys.db", reply=ANSWER)
+    response, _ = await post(server, "/v1/messages", REQUEST, headers={"x-api-key": keys["alice"]})
+    assert response.code == 200
+    response, refused = await post(server, "/v1/messages", REQUEST, headers={"x-api-key": keys["alice"]})
+    assert response.code == 429 and int(response.headers["Retry-After"]) >= 1
+    assert refused == {"type": "error", "error": {"type": "rate_limit_error", "message": refused["error"]["message"]}}
+
+
 class FailingStream(FakeTokenStream):
     """Fails as a swarm server that went away would, at its fourth step."""
 
@@ -231,17 +263,13 @@ class FailingStream(FakeTokenStream):
         return super().step(*args, **options)
 
 
-async def test_a_stream_that_fails_after_it_started_ends_with_an_error_event(io_loop):
-    server = await FakeServer(Settings(warm_sessions=0), [chat_model()],
-                              lambda model, max_length: FailingStream(ANSWER)).start()
-    try:
-        response = await server.fetch("/v1/messages", method="POST", body={**REQUEST, "stream": True})
-        events = named_events(response.body)
-        assert events[0][0] == "message_start" and events[-1][0] == "error"
-        assert events[-1][1]["error"]["type"] == "overloaded_error"  # a swarm failure: 503, retryable
-        assert "message_stop" not in [name for name, _ in events]
-    finally:
-        await server.close()
+async def test_a_stream_that_fails_after_it_started_ends_with_an_error_event(serve_fakes):
+    server = await serve_fakes(reply=ANSWER, stream=FailingStream)
+    response = await server.fetch("/v1/messages", method="POST", body={**REQUEST, "stream": True})
+    events = named_events(response.body)
+    assert events[0][0] == "message_start" and events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "overloaded_error"  # a swarm failure: 503, retryable
+    assert "message_stop" not in [name for name, _ in events]
 
 
 def update(text: str, last: bool = False) -> GenerationUpdate:
