@@ -6,7 +6,8 @@ A stream is the events Anthropic's clients read: ``message_start``, then per con
 ``message_delta`` (the stop reason, the usage) and ``message_stop``. A reply that calls a tool
 streams a ``tool_use`` block: started once the function's name is written, then its input as
 ``input_json_delta``s as the model writes the arguments. The whole reply is what the events add
-up to, made by the same builder.
+up to, made by the same builder (but for a call cut short by the token limit: the whole reply
+has its text, which is no call).
 """
 
 import uuid
@@ -129,7 +130,7 @@ def stop_reason(update: GenerationUpdate, client_stops: Sequence[str]) -> str:
     text or end of sequence)."""
     if update.stop_sequence is not None and update.stop_sequence in client_stops:
         return "stop_sequence"
-    if update.finish_reason == "length" and not update.stopped_by_sequence:
+    if update.finish_reason == "length":
         return "max_tokens"
     return "end_turn"
 
