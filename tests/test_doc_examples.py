@@ -179,6 +179,8 @@ async def test_curl_example_runs_as_written(example, ws_port, keyed_port, manage
         assert reply["choices"][0]["message"]["content"]
     elif reply.get("type") == "message":  # Anthropic's Messages API
         assert reply["content"][0]["text"]
+    elif reply.get("object") == "response":  # OpenAI's Responses API
+        assert reply["status"] in ("completed", "incomplete") and reply["output"][0]["content"][0]["text"]
     elif "input_tokens" in reply:  # its token count
         assert reply["input_tokens"] > 0
     else:
