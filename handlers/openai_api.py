@@ -45,6 +45,7 @@ class OpenAIHandler(GenerationHandler):
     api = "openai"
     connection_prefix = "openai-"
     shows_rate_limits = True
+    cors_methods = "GET, POST, OPTIONS"  # what a preflight allows a page to send here
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -58,7 +59,7 @@ class OpenAIHandler(GenerationHandler):
         """A browser's CORS preflight: which methods and headers a page may use (the headers it
         asks for, within bounds)."""
         self.set_status(204)
-        self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Methods", self.cors_methods)
         requested = self.request.headers.get("Access-Control-Request-Headers", "")
         self.set_header("Access-Control-Allow-Headers", ", ".join(allowed_headers(requested)))
         self.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))

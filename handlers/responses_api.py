@@ -172,6 +172,8 @@ class StoredResponseHandler(OpenAIHandler):
     """``GET /v1/responses/{id}`` (the response as it was answered) and ``DELETE`` (forgets it):
     a client sees only its own responses."""
 
+    cors_methods = "GET, DELETE, OPTIONS"
+
     def stored(self, response_id: str) -> StoredResponse:
         stored = self.responses.get(response_id, self.client)
         if stored is None:

@@ -144,3 +144,13 @@ async def test_the_store_keeps_a_quarter_of_its_size_per_client(serve_fakes):
     ids = [(await respond(server, {"model": "fake/chat", "input": "Hi"}))[1]["id"] for _ in range(3)]
     assert [(await respond(server, None, method="GET", path=f"/v1/responses/{id_}"))[0].code
             for id_ in ids] == [404, 404, 200]
+
+
+async def test_a_page_may_delete_a_stored_response_after_a_preflight(serve_fakes):
+    server = await serve_fakes(reply="ok")
+    preflight = await server.fetch("/v1/responses/resp_abc", method="OPTIONS", headers={
+        "Origin": "https://page.example", "Access-Control-Request-Method": "DELETE"})
+    assert preflight.code == 204 and preflight.headers["Access-Control-Allow-Methods"] == "GET, DELETE, OPTIONS"
+    creating = await server.fetch("/v1/responses", method="OPTIONS", headers={
+        "Origin": "https://page.example", "Access-Control-Request-Method": "POST"})
+    assert "POST" in creating.headers["Access-Control-Allow-Methods"]
