@@ -180,6 +180,9 @@ class StoredResponseHandler(OpenAIHandler):
             raise UnknownResponse(f"No response with id {response_id!r}")
         return stored
 
+    def options(self, response_id: str) -> None:
+        super().options()
+
     def get(self, response_id: str) -> None:
         self.write(json.dumps(self.stored(response_id).reply))
 
