@@ -18,7 +18,7 @@ from handlers.openai_api import ChatCompletionHandler
 from handlers.openai_protocol import ChatCompletionRequest
 from sessions import request_rules
 from sessions.models import LoadedModel
-from sessions.requests import GenerationRequest
+from sessions.requests import GenerationRequest, SamplingParams
 
 
 class MessagesHandler(ChatCompletionHandler):
@@ -27,9 +27,18 @@ class MessagesHandler(ChatCompletionHandler):
     api = "anthropic"
     connection_prefix = "anthropic-"
     anthropic_request: Type[CountTokensRequest] = MessagesRequest
+    prefill = ""  # the beginning of the reply the request gave (a last assistant message)
 
     def parse_body(self) -> ChatCompletionRequest:
-        return self.anthropic_request.parse(self.json_body()).chat_request()
+        request = self.anthropic_request.parse(self.json_body())
+        self.prefill = request.prefill
+        return request.chat_request()
+
+    async def prompt(self, body: ChatCompletionRequest, loaded: LoadedModel,
+                     sampling: SamplingParams) -> Tuple[str, Tuple[str, ...]]:
+        """The chat completion's prompt, then the beginning of the reply, which the model continues."""
+        prompt, format_stops = await super().prompt(body, loaded, sampling)
+        return prompt + self.prefill, format_stops
 
     def replies_for(self, body: ChatCompletionRequest, loaded: LoadedModel, prompt: str) -> MessageReplies:
         return MessageReplies(loaded.spec.key, loaded.tool_syntax if body.callable_tools() else None,

@@ -215,10 +215,15 @@ class CountTokensRequest(BaseModel):
         return refuse_unsupported(body, NOT_SUPPORTED)
 
     @model_validator(mode="after")
-    def _ends_with_the_user(self) -> "CountTokensRequest":
-        if self.messages[-1].role != "user":
-            raise BadRequest("messages: the last message must be the user's (continuing an assistant's "
-                             "message is not supported by this server)", param="messages")
+    def _continues_text_only(self) -> "CountTokensRequest":
+        if self.messages[-1].role != "assistant":
+            return self
+        if len(self.messages) == 1 or any(block.type != "text" for block in self.messages[-1].content):
+            raise BadRequest("messages: a last assistant message, the beginning of the reply, follows a user "
+                             "message and holds text only", param="messages")
+        if self.tools and (self.tool_choice is None or self.tool_choice.type != "none"):
+            raise BadRequest('messages: a reply that continues a last assistant message calls no tools (give '
+                             'tool_choice {"type": "none"})', param="messages")
         return self
 
     @classmethod
@@ -226,13 +231,19 @@ class CountTokensRequest(BaseModel):
         """The typed request, or ``BadRequest`` naming the first field at fault."""
         return validated(cls, body)
 
+    @property
+    def prefill(self) -> str:
+        """The beginning of the reply: a last assistant message's text, which the reply continues."""
+        last = self.messages[-1]
+        return "".join(block.text for block in last.content) if last.role == "assistant" else ""
+
     def chat_fields(self) -> Dict[str, Any]:
-        """The chat completion request's fields: the conversation (the system prompt first), and
-        the tools."""
+        """The chat completion request's fields: the conversation (the system prompt first, the
+        beginning of the reply left out), and the tools."""
         system = [{"role": "system", "content": "".join(block.text for block in self.system)}] if self.system else []
+        turns = self.messages[:-1] if self.messages[-1].role == "assistant" else self.messages
         fields: Dict[str, Any] = {
-            "model": self.model,
-            "messages": system + [chat for message in self.messages for chat in message.chat_messages()]}
+            "model": self.model, "messages": system + [chat for message in turns for chat in message.chat_messages()]}
         if self.tools:
             fields["tools"] = [tool.chat_tool() for tool in self.tools]
         if self.tool_choice is not None:

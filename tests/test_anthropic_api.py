@@ -38,6 +38,9 @@ async def test_a_message_its_stream_and_its_token_count_agree(client, manager):
 
     counted = await client.messages.count_tokens(model=DEFAULT, messages=QUESTION)
     assert counted.input_tokens == reply.usage.input_tokens
+    begun = QUESTION + [{"role": "assistant", "content": "The capital of France is"}]
+    continued = await client.messages.create(model=DEFAULT, max_tokens=4, extra_body=GREEDY, messages=begun)
+    assert "Paris" in continued.content[0].text and not continued.content[0].text.startswith("The capital")
     with pytest.raises(anthropic.NotFoundError) as caught:
         await client.messages.create(model="no/such-model", max_tokens=4, messages=QUESTION)
     assert caught.value.body["error"]["type"] == "not_found_error"

@@ -162,8 +162,11 @@ LIMITED = chat_model(max_new_tokens_limit=8)
     ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, 400, "invalid_request_error", "thinking"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "invalid_request_error",
      "web_search_20250305"),
-    ({"messages": [*QUESTION, {"role": "assistant", "content": "It is"}]}, 400, "invalid_request_error",
-     "last message"),
+    ({"messages": [*QUESTION, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]}]}, 400, "invalid_request_error", "text only"),
+    ({"messages": [{"role": "assistant", "content": "It is"}]}, 400, "invalid_request_error", "follows a user"),
+    ({"messages": [*QUESTION, {"role": "assistant", "content": "It is"}],
+      "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, 400, "invalid_request_error", "calls no tools"),
     ({"tool_choice": {"type": "any"}}, 400, "invalid_request_error", "tool_choice"),
     ({"stream": True, "model": "no/such-model"}, 404, "not_found_error", "no/such-model"),
 ])
@@ -228,6 +231,20 @@ class WarmableStream(FakeTokenStream):
     @property
     def state_bytes(self) -> int:
         return 4 * len(self.fed)
+
+
+async def test_a_last_assistant_message_begins_the_reply(serve_fakes):
+    """Its text ends the prompt, after the turn the chat format opens for the reply, and counts as
+    the prompt's; the reply is what follows it."""
+    server = await serve_fakes(reply=ANSWER)
+    body = {"model": "fake/chat", "messages": [*QUESTION, {"role": "assistant", "content": [
+        {"type": "text", "text": "The capital"}, {"type": "text", "text": " is "}]}]}
+    _, reply = await post(server, "/v1/messages", {**body, "max_tokens": 32})
+    prompt = CHATML_QUESTION + "The capital is "
+    assert fed_text(server.streams[0]).startswith(prompt) and reply["usage"]["input_tokens"] == len(prompt)
+    assert reply["content"] == [{"type": "text", "text": "Paris."}]  # what the fake model writes next
+    _, counted = await post(server, "/v1/messages/count_tokens", body)
+    assert counted == {"input_tokens": len(prompt)}
 
 
 async def test_a_warm_session_s_tokens_are_read_from_the_cache_and_not_counted_as_input(serve_fakes):
