@@ -44,7 +44,8 @@ class JSONErrors(ServerContext):
     """Mixed into a handler: every error, ours or Tornado's, becomes the API's
     JSON error body, counted in the metrics.
 
-    ``api`` picks the error body: "native" (``{"ok": false, "traceback": ...}``) or "openai".
+    ``api`` picks the error body: "native" (``{"ok": false, "traceback": ...}``), "openai" or
+    "anthropic" (``sessions.errors.error_payload``).
     """
 
     api = "native"
