@@ -6,10 +6,17 @@ default model, driven by the official ``openai`` client, one section per API fea
   (sampled, seeded; the prompt asks for more than that), alternating, medians; the goal is within
   1.3x of ``n=1`` as served.
 
+- **responses**: a Responses API conversation of ``--turns`` turns (8), each continuing the one
+  before by ``previous_response_id``, streamed: each turn's time to its first text, and the prompt
+  tokens it fed (``input_tokens - cached_tokens``) against the tokens the conversation grew by since
+  the turn before's reply (plus that reply's last token, chosen but never fed); the goal is the last
+  turn's first text within 1.3x of the first's, and nothing fed twice.
+
 Each section is a function of the running server (``Served``), named in ``SECTIONS``; ``--sections``
 picks some (all by default).
 
-    .venv/bin/python bench/agent_apis.py [--sections choices] [--repeats 5] [--max-tokens 48] [--delay 0]
+    .venv/bin/python bench/agent_apis.py [--sections choices responses] [--repeats 5] [--max-tokens 48]
+        [--turns 8] [--delay 0]
 """
 
 import argparse
@@ -87,7 +94,52 @@ async def choices(served: Served) -> None:
               + ("   (goal: within 1.30x)" if baseline == "n=1" else ""))
 
 
-SECTIONS: Dict[str, Callable[[Served], Awaitable[None]]] = {"choices": choices}
+TURNS = ["What is the capital of France?", "And of Italy?", "Which of the two is older?", "Name a river in each.",
+         "Which river is longer?", "Name a famous bridge over it.", "When was it built?", "Thank you! Summarize."]
+
+
+async def streamed_turn(client: openai.AsyncOpenAI, served: Served, text: str, previous: str = None):
+    """One streamed turn: seconds to its first text (or call), and the final response."""
+    started = time.perf_counter()
+    first = None
+    async with client.responses.stream(
+            model=served.model, instructions="Answer in one short sentence.", input=text, temperature=0,
+            max_output_tokens=served.args.max_tokens, previous_response_id=previous) as stream:
+        async for event in stream:
+            if first is None and event.type in ("response.output_text.delta",
+                                                "response.function_call_arguments.delta"):
+                first = time.perf_counter() - started
+        response = await stream.get_final_response()
+    return first, response
+
+
+async def responses(served: Served) -> None:
+    """A conversation chained by ``previous_response_id``: first-text time and tokens fed per turn."""
+    client = served.client()
+    try:
+        await streamed_turn(client, served, "Hello!")  # warm-up: the first session and its route
+        rows, previous, grown_from = [], None, None
+        for turn in range(served.args.turns):
+            first, response = await streamed_turn(client, served, TURNS[turn % len(TURNS)], previous)
+            usage = response.usage
+            fed = usage.input_tokens - usage.input_tokens_details.cached_tokens
+            new = usage.input_tokens if grown_from is None else usage.input_tokens - grown_from + 1
+            rows.append((turn + 1, first, usage.input_tokens, usage.input_tokens_details.cached_tokens, fed, new,
+                         usage.output_tokens))
+            previous, grown_from = response.id, usage.input_tokens + usage.output_tokens
+    finally:
+        await client.close()
+    print(f"a conversation of {served.args.turns} streamed turns, each continuing the one before by "
+          f"previous_response_id; temperature 0, up to {served.args.max_tokens} tokens a reply")
+    print("  turn  first text   input  cached  fed  new  output")
+    for turn, first, input_tokens, cached, fed, new, output in rows:
+        print(f"  {turn:>4}  {1000 * first:7.0f} ms  {input_tokens:>6}  {cached:>6}  {fed:>3}  {new:>3}  {output:>6}")
+    print(f"  first text, turn {rows[-1][0]} / turn 1: {rows[-1][1] / rows[0][1]:.2f}x   (goal: within 1.30x)")
+    print(f"  turns whose fed tokens equal the new ones: {sum(fed == new for _, _, _, _, fed, new, _ in rows)} "
+          f"of {len(rows)}")
+
+
+SECTIONS: Dict[str, Callable[[Served], Awaitable[None]]] = {"choices": choices, "responses": responses}
 
 
 def main() -> None:
@@ -95,18 +147,19 @@ def main() -> None:
     parser.add_argument("--sections", nargs="*", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--turns", type=int, default=8, help="turns of the responses section's conversation")
     parser.add_argument("--delay", type=float, default=0.0,
                         help="seconds the swarm node sleeps before each step's reply (a simulated network trip)")
     parser.add_argument("--port", type=int, default=5125)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     spec, path = default_model_files()
     node_options = ["--added-step-delay", str(args.delay)] if args.delay else []
     with tempfile.TemporaryDirectory() as logs, \
             local_swarm(spec, path, Path(logs), node_options=node_options) as (running_swarm, _, _):
         server, _ = start_server(path, running_swarm.initial_peers, Path(logs) / "server.log", port=args.port)
         try:
+            logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise (set once petals logs)
             served = Served(f"http://127.0.0.1:{args.port}/v1", model_from_source(str(path)).key, args)
             print(f"model: {spec.key} on a local swarm of one node"
                   + (f", {1000 * args.delay:.0f} ms added to each step" if args.delay else ""))

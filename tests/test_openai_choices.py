@@ -2,6 +2,9 @@
 inference session, each an independent sample that is, logit for logit, what a request of one row
 with that row's seed writes."""
 
+import json
+
+import jsonschema
 import openai
 import pytest
 
@@ -81,4 +84,31 @@ async def test_a_row_stopped_by_a_stop_string_ends_while_the_other_goes_on(clien
     with pytest.raises(openai.BadRequestError) as caught:
         await client.completions.create(model=TINY, prompt="Hi", n=5)
     assert caught.value.body["param"] == "n"
+    await wait_for_no_sessions(manager)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 12}}}}}
+
+
+async def test_each_row_follows_its_own_constraint(client, manager):
+    """Tiny Llama's random weights, sampled: only each row's own matcher makes its output valid."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["id", "ok"],
+              "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 1000}, "ok": {"type": "boolean"}}}
+    reply = await client.chat.completions.create(
+        model=TINY, messages=STORY, n=3, temperature=1.0, seed=2, max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "data", "schema": schema}})
+    answers = [json.loads(choice.message.content) for choice in reply.choices]
+    for answer in answers:
+        jsonschema.validate(answer, schema)
+    assert len({json.dumps(answer) for answer in answers}) > 1  # three samples, not one
+    calls = await client.chat.completions.create(model=TINY, messages=STORY, n=2, temperature=1.0, seed=2,
+                                                 max_tokens=60, tools=[WEATHER_TOOL], tool_choice="required")
+    for choice in calls.choices:
+        [call] = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls" and call.function.name == "get_weather"
+        assert set(json.loads(call.function.arguments)) == {"city"}
+    assert calls.choices[0].message.tool_calls[0].id != calls.choices[1].message.tool_calls[0].id
     await wait_for_no_sessions(manager)
