@@ -8,14 +8,35 @@ serves one request and is closed after it, so none of that would pay (and the si
 """
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Optional, Protocol, Sequence, Tuple
 
 from sessions.engine.decoding import IncrementalDecoder
-from sessions.engine.steps import ChosenToken
+from sessions.engine.steps import ChosenToken, StartedStep
 from sessions.engine.stops import StopStringFilter
 from sessions.engine.token_chooser import TokenChooser
 from sessions.errors import InvalidRequest, MaxLengthExceeded
 from sessions.requests import GenerationRequest, GenerationUpdate
+
+
+class RowsSession(Protocol):
+    """What a generation of rows needs of the session it runs in (a ``ChatSession`` of several rows)."""
+
+    model: Any  # a ``LoadedModel``: its tokenizer and end of sequence
+    stream: Any  # a ``RowsTokenStream``
+    max_length: int
+
+    def cancelled(self, ticket: int) -> bool:
+        """Whether the generation holding ``ticket`` must end now."""
+
+    def grant_tokens(self, request: GenerationRequest, fed_tokens: int, wanted: int) -> Optional[int]:
+        """Lets the generation feed ``fed_tokens`` of prompt and write up to ``wanted`` tokens (every
+        row's): the most it may write (None: unbounded), or raises when its client may write none."""
+
+    def start_call(self, input_tokens: int, function: Callable[..., Any], *args: Any) -> StartedStep:
+        """Starts ``function(*args)`` as one step in the executor."""
+
+    async def finish_step(self, step: StartedStep) -> Any:
+        """What a started step returned, once it is done."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +76,7 @@ def _step(stream: Any, new_input_ids: Sequence[int], rows: Sequence[_Row]) -> Ro
         for row, choice in zip(rows, chosen)))
 
 
-async def run_rows(session, request: GenerationRequest, ticket: int) -> AsyncIterator[GenerationUpdate]:
+async def run_rows(session: RowsSession, request: GenerationRequest, ticket: int) -> AsyncIterator[GenerationUpdate]:
     """Runs one generation of ``request.choices`` rows in ``session`` (a ``ChatSession`` on a
     ``RowsTokenStream``): for each step, one update per row still going (its ``row``), each row's
     last with its ``finish_reason``. The rows share the tokens their client may spend."""
@@ -106,7 +127,7 @@ async def run_rows(session, request: GenerationRequest, ticket: int) -> AsyncIte
             yield _update(session, request, row, token, visible)
 
 
-def _update(session, request: GenerationRequest, row: "_Row", token: Optional[ChosenToken],
+def _update(session: RowsSession, request: GenerationRequest, row: "_Row", token: Optional[ChosenToken],
             visible: str = "") -> GenerationUpdate:
     """The update of ``row`` after one step: ``token``'s text (none: the row ended without one), the
     text it makes safe to show, and the row's end if it ended."""
