@@ -153,3 +153,28 @@ async def test_a_client_that_leaves_mid_generation_leaves_no_session(serve_fakes
     await wait_for_no_sessions(server.manager)
     [stream] = server.streams
     assert stream.closed and len(stream.fed[0]) < 100  # stopped well before its end
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_step_that_fails_mid_generation_ends_the_reply_and_its_session(serve_fakes, monkeypatch, stream):
+    from tests.fakes import FakeRowsStream
+
+    step = FakeRowsStream.step
+
+    def failing_step(self, new_input_ids, choosers):
+        if self.position > 5:
+            raise RuntimeError("the swarm broke")
+        return step(self, new_input_ids, choosers)
+
+    monkeypatch.setattr(FakeRowsStream, "step", failing_step)
+    server = await serve_fakes(row_replies=["a" * 50])
+    response = await server.fetch("/v1/completions", method="POST", body={
+        "model": "fake/chat", "prompt": "Hi", "n": 2, "max_tokens": 20, "stream": stream})
+    if stream:  # the chunks so far, then the error as an event
+        *chunks, error, done = events(response.body)
+        assert response.code == 200 and done == "[DONE]" and error["error"]["code"] == "internal_error"
+        assert {chunk["choices"][0]["index"] for chunk in chunks} == {0, 1}
+    else:
+        assert response.code == 500 and json.loads(response.body)["error"]["code"] == "internal_error"
+    await wait_for_no_sessions(server.manager)
+    assert server.streams[0].closed
