@@ -241,11 +241,11 @@ class WarmPoolLimits:
 @dataclass(frozen=True)
 class StoreLimits:
     """The response store's limits, as ``Settings.response_store_limits`` derives them: responses in all
-    and per owner, the characters they hold in all, and seconds each is kept."""
+    and per owner, the bytes they hold in all, and seconds each is kept."""
 
     max_responses: int = DEFAULTS.stored_responses  # 0: none kept
     max_per_owner: int = max(1, DEFAULTS.stored_responses // 4)
-    max_characters: int = 64 * 1024 * 1024
+    max_bytes: int = 64 * MIB
     max_age: float = DEFAULTS.stored_response_ttl
 
 

@@ -78,9 +78,8 @@ class ResponsesHandler(ChatCompletionHandler):
         messages = tuple(conversation + [replies.assistant_message()])
         reply = replies.response.model_dump(mode="json")
         text = prompt + finished.output_text if finished.token_ids is not None else None
-        characters = len(json.dumps(reply)) + len(json.dumps(messages)) + len(text or "")
-        kept = self.responses.put(StoredResponse(replies.response.id, self.client, loaded.spec.key, reply, messages,
-                                                 finished.token_ids, text, characters))
+        kept = self.responses.put(StoredResponse.of(replies.response.id, self.client, loaded.spec.key, reply,
+                                                    messages, finished.token_ids, text))
         if not kept:
             logger.info("[%s] Response %s not stored: larger than the store keeps", self.connection_id,
                         replies.response.id)

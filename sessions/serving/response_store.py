@@ -9,14 +9,16 @@ told there is no such response. The store is bounded by count, in all and per ow
 characters it holds and by age; the oldest go first. It lives in memory: a restart forgets it.
 """
 
+import array
 import collections
+import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from config import StoreLimits
 
-# What one stored response's text may weigh, at most, relative to the store's character budget:
+# What one stored response may weigh, at most, relative to the store's budget of bytes:
 # a response larger than this is not kept (its owner is told at once when it asks for it).
 MAX_SHARE_OF_STORE = 0.25
 
@@ -32,9 +34,18 @@ class StoredResponse:
     model: str
     reply: Dict[str, Any]
     messages: Tuple[Dict[str, Any], ...]
-    token_ids: Optional[Tuple[int, ...]]
+    token_ids: Optional[array.array]
     text: Optional[str]
-    characters: int  # what it weighs in the store: its text, messages and reply
+    size: int  # what it weighs in the store, in bytes: its texts and tokens
+
+    @classmethod
+    def of(cls, response_id: str, owner: str, model: str, reply: Dict[str, Any], messages: Sequence[Dict[str, Any]],
+           token_ids: Optional[Sequence[int]], text: Optional[str]) -> "StoredResponse":
+        """A response to keep, weighed (its tokens kept as 4-byte integers)."""
+        tokens = array.array("i", token_ids) if token_ids is not None else None
+        size = (len(json.dumps(reply)) + len(json.dumps(messages)) + len(text or "")
+                + (tokens.itemsize * len(tokens) if tokens is not None else 0))
+        return cls(response_id, owner, model, reply, tuple(messages), tokens, text, size)
 
 
 class ResponseStore:
@@ -44,7 +55,7 @@ class ResponseStore:
         self.limits = limits
         self._clock = clock
         self._responses: "collections.OrderedDict[str, Tuple[StoredResponse, float]]" = collections.OrderedDict()
-        self._characters = 0
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._responses)
@@ -57,16 +68,16 @@ class ResponseStore:
     def put(self, response: StoredResponse) -> bool:
         """Keeps ``response``, letting the oldest go while over the limits; False when it is not kept
         (the store is off, or the response alone weighs too much)."""
-        if not self.enabled or response.characters > self.limits.max_characters * MAX_SHARE_OF_STORE:
+        if not self.enabled or response.size > self.limits.max_bytes * MAX_SHARE_OF_STORE:
             return False
         self._expire()
         self._responses[response.response_id] = (response, self._clock())
-        self._characters += response.characters
-        while len(self._responses) > self.limits.max_responses or self._characters > self.limits.max_characters:
-            self._pop(next(iter(self._responses)))
+        self._bytes += response.size
         owned = [key for key, (kept, _) in self._responses.items() if kept.owner == response.owner]
-        for key in owned[:max(0, len(owned) - self.limits.max_per_owner)]:
+        for key in owned[:max(0, len(owned) - self.limits.max_per_owner)]:  # an owner past its share: its own first
             self._pop(key)
+        while len(self._responses) > self.limits.max_responses or self._bytes > self.limits.max_bytes:
+            self._pop(next(iter(self._responses)))
         return True
 
     def get(self, response_id: str, owner: str) -> Optional[StoredResponse]:
@@ -97,4 +108,4 @@ class ResponseStore:
 
     def _pop(self, key: str) -> None:
         response, _ = self._responses.pop(key)
-        self._characters -= response.characters
+        self._bytes -= response.size
