@@ -49,8 +49,8 @@ async def test_each_row_is_the_sample_one_row_with_its_seed_writes(client, manag
 
 
 async def test_greedy_rows_are_the_greedy_reply(client, manager):
-    single = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=10)
-    rows = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=10, n=3)
+    single = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=7)
+    rows = await client.chat.completions.create(model=DEFAULT, messages=QUESTION, temperature=0, max_tokens=7, n=3)
     assert "Paris" in single.choices[0].message.content
     assert [choice.message.content for choice in rows.choices] == [single.choices[0].message.content] * 3
     await wait_for_no_sessions(manager)
