@@ -121,6 +121,7 @@ async def test_rows_count_against_the_memory_budget_and_the_daily_tokens(serve_f
     assert reply["usage"]["completion_tokens"] == 40 - prompt_tokens
     assert [choice["finish_reason"] for choice in reply["choices"]] == ["length"] * 4
     assert sum(len(choice["text"]) for choice in reply["choices"]) == 40 - prompt_tokens
+    assert server.streams[0].position == prompt_tokens + 9  # ten steps of four rows: none past the budget
     await wait_for_no_sessions(server.manager)
     response, reply = await post(server, "/v1/completions", {"model": "fake/chat", "prompt": "Hi", "n": 2,
                                                              "max_tokens": 2}, bearer(keys["carol"]))

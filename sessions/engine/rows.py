@@ -88,10 +88,11 @@ async def run_rows(session: RowsSession, request: GenerationRequest, ticket: int
     if not request.input_ids:
         raise InvalidRequest("inputs must not be empty")
     input_ids = list(request.input_ids)
-    room = min(session.max_length, request.max_length or session.max_length) - len(input_ids)  # tokens per row
+    limit = min(session.max_length, request.max_length or session.max_length)
+    room = limit - len(input_ids)  # tokens each row may write
     if room < 1:
         raise MaxLengthExceeded(f"Maximum length exceeded: the prompt's {len(input_ids)} tokens leave no room for a "
-                                f"new token within {min(session.max_length, request.max_length or session.max_length)}")
+                                f"new token within {limit}")
     rows = [_Row(index, chooser, session.model.tokenizer, request)
             for index, chooser in enumerate(await stream.choosers(request.sampling))]
     allowance = session.grant_tokens(request, len(input_ids), room * len(rows))  # the last check
@@ -125,6 +126,11 @@ async def run_rows(session: RowsSession, request: GenerationRequest, ticket: int
             elif row.written >= room:
                 row.finish_reason = "length"
             yield _update(session, request, row, token, visible)
+        if allowance is not None and written >= allowance:  # spent: the rows still going end without another step
+            for row in rows:
+                if row.going:
+                    row.finish_reason = "length"
+                    yield _update(session, request, row, None)
 
 
 def _update(session: RowsSession, request: GenerationRequest, row: "_Row", token: Optional[ChosenToken],
