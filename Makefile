@@ -12,6 +12,11 @@ NGINX_STAMP := $(VENV)/.nginx-installed
 # families' math (tests/reference/build_families.py). Nothing else imports it.
 REFERENCE_DIR := .reference/transformers-4.57.6
 REFERENCE_STAMP := $(REFERENCE_DIR)/.installed
+# An agent's command-line client that tests/test_agent_cli.py runs against the server: OpenAI's
+# Codex CLI (its platform binary comes as a package too), pinned.
+AGENT_CLI_DIR := $(VENV)/agent-cli
+CODEX_VERSION := 0.171.0
+AGENT_CLI_STAMP := $(AGENT_CLI_DIR)/.codex-$(CODEX_VERSION)
 # Root installs system packages directly (as CI does); anyone else through sudo.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -47,6 +52,14 @@ $(NGINX_STAMP): | $(VENV_PYTHON)
 		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; }
 	touch $@
 
+# Node.js and npm install it; Debian's are installed when missing.
+$(AGENT_CLI_STAMP): | $(VENV_PYTHON)
+	command -v npm >/dev/null || \
+		{ $(SUDO) apt-get update && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm; }
+	npm install --prefix $(AGENT_CLI_DIR) --no-audit --no-fund --loglevel=error @openai/codex@$(CODEX_VERSION)
+	touch $@
+
 $(REFERENCE_STAMP): | $(RUNTIME_STAMP)
 	$(PIP) --target $(REFERENCE_DIR) transformers==4.57.6
 	touch $@
@@ -56,7 +69,7 @@ setup: $(RUNTIME_STAMP)
 run: $(RUNTIME_STAMP)
 	$(VENV_PYTHON) server.py $(ARGS)
 
-test: $(TEST_STAMP) $(BROWSER_STAMP) $(NGINX_STAMP) $(REFERENCE_STAMP)
+test: $(TEST_STAMP) $(BROWSER_STAMP) $(NGINX_STAMP) $(REFERENCE_STAMP) $(AGENT_CLI_STAMP)
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)
