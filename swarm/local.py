@@ -123,10 +123,9 @@ class LocalSwarm:
             "--skip-reachability-check",
             "--no-auto-relay",
         ]
-        if block_indices is not None:
-            command += ["--block-indices", block_indices]
-        else:
-            command += ["--num-blocks", str(model.num_blocks)]
+        # All blocks are named too: a node told only how many blocks to serve first spends seconds
+        # asking the swarm which ones, before it announces any.
+        command += ["--block-indices", block_indices if block_indices is not None else f"0:{model.num_blocks}"]
         command += list(extra_options)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         with open(log_path, "ab") as log_file:
