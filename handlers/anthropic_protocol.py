@@ -19,7 +19,7 @@ from sessions.errors import BadRequest
 # Fields of Anthropic's API this server does not implement: set to anything but their "off"
 # value, they are refused with a 400 that names them rather than silently ignored.
 NOT_SUPPORTED = {
-    "thinking": (None, {"type": "disabled"}), "output_config": (None, {}), "container": (None,),
+    "thinking": (None, {"type": "disabled"}), "container": (None,),
     "mcp_servers": (None, []), "context_management": (None,), "speed": (None, "standard"),
 }
 # The content blocks a message may hold; any other (image, document, thinking, ...) is refused by name.
@@ -101,26 +101,48 @@ class ToolResultBlock(Block):
 ContentBlock = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock], Field(discriminator="type")]
 
 
+class OutputFormat(BaseModel):
+    """``output_config.format``: JSON valid against a schema."""
+
+    type: Literal["json_schema"]
+    schema_: Dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(BaseModel):
+    """``output_config``: the reply's ``format``, and an ``effort`` (accepted, no effect: no model
+    here thinks apart from its reply). Anything else is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    effort: Optional[str] = None
+    format: Optional[OutputFormat] = None
+
+
 class Message(BaseModel):
-    """One turn: the user's (text, tool results) or the assistant's (text, tool calls)."""
+    """One turn: the user's (text, tool results), the assistant's (text, tool calls), or a system
+    message's text in the conversation's course (agent tools send them; it is rendered in place)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: List[ContentBlock]
 
     _as_blocks = field_validator("content", mode="before")(as_blocks)
 
     @model_validator(mode="after")
     def _blocks_of_its_role(self) -> "Message":
-        misplaced = {"user": "tool_use", "assistant": "tool_result"}[self.role]
-        if any(block.type == misplaced for block in self.content):
-            raise ValueError(f"{misplaced} blocks are not allowed in a {self.role} message")
+        misplaced = {"user": ("tool_use",), "assistant": ("tool_result",),
+                     "system": ("tool_use", "tool_result")}[self.role]
+        for block in self.content:
+            if block.type in misplaced:
+                raise ValueError(f"{block.type} blocks are not allowed in a {self.role} message")
         return self
 
     def chat_messages(self) -> List[Dict[str, Any]]:
         """The turn as chat completion messages: consecutive text blocks form one message, each
         tool result is a ``tool`` message, and the assistant's calls go with its text."""
+        if self.role == "system":
+            return [{"role": "system", "content": "".join(block.text for block in self.content)}]
         if self.role == "assistant":
             calls = [{"id": block.id, "type": "function",
                       "function": {"name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}}
@@ -206,6 +228,7 @@ class CountTokensRequest(BaseModel):
     system: Optional[List[TextBlock]] = None
     tools: Optional[List[Tool]] = Field(default=None, max_length=128)
     tool_choice: Optional[ToolChoice] = None
+    output_config: Optional[OutputConfig] = None
 
     _as_blocks = field_validator("system", mode="before")(as_blocks)
 
@@ -248,6 +271,9 @@ class CountTokensRequest(BaseModel):
             fields["tools"] = [tool.chat_tool() for tool in self.tools]
         if self.tool_choice is not None:
             fields["tool_choice"] = self.tool_choice.chat_choice()
+        if self.output_config is not None and self.output_config.format is not None:
+            fields["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "output", "schema": self.output_config.format.schema_}}
         return fields
 
     def chat_request(self) -> ChatCompletionRequest:

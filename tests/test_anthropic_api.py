@@ -1,5 +1,7 @@
 """Anthropic's Messages API on the real swarm, driven by the official anthropic package."""
 
+import json
+
 import anthropic
 import jsonschema
 import pytest
@@ -72,3 +74,12 @@ async def test_a_tool_call_streams_its_input_and_its_result_gets_a_reply(client)
     # Tools it may call are described to the model, and counted.
     callable_tools = await client.messages.count_tokens(model=TINY, messages=follow_up, tools=[WEATHER_TOOL])
     assert callable_tools.input_tokens > counted.input_tokens
+
+
+async def test_an_output_format_holds_the_reply_to_its_schema(client):
+    """On Tiny Llama's random weights: only the constraint makes the reply valid JSON."""
+    reply = await client.messages.create(
+        model=TINY, max_tokens=60, extra_body=GREEDY, messages=[{"role": "user", "content": "Name a city."}],
+        output_config={"effort": "low", "format": {"type": "json_schema", "schema": WEATHER_SCHEMA}})
+    [block] = reply.content
+    jsonschema.validate(json.loads(block.text), WEATHER_SCHEMA)

@@ -168,6 +168,9 @@ LIMITED = chat_model(max_new_tokens_limit=8)
     ({"messages": [*QUESTION, {"role": "assistant", "content": "It is"}],
       "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, 400, "invalid_request_error", "calls no tools"),
     ({"tool_choice": {"type": "any"}}, 400, "invalid_request_error", "tool_choice"),
+    ({"output_config": {"task_budget": 5}}, 400, "invalid_request_error", "output_config.task_budget"),
+    ({"messages": [{"role": "system", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "x"}]}]},
+     400, "invalid_request_error", "tool_result blocks are not allowed in a system message"),
     ({"stream": True, "model": "no/such-model"}, 404, "not_found_error", "no/such-model"),
 ])
 async def test_errors_have_anthropic_s_shape_and_name_what_is_refused(serve_fakes, changes, status, error_type,
@@ -180,6 +183,18 @@ async def test_errors_have_anthropic_s_shape_and_name_what_is_refused(serve_fake
     assert reply == {"type": "error", "error": {"type": error_type, "message": reply["error"]["message"]}}
     assert named in reply["error"]["message"]
     assert server.opened == []
+
+
+async def test_a_system_message_in_the_conversation_s_course_is_rendered_in_place(serve_fakes):
+    """Agent tools send reminders as system messages between the turns; output_config's effort is
+    accepted and has no effect."""
+    server = await serve_fakes(reply=ANSWER)
+    response, reply = await post(server, "/v1/messages", {**REQUEST, "output_config": {"effort": "high"}, "messages": [
+        *QUESTION, {"role": "system", "content": "Be brief."}]})
+    assert response.code == 200, reply
+    assert fed_text(server.streams[-1]).startswith(
+        CHATML_QUESTION.removesuffix("<|im_start|>assistant\n") + "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>assistant\n")
 
 
 async def test_a_body_that_is_not_json_is_refused_in_anthropic_s_shape(serve_fakes):
