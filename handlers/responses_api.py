@@ -11,6 +11,7 @@ many were spared). A stream is server-sent events, each named by its type.
 import json
 import logging
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import tornado.iostream
@@ -46,7 +47,7 @@ class ResponsesHandler(ChatCompletionHandler):
                                            loaded.tool_syntax if chat.callable_tools() else None)
         conversation = [message.model_dump(exclude_none=True) for message in chat.messages
                         if not (body.instructions and message is chat.messages[0])]
-        run = ResponseRun(self, loaded, request, replies, prompt, len(prompt_ids))
+        run = ResponseRun(self, loaded, request, replies, len(prompt_ids))
         self.streaming = body.stream
         finished = await (run.stream() if body.stream else run.whole())
         if finished is not None and body.store:
@@ -91,25 +92,24 @@ class ResponsesHandler(ChatCompletionHandler):
         await self.flush()
 
 
+@dataclass(frozen=True)
 class FinishedRun:
     """What a response's generation left: the tokens its conversation now holds (None when the
     session's tokens are not known) and the reply's text as generated, stop text included."""
 
-    def __init__(self, token_ids: Optional[tuple], output_text: str):
-        self.token_ids = token_ids
-        self.output_text = output_text
+    token_ids: Optional[tuple]
+    output_text: str
 
 
 class ResponseRun:
     """One response's generation, answered whole or streamed by ``handler``."""
 
     def __init__(self, handler: ResponsesHandler, loaded: LoadedModel, request: GenerationRequest,
-                 replies: ResponseReplies, prompt: str, prompt_tokens: int):
+                 replies: ResponseReplies, prompt_tokens: int):
         self.handler = handler
         self.loaded = loaded
         self.request = request
         self.replies = replies
-        self.prompt = prompt
         self.prompt_tokens = prompt_tokens
         self.tokens = 0
         self.outputs: List[str] = []
