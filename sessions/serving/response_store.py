@@ -14,7 +14,7 @@ import collections
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from config import StoreLimits
 
@@ -92,11 +92,6 @@ class ResponseStore:
             return False
         self._pop(response_id)
         return True
-
-    def owned_by(self, owner: str) -> List[str]:
-        """The ids of ``owner``'s kept responses, oldest first."""
-        self._expire()
-        return [key for key, (kept, _) in self._responses.items() if kept.owner == owner]
 
     def _expire(self) -> None:
         now = self._clock()
