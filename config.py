@@ -198,7 +198,7 @@ class Settings:
     def response_store_limits(self) -> "StoreLimits":
         """How many /v1/responses replies are kept, per client, and for how long."""
         return StoreLimits(max_responses=self.stored_responses, max_age=self.stored_response_ttl,
-                           max_per_owner=max(1, self.stored_responses // 4))
+                           max_per_owner=responses_per_owner(self.stored_responses))
 
     @property
     def steps_in_flight_limit(self) -> int:
@@ -238,13 +238,18 @@ class WarmPoolLimits:
     headroom_tokens: int = DEFAULTS.reuse_headroom_tokens
 
 
+def responses_per_owner(stored_responses: int) -> int:
+    """How many stored responses one client may keep: a quarter of the store (at least one)."""
+    return max(1, stored_responses // 4)
+
+
 @dataclass(frozen=True)
 class StoreLimits:
     """The response store's limits, as ``Settings.response_store_limits`` derives them: responses in all
     and per owner, the bytes they hold in all, and seconds each is kept."""
 
     max_responses: int = DEFAULTS.stored_responses  # 0: none kept
-    max_per_owner: int = max(1, DEFAULTS.stored_responses // 4)
+    max_per_owner: int = responses_per_owner(DEFAULTS.stored_responses)
     max_bytes: int = 64 * MIB
     max_age: float = DEFAULTS.stored_response_ttl
 
