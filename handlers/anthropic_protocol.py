@@ -251,7 +251,7 @@ class CountTokensRequest(BaseModel):
 
     @classmethod
     def parse(cls, body: Dict[str, Any]) -> "CountTokensRequest":
-        """The typed request, or ``BadRequest`` naming the first field at fault."""
+        """The typed request, or ``BadRequest`` naming the field at fault."""
         return validated(cls, body)
 
     @property

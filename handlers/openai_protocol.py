@@ -6,6 +6,7 @@ builds the ``GenerationRequest`` the session runs. Nothing here touches a model 
 
 import json
 import math
+import re
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import pydantic
@@ -35,6 +36,8 @@ NOT_SUPPORTED = {
 }
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
+# How pydantic names the branch of a union in an error's path (``str``, ``list[...]``, a model's name).
+UNION_BRANCH = re.compile(r"str|list\[.*\]|[A-Z]\w*|literal\[.*\]")
 
 
 def non_finite_number(value: Any) -> Optional[float]:
@@ -77,11 +80,13 @@ def validated(model: Type[RequestModel], body: Dict[str, Any]) -> RequestModel:
     except BadRequest:
         raise
     except pydantic.ValidationError as error:
-        problem = error.errors()[0]
-        field = ".".join(str(part) for part in problem["loc"]) or None
+        # Where a value may be one of several shapes, the problem found deepest is in the shape it
+        # came closest to; the branch names pydantic puts in the path (``str``, ``list[...]``) go.
+        problem = max(error.errors(), key=lambda problem: len(problem["loc"]))
+        path = [str(part) for part in problem["loc"] if not UNION_BRANCH.fullmatch(str(part))]
         message = problem["msg"].removeprefix("Value error, ")
-        raise BadRequest(f"{field}: {message}" if field else message,
-                         param=str(problem["loc"][0]) if problem["loc"] else None) from None
+        raise BadRequest(f"{'.'.join(path)}: {message}" if path else message,
+                         param=path[0] if path else None) from None
 
 
 class StreamOptions(BaseModel):
@@ -195,7 +200,7 @@ class OpenAIRequest(BaseModel):
 
     @classmethod
     def parse(cls: Type[RequestModel], body: Dict[str, Any]) -> RequestModel:
-        """The typed request, or ``BadRequest`` naming the first field at fault."""
+        """The typed request, or ``BadRequest`` naming the field at fault."""
         return validated(cls, body)
 
     @property

@@ -7,10 +7,8 @@ checked here, field by field in its own names, and then turned into a ``ChatComp
 that renders, constrains and runs as any chat completion does. Nothing here touches a model.
 """
 
-import re
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
-import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from handlers.openai_protocol import (
@@ -19,6 +17,7 @@ from handlers.openai_protocol import (
     JSONSchemaFormat,
     ResponseFormat,
     refuse_unsupported,
+    validated,
 )
 from handlers.openai_tools import CalledFunction, FunctionDefinition, NamedFunction, NamedToolChoice, Tool, ToolCall
 from sessions import request_rules as rules
@@ -31,20 +30,9 @@ NOT_SUPPORTED = {
     "top_logprobs": (None, 0),
 }
 MAX_INPUT_ITEMS = 2048
-# How pydantic names the branch of a union in an error's path (``str``, ``list[InputItem]``, ``FunctionChoice``).
-UNION_BRANCH = re.compile(r"str|list\[.*\]|[A-Z]\w*|literal\[.*\]")
 MAX_METADATA_PAIRS = 16
 # Content parts that carry text; any other (images, files, audio) is refused by name.
 TEXT_PARTS = ("input_text", "output_text", "text")
-
-
-def field_error(error: pydantic.ValidationError) -> BadRequest:
-    """The 400 for a body that is not a request: the problem found deepest in it (where a value may
-    be one of several shapes, the shape it came closest to), named by its path, e.g. ``input.2.content.0.type``."""
-    problem = max(error.errors(), key=lambda problem: len(problem["loc"]))
-    path = [str(part) for part in problem["loc"] if not UNION_BRANCH.fullmatch(str(part))]
-    message = problem["msg"].removeprefix("Value error, ")
-    return BadRequest(f"{'.'.join(path)}: {message}" if path else message, param=path[0] if path else None)
 
 
 class TextPart(BaseModel):
@@ -183,12 +171,9 @@ class ResponseRequest(BaseModel):
 
     @classmethod
     def parse(cls, body: Dict[str, Any]) -> "ResponseRequest":
-        """The typed request, or ``BadRequest`` naming the first field at fault."""
+        """The typed request, or ``BadRequest`` naming the field at fault."""
         refuse_unsupported(body, NOT_SUPPORTED)
-        try:
-            request = cls.model_validate(body)
-        except pydantic.ValidationError as error:
-            raise field_error(error) from None
+        request = validated(cls, body)
         try:
             request._check()
         except ValueError as error:
@@ -241,15 +226,18 @@ class ResponseRequest(BaseModel):
                                             content=InputItem.text_of(item.output)))
         return messages
 
-    def chat_request(self, earlier: Sequence[Dict[str, Any]]) -> "ChatFromResponse":
-        """The chat completion this request is: ``earlier`` messages (a previous response's
-        conversation, its instructions left out), then this request's ``instructions`` as a system
-        message before them all, and its input."""
+    def conversation(self, earlier: Sequence[Dict[str, Any]]) -> List[ChatMessage]:
+        """The conversation this request continues and adds to: ``earlier`` messages (a previous
+        response's, its instructions left out), then this request's input."""
         messages = [ChatMessage.model_validate(message) for message in earlier] + self.new_messages()
-        if self.instructions:
-            messages.insert(0, ChatMessage(role="system", content=self.instructions))
         if not messages:
             raise BadRequest("input: the conversation is empty", param="input")
+        return messages
+
+    def chat_request(self, conversation: List[ChatMessage]) -> "ChatFromResponse":
+        """The chat completion this request is: its ``instructions`` as a system message, then the
+        ``conversation`` (from ``conversation``)."""
+        messages = ([ChatMessage(role="system", content=self.instructions)] if self.instructions else []) + conversation
         tool_choice = self.tool_choice
         if isinstance(tool_choice, FunctionChoice):
             tool_choice = NamedToolChoice(type="function", function=NamedFunction(name=tool_choice.name))
