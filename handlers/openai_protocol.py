@@ -73,7 +73,7 @@ def refuse_unsupported(body: Any, not_supported: Dict[str, Tuple[Any, ...]]) -> 
 
 
 def validated(model: Type[RequestModel], body: Dict[str, Any]) -> RequestModel:
-    """``body`` as a request of type ``model``, or ``BadRequest`` naming the first field at fault
+    """``body`` as a request of type ``model``, or ``BadRequest`` naming the field at fault
     (its path, e.g. ``messages.0.content``; ``param``: its top-level field)."""
     try:
         return model.model_validate(body)

@@ -33,7 +33,8 @@ class ResponsesHandler(ChatCompletionHandler):
     async def post(self) -> None:
         body = ResponseRequest.parse(self.json_body())
         previous = self.previous_response(body.previous_response_id)
-        chat = body.chat_request(previous.messages if previous is not None else ())
+        conversation = body.conversation(previous.messages if previous is not None else ())
+        chat = body.chat_request(conversation)
         loaded = self.manager.find_model(chat.model, self.client, trusted=False)
         spec = loaded.spec
         chat.check_max_tokens(spec.max_new_tokens_limit)
@@ -45,13 +46,12 @@ class ResponsesHandler(ChatCompletionHandler):
                                              min(spec.default_max_tokens, spec.max_new_tokens_limit), format_stops)
         replies = ResponseReplies.starting(new_id("resp"), spec.key, body,
                                            loaded.tool_syntax if chat.callable_tools() else None)
-        conversation = [message.model_dump(exclude_none=True) for message in chat.messages
-                        if not (body.instructions and message is chat.messages[0])]
         run = ResponseRun(self, loaded, request, replies, len(prompt_ids))
         self.streaming = body.stream
         finished = await (run.stream() if body.stream else run.whole())
         if finished is not None and body.store:
-            self.keep(replies, loaded, conversation, prompt, finished)
+            self.keep(replies, loaded, [message.model_dump(exclude_none=True) for message in conversation], prompt,
+                      finished)
 
     def previous_response(self, response_id: Optional[str]) -> Optional[StoredResponse]:
         """The stored response a request continues, if it names one; a 400 naming
@@ -132,13 +132,15 @@ class ResponseRun:
         return FinishedRun(self.token_ids, "".join(self.outputs))
 
     async def whole(self) -> Optional[FinishedRun]:
-        """Generates the whole reply, then answers the response; None when nobody is left to answer."""
-        pieces, last = [], None
+        """Generates the whole reply, then answers the response (what a stream's events add up to);
+        None when nobody is left to answer."""
+        last = None
         async for last in self.updates():
-            pieces.append(last.text)
+            self.replies.push(last.text)
         if self.handler.client_left:
             return None
-        self.handler.write(self.replies.whole("".join(pieces), last, self.usage()).json_text())
+        self.replies.finished(last, self.usage())
+        self.handler.write(self.replies.response.json_text())
         return self.finished()
 
     async def stream(self) -> Optional[FinishedRun]:

@@ -111,7 +111,8 @@ class Response(WireModel):
 
 
 class ResponseReplies:
-    """The replies to one ``/v1/responses`` request: the whole response, or a stream's events.
+    """The replies to one ``/v1/responses`` request: a stream's events, and the whole response they
+    add up to (``response``, once ``finished``).
 
     ``response`` is the response as it starts (in progress, no output); ``tool_syntax`` says how
     the model writes a call, when the request's tools may be called (None: they may not).
@@ -224,18 +225,6 @@ class ResponseReplies:
         final = "response.completed" if response.status == "completed" else "response.incomplete"
         return events + [self.event(final, response=self._dump(response))]
 
-    def whole(self, text: str, last: GenerationUpdate, usage: ResponseUsage) -> Response:
-        """The whole response, for a request that is not streamed."""
-        self.text = text
-        call = self.tool_syntax.parse(text) if self.tool_syntax is not None else None
-        status = self._status(last)
-        if call is not None:
-            self.item = FunctionCallItem(id=new_id("fc"), call_id=new_call_id(), name=call.name,
-                                         arguments=text_of_arguments(self.tool_syntax, text), status=status)
-        else:
-            self.item = OutputMessage(id=new_id("msg"), status=status, content=[OutputText(text=text)])
-        return self.complete(last, usage)
-
     def complete(self, last: GenerationUpdate, usage: ResponseUsage) -> Response:
         """The response once its output item is final."""
         status = self._status(last)
@@ -264,10 +253,3 @@ class ResponseReplies:
                 "function": {"name": self.item.name, "arguments": self.item.arguments}}]}
         return {"role": "assistant", "content": self.text}
 
-
-def text_of_arguments(syntax: ToolSyntax, text: str) -> str:
-    """The arguments of the call ``text`` as the model wrote them (as a stream tells them)."""
-    streamer = syntax.streamer()
-    told = streamer.push(text)
-    _, rest = streamer.finish()
-    return told.arguments + rest.arguments
