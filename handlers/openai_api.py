@@ -9,24 +9,20 @@ the last event of a stream). Stop strings never reach the client, also when they
 the session holds back text that could begin one.
 """
 
-import json
 import logging
 import time
-from contextlib import aclosing
 from typing import Any, Dict, List, Tuple
-
-import tornado.iostream
 
 from config import HEADER_NAME
 from handlers.base import GenerationHandler
 from handlers.openai_choices import SeveralChoices
 from handlers.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from handlers.openai_replies import ChatReplies, CompletionReplies, ModelCard, ModelList, Usage
+from handlers.openai_replies import ChatReplies, CompletionReplies, ModelCard, ModelList
 from sessions.engine.grammar import constrained
 from sessions.errors import InvalidRequest, error_payload, log_error
 from sessions.formats.chat_template import ChatTemplateError
 from sessions.models import LoadedModel
-from sessions.requests import ChosenTokenLogprobs, GenerationRequest, SamplingParams
+from sessions.requests import GenerationRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -149,17 +145,8 @@ class CompletionHandler(SeveralChoices, OpenAIHandler):
 
     async def full_reply(self, loaded: LoadedModel, request: GenerationRequest, replies: CompletionReplies,
                          prompt_tokens: int) -> None:
-        """Generates the whole reply, then answers it as one JSON object."""
-        pieces, tokens, last, logprobs = [], 0, None, []
-        async with aclosing(self.generate(loaded, request)) as updates:
-            async for last in updates:
-                pieces.append(last.text)
-                tokens += last.token_count
-                logprobs.extend(last.logprobs)
-        if self.client_left:  # maybe before anything was generated: nobody to answer
-            return
-        usage = Usage.of(prompt_tokens, tokens, self.cached_tokens, last.prediction_tokens)
-        self.write(replies.reply("".join(pieces), last, logprobs, usage).json_text())
+        """Generates the whole reply, then answers it as one JSON object (one choice of ``SeveralChoices``)."""
+        await self.whole_choices(loaded, request, [replies], prompt_tokens)
 
     async def send_event(self, data: str) -> None:
         """Writes one server-sent event (``data``: JSON text, or ``[DONE]``) and flushes it."""
@@ -183,31 +170,8 @@ class CompletionHandler(SeveralChoices, OpenAIHandler):
 
     async def stream_reply(self, loaded: LoadedModel, request: GenerationRequest, replies: CompletionReplies,
                            prompt_tokens: int, include_usage: bool) -> None:
-        """Streams the reply as events. An error before anything is sent (an event, or a place in
-        line) is a plain HTTP error reply, so that clients see its status; after, an error event."""
-        tokens, first, prediction = 0, True, None
-        pending_logprobs: List[ChosenTokenLogprobs] = []  # of tokens whose text is still held back
-        try:
-            async with aclosing(self.generate(loaded, request)) as updates:
-                async for update in updates:
-                    tokens += update.token_count
-                    prediction = update.prediction_tokens
-                    pending_logprobs.extend(update.logprobs)
-                    if update.text or first or update.last:
-                        await self.send_event(replies.chunk(update, first, pending_logprobs).json_text())
-                        pending_logprobs, first = [], False
-            if self.client_left:  # maybe before anything was generated: nobody to answer
-                return
-            if include_usage:
-                usage = Usage.of(prompt_tokens, tokens, self.cached_tokens, prediction)
-                await self.send_event(replies.usage_chunk(usage).json_text())
-        except tornado.iostream.StreamClosedError:
-            return
-        except Exception as error:
-            if not self.event_stream_started:  # nothing sent yet: a plain HTTP error
-                raise
-            await self.send_event(json.dumps(self.stream_error(error)))
-        await self.send_event("[DONE]")
+        """Streams the reply as events (one choice of ``SeveralChoices``)."""
+        await self.stream_choices(loaded, request, [replies], prompt_tokens, include_usage)
 
     def stream_error(self, error: Exception) -> Dict[str, Any]:
         """The error event's payload for a stream that failed after it started (logged and counted)."""

@@ -288,11 +288,6 @@ class CompletionReplies:
                                   top_logprobs=[{top.text: top.logprob for top in step.top} for step in logprobs],
                                   text_offset=offsets)
 
-    def reply(self, text: str, last: GenerationUpdate, logprobs: Sequence[ChosenTokenLogprobs],
-              usage: Usage) -> Envelope:
-        """The whole reply, once the generation's ``last`` update came."""
-        return self.reply_of([self.whole_choice(text, last, logprobs)], usage, last.route)
-
     def whole_choice(self, text: str, last: GenerationUpdate,
                      logprobs: Sequence[ChosenTokenLogprobs]) -> Union[CompletionChoice, ChatChoice]:
         """This builder's choice of the whole reply, once its ``last`` update came."""
